@@ -1,0 +1,3 @@
+from rke2certd.cli import main
+
+raise SystemExit(main())

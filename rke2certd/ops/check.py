@@ -1,0 +1,223 @@
+"""`rke2certd certificate check`: one row per certificate of each file, four renderings.
+
+JSON keeps upstream's field names (Go's encoding/json of k3s' `CertificateInfo`: `Certificates`,
+`Filename`, `Subject`, `Issuer`, `Usages`, `ExpiryTime` as RFC 3339, `ResidualTime` as integer
+nanoseconds, `Status`). YAML keeps upstream's too, which are what gopkg.in/yaml.v2 makes of the
+same struct: lower-cased names and `residualtime` as a Go duration string. Extra fields are added
+after them, so scripts written for `rke2 certificate check` keep working.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rke2certd.errors import PKIError
+from rke2certd.ops.node import Node
+from rke2certd.pki import certs
+from rke2certd.pki.profiles import by_service, leaves_for
+from rke2certd.plan.inventory import Row, Status, rows_for
+from rke2certd.store.atomic import read_optional
+
+API_VERSION = "rke2certd.io/v1"
+
+
+@dataclass
+class CheckResult:
+    now: datetime
+    window_days: int
+    rows: list[Row] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
+    cfg = node.cfg
+    agent_only = not cfg.is_server or not node.layout.server.exists()
+    specs = leaves_for(not agent_only, cfg.has_agent or agent_only)
+    if services:
+        specs = by_service(specs, services)
+    window = timedelta(days=cfg.renew_before_days)
+    result = CheckResult(now, cfg.renew_before_days)
+    for spec in specs:
+        path = spec.cert_path(node.layout)
+        data = read_optional(path)
+        if data is None:
+            continue  # not issued on this node (upstream skips it too)
+        try:
+            bundle = certs.load_bundle(data, path)
+        except PKIError as exc:
+            result.errors.append(str(exc))
+            continue
+        result.rows += rows_for(path, spec.service, bundle, now, window)
+    return result
+
+
+# Rendering --------------------------------------------------------------------------------
+
+
+def go_time(t: datetime) -> str:
+    """Go's RFC 3339 rendering of a UTC time: `2027-11-28T17:43:50Z`."""
+    text = t.strftime("%Y-%m-%dT%H:%M:%S")
+    if t.microsecond:
+        text += f".{t.microsecond:06d}".rstrip("0")
+    return text + "Z"
+
+
+def go_duration(ns: int) -> str:
+    """Go's time.Duration.String(): `8759h59m59.5s`, `1m30s`, `0s`."""
+    if ns == 0:
+        return "0s"
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    if ns < 1_000_000_000:
+        for unit, size in (("ms", 1_000_000), ("µs", 1_000), ("ns", 1)):
+            if ns >= size or unit == "ns":
+                return sign + _frac(ns, size) + unit
+    secs, frac = divmod(ns, 1_000_000_000)
+    h, rem = divmod(secs, 3600)
+    m, s = divmod(rem, 60)
+    s_text = _frac(s * 1_000_000_000 + frac, 1_000_000_000) + "s"
+    if h:
+        return f"{sign}{h}h{m}m{s_text}"
+    if m:
+        return f"{sign}{m}m{s_text}"
+    return sign + s_text
+
+
+def _frac(value: int, size: int) -> str:
+    whole, rest = divmod(value, size)
+    if not rest:
+        return str(whole)
+    digits = len(str(size)) - 1
+    return f"{whole}.{rest:0{digits}d}".rstrip("0")
+
+
+def humanize(delta: timedelta) -> str:
+    """A residual time as people read it: '11 months', '3 days', '-2 hours'."""
+    secs = int(delta.total_seconds())
+    sign, secs = ("-", -secs) if secs < 0 else ("", secs)
+    for unit, size in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+        ("second", 1),
+    ):
+        if secs >= size:
+            n = secs // size
+            return f"{sign}{n} {unit}{'s' if n != 1 else ''}"
+    return "now"
+
+
+def _ns(delta: timedelta) -> int:
+    return (delta.days * 86400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+def render_json(result: CheckResult) -> str:
+    doc: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": "CertificateCheck",
+        "Certificates": [
+            {
+                "Filename": r.path.name,
+                "Subject": r.subject,
+                "Issuer": r.issuer,
+                "Usages": list(r.usages),
+                "ExpiryTime": go_time(r.expiry),
+                "ResidualTime": _ns(r.residual),
+                "Status": r.status.value,
+                "Path": str(r.path),
+                "Service": r.service,
+                "Index": r.index,
+                "Serial": r.serial,
+                "NotBefore": go_time(r.not_before),
+                "NotAfter": go_time(r.not_after),
+            }
+            for r in result.rows
+        ],
+    }
+    if result.errors:
+        doc["Errors"] = result.errors
+    return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+
+
+def render_yaml(result: CheckResult) -> str:
+    doc: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": "CertificateCheck",
+        "certificates": [
+            {
+                "filename": r.path.name,
+                "subject": r.subject,
+                "issuer": r.issuer,
+                "usages": list(r.usages),
+                "expirytime": go_time(r.expiry),
+                "residualtime": go_duration(_ns(r.residual)),
+                "status": r.status.value,
+                "path": str(r.path),
+                "service": r.service,
+                "index": r.index,
+                "serial": r.serial,
+            }
+            for r in result.rows
+        ],
+    }
+    if result.errors:
+        doc["errors"] = result.errors
+    return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+
+
+def render_text(result: CheckResult) -> str:
+    lines = []
+    for r in result.rows:
+        usages = ",".join(r.usages)
+        when = go_time(r.expiry)
+        match r.status:
+            case Status.NOT_YET_VALID:
+                tail = f"is not valid before {when}"
+            case Status.EXPIRED:
+                tail = f"expired at {when}"
+            case Status.WARNING:
+                tail = f"will expire within {result.window_days} days at {when}"
+            case _:
+                tail = f"is ok, expires at {when}"
+        lines.append(f"{r.status.value}: {r.path}: certificate {r.subject} ({usages}) {tail}")
+    lines += [f"ERROR: {e}" for e in result.errors]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def render_table(result: CheckResult) -> str:
+    header = ("FILENAME", "SUBJECT", "ISSUER", "USAGES", "EXPIRES", "RESIDUAL TIME", "STATUS")
+    rows = [header, tuple("-" * len(h) for h in header)]
+    for r in result.rows:
+        rows.append(
+            (
+                _display_name(r.path),
+                r.subject,
+                r.issuer,
+                ",".join(r.usages),
+                r.expiry.strftime("%b %d, %Y %H:%M UTC"),
+                humanize(r.residual),
+                r.status.value,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    out = [
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    out += [f"ERROR: {e}" for e in result.errors]
+    return "\n".join(out) + "\n"
+
+
+def _display_name(path: Path) -> str:
+    # agent/ and server/tls/ both hold client-kube-proxy.crt: show the parent when ambiguous.
+    return f"{path.parent.name}/{path.name}"
+
+
+RENDERERS = {"text": render_text, "table": render_table, "json": render_json, "yaml": render_yaml}

@@ -1,0 +1,76 @@
+"""Command output for `renew` and `rotate`: text for people, JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rke2certd.ops.renew import RenewResult
+from rke2certd.ops.rotate import RotateResult
+
+API_VERSION = "rke2certd.io/v1"
+
+
+def renew_doc(result: RenewResult) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RenewResult",
+        "dryRun": result.dry_run,
+        "createdCAs": result.created_cas,
+        "changes": [
+            {
+                "path": str(c.path),
+                "service": c.service,
+                "action": c.action,
+                "reasons": list(c.reasons),
+                "newKey": c.new_key,
+                "oldSerial": c.old_serial,
+                "newSerial": c.new_serial,
+                "oldNotAfter": c.old_not_after.isoformat() if c.old_not_after else None,
+                "newNotAfter": c.new_not_after.isoformat() if c.new_not_after else None,
+            }
+            for c in result.changes
+        ],
+        "derived": [str(p) for p in result.derived],
+        "repaired": result.repaired,
+        "restart": result.restart_units,
+    }
+
+
+def render_renew(result: RenewResult, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(renew_doc(result), indent=2) + "\n"
+    verb = "would " if result.dry_run else ""
+    lines = []
+    if result.created_cas:
+        lines.append(f"{verb}create the self-signed CA set and service.key")
+    for what in result.repaired:
+        lines.append(f"repaired: {what}")
+    for c in result.changes:
+        action = {"issue": "issue", "rechain": "update the chain of"}[c.action]
+        detail = "; ".join(c.reasons)
+        expiry = ""
+        if c.new_not_after is not None:
+            expiry = f" (serial {c.old_serial or '-'} -> {c.new_serial}, "
+            old = c.old_not_after.date().isoformat() if c.old_not_after else "-"
+            expiry += f"expiry {old} -> {c.new_not_after.date().isoformat()})"
+        lines.append(f"{verb}{action} {c.path}: {detail}{expiry}")
+    for p in result.derived:
+        lines.append(f"{verb}update {p}")
+    if not lines:
+        lines.append("all certificates are valid; nothing to do")
+    elif result.restart_units and not result.dry_run:
+        lines.append("restart " + ", ".join(result.restart_units) + " to load the new files")
+    return "\n".join(lines) + "\n"
+
+
+def render_rotate(result: RotateResult) -> str:
+    lines = []
+    if result.backup_dir:
+        lines.append(f"backed up the certificates to {result.backup_dir}")
+    lines.append(render_renew(result.renew, "text").rstrip("\n"))
+    for m in result.markers:
+        lines.append(f"wrote {m}")
+    units = result.renew.restart_units or ["rke2-server"]
+    lines.append("restart " + ", ".join(units) + " to load the rotated certificates")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,306 @@
+"""`rke2certd renew`, the startup hook: read the node, plan, write atomically, log each decision."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import structlog
+from cryptography import x509
+
+from rke2certd.errors import PKIError, Rke2certdError, ValidationError
+from rke2certd.ops.ca_material import (
+    CA,
+    CASet,
+    load_ca_set,
+    missing_ca_files,
+    new_self_signed_set,
+    new_service_key_pem,
+)
+from rke2certd.ops.node import Node, check_dir_safety
+from rke2certd.pki import build, certs, keys
+from rke2certd.pki.layout import Layout
+from rke2certd.pki.profiles import (
+    AGENT_UNIT,
+    KUBECONFIGS,
+    SERVER_UNIT,
+    LeafSpec,
+    leaves_for,
+    wanted_sans,
+)
+from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, plan
+from rke2certd.store.atomic import FileWrite, read_optional, recover, write_files
+
+log = structlog.get_logger("rke2certd")
+
+
+class NeedsServerError(Rke2certdError):
+    """An agent-only node cannot sign its own certificates."""
+
+
+@dataclass
+class Change:
+    path: Path
+    service: str
+    unit: str  # the RKE2 unit that must restart to load it
+    action: str
+    reasons: tuple[str, ...]
+    old_serial: str | None = None
+    new_serial: str | None = None
+    old_not_after: datetime | None = None
+    new_not_after: datetime | None = None
+    new_key: bool = False
+
+
+@dataclass
+class RenewResult:
+    dry_run: bool
+    created_cas: bool = False
+    changes: list[Change] = field(default_factory=list)
+    derived: list[Path] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def restart_units(self) -> list[str]:
+        return sorted({c.unit for c in self.changes})
+
+
+def _read_key_public(path: Path) -> tuple[bytes | None, str | None]:
+    data = read_optional(path)
+    if data is None:
+        return None, None
+    try:
+        return keys.public_der(keys.load_key(data, path)), None
+    except PKIError as exc:
+        return None, str(exc)
+
+
+def observe(spec: LeafSpec, layout: Layout, ca: CA) -> ObservedLeaf:
+    """Read one leaf; a broken leaf becomes an observation (it gets re-issued), not an error."""
+    cert_path = spec.cert_path(layout)
+    key_public, key_error = _read_key_public(spec.key_path(layout))
+    data = read_optional(cert_path)
+    if data is None:
+        return ObservedLeaf(spec, key_public=key_public, key_error=key_error)
+    try:
+        bundle = certs.load_bundle(data, cert_path)
+    except PKIError as exc:
+        return ObservedLeaf(spec, cert_error=str(exc), key_public=key_public, key_error=key_error)
+    if certs.is_ca(bundle[0]):
+        err = f"{cert_path}: the first certificate is a CA, not a leaf"
+        return ObservedLeaf(spec, cert_error=err, key_public=key_public, key_error=key_error)
+    chain_current = data == certs.bundle_pem(bundle[:1]) + ca.bundle
+    return ObservedLeaf(spec, bundle[0], None, chain_current, key_public, key_error)
+
+
+def wanted(spec: LeafSpec, node: Node, ca: CA) -> Wanted:
+    return Wanted(
+        cn=spec.common_name(node.ident.node_name),
+        orgs=spec.orgs,
+        sans=wanted_sans(spec, node.ident),
+        ca_ski=certs.ski(ca.cert),
+    )
+
+
+def _issue(
+    decision: Decision, node: Node, ca: CA, now: datetime
+) -> tuple[list[FileWrite], x509.Certificate]:
+    spec = decision.spec
+    key_path, cert_path = spec.key_path(node.layout), spec.cert_path(node.layout)
+    key: keys.PrivateKey
+    writes: list[FileWrite] = []
+    existing = None if decision.new_key else read_optional(key_path)
+    if existing is not None:
+        key = keys.load_key(existing, key_path)
+    else:
+        key = keys.new_ec_key()
+        writes.append(FileWrite(key_path, keys.key_to_pem(key), 0o600))
+    want = wanted(spec, node, ca)
+    cert = build.leaf(
+        want.cn, want.orgs, spec.usage, want.sans, key.public_key(), ca.cert, ca.key, now
+    )
+    writes.append(FileWrite(cert_path, certs.bundle_pem([cert]) + ca.bundle, 0o644))
+    return writes, cert
+
+
+def _unit(node: Node) -> str:
+    # On a server, the kubelet and every agent cert are loaded by rke2-server itself.
+    return SERVER_UNIT if node.cfg.is_server else AGENT_UNIT
+
+
+def apply_decisions(
+    decisions: Iterable[Decision], node: Node, cas: dict[str, CA], now: datetime, dry_run: bool
+) -> list[Change]:
+    changes: list[Change] = []
+    for d in decisions:
+        if d.action is Action.KEEP:
+            continue
+        spec, ca = d.spec, cas[d.spec.signer]
+        cert_path = spec.cert_path(node.layout)
+        change = Change(
+            cert_path, spec.service, _unit(node), d.action.value, d.reasons,
+            d.old_serial, None, d.old_not_after, None, d.new_key,
+        )  # fmt: skip
+        if not dry_run:
+            if d.action is Action.RECHAIN:
+                cert = certs.load_bundle(cert_path.read_bytes(), cert_path)[0]
+                write_files(
+                    node.layout.data_dir,
+                    [FileWrite(cert_path, certs.bundle_pem([cert]) + ca.bundle, 0o644)],
+                )
+            else:
+                writes, cert = _issue(d, node, ca, now)
+                write_files(node.layout.data_dir, writes)
+                change.new_serial = certs.serial_hex(cert)
+                change.new_not_after = certs.not_after(cert)
+        log.info(
+            "cert_renewed" if d.action is Action.ISSUE else "cert_rechained",
+            cert_path=str(cert_path),
+            cert_service=spec.service,
+            reason="; ".join(d.reasons),
+            cert_serial=change.new_serial,
+            old_serial=d.old_serial,
+            cert_not_after=_iso(change.new_not_after),
+            old_not_after=_iso(d.old_not_after),
+            new_key=d.new_key,
+            dry_run=dry_run,
+        )
+        changes.append(change)
+    return changes
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat() if t else None
+
+
+def ensure_cas(node: Node, now: datetime, dry_run: bool) -> tuple[CASet | None, bool]:
+    """Use the CA files on disk, or create RKE2's self-signed set when there are none."""
+    layout = node.layout
+    present, missing = missing_ca_files(layout)
+    created = False
+    if present and missing:
+        raise ValidationError(
+            f"incomplete custom CA set in {layout.tls}: these files are missing or empty; "
+            "add them (see `rke2certd ca generate-custom`) or remove the partial set",
+            [str(p) for p in missing],
+        )
+    if not present:
+        created = True
+        log.info("ca_created", cert_path=str(layout.tls), reason="no CA files", dry_run=dry_run)
+        if dry_run:
+            return None, True
+        writes = new_self_signed_set(layout, now)
+        if read_optional(layout.service_key) is None:
+            writes.append(FileWrite(layout.service_key, new_service_key_pem(), 0o600))
+        write_files(layout.data_dir, writes)
+    elif read_optional(layout.service_key) is None and not dry_run:
+        log.info("service_key_created", cert_path=str(layout.service_key), reason="missing")
+        write_files(layout.data_dir, [FileWrite(layout.service_key, new_service_key_pem(), 0o600)])
+    return load_ca_set(layout), created
+
+
+def derived_files(node: Node, ca_set: CASet) -> list[FileWrite]:
+    """Files RKE2 derives from the CA set at every start."""
+    layout = node.layout
+    out = [
+        FileWrite(layout.nochain(name), certs.bundle_pem(ca_set.cas[name].certs[:1]), 0o644)
+        for name in ("server-ca", "client-ca")
+    ]
+    if ca_set.service_keys:
+        first = keys.key_to_pem(ca_set.service_keys[0])
+        out.append(FileWrite(layout.service_current_key, first, 0o600))
+    if node.cfg.is_server:
+        out += [
+            FileWrite(layout.kubeconfig(name), kubeconfig(layout, leaf), 0o600)
+            for name, leaf in KUBECONFIGS.items()
+        ]
+    if node.cfg.has_agent:
+        out.append(FileWrite(layout.agent_server_ca, ca_set.cas["server-ca"].bundle, 0o644))
+        out.append(FileWrite(layout.agent_client_ca, ca_set.cas["client-ca"].bundle, 0o644))
+    return out
+
+
+APISERVER_URL = "https://127.0.0.1:6443"
+
+
+def kubeconfig(layout: Layout, leaf: str) -> bytes:
+    """A kubeconfig pointing at the files, as RKE2 writes server/cred/*.kubeconfig."""
+    return (
+        "apiVersion: v1\n"
+        "clusters:\n"
+        "- cluster:\n"
+        f"    server: {APISERVER_URL}\n"
+        f"    certificate-authority: {layout.ca_cert('server-ca')}\n"
+        "  name: local\n"
+        "contexts:\n"
+        "- context:\n"
+        "    cluster: local\n"
+        "    namespace: default\n"
+        "    user: user\n"
+        "  name: Default\n"
+        "current-context: Default\n"
+        "kind: Config\n"
+        "preferences: {}\n"
+        "users:\n"
+        "- name: user\n"
+        "  user:\n"
+        f"    client-certificate: {layout.tls / (leaf + '.crt')}\n"
+        f"    client-key: {layout.tls / (leaf + '.key')}\n"
+    ).encode()
+
+
+def renew(
+    node: Node,
+    now: datetime,
+    *,
+    dry_run: bool = False,
+    force: frozenset[str] = frozenset(),
+    specs: tuple[LeafSpec, ...] | None = None,
+) -> RenewResult:
+    """The startup hook. The caller holds the node lock."""
+    cfg, layout = node.cfg, node.layout
+    if not cfg.is_server:
+        raise NeedsServerError(
+            "this node has only the agent role: its certificates must be signed by a server; "
+            "run `rke2certd renew` on a server (etcd or control-plane role), or add a server "
+            "role in `roles`"
+        )
+    check_dir_safety([layout.data_dir, layout.server, layout.tls, layout.agent])
+    result = RenewResult(dry_run=dry_run)
+    if not dry_run:
+        result.repaired = recover(layout.data_dir, node.write_dirs())
+        for what in result.repaired:
+            log.warning("write_repaired", reason=what)
+    ca_set, result.created_cas = ensure_cas(node, now, dry_run)
+    all_specs = specs if specs is not None else leaves_for(cfg.is_server, cfg.has_agent)
+    if ca_set is None:  # dry run on an empty node: everything would be created
+        result.changes = [
+            Change(s.cert_path(layout), s.service, _unit(node), "issue", ("missing",), new_key=True)
+            for s in all_specs
+        ]
+        return result
+    policy = Policy(timedelta(days=cfg.renew_before_days), force)
+    observed = [
+        (observe(s, layout, ca_set.cas[s.signer]), wanted(s, node, ca_set.cas[s.signer]))
+        for s in all_specs
+    ]
+    decisions = plan(observed, now, policy)
+    result.changes = apply_decisions(decisions, node, ca_set.cas, now, dry_run)
+    derived = derived_files(node, ca_set)
+    if dry_run:
+        result.derived = [fw.path for fw in derived if _differs(fw)]
+    else:
+        for fw in derived:
+            if write_files(layout.data_dir, [fw]):
+                result.derived.append(fw.path)
+    return result
+
+
+def _differs(fw: FileWrite) -> bool:
+    try:
+        st = fw.path.stat()
+    except FileNotFoundError:
+        return True
+    return (st.st_mode & 0o7777) != fw.mode or fw.path.read_bytes() != fw.data

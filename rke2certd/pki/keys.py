@@ -1,0 +1,105 @@
+"""Private keys: generation and PEM in RKE2's formats (SEC1 EC, PKCS#1 RSA)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+
+from rke2certd.errors import PKIError
+
+# RKE2 uses EC keys (CAs, leaves) and RSA keys (service.key, custom roots); nothing else.
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PEM_BEGIN = b"-----BEGIN "
+
+
+def new_ec_key() -> ec.EllipticCurvePrivateKey:
+    """RKE2's CA and leaf keys: ECDSA P-256."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def new_rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
+    """RKE2's service-account key: RSA 2048 (custom root CAs: RSA 4096)."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+def key_to_pem(key: PrivateKey) -> bytes:
+    """`EC PRIVATE KEY` (SEC1) or `RSA PRIVATE KEY` (PKCS#1), as RKE2 writes them."""
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def split_pem(data: bytes) -> list[bytes]:
+    """Split a PEM file into its blocks (any type), in order."""
+    blocks: list[bytes] = []
+    rest = data
+    while True:
+        start = rest.find(PEM_BEGIN)
+        if start < 0:
+            return blocks
+        label_end = rest.find(b"-----", start + len(PEM_BEGIN))
+        if label_end < 0:
+            raise PKIError("a PEM block has no complete BEGIN line")
+        label = rest[start + len(PEM_BEGIN) : label_end]
+        end_marker = b"-----END " + label + b"-----"
+        end = rest.find(end_marker, label_end)
+        if end < 0:
+            raise PKIError(f"a PEM block ({label.decode(errors='replace')}) has no END line")
+        blocks.append(rest[start : end + len(end_marker)] + b"\n")
+        rest = rest[end + len(end_marker) :]
+
+
+def load_keys(data: bytes, source: str | Path) -> list[PrivateKey]:
+    """Every private key in a PEM file (service.key holds several), with the file in errors."""
+    blocks = [b for b in pem_blocks(data, source) if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
+    if not blocks:
+        raise PKIError(f"{source}: no private key found (expected a PEM '... PRIVATE KEY' block)")
+    keys: list[PrivateKey] = []
+    for i, block in enumerate(blocks, 1):
+        try:
+            key = serialization.load_pem_private_key(block, password=None)
+        except (ValueError, TypeError) as exc:
+            raise PKIError(f"{source}: private key #{i} cannot be parsed: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise PKIError(f"{source}: key #{i} is {type(key).__name__}; only EC and RSA are used")
+        keys.append(key)
+    return keys
+
+
+def load_key(data: bytes, source: str | Path) -> PrivateKey:
+    """The first private key of a file."""
+    return load_keys(data, source)[0]
+
+
+def pem_blocks(data: bytes, source: str | Path) -> list[bytes]:
+    try:
+        blocks = split_pem(data)
+    except PKIError as exc:
+        raise PKIError(f"{source}: {exc} (the file is truncated or corrupt)") from exc
+    if not blocks:
+        raise PKIError(f"{source}: not a PEM file (no '-----BEGIN' line)")
+    return blocks
+
+
+def public_der(key: PrivateKey | PublicKeyTypes) -> bytes:
+    """SubjectPublicKeyInfo DER, to compare keys of any type."""
+    pub = key.public_key() if isinstance(key, PrivateKey) else key
+    return pub.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def describe(key: PrivateKey | PublicKeyTypes) -> str:
+    """A short name of a key's type and size, for messages: 'EC P-256', 'RSA 2048'."""
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return {"secp256r1": "EC P-256", "secp384r1": "EC P-384", "secp521r1": "EC P-521"}.get(
+            key.curve.name, f"EC {key.curve.name}"
+        )
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"RSA {key.key_size}"
+    return type(key).__name__.lstrip("_")

@@ -1,0 +1,1 @@
+"""Local storage: the one module that writes files, and the node lock."""
