@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rke2certd import __version__, logs
 from rke2certd.clock import system_clock
@@ -14,6 +15,9 @@ from rke2certd.config import Config, load_config
 from rke2certd.errors import Rke2certdError
 from rke2certd.ops.node import Node
 from rke2certd.store.lock import node_lock
+
+if TYPE_CHECKING:
+    from rke2certd.datastore.base import Datastore
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -60,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("rotate", parents=[common], help="new keys and certificates now")
     _services_arg(p)
     p.set_defaults(handler=cmd_rotate)
+    p = csub.add_parser("rotate-ca", parents=[common], help="check a staged CA set and save it")
+    p.add_argument("--path", required=True, type=Path, help="staged dir (holds tls/...)")
+    p.add_argument("--force", action="store_true",
+                   help="skip the chain-of-trust and service-key checks (new root)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="check and report, save nothing")
+    p.set_defaults(handler=cmd_rotate_ca)
+
+    p = sub.add_parser("token", parents=[common], help="show the join tokens or the CA hash")
+    p.add_argument("what", nargs="?", choices=["show", "hash"], default="show")
+    p.set_defaults(handler=cmd_token)
     return parser
 
 
@@ -77,12 +91,55 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.renew import renew
 
     node = Node.from_config(cfg)
-    if args.dry_run:
-        result = renew(node, system_clock(), dry_run=True)
-    else:
-        with node_lock(cfg.data_dir, cfg.lock_timeout):
-            result = renew(node, system_clock())
+    with _datastore(node) as ds:
+        if args.dry_run:
+            result = renew(node, system_clock(), dry_run=True, datastore=ds)
+        else:
+            with node_lock(cfg.data_dir, cfg.lock_timeout):
+                result = renew(node, system_clock(), datastore=ds)
     sys.stdout.write(render_renew(result, args.output))
+    return 0
+
+
+@contextmanager
+def _datastore(node: Node) -> Iterator[Datastore | None]:
+    """The node's datastore on a server (opened before any change, so an unreachable one fails
+    fast and changes nothing); None on an agent-only node."""
+    if not node.cfg.is_server:
+        yield None
+        return
+    from rke2certd.ops.bootstrap import open_for
+
+    ds = open_for(node)
+    try:
+        yield ds
+    finally:
+        ds.close()
+
+
+def cmd_rotate_ca(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.render import render_rotate_ca
+    from rke2certd.ops.rotate_ca import rotate_ca
+
+    node = Node.from_config(cfg)
+    with _datastore(node) as ds:
+        if ds is None:
+            from rke2certd.ops.renew import NeedsServerError
+
+            raise NeedsServerError("rotate-ca runs on a server (etcd or control-plane role)")
+        result = rotate_ca(
+            node, args.path, force=args.force, dry_run=args.dry_run, now=system_clock(),
+            datastore=ds,
+        )  # fmt: skip
+    sys.stdout.write(render_rotate_ca(result))
+    return 0
+
+
+def cmd_token(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.tokens import show_hash, show_tokens
+
+    node = Node.from_config(cfg)
+    sys.stdout.write(show_hash(node) if args.what == "hash" else show_tokens(node))
     return 0
 
 
@@ -102,8 +159,9 @@ def cmd_rotate(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.rotate import parse_services, rotate
 
     services = parse_services(args.service)
-    with node_lock(cfg.data_dir, cfg.lock_timeout):
-        result = rotate(Node.from_config(cfg), services, system_clock())
+    node = Node.from_config(cfg)
+    with _datastore(node) as ds, node_lock(cfg.data_dir, cfg.lock_timeout):
+        result = rotate(node, services, system_clock(), datastore=ds)
     sys.stdout.write(render_rotate(result))
     return 0
 

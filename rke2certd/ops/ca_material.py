@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -108,3 +110,27 @@ def new_self_signed_set(layout: Layout, now: datetime) -> list[FileWrite]:
 def new_service_key_pem() -> bytes:
     """RKE2's service-account signing key: RSA 2048, PKCS#1."""
     return keys.key_to_pem(keys.new_rsa_key(2048))
+
+
+def ca_generation(ca_bundles: Mapping[str, bytes], service_key_pem: bytes) -> str:
+    """A content id of a CA set: the same on every node that holds the same CAs and service
+    keys, different after any rotation. Hashes certificates and PUBLIC keys only."""
+    h = hashlib.sha256()
+    for name in CA_NAMES:
+        h.update(name.encode() + b"\0" + ca_bundles.get(name, b"") + b"\0")
+    if service_key_pem:
+        for key in keys.load_keys(service_key_pem, "service.key"):
+            h.update(keys.public_der(key))
+    return h.hexdigest()[:12]
+
+
+def disk_generation(layout: Layout) -> str | None:
+    """The CA generation of the files on disk, or None when the set is incomplete."""
+    bundles = {name: read_optional(layout.ca_cert(name)) for name in CA_NAMES}
+    service = read_optional(layout.service_key)
+    if any(b is None for b in bundles.values()) or service is None:
+        return None
+    try:
+        return ca_generation({k: v for k, v in bundles.items() if v is not None}, service)
+    except PKIError:
+        return None

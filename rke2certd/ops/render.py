@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rke2certd.ops.renew import RenewResult
 from rke2certd.ops.rotate import RotateResult
+
+if TYPE_CHECKING:
+    from rke2certd.ops.rotate_ca import RotateCAResult
 
 API_VERSION = "rke2certd.io/v1"
 
@@ -73,4 +76,29 @@ def render_rotate(result: RotateResult) -> str:
         lines.append(f"wrote {m}")
     units = result.renew.restart_units or ["rke2-server"]
     lines.append("restart " + ", ".join(units) + " to load the rotated certificates")
+    return "\n".join(lines) + "\n"
+
+
+def render_rotate_ca(result: RotateCAResult) -> str:
+    lines = [f"warning: {w}" for w in result.warnings]
+    lines += [f"warning: forced past: {p}" for p in result.forced]
+    if result.nothing_to_do:
+        lines.append(f"{result.path}: the staged set equals the current CA data; nothing to do")
+        return "\n".join(lines) + "\n"
+    verb = "would save" if result.dry_run else "saved"
+    lines.append(f"{verb} to the datastore: " + ", ".join(result.changed))
+    lines.append(f"CA generation {result.old_generation} -> {result.new_generation}")
+    if result.server_token:
+        lines.append(f"the CA hash changed ({result.old_hash} -> {result.new_hash}); new tokens:")
+        lines.append(f"  server token: {result.server_token}")
+        lines.append(f"  agent token:  {result.agent_token}")
+        lines.append(
+            "  reconfigure every node joined with a secure token before it restarts "
+            "(rke2certd rewrites the token of nodes it manages)"
+        )
+    if not result.dry_run:
+        lines.append(
+            "next: run `rke2certd renew` and restart RKE2 on every server (etcd servers first, "
+            "then control-plane), then on agents; the rke2certd daemon does this in that order"
+        )
     return "\n".join(lines) + "\n"

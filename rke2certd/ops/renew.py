@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 from cryptography import x509
@@ -33,6 +34,9 @@ from rke2certd.pki.profiles import (
 from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, plan
 from rke2certd.store.atomic import FileWrite, read_optional, recover, write_files
 
+if TYPE_CHECKING:
+    from rke2certd.datastore.base import Datastore
+
 log = structlog.get_logger("rke2certd")
 
 
@@ -58,6 +62,8 @@ class Change:
 class RenewResult:
     dry_run: bool
     created_cas: bool = False
+    extracted: list[str] = field(default_factory=list)  # bootstrap fields taken from the datastore
+    token_files: list[Path] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list)
     derived: list[Path] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
@@ -180,6 +186,7 @@ def ensure_cas(node: Node, now: datetime, dry_run: bool) -> tuple[CASet | None, 
     layout = node.layout
     present, missing = missing_ca_files(layout)
     created = False
+
     if present and missing:
         raise ValidationError(
             f"incomplete custom CA set in {layout.tls}: these files are missing or empty; "
@@ -258,8 +265,13 @@ def renew(
     dry_run: bool = False,
     force: frozenset[str] = frozenset(),
     specs: tuple[LeafSpec, ...] | None = None,
+    datastore: Datastore | None = None,
 ) -> RenewResult:
-    """The startup hook. The caller holds the node lock."""
+    """The startup hook. The caller holds the node lock.
+
+    With a datastore, the CA set is the datastore's (created there by the first server);
+    without one, the CA files on disk are used as they are (or created).
+    """
     cfg, layout = node.cfg, node.layout
     if not cfg.is_server:
         raise NeedsServerError(
@@ -273,7 +285,19 @@ def renew(
         result.repaired = recover(layout.data_dir, node.write_dirs())
         for what in result.repaired:
             log.warning("write_repaired", reason=what)
-    ca_set, result.created_cas = ensure_cas(node, now, dry_run)
+    if datastore is not None:
+        from rke2certd.ops.bootstrap import ensure_bootstrap
+
+        outcome = ensure_bootstrap(
+            node, datastore, now, lambda: ensure_cas(node, now, dry_run), dry_run=dry_run
+        )
+        result.extracted, result.token_files = outcome.extracted, outcome.token_files
+        result.created_cas = outcome.created
+    if dry_run and result.extracted:
+        ca_set = None  # the CAs would change: every leaf would be re-issued
+    else:
+        ca_set, created = ensure_cas(node, now, dry_run)
+        result.created_cas = result.created_cas or created
     all_specs = specs if specs is not None else leaves_for(cfg.is_server, cfg.has_agent)
     if ca_set is None:  # dry run on an empty node: everything would be created
         result.changes = [

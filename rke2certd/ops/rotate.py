@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -14,6 +15,9 @@ from rke2certd.ops.node import Node
 from rke2certd.ops.renew import NeedsServerError, RenewResult, renew
 from rke2certd.pki.profiles import SERVICES, by_service, leaves_for
 from rke2certd.store.atomic import TEMP_MARK, FileWrite, ensure_dir, write_files
+
+if TYPE_CHECKING:
+    from rke2certd.datastore.base import Datastore
 
 log = structlog.get_logger("rke2certd")
 
@@ -60,7 +64,9 @@ def backup(node: Node, now: datetime, agent_files: Sequence[Path]) -> Path:
     return dest
 
 
-def rotate(node: Node, services: Sequence[str], now: datetime) -> RotateResult:
+def rotate(
+    node: Node, services: Sequence[str], now: datetime, datastore: Datastore | None = None
+) -> RotateResult:
     """The caller holds the node lock and has validated `services` with parse_services."""
     cfg = node.cfg
     if not cfg.is_server:
@@ -76,7 +82,9 @@ def rotate(node: Node, services: Sequence[str], now: datetime) -> RotateResult:
     backup_dir = backup(node, now, agent_files) if node.layout.tls.exists() else None
     if backup_dir:
         log.info("certs_backed_up", cert_path=str(backup_dir), services=",".join(selected))
-    result = renew(node, now, force=frozenset(s.name for s in specs), specs=specs)
+    result = renew(
+        node, now, force=frozenset(s.name for s in specs), specs=specs, datastore=datastore
+    )
     markers: list[Path] = []
     if "rke2-server" in selected:
         markers.append(node.layout.dynamic_cert_regenerate)

@@ -1,0 +1,303 @@
+"""The CA authority in the datastore: create, or extract and reconcile, the bootstrap key.
+
+The datastore holds the authoritative CA set (RKE2-PKI.md §5). A server with no bootstrap key
+takes the empty-value creation lock, builds the set (custom files on disk, or new self-signed
+CAs) and saves it; every other server, including those that start at the same moment, waits for
+the value and extracts it. The lock is bound to a short lease so that a creator that dies does
+not block the cluster forever.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import structlog
+
+from rke2certd.config import Config
+from rke2certd.datastore import open_datastore
+from rke2certd.datastore.base import Datastore
+from rke2certd.datastore.codec import (
+    BOOTSTRAP_FIELDS,
+    BOOTSTRAP_PREFIX,
+    BootstrapFile,
+    bootstrap_key_name,
+    decode_bootstrap,
+    decrypt,
+    encode_bootstrap,
+    encrypt,
+    passphrase_from_token,
+)
+from rke2certd.errors import ConfigError, DatastoreError, TokenError, ValidationError
+from rke2certd.ops.node import Node
+from rke2certd.pki import token as tokens
+from rke2certd.pki.layout import Layout
+from rke2certd.plan.reconcile import DiskFile, ReconcilePlan, Stored, reconcile
+from rke2certd.store.atomic import FileWrite, read_optional, write_files, write_if_changed
+
+log = structlog.get_logger("rke2certd")
+
+CREATION_LOCK_TTL = 60  # seconds a dead creator can hold the others up
+WAIT_FOR_CREATOR = 120.0
+
+
+@dataclass
+class BootstrapOutcome:
+    created: bool = False  # this server created and saved the CA set
+    extracted: list[str] = field(default_factory=list)  # fields written to disk
+    token_generated: bool = False
+    token_files: list[Path] = field(default_factory=list)
+
+
+def _mode(rel: str) -> int:
+    return 0o644 if rel.endswith(".crt") else 0o600
+
+
+def default_sqlite(layout: Layout) -> str:
+    return f"sqlite://{layout.server / 'db' / 'rke2certd.sqlite'}"
+
+
+def open_for(node: Node, timeout: float = 5.0) -> Datastore:
+    """The node's datastore, with RKE2's defaults for etcd client certs."""
+    cfg, layout = node.cfg, node.layout
+    endpoint = cfg.datastore_endpoint or default_sqlite(layout)
+    etcd_tls = layout.tls / "etcd"
+    return open_datastore(
+        endpoint,
+        data_dir=cfg.data_dir,
+        cafile=cfg.datastore_cafile or etcd_tls / "server-ca.crt",
+        certfile=cfg.datastore_certfile or etcd_tls / "client.crt",
+        keyfile=cfg.datastore_keyfile or etcd_tls / "client.key",
+        timeout=timeout,
+    )
+
+
+def configured_token(cfg: Config, layout: Layout) -> str | None:
+    """The server token: `token`, then `token-file`, then `<data>/server/token`."""
+    if cfg.token:
+        return cfg.token.strip()
+    if cfg.token_file:
+        try:
+            return cfg.token_file.read_text().strip() or None
+        except OSError as exc:
+            raise ConfigError(
+                "cannot read the token file", [f"token-file {cfg.token_file}: {exc.strerror}"]
+            ) from exc
+    saved = read_optional(layout.server / "token")
+    return saved.decode().strip() if saved else None
+
+
+def read_disk(layout: Layout) -> dict[str, DiskFile | None]:
+    out: dict[str, DiskFile | None] = {}
+    for name, rel in BOOTSTRAP_FIELDS.items():
+        path = layout.server / rel
+        try:
+            st = path.stat()
+            data = path.read_bytes()
+        except FileNotFoundError:
+            out[name] = None
+            continue
+        mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC)
+        out[name] = DiskFile(data, mtime) if data else None
+    return out
+
+
+def disk_bootstrap(layout: Layout) -> dict[str, BootstrapFile]:
+    """The bootstrap fields present on disk, stamped with their mtimes (as upstream does)."""
+    out: dict[str, BootstrapFile] = {}
+    for name, rel in BOOTSTRAP_FIELDS.items():
+        path = layout.server / rel
+        try:
+            data = path.read_bytes()
+            mtime_ns = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            continue
+        if data:
+            out[name] = BootstrapFile.from_unix_ns(mtime_ns, data)
+    return out
+
+
+def _tls_empty(layout: Layout) -> bool:
+    def empty(d: Path) -> bool:
+        return not d.is_dir() or not any(d.iterdir())
+
+    return empty(layout.tls) or empty(layout.tls / "etcd")
+
+
+def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePlan:
+    stored = {name: Stored(f.content, f.timestamp) for name, f in files.items()}
+    paths = {name: str(layout.server / rel) for name, rel in BOOTSTRAP_FIELDS.items()}
+    return reconcile(stored, read_disk(layout), paths, _tls_empty(layout))
+
+
+def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> list[str]:
+    """Write the datastore's copy to disk by the rules of §5, as one all-or-nothing change."""
+    plan = plan_extract(layout, files)
+    if plan.conflicts:
+        raise ValidationError(
+            "files on disk are newer than the datastore's copy and differ from it; rke2certd "
+            "will not overwrite them. If you meant to change the CAs, put the files in a "
+            "staging dir and run `rke2certd certificate rotate-ca --path DIR`; to take the "
+            "datastore's copy instead, move these files away and run again",
+            [
+                f"{c.path} (modified {c.disk_mtime.isoformat()}, datastore copy from "
+                f"{c.stored_timestamp.isoformat()})"
+                for c in plan.conflicts
+            ],
+        )
+    writes = [
+        FileWrite(layout.server / BOOTSTRAP_FIELDS[name], data, _mode(BOOTSTRAP_FIELDS[name]))
+        for name, data in plan.writes.items()
+        if name in BOOTSTRAP_FIELDS
+    ]
+    if writes and not dry_run:
+        write_files(layout.data_dir, writes)
+    for name in plan.writes:
+        log.info(
+            "bootstrap_extracted",
+            cert_path=str(layout.server / BOOTSTRAP_FIELDS.get(name, name)),
+            reason="restore of an empty tls dir" if plan.full_restore else "datastore copy differs",
+            dry_run=dry_run,
+        )
+    return sorted(plan.writes)
+
+
+def save_value(password: str, files: dict[str, BootstrapFile]) -> bytes:
+    return encrypt(password, encode_bootstrap(files))
+
+
+def load_value(password: str, value: bytes) -> dict[str, BootstrapFile]:
+    return decode_bootstrap(decrypt(password, value))
+
+
+def _wait_for_value(ds: Datastore, key: str, deadline: float) -> None:
+    """Wait (with a watch, not a poll loop) until the creator fills or drops its lock."""
+    kv = ds.get(key)
+    while kv is not None and not kv.value:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DatastoreError(
+                f"another server has held the bootstrap creation lock for more than "
+                f"{WAIT_FOR_CREATOR:.0f}s; it may have died while creating the CAs. Its lock "
+                f"expires with its lease ({CREATION_LOCK_TTL}s); run again"
+            )
+        log.info("bootstrap_waiting", reason="another server is creating the CA set")
+        ds.watch_prefix(key, kv.mod_revision + 1, min(remaining, 5.0))
+        kv = ds.get(key)
+
+
+def ensure_bootstrap(
+    node: Node,
+    ds: Datastore,
+    now: datetime,
+    create_cas: Callable[[], object],
+    *,
+    dry_run: bool = False,
+) -> BootstrapOutcome:
+    """Make disk and datastore agree on one CA set; `create_cas` builds it on disk if needed."""
+    layout = node.layout
+    outcome = BootstrapOutcome()
+    token = configured_token(node.cfg, layout)
+    if token is None:
+        if ds.get_prefix(BOOTSTRAP_PREFIX):
+            raise TokenError(
+                f"the datastore at {ds.location} already holds a cluster's CA data, but no token "
+                "is configured; set `token` (or `token-file`) to that cluster's server token"
+            )
+        password = tokens.new_password()
+        outcome.token_generated = True
+    else:
+        password = passphrase_from_token(token)
+    key = bootstrap_key_name(password)
+    deadline = time.monotonic() + WAIT_FOR_CREATOR
+    while True:
+        kv = ds.get(key)
+        if kv is not None and kv.value:
+            outcome.extracted = extract(layout, load_value(password, kv.value), dry_run)
+            break
+        if kv is not None:
+            _wait_for_value(ds, key, deadline)
+            continue
+        if dry_run:
+            create_cas()  # the dry-run callback only reports
+            outcome.created = True
+            break
+        if _create(ds, key, password, layout, create_cas):
+            outcome.created = True
+            break
+    if not dry_run:
+        outcome.token_files = write_tokens(layout, password)
+    return outcome
+
+
+def _create(
+    ds: Datastore, key: str, password: str, layout: Layout, create_cas: Callable[[], object]
+) -> bool:
+    """Take the creation lock and save the CA set; False if another server got there first."""
+    lease = ds.grant_lease(CREATION_LOCK_TTL)
+    if not ds.create(key, b"", lease=lease):
+        ds.revoke_lease(lease)
+        return False
+    locked = ds.get(key)
+    try:
+        create_cas()
+        value = save_value(password, disk_bootstrap(layout))
+        if locked is None or not ds.compare_and_swap(key, value, locked.mod_revision):
+            raise DatastoreError(
+                "lost the bootstrap creation lock while saving (the datastore was too slow, or "
+                "the lock expired); run again: the CA set on disk will be reconciled"
+            )
+    except BaseException:
+        ds.delete(key, locked.mod_revision if locked else None)
+        raise
+    finally:
+        ds.revoke_lease(lease)  # the saved value was written without it, so it stays
+    log.info("bootstrap_saved", reason="first server: CA set created", datastore=ds.location)
+    return True
+
+
+def write_tokens(layout: Layout, password: str) -> list[Path]:
+    """`server/token` and `server/agent-token` with the current CA hash (RKE2-PKI.md §6)."""
+    bundle = read_optional(layout.ca_cert("server-ca"))
+    if not bundle:
+        return []
+    ca_hash = tokens.ca_hash(bundle)
+    changed = []
+    for name, user in (("token", "server"), ("agent-token", "node")):
+        path = layout.server / name
+        data = (tokens.format_token(ca_hash, user, password) + "\n").encode()
+        if write_if_changed(path, data, 0o600):
+            changed.append(path)
+            log.info("token_written", cert_path=str(path), reason="CA hash or password changed")
+    return changed
+
+
+def save_rotation(
+    ds: Datastore, password: str, new_files: dict[str, bytes], now: datetime
+) -> tuple[int, dict[str, BootstrapFile]]:
+    """Replace rotatable fields in the stored set with compare-and-swap; other fields are kept.
+
+    Changed fields get `now` as their Timestamp so that every server takes them at its next
+    start (the datastore wins over an older file). Returns the new revision and the stored set.
+    """
+    key = bootstrap_key_name(password)
+    kv = ds.get(key)
+    if kv is None or not kv.value:
+        raise DatastoreError(
+            "no CA data in the datastore for this token; run `rke2certd renew` on a server first"
+        )
+    files = load_value(password, kv.value)
+    for name, content in new_files.items():
+        old = files.get(name)
+        if old is None or old.content != content:
+            files[name] = BootstrapFile(now, content)
+    if not ds.compare_and_swap(key, save_value(password, files), kv.mod_revision):
+        raise DatastoreError(
+            "the CA data changed in the datastore while it was being saved (another rotation?); "
+            "nothing was saved; check `rke2certd certificate check` and run again"
+        )
+    saved = ds.get(key)
+    return (saved.mod_revision if saved else 0), files
