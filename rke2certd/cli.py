@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check and report, save nothing")
     p.set_defaults(handler=cmd_rotate_ca)
 
+    p = sub.add_parser("run", parents=[common], help="the daemon (systemd Type=notify)")
+    p.set_defaults(handler=cmd_run)
+
     p = sub.add_parser("token", parents=[common], help="show the join tokens or the CA hash")
     p.add_argument("what", nargs="?", choices=["show", "hash"], default="show")
     p.set_defaults(handler=cmd_token)
@@ -133,6 +136,18 @@ def cmd_rotate_ca(args: argparse.Namespace, cfg: Config) -> int:
         )  # fmt: skip
     sys.stdout.write(render_rotate_ca(result))
     return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.daemon.loop import Daemon
+
+    first = [cfg]
+
+    def load() -> Config:
+        # The first load is the one main() made; a reload (SIGHUP) reads the file again.
+        return first.pop() if first else _config(args)
+
+    return Daemon(load).run()
 
 
 def cmd_token(args: argparse.Namespace, cfg: Config) -> int:

@@ -67,10 +67,15 @@ class RenewResult:
     changes: list[Change] = field(default_factory=list)
     derived: list[Path] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    unit: str = SERVER_UNIT  # this node's RKE2 unit
 
     @property
     def restart_units(self) -> list[str]:
-        return sorted({c.unit for c in self.changes})
+        """RKE2 units that must restart to load what changed (a new CA or service key too)."""
+        units = {c.unit for c in self.changes}
+        if self.derived or self.extracted:
+            units.add(self.unit)
+        return sorted(units)
 
 
 def _read_key_public(path: Path) -> tuple[bytes | None, str | None]:
@@ -280,7 +285,7 @@ def renew(
             "role in `roles`"
         )
     check_dir_safety([layout.data_dir, layout.server, layout.tls, layout.agent])
-    result = RenewResult(dry_run=dry_run)
+    result = RenewResult(dry_run=dry_run, unit=_unit(node))
     if not dry_run:
         result.repaired = recover(layout.data_dir, node.write_dirs())
         for what in result.repaired:

@@ -238,3 +238,14 @@ def read_optional(path: Path) -> bytes | None:
         return path.read_bytes()
     except FileNotFoundError:
         return None
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename a file or directory within one file system, durably (both dirs fsynced)."""
+    try:
+        os.rename(src, dest)
+        _fsync_dir(dest.parent)
+        if src.parent != dest.parent:
+            _fsync_dir(src.parent)
+    except OSError as exc:
+        raise _explain(exc, dest) from exc
