@@ -71,6 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check and report, save nothing")
     p.set_defaults(handler=cmd_rotate_ca)
 
+    ca = sub.add_parser("ca", parents=[common], help="make CA sets (the seed's example scripts)")
+    casub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
+    p = casub.add_parser("generate-custom", parents=[common],
+                         help="custom root+intermediate CA set")  # fmt: skip
+    p.add_argument("--out", type=Path, help="target tls dir (default <data>/server/tls)")
+    p.add_argument("--key-type", choices=["rsa4096", "ecdsa-p256"], default="rsa4096",
+                   help="key type of a new root and intermediate")  # fmt: skip
+    p.set_defaults(handler=cmd_generate_custom)
+    p = casub.add_parser("stage-rotation", parents=[common],
+                         help="cross-signed rotation of the self-signed CAs")  # fmt: skip
+    p.add_argument("--out", type=Path, help="staging dir (default <data>/server/rotate-ca)")
+    p.set_defaults(handler=cmd_stage_rotation)
+    p = casub.add_parser("stage-service-key", parents=[common],
+                         help="a new service-account key, the current ones kept")  # fmt: skip
+    p.add_argument("--out", type=Path, help="staging dir (default <data>/server/rotate-ca)")
+    p.set_defaults(handler=cmd_stage_service_key)
+
     p = sub.add_parser("run", parents=[common], help="the daemon (systemd Type=notify)")
     p.set_defaults(handler=cmd_run)
 
@@ -135,6 +152,48 @@ def cmd_rotate_ca(args: argparse.Namespace, cfg: Config) -> int:
             datastore=ds,
         )  # fmt: skip
     sys.stdout.write(render_rotate_ca(result))
+    return 0
+
+
+def cmd_generate_custom(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.generate import generate_custom
+    from rke2certd.ops.render import render_generate
+
+    out = args.out or cfg.data_dir / "server" / "tls"
+    result = generate_custom(out, system_clock(), args.key_type, data_dir=cfg.data_dir)
+    sys.stdout.write(render_generate(result))
+    return 0
+
+
+def _staging_out(args: argparse.Namespace, cfg: Config) -> Path:
+    out: Path = args.out or cfg.data_dir / "server" / "rotate-ca"
+    return out
+
+
+def cmd_stage_rotation(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.datastore.codec import passphrase_from_token
+    from rke2certd.ops.bootstrap import configured_token
+    from rke2certd.ops.generate import stage_rotation
+    from rke2certd.ops.render import render_generate
+
+    node = Node.from_config(cfg)
+    token = configured_token(cfg, node.layout)
+    if token is None:
+        from rke2certd.errors import TokenError
+
+        raise TokenError("no server token on this node (token, token-file or server/token)")
+    out = _staging_out(args, cfg)
+    result = stage_rotation(cfg.data_dir, out, system_clock(), passphrase_from_token(token))
+    sys.stdout.write(render_generate(result))
+    return 0
+
+
+def cmd_stage_service_key(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.generate import stage_service_key
+    from rke2certd.ops.render import render_generate
+
+    result = stage_service_key(cfg.data_dir, _staging_out(args, cfg))
+    sys.stdout.write(render_generate(result))
     return 0
 
 

@@ -9,6 +9,7 @@ from rke2certd.ops.renew import RenewResult
 from rke2certd.ops.rotate import RotateResult
 
 if TYPE_CHECKING:
+    from rke2certd.ops.generate import GenerateResult
     from rke2certd.ops.rotate_ca import RotateCAResult
 
 API_VERSION = "rke2certd.io/v1"
@@ -101,4 +102,20 @@ def render_rotate_ca(result: RotateCAResult) -> str:
             "next: run `rke2certd renew` and restart RKE2 on every server (etcd servers first, "
             "then control-plane), then on agents; the rke2certd daemon does this in that order"
         )
+    return "\n".join(lines) + "\n"
+
+
+def render_generate(result: GenerateResult) -> str:
+    lines = [*result.messages]
+    lines += [f"wrote {p}" for p in result.written]
+    if result.server_token:
+        lines.append(f"new server token: {result.server_token}")
+    if result.agent_token:
+        lines.append(f"new agent token:  {result.agent_token}")
+    if result.backup:
+        lines.append("back up these files somewhere safe:")
+        lines += [f"  {p}" for p in result.backup]
+    if result.remove:
+        lines.append("then remove them from every cluster member:")
+        lines += [f"  {p}" for p in result.remove]
     return "\n".join(lines) + "\n"

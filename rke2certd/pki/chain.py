@@ -1,0 +1,223 @@
+"""Path building with signature checks, the way Go's `x509.Verify` does it.
+
+RKE2 and its clients are Go programs, so a CA set is acceptable when Go would accept it: every
+path from the leaf to a root is tried (not only the first issuer candidate), candidates are
+found by subject name and ordered by AKI/SKI agreement, roots are tried before intermediates
+(so the first chain returned is the one Go returns first, which the token CA hash depends on),
+an issuer must be a CA allowed to sign certificates, path lengths are honoured, and a
+certificate is never used twice in one chain (same subject and key), which stops loops.
+Not modelled: EKU nesting and name constraints (RKE2's CAs carry neither).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from rke2certd.errors import PKIError
+from rke2certd.pki.certs import aki, common_name, ski
+from rke2certd.pki.keys import public_der
+
+MAX_DEPTH = 10
+# Go's limit too: a hostile bundle full of same-named certs must not make us spin.
+MAX_SIGNATURE_CHECKS = 100
+_WEAK_HASHES = (hashes.SHA1, hashes.MD5)
+
+Chain = list[x509.Certificate]
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+class ChainError(PKIError):
+    """No path from a certificate to a trusted root; `reasons` says what was tried."""
+
+    def __init__(self, message: str, reasons: Sequence[str]) -> None:
+        super().__init__(message)
+        self.reasons = list(reasons)
+
+
+def describe_cert(cert: x509.Certificate) -> str:
+    """A certificate as an operator recognises it: its CN, else its whole subject."""
+    cn = common_name(cert.subject)
+    return f"'{cn}'" if cn else f"'{cert.subject.rfc4514_string()}'"
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(Encoding.DER)
+
+
+def is_root_like(cert: x509.Certificate) -> bool:
+    """Upstream's test for a trust anchor inside a bundle: no AKI, or AKI equal to its SKI.
+
+    K3s uses it for the token CA hash and for rotate-ca's old roots; every self-signed CA that
+    RKE2, OpenSSL or `cryptography` makes passes it.
+    """
+    key_id = aki(cert)
+    return key_id is None or key_id == ski(cert)
+
+
+@dataclass
+class _Search:
+    now: datetime | None
+    roots: list[x509.Certificate]
+    intermediates: list[x509.Certificate]
+    checks: int = 0
+    reasons: list[str] = field(default_factory=list)
+    chains: list[Chain] = field(default_factory=list)
+
+    def note(self, reason: str) -> None:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+
+
+def verify_chain(
+    leaf: x509.Certificate,
+    roots: Iterable[x509.Certificate],
+    intermediates: Iterable[x509.Certificate] = (),
+    now: datetime | None = None,
+) -> list[Chain]:
+    """Every chain from `leaf` to one of `roots`, each listed leaf first, root last.
+
+    With `now`, every certificate of a chain must be valid at that time. Raises ChainError,
+    carrying the reasons of every failed attempt, when no chain exists.
+    """
+    search = _Search(now, _unique(roots), _unique(intermediates))
+    problem = _validity_problem(leaf, now)
+    if problem:
+        raise ChainError(f"{describe_cert(leaf)} cannot be trusted: {problem}", [problem])
+    leaf_der = der(leaf)
+    if any(der(r) == leaf_der for r in search.roots):
+        return [[leaf]]
+    _extend(search, [leaf])
+    if search.chains:
+        return search.chains
+    if not search.reasons and leaf.issuer == leaf.subject:
+        search.note("it is self-signed and is not one of the trusted roots")
+    elif not search.reasons:
+        search.note(f"no certificate named {_issuer_text(leaf)} is available")
+    message = f"{describe_cert(leaf)} does not chain to a trusted root: " + "; ".join(
+        search.reasons[:6]
+    )
+    raise ChainError(message, search.reasons)
+
+
+def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
+    seen: set[bytes] = set()
+    out: list[x509.Certificate] = []
+    for cert in certs:
+        key = der(cert)
+        if key not in seen:
+            seen.add(key)
+            out.append(cert)
+    return out
+
+
+def _issuer_text(cert: x509.Certificate) -> str:
+    cn = common_name(cert.issuer)
+    return f"'{cn}'" if cn else f"'{cert.issuer.rfc4514_string()}'"
+
+
+def _extend(search: _Search, chain: Chain) -> None:
+    child = chain[-1]
+    for is_root, candidate in _candidates(search, child):
+        if _already_in_chain(candidate, chain):
+            continue
+        if search.checks >= MAX_SIGNATURE_CHECKS:
+            search.note("too many candidate issuers (signature-check limit reached)")
+            return
+        search.checks += 1
+        problem = _signature_problem(child, candidate) or _issuer_problem(
+            candidate, chain, search.now
+        )
+        if problem:
+            search.note(problem)
+            continue
+        if is_root:
+            search.chains.append([*chain, candidate])
+        elif len(chain) < MAX_DEPTH:
+            _extend(search, [*chain, candidate])
+        else:
+            search.note(f"the chain through {describe_cert(candidate)} is too long")
+
+
+def _candidates(search: _Search, child: x509.Certificate) -> list[tuple[bool, x509.Certificate]]:
+    """Possible issuers: roots first, then intermediates, each by AKI/SKI agreement (as Go)."""
+    issuer = child.issuer.public_bytes()
+    child_aki = aki(child)
+    out: list[tuple[bool, x509.Certificate]] = []
+    for is_root, pool in ((True, search.roots), (False, search.intermediates)):
+        named = [c for c in pool if c.subject.public_bytes() == issuer]
+        named.sort(key=lambda c: _key_id_rank(child_aki, ski(c)))
+        out += [(is_root, c) for c in named]
+    return out
+
+
+def _key_id_rank(child_aki: bytes | None, parent_ski: bytes | None) -> int:
+    if child_aki == parent_ski:
+        return 0
+    if child_aki is None or parent_ski is None:
+        return 1
+    return 2  # a mismatch is still tried: the signature decides
+
+
+def _already_in_chain(candidate: x509.Certificate, chain: Chain) -> bool:
+    """Same subject and same key as a certificate already in the chain (Go's loop rule)."""
+    subject, key = candidate.subject.public_bytes(), public_der(candidate.public_key())
+    return any(
+        c.subject.public_bytes() == subject and public_der(c.public_key()) == key for c in chain
+    )
+
+
+def _signature_problem(child: x509.Certificate, issuer: x509.Certificate) -> str | None:
+    who = f"{describe_cert(issuer)} -> {describe_cert(child)}"
+    algorithm = child.signature_hash_algorithm
+    if isinstance(algorithm, _WEAK_HASHES):
+        return f"{who}: signed with {algorithm.name.upper()}, which Go and OpenSSL refuse"
+    try:
+        child.verify_directly_issued_by(issuer)
+    except InvalidSignature:
+        return f"{who}: the signature does not verify with the issuer's key"
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        return f"{who}: the signature cannot be checked ({exc})"
+    return None
+
+
+def _issuer_problem(issuer: x509.Certificate, chain: Chain, now: datetime | None) -> str | None:
+    name = describe_cert(issuer)
+    bc = extension(issuer, x509.BasicConstraints)
+    if issuer.version == x509.Version.v3 and (bc is None or not bc.ca):
+        return f"{name} is not a CA (BasicConstraints CA:TRUE missing), so it cannot sign"
+    ku = extension(issuer, x509.KeyUsage)
+    if ku is not None and not ku.key_cert_sign:
+        return f"{name} may not sign certificates (KeyUsage lacks keyCertSign)"
+    if bc is not None and bc.path_length is not None and len(chain) - 1 > bc.path_length:
+        return f"{name} allows {bc.path_length} intermediate(s) below it; this path has more"
+    return _validity_problem(issuer, now)
+
+
+def _validity_problem(cert: x509.Certificate, now: datetime | None) -> str | None:
+    if now is None:
+        return None
+    if now < cert.not_valid_before_utc:
+        return f"{describe_cert(cert)} is not valid before {utc_text(cert.not_valid_before_utc)}"
+    if now > cert.not_valid_after_utc:
+        return f"{describe_cert(cert)} expired on {utc_text(cert.not_valid_after_utc)}"
+    return None
+
+
+def utc_text(t: datetime) -> str:
+    return f"{t:%Y-%m-%d %H:%M} UTC"
+
+
+def extension(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    """The value of an extension of `kind`, or None when the certificate lacks it."""
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
