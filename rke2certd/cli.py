@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("renew", parents=[common], help="the startup hook: create/renew certs")
     p.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     p.add_argument("--output", "-o", choices=["text", "json"], default="text")
+    p.add_argument("--offline-ok", action="store_true",
+                   help="datastore unreachable but the CA set complete on disk: renew from "
+                   "it (ExecStartPre= with embedded etcd)")  # fmt: skip
     p.set_defaults(handler=cmd_renew)
 
     cert = sub.add_parser("certificate", parents=[common], help="check / rotate certificates")
@@ -111,7 +114,7 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.renew import renew
 
     node = Node.from_config(cfg)
-    with _datastore(node) as ds:
+    with _datastore(node, offline_ok=args.offline_ok) as ds:
         if args.dry_run:
             result = renew(node, system_clock(), dry_run=True, datastore=ds)
         else:
@@ -122,15 +125,30 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
 
 
 @contextmanager
-def _datastore(node: Node) -> Iterator[Datastore | None]:
+def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | None]:
     """The node's datastore on a server (opened before any change, so an unreachable one fails
-    fast and changes nothing); None on an agent-only node."""
+    fast and changes nothing); None on an agent-only node, or when `offline_ok` allows working
+    from a complete CA set on disk (embedded etcd is down until rke2-server starts)."""
     if not node.cfg.is_server:
         yield None
         return
+    from rke2certd.datastore.base import DatastoreUnavailable
     from rke2certd.ops.bootstrap import open_for
+    from rke2certd.ops.ca_material import disk_generation
 
-    ds = open_for(node)
+    try:
+        ds = open_for(node)
+    except DatastoreUnavailable as exc:
+        if not offline_ok or disk_generation(node.layout) is None:
+            raise
+        import structlog
+
+        structlog.get_logger("rke2certd").warning(
+            "datastore_unreachable",
+            reason=f"{exc}; renewing from the CA set on disk (--offline-ok)",
+        )
+        yield None
+        return
     try:
         yield ds
     finally:
