@@ -1,0 +1,345 @@
+"""The embedded datastore: one SQLite file with etcd's semantics (see base.py).
+
+- WAL mode and a busy timeout, so several rke2certd processes on the node share the file;
+  every write runs in `BEGIN IMMEDIATE`, so two writers serialise instead of deadlocking.
+- One revision counter (table `meta`), bumped once per changing transaction.
+- An `events` table keeps the last HISTORY revisions of changes: watches poll it (SQLite cannot
+  notify another process) and return history exactly as etcd does.
+- Leases are rows with an expiry on the injected clock; expired leases and their keys are
+  deleted (as DELETE events) at the next access by any process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rke2certd.clock import Clock, system_clock
+from rke2certd.datastore.base import (
+    KV,
+    Datastore,
+    DatastoreUnavailable,
+    Event,
+    EventType,
+    LeaseNotFound,
+    Snapshot,
+    WatchCompacted,
+    key_bytes,
+    key_str,
+    prefix_end,
+)
+from rke2certd.errors import DatastoreError
+from rke2certd.store.atomic import ensure_dir
+
+DEFAULT_RELATIVE_PATH = Path("server/db/rke2certd.sqlite")
+HISTORY = 1000  # revisions of events kept for watches (kine keeps 1000 as well)
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('revision', 1), ('compacted', 0);
+CREATE TABLE IF NOT EXISTS kv (
+    key BLOB PRIMARY KEY, value BLOB NOT NULL,
+    create_revision INTEGER NOT NULL, mod_revision INTEGER NOT NULL, lease INTEGER
+);
+CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease) WHERE lease IS NOT NULL;
+CREATE TABLE IF NOT EXISTS leases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ttl INTEGER NOT NULL, expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    revision INTEGER NOT NULL, key BLOB NOT NULL, deleted INTEGER NOT NULL, value BLOB NOT NULL,
+    create_revision INTEGER NOT NULL, lease INTEGER, PRIMARY KEY (revision, key)
+);
+"""
+
+
+class SQLiteDatastore(Datastore):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        clock: Clock = system_clock,
+        busy_timeout: float = 30.0,
+        poll_interval: float = 0.25,
+        sleep: Callable[[float], None] = time.sleep,
+        history: int = HISTORY,
+    ) -> None:
+        self.path = path
+        self._history = history
+        self.location = f"SQLite file {path}"
+        self._clock = clock
+        self._poll = poll_interval
+        self._sleep = sleep
+        self._lock = threading.RLock()  # one connection, shared by the daemon's threads
+        self._conn = self._open(busy_timeout)
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+        ensure_dir(self.path.parent, 0o700)
+        try:
+            # Create the file 0600 ourselves (never truncating): SQLite would use the umask,
+            # and gives its -wal/-shm files the mode of the database file.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            os.chmod(self.path, 0o600)
+            conn = sqlite3.connect(
+                self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise DatastoreError(f"cannot open the datastore {self.path}: {exc}") from exc
+        try:
+            with self._sqlite_errors():
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")  # CA keys: a commit survives power loss
+            with self._write_txn(conn):
+                self._check_foreign(conn)
+                _create_schema(conn)
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_foreign(self, conn: sqlite3.Connection) -> None:
+        """Refuse a file that is not ours: never add tables to kine's state.db, for one."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name='kine'").fetchone():
+            raise DatastoreError(
+                f"{self.path} is RKE2's kine database, not rke2certd's; point "
+                "datastore-endpoint at another file (or leave it empty for the default)"
+            )
+        if conn.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
+            raise DatastoreError(f"{self.path} was written by a newer rke2certd; upgrade this node")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # -- transactions --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _sqlite_errors(self) -> Iterator[None]:
+        """SQLite's exceptions as rke2certd's: busy (worth a retry) or anything else."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                # another process held the write lock past the busy timeout
+                raise DatastoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
+            raise DatastoreError(f"the datastore {self.path} failed: {exc}") from exc
+
+    @contextlib.contextmanager
+    def _write_txn(self, conn: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE takes the write lock up front, so a read-then-write never has to be
+        upgraded (which is where SQLite writers deadlock and fail with SQLITE_BUSY)."""
+        c = conn or self._conn
+        with self._lock, self._sqlite_errors():
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+    @contextlib.contextmanager
+    def _read_txn(self) -> Iterator[sqlite3.Connection]:
+        """A consistent snapshot of several SELECTs (WAL readers never block the writer)."""
+        self._reap_if_due()
+        with self._lock, self._sqlite_errors():
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    def _now(self) -> float:
+        return self._clock().timestamp()
+
+    @staticmethod
+    def _revision(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT value FROM meta WHERE name='revision'").fetchone()[0])
+
+    def _bump(self, conn: sqlite3.Connection) -> int:
+        """Start a new revision for this transaction's changes and drop old history."""
+        rev = self._revision(conn) + 1
+        conn.execute("UPDATE meta SET value=? WHERE name='revision'", (rev,))
+        if rev > self._history and rev % max(1, self._history // 10) == 0:  # prune in batches
+            cut = rev - self._history
+            conn.execute("DELETE FROM events WHERE revision <= ?", (cut,))
+            conn.execute("UPDATE meta SET value=? WHERE name='compacted'", (cut,))
+        return rev
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def _reap_if_due(self) -> None:
+        """Delete expired leases and their keys; a cheap read first, a write only if needed."""
+        with self._lock, self._sqlite_errors():
+            row = self._conn.execute(
+                "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (self._now(),)
+            ).fetchone()
+            if row is None:
+                return
+            with self._write_txn() as conn:
+                expired = conn.execute(
+                    "SELECT id FROM leases WHERE expires_at <= ?", (self._now(),)
+                ).fetchall()
+                for (lease_id,) in expired:
+                    self._drop_lease(conn, lease_id)
+
+    def _drop_lease(self, conn: sqlite3.Connection, lease_id: int) -> None:
+        keys = [r[0] for r in conn.execute("SELECT key FROM kv WHERE lease=?", (lease_id,))]
+        conn.execute("DELETE FROM leases WHERE id=?", (lease_id,))
+        if keys:
+            rev = self._bump(conn)  # like etcd: one revision for all keys of a revoked lease
+            for key in keys:
+                self._delete_row(conn, key, rev)
+
+    def _check_lease(self, conn: sqlite3.Connection, lease: int | None) -> None:
+        if lease is None:
+            return
+        row = conn.execute("SELECT expires_at FROM leases WHERE id=?", (lease,)).fetchone()
+        if row is None or row[0] <= self._now():
+            raise LeaseNotFound(f"lease {lease} has expired or was revoked")
+
+    def grant_lease(self, ttl_seconds: int) -> int:
+        if ttl_seconds < 1:
+            raise ValueError("a lease TTL must be at least 1 second")
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            cur = conn.execute(
+                "INSERT INTO leases (ttl, expires_at) VALUES (?, ?)",
+                (ttl_seconds, self._now() + ttl_seconds),
+            )
+            assert cur.lastrowid is not None
+            return cur.lastrowid
+
+    def refresh_lease(self, lease_id: int) -> int:
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            self._check_lease(conn, lease_id)
+            (ttl,) = conn.execute("SELECT ttl FROM leases WHERE id=?", (lease_id,)).fetchone()
+            conn.execute("UPDATE leases SET expires_at=? WHERE id=?", (self._now() + ttl, lease_id))
+            return int(ttl)
+
+    def revoke_lease(self, lease_id: int) -> bool:
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            if conn.execute("SELECT 1 FROM leases WHERE id=?", (lease_id,)).fetchone() is None:
+                return False
+            self._drop_lease(conn, lease_id)
+            return True
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def get(self, key: str) -> KV | None:
+        with self._read_txn() as conn:
+            row = conn.execute(_SELECT_KV + " WHERE key=?", (key_bytes(key),)).fetchone()
+        return _kv(row) if row else None
+
+    def snapshot(self, prefix: str) -> Snapshot:
+        where, params = _prefix_clause(prefix)
+        with self._read_txn() as conn:
+            rows = conn.execute(f"{_SELECT_KV} WHERE {where} ORDER BY key", params).fetchall()
+            rev = self._revision(conn)
+        return Snapshot([_kv(r) for r in rows], rev)
+
+    def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        return self.compare_and_swap(key, value, 0, lease)
+
+    def compare_and_swap(
+        self, key: str, value: bytes, expected_mod_revision: int, lease: int | None = None
+    ) -> bool:
+        raw = key_bytes(key)
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            row = conn.execute(
+                "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
+            ).fetchone()
+            if (row[1] if row else 0) != expected_mod_revision:
+                return False
+            self._check_lease(conn, lease)
+            rev = self._bump(conn)
+            created = row[0] if row else rev
+            conn.execute(
+                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
+                (raw, value, created, rev, lease),
+            )
+            conn.execute(
+                "INSERT INTO events VALUES (?, ?, 0, ?, ?, ?)", (rev, raw, value, created, lease)
+            )
+            return True
+
+    def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
+        raw = key_bytes(key)
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (raw,)).fetchone()
+            if row is None or expected_mod_revision not in (None, row[0]):
+                return False
+            self._delete_row(conn, raw, self._bump(conn))
+            return True
+
+    @staticmethod
+    def _delete_row(conn: sqlite3.Connection, raw: bytes, rev: int) -> None:
+        conn.execute("DELETE FROM kv WHERE key=?", (raw,))
+        conn.execute("INSERT INTO events VALUES (?, ?, 1, x'', 0, NULL)", (rev, raw))
+
+    # -- watch -----------------------------------------------------------------------------------
+
+    def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
+        deadline = time.monotonic() + timeout
+        while True:
+            events = self._events_since(prefix, start_revision)
+            remaining = deadline - time.monotonic()
+            if events or remaining <= 0:
+                return events
+            self._sleep(min(self._poll, remaining))
+
+    def _events_since(self, prefix: str, start_revision: int) -> list[Event]:
+        where, params = _prefix_clause(prefix)
+        with self._read_txn() as conn:
+            compacted = int(
+                conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
+            )
+            if start_revision <= compacted:
+                raise WatchCompacted(
+                    f"revision {start_revision} is compacted in {self.path} "
+                    f"(history starts at {compacted + 1}); read the keys again",
+                    compacted,
+                )
+            rows = conn.execute(
+                f"{_SELECT_EVENTS} WHERE revision >= ? AND {where} ORDER BY revision, key",
+                (start_revision, *params),
+            ).fetchall()
+        return [Event(EventType.DELETE if r[5] else EventType.PUT, _kv(r[:5])) for r in rows]
+
+
+_SELECT_KV = "SELECT key, value, create_revision, mod_revision, lease FROM kv"
+_SELECT_EVENTS = "SELECT key, value, create_revision, revision, lease, deleted FROM events"
+
+
+def _prefix_clause(prefix: str) -> tuple[str, tuple[bytes, ...]]:
+    """Keys are BLOBs, so SQLite compares them bytewise, exactly as etcd orders keys."""
+    start = key_bytes(prefix)
+    end = prefix_end(start)
+    if end == b"\0":  # empty prefix (or all 0xff): no upper bound
+        return "key >= ?", (start,)
+    return "key >= ? AND key < ?", (start, end)
+
+
+def _kv(row: tuple[bytes, bytes, int, int, int | None]) -> KV:
+    key, value, create_rev, mod_rev, lease = row
+    return KV(key_str(key), bytes(value), int(mod_rev), int(create_rev), lease)
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    # executescript() would COMMIT our BEGIN IMMEDIATE first; run statement by statement.
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)

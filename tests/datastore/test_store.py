@@ -1,0 +1,225 @@
+"""The Datastore contract, run against the SQLite file, one TLS etcd, and a 3-member TLS cluster."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from rke2certd.datastore import Datastore, EventType, LeaseNotFound
+from rke2certd.datastore.codec import (
+    BOOTSTRAP_FIELDS,
+    BootstrapFile,
+    bootstrap_key_name,
+    decode_bootstrap,
+    decrypt,
+    encode_bootstrap,
+    encrypt,
+    passphrase_from_token,
+)
+from tests.datastore.support import Opener
+
+
+def wait_until(predicate: object, timeout: float = 6.0) -> float:
+    """Poll `predicate` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_get_missing_and_create(store: Datastore, ns: str) -> None:
+    assert store.get(ns + "a") is None
+    assert store.create(ns + "a", b"1")
+    kv = store.get(ns + "a")
+    assert kv is not None and kv.value == b"1" and kv.lease is None
+    assert kv.create_revision == kv.mod_revision > 0
+    assert not store.create(ns + "a", b"2")
+    assert store.get(ns + "a") == kv
+
+
+def test_creation_lock_exactly_one_of_many_wins(backend: Opener, ns: str) -> None:
+    """Eight separate clients (nodes) race to create the empty-value creation lock."""
+    clients = [backend() for _ in range(8)]
+    barrier = threading.Barrier(len(clients))
+
+    def attempt(ds: Datastore) -> bool:
+        barrier.wait()
+        return ds.create(ns + "lock", b"")
+
+    with ThreadPoolExecutor(len(clients)) as pool:
+        results = list(pool.map(attempt, clients))
+    assert results.count(True) == 1
+    lock = clients[0].get(ns + "lock")
+    assert lock is not None and lock.value == b""
+
+
+def test_cas_conflict(backend: Opener, ns: str) -> None:
+    a, b = backend(), backend()
+    assert a.create(ns + "k", b"v0")
+    seen = a.get(ns + "k")
+    assert seen is not None and b.get(ns + "k") == seen
+    assert a.compare_and_swap(ns + "k", b"from-a", seen.mod_revision)
+    assert not b.compare_and_swap(ns + "k", b"from-b", seen.mod_revision)  # stale revision
+    now = b.get(ns + "k")
+    assert now is not None and now.value == b"from-a"
+    assert now.mod_revision > seen.mod_revision and now.create_revision == seen.create_revision
+    assert not b.compare_and_swap(ns + "k", b"x", 0)  # 0 means "absent"
+    assert b.compare_and_swap(ns + "k", b"from-b", now.mod_revision)
+
+
+def test_cas_on_absent_key_with_zero(store: Datastore, ns: str) -> None:
+    assert not store.compare_and_swap(ns + "new", b"x", 5)
+    assert store.compare_and_swap(ns + "new", b"x", 0)
+
+
+def test_revisions_increase_store_wide(store: Datastore, ns: str) -> None:
+    revs = []
+    for i in range(5):
+        store.create(f"{ns}k{i}", b"x")
+        kv = store.get(f"{ns}k{i}")
+        assert kv is not None
+        revs.append(kv.mod_revision)
+    assert revs == sorted(set(revs))
+    assert store.snapshot(ns).revision >= revs[-1]
+
+
+def test_delete(store: Datastore, ns: str) -> None:
+    assert not store.delete(ns + "none")
+    store.create(ns + "k", b"x")
+    kv = store.get(ns + "k")
+    assert kv is not None
+    assert not store.delete(ns + "k", kv.mod_revision + 100)
+    assert store.get(ns + "k") is not None
+    assert store.delete(ns + "k", kv.mod_revision)
+    assert store.get(ns + "k") is None
+    store.create(ns + "k", b"y")
+    assert store.delete(ns + "k")
+    assert store.get(ns + "k") is None
+
+
+def test_snapshot_is_sorted_and_bounded_by_prefix(store: Datastore, ns: str) -> None:
+    for key in ("b", "a", "c/d"):
+        store.create(ns + key, key.encode())
+    store.create(ns[:-1] + "x", b"outside")  # shares the prefix's text but not its slash
+    snap = store.snapshot(ns)
+    assert [kv.key for kv in snap.kvs] == [ns + "a", ns + "b", ns + "c/d"]
+    assert store.get_prefix(ns + "c/") == [kv for kv in snap.kvs if kv.key.endswith("c/d")]
+
+
+def test_binary_values_and_unicode_keys(store: Datastore, ns: str) -> None:
+    value = bytes(range(256)) * 4
+    assert store.create(ns + "clé/ü", value)
+    kv = store.get(ns + "clé/ü")
+    assert kv is not None and kv.value == value and kv.key == ns + "clé/ü"
+
+
+def test_watch_returns_on_change(backend: Opener, ns: str) -> None:
+    watcher, writer = backend(), backend()
+    start = watcher.snapshot(ns).revision + 1
+    timer = threading.Timer(0.3, lambda: writer.create(ns + "w", b"hello"))
+    timer.start()
+    t0 = time.monotonic()
+    events = watcher.watch_prefix(ns, start, timeout=10)
+    elapsed = time.monotonic() - t0
+    timer.join()
+    assert 0.2 < elapsed < 3
+    assert [(e.type, e.kv.key, e.kv.value) for e in events] == [(EventType.PUT, ns + "w", b"hello")]
+
+
+def test_watch_times_out_without_change(store: Datastore, ns: str) -> None:
+    store.create(ns[:-1] + "-sibling", b"not under the prefix")
+    start = store.snapshot(ns).revision + 1
+    t0 = time.monotonic()
+    assert store.watch_prefix(ns, start, timeout=0.6) == []
+    assert 0.5 < time.monotonic() - t0 < 2.5
+
+
+def test_watch_returns_history_at_once(store: Datastore, ns: str) -> None:
+    start = store.snapshot(ns).revision + 1
+    store.create(ns + "h", b"1")
+    kv = store.get(ns + "h")
+    assert kv is not None
+    store.compare_and_swap(ns + "h", b"2", kv.mod_revision)
+    store.delete(ns + "h")
+    t0 = time.monotonic()
+    events = store.watch_prefix(ns, start, timeout=5)
+    assert time.monotonic() - t0 < 1
+    assert [(e.type, e.kv.value) for e in events] == [
+        (EventType.PUT, b"1"),
+        (EventType.PUT, b"2"),
+        (EventType.DELETE, b""),
+    ]
+    revs = [e.kv.mod_revision for e in events]
+    assert revs == sorted(revs) and revs[0] >= start
+
+
+def test_lease_expiry_deletes_keys(store: Datastore, ns: str) -> None:
+    lease = store.grant_lease(1)
+    assert store.create(ns + "node", b"alive", lease=lease)
+    kv = store.get(ns + "node")
+    assert kv is not None and kv.lease == lease
+    start = store.snapshot(ns).revision + 1
+    took = wait_until(lambda: store.get(ns + "node") is None)
+    assert took < 4
+    with pytest.raises(LeaseNotFound):
+        store.refresh_lease(lease)
+    events = store.watch_prefix(ns, start, timeout=2)
+    assert [(e.type, e.kv.key) for e in events] == [(EventType.DELETE, ns + "node")]
+
+
+def test_lease_refresh_keeps_keys_and_revoke_deletes(store: Datastore, ns: str) -> None:
+    lease = store.grant_lease(1)
+    store.create(ns + "node", b"alive", lease=lease)
+    for _ in range(5):  # 1.5 s in all, longer than the TTL
+        time.sleep(0.3)
+        assert store.refresh_lease(lease) >= 1
+    assert store.get(ns + "node") is not None
+    assert store.revoke_lease(lease)
+    assert store.get(ns + "node") is None
+    assert not store.revoke_lease(lease)
+
+
+def test_write_with_ended_lease_is_refused(store: Datastore, ns: str) -> None:
+    lease = store.grant_lease(5)
+    store.revoke_lease(lease)
+    with pytest.raises(LeaseNotFound):
+        store.create(ns + "k", b"x", lease=lease)
+    assert store.get(ns + "k") is None
+
+
+def test_cas_without_lease_detaches_it(store: Datastore, ns: str) -> None:
+    lease = store.grant_lease(30)
+    store.create(ns + "k", b"x", lease=lease)
+    kv = store.get(ns + "k")
+    assert kv is not None
+    assert store.compare_and_swap(ns + "k", b"y", kv.mod_revision)
+    store.revoke_lease(lease)
+    kv = store.get(ns + "k")
+    assert kv is not None and kv.value == b"y" and kv.lease is None
+
+
+def test_bootstrap_creation_lock_then_data(backend: Opener, ns: str) -> None:
+    """How servers use the store: the first takes the empty-value lock, then fills it in;
+    another server, with the same token, reads and decrypts what the first saved."""
+    first, second = backend(), backend()
+    passphrase = passphrase_from_token("K10" + "ab" * 32 + "::server:cluster-pw")
+    key = ns + bootstrap_key_name(passphrase).lstrip("/")
+    assert first.create(key, b"")
+    assert not second.create(key, b"")
+    lock = second.get(key)
+    assert lock is not None and lock.value == b""
+
+    files = {
+        name: BootstrapFile.from_unix_ns(1_700_000_000_123_456_789, f"{name}\n".encode())
+        for name in BOOTSTRAP_FIELDS
+    }
+    assert first.compare_and_swap(
+        key, encrypt(passphrase, encode_bootstrap(files)), lock.mod_revision
+    )
+    saved = second.get(key)
+    assert saved is not None
+    assert decode_bootstrap(decrypt(passphrase, saved.value)) == files

@@ -1,0 +1,1 @@
+"""Helpers that start real components (etcd, journald, systemd containers) for tests."""
