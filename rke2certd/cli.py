@@ -18,6 +18,8 @@ from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
+    from rke2certd.ops.rotate_ca import RotateCAResult
+    from rke2certd.plan.rollout import Rollout
 
 Handler = Callable[[argparse.Namespace, Config], int]
 
@@ -97,7 +99,62 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("token", parents=[common], help="show the join tokens or the CA hash")
     p.add_argument("what", nargs="?", choices=["show", "hash"], default="show")
     p.set_defaults(handler=cmd_token)
+
+    _rollout_commands(sub, common)
     return parser
+
+
+def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """`status`, `node remove`, `rollout resume`: the cluster-wide rollout (ops/status.py)."""
+    p = sub.add_parser("status", parents=[common], help="the cluster's rollouts and nodes")
+    p.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    p.set_defaults(handler=cmd_status)
+    node = sub.add_parser("node", parents=[common], help="the node registry")
+    nsub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
+    p = nsub.add_parser("remove", parents=[common], help="remove a node for good: rollouts "
+                        "stop waiting for it")  # fmt: skip
+    p.add_argument("name", help="the node's name (as `rke2certd status` shows it)")
+    p.add_argument("--force", action="store_true",
+                   help="even if it looks registered (gone, lease not expired)")  # fmt: skip
+    p.set_defaults(handler=cmd_node_remove)
+    roll = sub.add_parser("rollout", parents=[common], help="act on a rollout")
+    rsub = roll.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
+    p = rsub.add_parser("resume", parents=[common], help="go on with a stopped rollout")
+    p.add_argument("id", help="the rollout id (as `rke2certd status` shows it)")
+    p.set_defaults(handler=cmd_rollout_resume)
+
+
+def _cluster_datastore(cfg: Config) -> Datastore:
+    from rke2certd.ops.bootstrap import open_for
+    from rke2certd.ops.renew import NeedsServerError
+
+    if not cfg.is_server:
+        raise NeedsServerError("this command reads the datastore: run it on a server")
+    return open_for(Node.from_config(cfg))
+
+
+def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.status import render_status
+
+    with _cluster_datastore(cfg) as ds:
+        sys.stdout.write(render_status(ds, args.output))
+    return 0
+
+
+def cmd_node_remove(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.status import remove_node
+
+    with _cluster_datastore(cfg) as ds:
+        sys.stdout.write(remove_node(ds, args.name, force=args.force))
+    return 0
+
+
+def cmd_rollout_resume(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.ops.status import resume_rollout
+
+    with _cluster_datastore(cfg) as ds:
+        sys.stdout.write(resume_rollout(ds, args.id))
+    return 0
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -111,9 +168,20 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.render import render_renew
-    from rke2certd.ops.renew import renew
+    from rke2certd.ops.renew import RenewResult, renew
 
     node = Node.from_config(cfg)
+    result: RenewResult
+    if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
+        from rke2certd.ops.agent import agent_renew
+
+        if args.dry_run:
+            result = agent_renew(node, system_clock(), dry_run=True)
+        else:
+            with node_lock(cfg.data_dir, cfg.lock_timeout):
+                result = agent_renew(node, system_clock())
+        sys.stdout.write(render_renew(result, args.output))
+        return 0
     with _datastore(node, offline_ok=args.offline_ok) as ds:
         if args.dry_run:
             result = renew(node, system_clock(), dry_run=True, datastore=ds)
@@ -169,8 +237,27 @@ def cmd_rotate_ca(args: argparse.Namespace, cfg: Config) -> int:
             node, args.path, force=args.force, dry_run=args.dry_run, now=system_clock(),
             datastore=ds,
         )  # fmt: skip
+        rollout = _start_ca_rollout(ds, cfg, result)
     sys.stdout.write(render_rotate_ca(result))
+    if rollout is not None:
+        sys.stdout.write(
+            f"Rollout {rollout.id} started: the rke2certd daemons restart RKE2 in order "
+            "(etcd, control-plane, agents); follow it with `rke2certd status`\n"
+        )
     return 0
+
+
+def _start_ca_rollout(ds: Datastore, cfg: Config, result: RotateCAResult) -> Rollout | None:
+    """The rollout of a saved rotation; a failure to start it is reported, not fatal: the
+    daemons start it themselves when they take the new CAs from the datastore."""
+    from rke2certd.rollout.create import after_rotation
+
+    why = f"rotate-ca --path {result.path} on {cfg.node}"
+    try:
+        return after_rotation(ds, cfg.node, result, why, system_clock())
+    except Rke2certdError as exc:
+        print(f"rke2certd: warning: rollout not started: {exc}", file=sys.stderr)
+        return None
 
 
 def cmd_generate_custom(args: argparse.Namespace, cfg: Config) -> int:
@@ -252,6 +339,13 @@ def cmd_rotate(args: argparse.Namespace, cfg: Config) -> int:
 
     services = parse_services(args.service)
     node = Node.from_config(cfg)
+    if not cfg.is_server:  # agent-only: new keys, certificates signed through a server
+        from rke2certd.ops.agent import agent_rotate
+
+        with node_lock(cfg.data_dir, cfg.lock_timeout):
+            result = agent_rotate(node, services, system_clock())
+        sys.stdout.write(render_rotate(result))
+        return 0
     with _datastore(node) as ds, node_lock(cfg.data_dir, cfg.lock_timeout):
         result = rotate(node, services, system_clock(), datastore=ds)
     sys.stdout.write(render_rotate(result))

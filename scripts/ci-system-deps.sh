@@ -11,7 +11,7 @@
 #   procps             pgrep/ps for the harnesses
 set -euo pipefail
 
-packages=(systemd systemd-container util-linux dpkg-dev python3 python3-venv rpm openssl procps)
+packages=(systemd systemd-container util-linux dpkg-dev python3 python3-venv rpm openssl procps curl)
 
 missing=()
 for p in "${packages[@]}"; do

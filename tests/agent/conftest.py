@@ -1,0 +1,69 @@
+"""Fixtures of the agent tests: a real server node, its endpoint on loopback, agent-only nodes.
+
+The server node is made by `renew()` (self-signed CA set on disk) and its tokens by
+`write_tokens()`, exactly as on a real server; the endpoint listens on 127.0.0.1 on a free port.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from rke2certd.supervisor.server import SupervisorHandle, start
+
+from .helpers import ServerNode, make_agent_node, make_server_node
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> Iterator[None]:
+    """In-process renewals log every decision; keep warnings so failures stay readable."""
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    yield
+    structlog.configure(**old)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> ServerNode:
+    return make_server_node(tmp_path / "server")
+
+
+@pytest.fixture
+def endpoint(server: ServerNode) -> Iterator[SupervisorHandle]:
+    handle = start(server.node, host="127.0.0.1", port=0)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def agent_factory(
+    tmp_path: Path, endpoint: SupervisorHandle, server: ServerNode
+) -> Callable[..., Any]:
+    """`agent_factory(name="agent-1", token=None, **config)` -> an agent-only Node."""
+
+    def build(name: str = "agent-1", token: str | None = None, **config: Any) -> Any:
+        config.setdefault("supervisor_port", endpoint.port)
+        return make_agent_node(tmp_path / name, token or server.agent_token, name, **config)
+
+    return build
+
+
+@pytest.fixture
+def agent(agent_factory: Callable[..., Any]) -> Any:
+    return agent_factory()
+
+
+@pytest.fixture
+def events() -> Iterator[list[dict[str, Any]]]:
+    """Every structlog event of the test, from every thread (the endpoint's included)."""
+    old = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(0))
+    with capture_logs() as captured:
+        yield captured
+    structlog.configure(**old)
