@@ -26,6 +26,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rke2certd.errors import DatastoreError, TokenError
+from rke2certd.pki.token import AGENT_USER, SERVER_USER, parse_token
+from rke2certd.pki.token import PREFIX as TOKEN_PREFIX
 
 BOOTSTRAP_PREFIX: Final = "/bootstrap/"
 
@@ -60,9 +62,11 @@ TAG_BYTES: Final = 16
 
 # upstream's words for a key encrypted with another token (not a secret, hence the noqa)
 WRONG_TOKEN: Final = "bootstrap data already found and encrypted with a different token"  # noqa: S105
-_TOKEN_PREFIX = "K10"  # noqa: S105
-_CA_HASH = re.compile(r"[0-9a-fA-F]{64}")
 _KUBEADM_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
+_KUBEADM_REFUSED = (
+    "a bootstrap-style token (<id>.<secret>) cannot protect the bootstrap data; "
+    "use the server token"
+)
 
 # -- token -> key and passphrase ------------------------------------------------------------
 
@@ -73,35 +77,37 @@ def bootstrap_key_name(passphrase: str) -> str:
 
 def passphrase_from_token(token: str) -> str:
     """The passphrase of a server token: `K10<hash>::server:<pw>` -> `<pw>`; a bare token is
-    itself. Never echoes the token in an error."""
+    itself. The token is parsed by `rke2certd.pki.token.parse_token`; this adds what the
+    bootstrap data needs (the server user). Never echoes the token in an error."""
     token = token.rstrip("\n")  # as upstream reads the token file
-    if not token:
+    if not token.strip():
         raise TokenError("the server token is empty")
-    if _KUBEADM_TOKEN.fullmatch(token):
+    if _KUBEADM_TOKEN.fullmatch(token.strip()):
+        raise TokenError(_KUBEADM_REFUSED)
+    try:
+        parsed = parse_token(token)
+    except TokenError as exc:
+        creds = token.partition("::")[2]
+        if creds and not creds.partition(":")[2]:
+            raise TokenError("malformed token: no password after '<user>:'") from None
         raise TokenError(
-            "a bootstrap-style token (<id>.<secret>) cannot protect the bootstrap data; "
-            "use the server token"
-        )
-    if not token.startswith(_TOKEN_PREFIX):
-        return token
-    ca_hash, sep, creds = token[len(_TOKEN_PREFIX) :].partition("::")
-    if not sep:
-        raise TokenError(
-            "malformed token: K10 tokens have the form K10<ca-hash>::server:<password>"
-        )
-    if ca_hash and not _CA_HASH.fullmatch(ca_hash):
-        raise TokenError("malformed token: the CA hash must be 64 hex characters or empty")
-    user, sep, password = creds.partition(":")
-    if not sep or not password:
-        raise TokenError("malformed token: no password after '<user>:'")
-    if user == "node":
+            f"{exc}; a server token has the form K10<ca-hash>::server:<password>"
+        ) from None
+    if not token.strip().startswith(TOKEN_PREFIX):
+        return parsed.password  # a bare token is the passphrase itself
+    if parsed.username is None and _KUBEADM_TOKEN.fullmatch(parsed.password):
+        raise TokenError(_KUBEADM_REFUSED)
+    if parsed.username == AGENT_USER:
         raise TokenError(
             "this is an agent token (user 'node'); only the server token (K10<ca-hash>::server:"
             "<password>, in <data>/server/token) can decrypt the bootstrap data"
         )
-    if user != "server":
-        raise TokenError(f"token user is '{user}', but the bootstrap data needs the server token")
-    return password
+    if parsed.username != SERVER_USER:
+        raise TokenError(
+            f"token user is '{parsed.username or ''}', but the bootstrap data needs the server "
+            "token"
+        )
+    return parsed.password
 
 
 # -- encryption -------------------------------------------------------------------------------

@@ -9,20 +9,22 @@ not block the cluster forever.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import structlog
 
 from rke2certd.config import Config
 from rke2certd.datastore import open_datastore
-from rke2certd.datastore.base import Datastore
+from rke2certd.datastore.base import Datastore, OutcomeUnknown
 from rke2certd.datastore.codec import (
     BOOTSTRAP_FIELDS,
     BOOTSTRAP_PREFIX,
+    WRONG_TOKEN,
     BootstrapFile,
     bootstrap_key_name,
     decode_bootstrap,
@@ -36,7 +38,14 @@ from rke2certd.ops.node import Node
 from rke2certd.pki import token as tokens
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.reconcile import DiskFile, ReconcilePlan, Stored, reconcile
-from rke2certd.store.atomic import FileWrite, read_optional, write_files, write_if_changed
+from rke2certd.store.atomic import (
+    FileWrite,
+    read_optional,
+    remove_file,
+    write_file,
+    write_files,
+    write_if_changed,
+)
 
 log = structlog.get_logger("rke2certd")
 
@@ -100,8 +109,7 @@ def read_disk(layout: Layout) -> dict[str, DiskFile | None]:
         except FileNotFoundError:
             out[name] = None
             continue
-        mtime = datetime.fromtimestamp(st.st_mtime_ns / 1e9, UTC)
-        out[name] = DiskFile(data, mtime) if data else None
+        out[name] = DiskFile(data, st.st_mtime_ns) if data else None
     return out
 
 
@@ -128,7 +136,7 @@ def _tls_empty(layout: Layout) -> bool:
 
 
 def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePlan:
-    stored = {name: Stored(f.content, f.timestamp) for name, f in files.items()}
+    stored = {name: Stored(f.content, f.unix_ns) for name, f in files.items()}
     paths = {name: str(layout.server / rel) for name, rel in BOOTSTRAP_FIELDS.items()}
     return reconcile(stored, read_disk(layout), paths, _tls_empty(layout))
 
@@ -212,6 +220,8 @@ def ensure_bootstrap(
     else:
         password = passphrase_from_token(token)
     key = bootstrap_key_name(password)
+    if not dry_run:
+        _release_stale_lock(ds, layout)
     deadline = time.monotonic() + WAIT_FOR_CREATOR
     while True:
         kv = ds.get(key)
@@ -221,6 +231,7 @@ def ensure_bootstrap(
         if kv is not None:
             _wait_for_value(ds, key, deadline)
             continue
+        _refuse_other_keys(ds, key)
         if dry_run:
             create_cas()  # the dry-run callback only reports
             outcome.created = True
@@ -233,30 +244,90 @@ def ensure_bootstrap(
     return outcome
 
 
+def _refuse_other_keys(ds: Datastore, key: str) -> None:
+    """Our token's key is absent but the store holds another: as upstream, that is the data of
+    a cluster made with another token, never a reason to create a second CA set."""
+    if any(kv.key != key for kv in ds.get_prefix(BOOTSTRAP_PREFIX)):
+        raise TokenError(
+            f"{WRONG_TOKEN}: the datastore at {ds.location} holds CA data that this node's token "
+            "does not open; set `token` (or `token-file`) to the server token the cluster was "
+            "created with. Nothing was changed"
+        )
+
+
+def _lock_marker(layout: Layout) -> Path:
+    """Where a creator notes its lock's lease before taking the lock (rke2certd's own state)."""
+    return layout.server / "db" / "bootstrap-lock.json"
+
+
+def _release_stale_lock(ds: Datastore, layout: Layout) -> None:
+    """End the lease of a creation lock that an earlier run of this node left behind (it died,
+    or lost the datastore, while creating): otherwise every server would wait for it to expire."""
+    path = _lock_marker(layout)
+    data = read_optional(path)
+    if data is None:
+        return
+    try:
+        doc = json.loads(data)
+        lease, where = int(doc["lease"]), str(doc["datastore"])
+    except (ValueError, KeyError, TypeError):
+        lease, where = 0, ""
+    if lease and where == ds.location and ds.revoke_lease(lease):
+        log.warning(
+            "bootstrap_lock_released",
+            reason="an earlier run of this node stopped while holding the creation lock",
+            datastore=ds.location,
+        )
+    remove_file(path)
+
+
 def _create(
     ds: Datastore, key: str, password: str, layout: Layout, create_cas: Callable[[], object]
 ) -> bool:
     """Take the creation lock and save the CA set; False if another server got there first."""
     lease = ds.grant_lease(CREATION_LOCK_TTL)
-    if not ds.create(key, b"", lease=lease):
+    marker = _lock_marker(layout)
+    write_file(marker, json.dumps({"lease": lease, "datastore": ds.location}).encode(), 0o600)
+    try:
+        created = ds.create(key, b"", lease=lease)
+    except OutcomeUnknown:  # the answer was lost (an etcd member died): is the lock ours?
+        kv = ds.get(key)
+        created = kv is not None and not kv.value and kv.lease == lease
+    if not created:
         ds.revoke_lease(lease)
+        remove_file(marker)
         return False
     locked = ds.get(key)
     try:
+        _refuse_other_keys(ds, key)  # another token's first server took its lock meanwhile
         create_cas()
         value = save_value(password, disk_bootstrap(layout))
-        if locked is None or not ds.compare_and_swap(key, value, locked.mod_revision):
+        if locked is None or not _swap(ds, key, value, locked.mod_revision):
             raise DatastoreError(
                 "lost the bootstrap creation lock while saving (the datastore was too slow, or "
                 "the lock expired); run again: the CA set on disk will be reconciled"
             )
     except BaseException:
-        ds.delete(key, locked.mod_revision if locked else None)
+        if locked is not None:  # never delete without the compare: it may be another's value
+            ds.delete(key, locked.mod_revision)
         raise
     finally:
         ds.revoke_lease(lease)  # the saved value was written without it, so it stays
+        remove_file(marker)
     log.info("bootstrap_saved", reason="first server: CA set created", datastore=ds.location)
     return True
+
+
+def _swap(ds: Datastore, key: str, value: bytes, expected_mod_revision: int) -> bool:
+    """compare_and_swap; when the answer was lost, the key tells: every value is unique (fresh
+    salt and nonce), so finding ours there means our write was applied."""
+    try:
+        return ds.compare_and_swap(key, value, expected_mod_revision)
+    except OutcomeUnknown:
+        kv = ds.get(key)
+        if kv is not None and kv.value == value:
+            return True
+        raise
 
 
 def write_tokens(layout: Layout, password: str) -> list[Path]:
@@ -294,7 +365,7 @@ def save_rotation(
         old = files.get(name)
         if old is None or old.content != content:
             files[name] = BootstrapFile(now, content)
-    if not ds.compare_and_swap(key, save_value(password, files), kv.mod_revision):
+    if not _swap(ds, key, save_value(password, files), kv.mod_revision):
         raise DatastoreError(
             "the CA data changed in the datastore while it was being saved (another rotation?); "
             "nothing was saved; check `rke2certd certificate check` and run again"

@@ -9,21 +9,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 NEWER_SLACK = timedelta(seconds=3)
+_NEWER_SLACK_NS = NEWER_SLACK // timedelta(microseconds=1) * 1000
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def from_unix_ns(unix_ns: int) -> datetime:
+    """A Unix time in nanoseconds as an aware datetime (microseconds: for messages only)."""
+    return _EPOCH + timedelta(microseconds=unix_ns // 1000)
 
 
 @dataclass(frozen=True)
 class DiskFile:
     data: bytes
-    mtime: datetime
+    mtime_ns: int  # the file's st_mtime_ns: compared at full precision
 
 
 @dataclass(frozen=True)
 class Stored:
     content: bytes
-    timestamp: datetime
+    timestamp_ns: int  # the stored Timestamp as Unix nanoseconds (Go keeps nanoseconds)
 
 
 @dataclass(frozen=True)
@@ -58,9 +65,14 @@ def reconcile(
             plan.writes[name] = entry.content
         elif current.data == entry.content:
             plan.unchanged.append(name)
-        elif current.mtime - entry.timestamp >= NEWER_SLACK:
+        elif current.mtime_ns - entry.timestamp_ns >= _NEWER_SLACK_NS:
             plan.conflicts.append(
-                Conflict(name, paths.get(name, name), current.mtime, entry.timestamp)
+                Conflict(
+                    name,
+                    paths.get(name, name),
+                    from_unix_ns(current.mtime_ns),
+                    from_unix_ns(entry.timestamp_ns),
+                )
             )
         else:
             plan.writes[name] = entry.content
