@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rke2certd import __version__, logs
+from rke2certd import __version__
 from rke2certd.clock import system_clock
 from rke2certd.config import Config, load_config
 from rke2certd.errors import Rke2certdError
+from rke2certd.log import setup as log_setup
 from rke2certd.ops.node import Node
 from rke2certd.store.lock import node_lock
 
@@ -209,9 +210,9 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
     except DatastoreUnavailable as exc:
         if not offline_ok or disk_generation(node.layout) is None:
             raise
-        import structlog
+        from rke2certd.log import log
 
-        structlog.get_logger("rke2certd").warning(
+        log.warning(
             "datastore_unreachable",
             reason=f"{exc}; renewing from the CA set on disk (--offline-ok)",
         )
@@ -357,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = _config(args)
-        logs.configure(cfg.log_format, cfg.log_level)
+        log_setup(cfg.log_format, cfg.log_level)
         handler: Handler = args.handler
         return handler(args, cfg)
     except Rke2certdError as exc:

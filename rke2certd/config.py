@@ -13,7 +13,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+# rke2certd uses no pydantic plugins; looking them up (importlib.metadata) costs ~10 ms at every
+# start, and the startup hook runs before every RKE2 start.
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from rke2certd.errors import ConfigError
 
@@ -85,6 +97,15 @@ class Config(BaseModel):
     health_command: list[str] | None = Field(None, alias="health-command")
     supervisor_port: int = Field(9346, alias="supervisor-port", ge=1, le=65535)
     lock_timeout: float = Field(120, alias="lock-timeout", gt=0)
+    # Rollout coordination (see rke2certd/rollout/).
+    registry_ttl: int = Field(30, alias="registry-ttl", ge=2, le=600)
+    restart_timeout: float = Field(600, alias="restart-timeout", gt=0)
+    health_timeout: float = Field(300, alias="health-timeout", gt=0)
+    health_etcd_endpoint: str = Field("https://127.0.0.1:2379", alias="health-etcd-endpoint")
+    health_apiserver_endpoint: str = Field(
+        "https://127.0.0.1:6443", alias="health-apiserver-endpoint"
+    )
+    staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
 
     @field_validator("node_ip", "tls_san")
     @classmethod
@@ -102,6 +123,23 @@ class Config(BaseModel):
             except ValueError:
                 raise ValueError(f"{cidr!r} is not a CIDR such as 10.43.0.0/16") from None
         return v
+
+    @field_validator("restart_command", "health_command")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not v[0]):
+            raise ValueError("an argv list with the program first, e.g. [systemctl, restart, x]")
+        return v
+
+    @field_validator("health_etcd_endpoint", "health_apiserver_endpoint")
+    @classmethod
+    def _https_url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"{v!r} is not an https://host:port URL")
+        return v.rstrip("/")
 
     @field_validator("roles")
     @classmethod

@@ -18,7 +18,6 @@ from rke2certd.datastore.base import (
     Snapshot,
     WatchCompacted,
 )
-from rke2certd.datastore.etcd import EtcdDatastore
 from rke2certd.datastore.retry import CLI_ATTEMPTS
 from rke2certd.datastore.sqlite import DEFAULT_RELATIVE_PATH, SQLiteDatastore
 from rke2certd.errors import ConfigError
@@ -27,7 +26,6 @@ __all__ = [
     "KV",
     "Datastore",
     "DatastoreUnavailable",
-    "EtcdDatastore",
     "Event",
     "EventType",
     "LeaseNotFound",
@@ -75,6 +73,9 @@ def open_datastore(
     if not text or scheme == "sqlite":
         return SQLiteDatastore(sqlite_path(text, data_dir))
     if scheme in ("http", "https"):
+        # Imported here: requests and etcd3gw cost ~85 ms, which a SQLite renew need not pay.
+        from rke2certd.datastore.etcd import EtcdDatastore
+
         store = EtcdDatastore(
             [text],
             cafile=cafile,

@@ -21,7 +21,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -29,14 +28,14 @@ from cryptography.x509.oid import NameOID
 
 from rke2certd.config import Config
 from rke2certd.errors import ConfigError, PKIError, UsageError
+from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token
 from rke2certd.ops.node import Node, check_dir_safety
-from rke2certd.ops.renew import Change, RenewResult
+from rke2certd.ops.renew import Change, RenewResult, observe, wanted
 from rke2certd.ops.rotate import RotateResult
 from rke2certd.pki import certs, keys
 from rke2certd.pki.chain import verify_chain
-from rke2certd.pki.layout import Layout
-from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_service, wanted_sans
+from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_service
 from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, decide, plan
 from rke2certd.store.atomic import FileWrite, ensure_dir, read_optional, recover, write_files
 from rke2certd.supervisor import cert_route
@@ -46,8 +45,6 @@ from rke2certd.supervisor.client import (
     locate_cacerts,
     request_cert,
 )
-
-log = structlog.get_logger("rke2certd")
 
 AGENT_SERVICES = ("kubelet", "kube-proxy", "rke2-controller")
 
@@ -114,41 +111,8 @@ def connect(node: Node) -> Upstream:
 # Observe and decide (the planner is the server's) -------------------------------------------
 
 
-def _key_public(path: Path) -> tuple[bytes | None, str | None]:
-    data = read_optional(path)
-    if data is None:
-        return None, None
-    try:
-        return keys.public_der(keys.load_key(data, path)), None
-    except PKIError as exc:
-        return None, str(exc)
-
-
-def observe(spec: LeafSpec, layout: Layout, bundle: bytes) -> ObservedLeaf:
-    """One agent leaf as it is on disk; a broken file is an observation, re-issued later."""
-    cert_path = spec.cert_path(layout)
-    key_public, key_error = _key_public(spec.key_path(layout))
-    data = read_optional(cert_path)
-    if data is None:
-        return ObservedLeaf(spec, key_public=key_public, key_error=key_error)
-    try:
-        leaf = certs.load_bundle(data, cert_path)[0]
-    except PKIError as exc:
-        return ObservedLeaf(spec, cert_error=str(exc), key_public=key_public, key_error=key_error)
-    if certs.is_ca(leaf):
-        err = f"{cert_path}: the first certificate is a CA, not a leaf"
-        return ObservedLeaf(spec, cert_error=err, key_public=key_public, key_error=key_error)
-    chain_current = data == certs.bundle_pem([leaf]) + bundle
-    return ObservedLeaf(spec, leaf, None, chain_current, key_public, key_error)
-
-
-def wanted(spec: LeafSpec, node: Node, up: Upstream) -> Wanted:
-    return Wanted(
-        cn=spec.common_name(node.ident.node_name),
-        orgs=spec.orgs,
-        sans=wanted_sans(spec, node.ident),
-        ca_ski=certs.ski(up.chains[spec.signer][0]),
-    )
+def _wanted(spec: LeafSpec, node: Node, up: Upstream) -> Wanted:
+    return wanted(spec, node, up.chains[spec.signer][0])
 
 
 # Obtain a cert from the server ---------------------------------------------------------------
@@ -188,7 +152,7 @@ def _obtain(
     existing = None if decision.new_key else read_optional(key_path)
     key = keys.load_key(existing, key_path) if existing is not None else keys.new_ec_key()
     key_pem = existing if existing is not None else keys.key_to_pem(key)
-    want = wanted(spec, node, up)
+    want = _wanted(spec, node, up)
     answer = request_cert(
         up.urls, up.token, up.bundles["server-ca"], cert_route(spec.name), _csr(key, want.cn),
         node.ident.node_name, node.ident.node_ips,
@@ -271,7 +235,7 @@ def agent_renew(
     up = connect(node)
     policy = Policy(timedelta(days=cfg.renew_before_days), force)
     chosen = AGENT_LEAVES if specs is None else tuple(specs)
-    observed = [(observe(s, layout, up.bundles[s.signer]), wanted(s, node, up)) for s in chosen]
+    observed = [(observe(s, layout, up.bundles[s.signer]), _wanted(s, node, up)) for s in chosen]
     decisions = plan(observed, now, policy)
     result.changes = [
         _apply(d, node, up, now, dry_run) for d in decisions if d.action is not Action.KEEP

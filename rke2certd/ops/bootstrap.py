@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import structlog
-
 from rke2certd.config import Config
 from rke2certd.datastore import open_datastore
 from rke2certd.datastore.base import Datastore, OutcomeUnknown
@@ -34,6 +32,7 @@ from rke2certd.datastore.codec import (
     passphrase_from_token,
 )
 from rke2certd.errors import ConfigError, DatastoreError, TokenError, ValidationError
+from rke2certd.log import log
 from rke2certd.ops.node import Node
 from rke2certd.pki import token as tokens
 from rke2certd.pki.layout import Layout
@@ -46,8 +45,6 @@ from rke2certd.store.atomic import (
     write_files,
     write_if_changed,
 )
-
-log = structlog.get_logger("rke2certd")
 
 CREATION_LOCK_TTL = 60  # seconds a dead creator can hold the others up
 WAIT_FOR_CREATOR = 120.0

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rke2certd.errors import PKIError
+from rke2certd.errors import PKIError, StorageError
 from rke2certd.ops.node import Node
 from rke2certd.pki import certs
 from rke2certd.pki.profiles import by_service, leaves_for
@@ -37,6 +37,15 @@ class CheckResult:
 
 
 def check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
+    try:
+        return _check(node, services, now)
+    except PermissionError as exc:
+        raise StorageError(
+            f"cannot read {exc.filename}: permission denied; run rke2certd as root"
+        ) from exc
+
+
+def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
     cfg = node.cfg
     agent_only = not cfg.is_server or not node.layout.server.exists()
     specs = leaves_for(not agent_only, cfg.has_agent or agent_only)

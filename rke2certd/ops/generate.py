@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from rke2certd.errors import PKIError, UsageError
+from rke2certd.log import log
 from rke2certd.ops.staged_read import current_files
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem, common_name, is_ca, is_self_signed, load_bundle
@@ -53,8 +53,6 @@ from rke2certd.plan.staged_set import (
 )
 from rke2certd.store.atomic import FileWrite, ensure_dir, read_optional, recover, write_files
 from rke2certd.store.lock import node_lock
-
-log = structlog.get_logger("rke2certd")
 
 DEFAULT_DATA_DIR = Path("/var/lib/rancher/rke2")
 KEY_TYPES = ("rsa4096", "ecdsa-p256")

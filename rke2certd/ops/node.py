@@ -65,11 +65,12 @@ class Node:
     def from_config(cls, cfg: Config) -> Node:
         return cls(cfg, Layout(cfg.data_dir), identity(cfg))
 
-    def write_dirs(self) -> list[Path]:
-        """Every directory rke2certd writes into (recover looks for stray temps there)."""
+    def key_dirs(self) -> list[Path]:
+        """Every directory rke2certd writes keys into (they must not be writable by others)."""
         t = self.layout.tls
         return [
             self.layout.data_dir,
+            self.layout.server,
             t,
             t / "etcd",
             t / "kube-scheduler",
@@ -77,6 +78,16 @@ class Node:
             self.layout.cred,
             self.layout.agent,
         ]
+
+    def write_dirs(self) -> list[Path]:
+        """Every directory rke2certd writes into (recover looks for stray temps there),
+        including the backups of `certificate rotate` (server/tls-<ts>/ and its subfolders)."""
+        dirs = self.key_dirs()
+        if self.layout.server.is_dir():
+            for backup in sorted(self.layout.server.glob("tls-*")):
+                if backup.is_dir() and not backup.is_symlink():
+                    dirs += [backup, *sorted(d for d in backup.rglob("*") if d.is_dir())]
+        return dirs
 
 
 def check_dir_safety(paths: list[Path]) -> None:

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
 from cryptography import x509
 
 from rke2certd.errors import PKIError, Rke2certdError, ValidationError
+from rke2certd.log import log
 from rke2certd.ops.ca_material import (
     CA,
     CASet,
@@ -36,8 +36,6 @@ from rke2certd.store.atomic import FileWrite, read_optional, recover, write_file
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
-
-log = structlog.get_logger("rke2certd")
 
 
 class NeedsServerError(Rke2certdError):
@@ -78,7 +76,7 @@ class RenewResult:
         return sorted(units)
 
 
-def _read_key_public(path: Path) -> tuple[bytes | None, str | None]:
+def read_key_public(path: Path) -> tuple[bytes | None, str | None]:
     data = read_optional(path)
     if data is None:
         return None, None
@@ -88,10 +86,12 @@ def _read_key_public(path: Path) -> tuple[bytes | None, str | None]:
         return None, str(exc)
 
 
-def observe(spec: LeafSpec, layout: Layout, ca: CA) -> ObservedLeaf:
-    """Read one leaf; a broken leaf becomes an observation (it gets re-issued), not an error."""
+def observe(spec: LeafSpec, layout: Layout, ca_bundle: bytes) -> ObservedLeaf:
+    """Read one leaf; a broken leaf becomes an observation (it gets re-issued), not an error.
+
+    `ca_bundle` is the signer's CA file, which the leaf file must end with."""
     cert_path = spec.cert_path(layout)
-    key_public, key_error = _read_key_public(spec.key_path(layout))
+    key_public, key_error = read_key_public(spec.key_path(layout))
     data = read_optional(cert_path)
     if data is None:
         return ObservedLeaf(spec, key_public=key_public, key_error=key_error)
@@ -102,16 +102,17 @@ def observe(spec: LeafSpec, layout: Layout, ca: CA) -> ObservedLeaf:
     if certs.is_ca(bundle[0]):
         err = f"{cert_path}: the first certificate is a CA, not a leaf"
         return ObservedLeaf(spec, cert_error=err, key_public=key_public, key_error=key_error)
-    chain_current = data == certs.bundle_pem(bundle[:1]) + ca.bundle
+    chain_current = data == certs.bundle_pem(bundle[:1]) + ca_bundle
     return ObservedLeaf(spec, bundle[0], None, chain_current, key_public, key_error)
 
 
-def wanted(spec: LeafSpec, node: Node, ca: CA) -> Wanted:
+def wanted(spec: LeafSpec, node: Node, ca_cert: x509.Certificate) -> Wanted:
+    """What the leaf should say; `ca_cert` is its signer (the first cert of the CA file)."""
     return Wanted(
         cn=spec.common_name(node.ident.node_name),
         orgs=spec.orgs,
         sans=wanted_sans(spec, node.ident),
-        ca_ski=certs.ski(ca.cert),
+        ca_ski=certs.ski(ca_cert),
     )
 
 
@@ -128,7 +129,7 @@ def _issue(
     else:
         key = keys.new_ec_key()
         writes.append(FileWrite(key_path, keys.key_to_pem(key), 0o600))
-    want = wanted(spec, node, ca)
+    want = wanted(spec, node, ca.cert)
     cert = build.leaf(
         want.cn, want.orgs, spec.usage, want.sans, key.public_key(), ca.cert, ca.key, now
     )
@@ -284,7 +285,7 @@ def renew(
             "run `rke2certd renew` on a server (etcd or control-plane role), or add a server "
             "role in `roles`"
         )
-    check_dir_safety([layout.data_dir, layout.server, layout.tls, layout.agent])
+    check_dir_safety(node.key_dirs())
     result = RenewResult(dry_run=dry_run, unit=_unit(node))
     if not dry_run:
         result.repaired = recover(layout.data_dir, node.write_dirs())
@@ -312,7 +313,10 @@ def renew(
         return result
     policy = Policy(timedelta(days=cfg.renew_before_days), force)
     observed = [
-        (observe(s, layout, ca_set.cas[s.signer]), wanted(s, node, ca_set.cas[s.signer]))
+        (
+            observe(s, layout, ca_set.cas[s.signer].bundle),
+            wanted(s, node, ca_set.cas[s.signer].cert),
+        )
         for s in all_specs
     ]
     decisions = plan(observed, now, policy)

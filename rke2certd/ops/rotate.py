@@ -8,18 +8,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import structlog
-
 from rke2certd.errors import UsageError
-from rke2certd.ops.node import Node
+from rke2certd.log import log
+from rke2certd.ops.node import Node, check_dir_safety
 from rke2certd.ops.renew import NeedsServerError, RenewResult, renew
 from rke2certd.pki.profiles import SERVICES, by_service, leaves_for
-from rke2certd.store.atomic import TEMP_MARK, FileWrite, ensure_dir, write_files
+from rke2certd.store.atomic import TEMP_MARK, FileWrite, ensure_dir, recover, write_files
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
-
-log = structlog.get_logger("rke2certd")
 
 
 @dataclass
@@ -79,6 +76,11 @@ def rotate(
     agent_files = [
         p for s in specs if s.agent for p in (s.cert_path(node.layout), s.key_path(node.layout))
     ]
+    # Before copying anything: refuse unsafe dirs, and finish (or undo) a write a crash
+    # interrupted, so the backup holds whole pairs and its journal does not replace that one.
+    check_dir_safety(node.key_dirs())
+    for what in recover(node.layout.data_dir, node.write_dirs()):
+        log.warning("write_repaired", reason=what)
     backup_dir = backup(node, now, agent_files) if node.layout.tls.exists() else None
     if backup_dir:
         log.info("certs_backed_up", cert_path=str(backup_dir), services=",".join(selected))

@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import structlog
-
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, bootstrap_key_name, passphrase_from_token
 from rke2certd.errors import TokenError
+from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token, load_value, save_rotation
 from rke2certd.ops.ca_material import ca_generation
 from rke2certd.ops.node import Node
@@ -23,8 +22,6 @@ from rke2certd.ops.staged_read import read_staged_dir
 from rke2certd.pki import token as tokens
 from rke2certd.pki.layout import CA_NAMES
 from rke2certd.plan.staged_set import ROTATABLE, SERVICE_KEY, ca_cert_file, validate_staged_set
-
-log = structlog.get_logger("rke2certd")
 
 FIELD_OF = {rel: name for name, rel in BOOTSTRAP_FIELDS.items()}
 

@@ -54,15 +54,21 @@ def split_pem(data: bytes) -> list[bytes]:
         rest = rest[end + len(end_marker) :]
 
 
-def load_keys(data: bytes, source: str | Path) -> list[PrivateKey]:
-    """Every private key in a PEM file (service.key holds several), with the file in errors."""
+def load_keys(data: bytes, source: str | Path, *, trusted: bool = False) -> list[PrivateKey]:
+    """Every private key in a PEM file (service.key holds several), with the file in errors.
+
+    `trusted` skips OpenSSL's RSA consistency check (~35 ms a key) for keys that rke2certd made
+    or that passed rotate-ca's checks; the structure is still parsed.
+    """
     blocks = [b for b in pem_blocks(data, source) if b"PRIVATE KEY" in b.split(b"\n", 1)[0]]
     if not blocks:
         raise PKIError(f"{source}: no private key found (expected a PEM '... PRIVATE KEY' block)")
     keys: list[PrivateKey] = []
     for i, block in enumerate(blocks, 1):
         try:
-            key = serialization.load_pem_private_key(block, password=None)
+            key = serialization.load_pem_private_key(
+                block, password=None, unsafe_skip_rsa_key_validation=trusted
+            )
         except (ValueError, TypeError) as exc:
             raise PKIError(f"{source}: private key #{i} cannot be parsed: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):

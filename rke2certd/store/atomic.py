@@ -69,7 +69,12 @@ def ensure_dir(path: Path, mode: int = 0o700) -> None:
             created.append(p)
             p = p.parent
         for d in reversed(created):
-            os.mkdir(d, mode)
+            try:
+                os.mkdir(d, mode)
+            except FileExistsError:
+                if not d.is_dir():
+                    raise
+                continue  # another process made it between our check and mkdir
             os.chmod(d, mode)  # umask must not loosen it
             _fsync_dir(d.parent)
     except OSError as exc:

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import structlog
-
 from rke2certd.errors import PKIError, Rke2certdError, TokenError
+from rke2certd.log import log
 from rke2certd.pki.token import Token, ca_hash, parse_token
 from rke2certd.supervisor import (
     AGENT_USER,
@@ -42,8 +41,6 @@ from rke2certd.supervisor import (
     ROLLOUT_PATH,
     cert_route,
 )
-
-log = structlog.get_logger("rke2certd")
 
 DEFAULT_PORT = 9346
 DEFAULT_TIMEOUT = 10.0

@@ -47,12 +47,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.errors import Rke2certdError
+from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token
 from rke2certd.ops.ca_material import CA, load_ca_set
 from rke2certd.ops.node import Node
@@ -74,8 +74,6 @@ from rke2certd.supervisor import (
     SERVER_CA_PATH,
     SERVER_USER,
 )
-
-log = structlog.get_logger("rke2certd")
 
 TLS_DAYS = 365
 TLS_REISSUE_BEFORE = timedelta(days=30)  # a daemon up for a year gets a fresh serving cert

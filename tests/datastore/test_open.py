@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.datastore import EtcdDatastore, SQLiteDatastore, open_datastore
+from rke2certd.datastore import SQLiteDatastore, open_datastore
+from rke2certd.datastore.etcd import EtcdDatastore
 from rke2certd.errors import ConfigError
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
