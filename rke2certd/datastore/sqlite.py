@@ -94,7 +94,7 @@ class SQLiteDatastore(Datastore):
             raise DatastoreError(f"cannot open the datastore {self.path}: {exc}") from exc
         try:
             with self._sqlite_errors():
-                conn.execute("PRAGMA journal_mode=WAL")
+                self._enable_wal(conn, busy_timeout)
                 conn.execute("PRAGMA synchronous=FULL")  # CA keys: a commit survives power loss
             with self._write_txn(conn):
                 self._check_foreign(conn)
@@ -104,6 +104,19 @@ class SQLiteDatastore(Datastore):
             conn.close()
             raise
         return conn
+
+    def _enable_wal(self, conn: sqlite3.Connection, busy_timeout: float) -> None:
+        """Switch to WAL. SQLite does not call the busy handler for this change, so two
+        processes opening a new file at once get "database is locked": wait and retry."""
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                self._sleep(0.02)
 
     def _check_foreign(self, conn: sqlite3.Connection) -> None:
         """Refuse a file that is not ours: never add tables to kine's state.db, for one."""

@@ -219,10 +219,12 @@ def agent_renew(
     dry_run: bool = False,
     force: frozenset[str] = frozenset(),
     specs: Sequence[LeafSpec] | None = None,
+    upstream: Upstream | None = None,
 ) -> RenewResult:
     """`renew` on an agent-only node. The caller holds the node lock (not needed for dry runs).
 
     A dry run still asks the server for its CAs (read-only) to decide; it signs nothing.
+    `upstream`: a server already connected to (rotate connects before its backup).
     """
     cfg, layout = node.cfg, node.layout
     _require_agent_only(cfg)
@@ -232,7 +234,7 @@ def agent_renew(
         result.repaired = recover(layout.data_dir, [layout.data_dir, layout.agent])
         for what in result.repaired:
             log.warning("write_repaired", reason=what)
-    up = connect(node)
+    up = upstream or connect(node)
     policy = Policy(timedelta(days=cfg.renew_before_days), force)
     chosen = AGENT_LEAVES if specs is None else tuple(specs)
     observed = [(observe(s, layout, up.bundles[s.signer]), _wanted(s, node, up)) for s in chosen]
@@ -280,8 +282,10 @@ def agent_rotate(node: Node, services: Sequence[str], now: datetime) -> RotateRe
             + f" (agent services: {', '.join(AGENT_SERVICES)}); nothing was changed"
         )
     specs = by_service(AGENT_LEAVES, selected)
+    up = connect(node)  # a server that cannot sign must fail the rotation before any change
     backup_dir = backup_agent(node, specs, now)
     if backup_dir is not None:
         log.info("certs_backed_up", cert_path=str(backup_dir), services=",".join(selected))
-    result = agent_renew(node, now, force=frozenset(s.name for s in specs), specs=specs)
+    forced = frozenset(s.name for s in specs)
+    result = agent_renew(node, now, force=forced, specs=specs, upstream=up)
     return RotateResult(selected, backup_dir, result)

@@ -211,10 +211,6 @@ def test_two_renews_started_at_once_on_a_fresh_node_make_one_ca_set(
     ]
     outs = [p.communicate(timeout=120) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
-        if p.returncode != 0 and b"is busy: database is locked" in err:
-            # Not the PKI engine: the embedded SQLite datastore (rke2certd/datastore/sqlite.py,
-            # another module) can fail when two processes open a new database at once.
-            pytest.xfail(f"known SQLite datastore race on first open: {err.decode().strip()}")
         assert p.returncode == 0, err.decode()
     docs = [json.loads(out) for out, _ in outs]
     # One of them made the CAs and every leaf; the other found them and had nothing to do.
