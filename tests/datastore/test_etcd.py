@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from rke2certd.datastore import (
-    DatastoreUnavailable,
-    EtcdDatastore,
-    OutcomeUnknown,
-)
+from rke2certd.datastore import DatastoreUnavailable, OutcomeUnknown
+from rke2certd.datastore.etcd import EtcdDatastore
 from rke2certd.errors import ConfigError, DatastoreError
 from tests.datastore.support import open_etcd
 from tests.datastore.tls import EtcdPKI
