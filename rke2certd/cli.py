@@ -304,8 +304,13 @@ def cmd_stage_service_key(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd import logs
     from rke2certd.daemon.loop import Daemon
 
+    # The daemon configures logging now, not at its first rke2certd.log event (see log.py):
+    # modules that log through structlog directly (the loop, the rollout) may log first, and
+    # would otherwise go to structlog's default, console text on stdout, not stderr/journald.
+    logs.configure(cfg.log_format, cfg.log_level)
     first = [cfg]
 
     def load() -> Config:

@@ -1,8 +1,10 @@
 """`rke2certd run`: the daemon's main loop.
 
 Signal handlers only set a flag (and the kernel writes a byte to the wake-up pipe); the
-watcher thread only records events. Everything else happens here, one thing at a time, in
-this loop, which also pings the systemd watchdog, so a stuck loop gets the daemon restarted.
+watcher thread, the cluster link thread (lease keep-alive and datastore watch) and a restart
+job's thread only record what happened and wake the loop. Everything else happens here, one
+thing at a time: staged sets, rescans, the node's rollout steps. The loop also pings the systemd
+watchdog, so a stuck loop gets the daemon restarted; nothing it calls waits without a bound.
 """
 
 from __future__ import annotations
@@ -16,26 +18,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
-import structlog
-
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
 from rke2certd.datastore.base import Datastore
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import Rke2certdError
+from rke2certd.log import log
+from rke2certd.ops.ca_material import disk_generation
 from rke2certd.ops.check import check
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import RenewResult, renew
 from rke2certd.ops.staging import apply_set, prepare
-from rke2certd.plan.staging import DEFAULT_QUIET, next_deadline, ready_sets
+from rke2certd.plan.rollout import Rollout, phase_of
+from rke2certd.plan.staging import next_deadline, ready_sets
+from rke2certd.rollout.create import after_renew, after_rotation
+from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.store.lock import node_lock
-
-log = structlog.get_logger("rke2certd")
 
 
 class Wakeup:
-    """A self-pipe: signals (via set_wakeup_fd) and the watcher thread write to it."""
+    """A self-pipe: signals (via set_wakeup_fd) and the helper threads write to it."""
 
     def __init__(self) -> None:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -69,21 +73,28 @@ class Daemon:
         *,
         clock: Clock = system_clock,
         notifier: Notifier | None = None,
-        quiet: float = DEFAULT_QUIET,
+        quiet: float | None = None,
     ) -> None:
         self._load = load_config
         self.clock = clock
         self.notifier = notifier or Notifier()
-        self.quiet = quiet
+        self._quiet = quiet  # None: the config's staging-quiet
         self.flags = Flags()
         self.wake = Wakeup()
         self.cfg: Config = load_config()
         self.node = Node.from_config(self.cfg)
         self.ds: Datastore | None = None
         self.watcher: StagingWatcher | None = None
+        self.runner: RolloutRunner | None = None
         self.staging_refused: str | None = None
         self.next_rescan = 0.0
         self.next_ping = 0.0
+        self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
+        self._sent_status = ""
+
+    @property
+    def quiet(self) -> float:
+        return self._quiet if self._quiet is not None else self.cfg.staging_quiet
 
     # -- signals --------------------------------------------------------------------------
 
@@ -103,6 +114,8 @@ class Daemon:
 
     def _open_datastore(self) -> None:
         if self.ds is not None:
+            if self.runner is not None:
+                self.runner.stop_link()  # its threads may share the connection closed here
             self.ds.close()
             self.ds = None
         if self.cfg.is_server:
@@ -111,8 +124,11 @@ class Daemon:
             self.ds = open_for(self.node)
 
     def _renew(self, why: str) -> RenewResult:
+        before = disk_generation(self.node.layout)
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
             result = renew(self.node, self.clock(), datastore=self.ds)
+        self._certs_text = None
+        after = disk_generation(self.node.layout)
         if result.changes or result.extracted:
             log.info(
                 "restart_needed",
@@ -120,7 +136,45 @@ class Daemon:
                 units=",".join(result.restart_units),
                 files=len(result.changes),
             )
+        if self.ds is not None:
+            try:
+                phase = phase_of(r.value for r in self.cfg.roles)
+                after_renew(self.ds, self.cfg.node, phase, result, before, after, why, self.clock())
+            except Rke2certdError as exc:  # the files are renewed; the rollout waits for a rescan
+                log.error("rollout_start_failed", reason=str(exc))
+        if self.runner is not None:
+            self.runner.renewed()
         return result
+
+    def _apply_rollout(self, rollout: Rollout) -> ApplyOutcome:
+        """A rollout's apply step: the same renew (extract, re-issue, tokens) under the lock."""
+        self._renew(f"rollout {rollout.id}")
+        return ApplyOutcome(disk_generation(self.node.layout))
+
+    def _start_rollouts(self) -> None:
+        if self.ds is None:
+            return
+        from rke2certd.ops.bootstrap import open_for
+
+        def link_datastore() -> Datastore:
+            # SQLite: share the main connection (it is thread-safe). Opening the same file a
+            # second time in this process would drop the first connection's POSIX locks (the
+            # open/close in SQLiteDatastore._open), and another process could then delete the
+            # WAL under us. etcd: a connection of its own, as a watch holds it for seconds.
+            if isinstance(self.ds, SQLiteDatastore):
+                return self.ds
+            return open_for(self.node)
+
+        self.runner = RolloutRunner(
+            self.node,
+            self.ds,
+            open_ds=link_datastore,
+            apply=self._apply_rollout,
+            generation=lambda: disk_generation(self.node.layout),
+            clock=self.clock,
+            wake=self.wake.poke,
+        )
+        self.runner.start()
 
     def _start_staging(self) -> None:
         if self.watcher is not None:
@@ -148,8 +202,30 @@ class Daemon:
             outcome = apply_set(self.node, self.cfg.staging, name, self.clock(), self.ds)
             self.watcher.forget(name)
             if outcome.status == "applied":
+                if outcome.result is not None:
+                    why = f"staged set {name} applied on {self.cfg.node}"
+                    try:
+                        after_rotation(self.ds, self.cfg.node, outcome.result, why, self.clock())
+                    except Rke2certdError as exc:  # the renew below starts it, or a rescan
+                        log.error("rollout_start_failed", staged_set=name, reason=str(exc))
                 self._renew(f"staged set {name} applied")
             self._status()
+
+    def _tick_rollouts(self) -> None:
+        if self.runner is not None:
+            self.runner.tick()
+
+    def _certs_summary(self) -> str:
+        if self._certs_text is None:
+            rows = [r for r in check(self.node, [], self.clock()).rows if r.index == 0]
+            self._certs_text = ""
+            if rows:
+                first = min(rows, key=lambda r: r.not_after)
+                self._certs_text = (
+                    f"{len(rows)} certificates; next expiry {first.path.name} on "
+                    f"{first.not_after.strftime('%Y-%m-%d %H:%M')} UTC"
+                )
+        return self._certs_text
 
     def _status_text(self) -> str:
         parts = []
@@ -157,17 +233,17 @@ class Daemon:
             parts.append(f"watching {self.watcher.staging}")
         elif self.staging_refused:
             parts.append("REFUSING the staging dir (see the journal)")
-        rows = [r for r in check(self.node, [], self.clock()).rows if r.index == 0]
-        if rows:
-            first = min(rows, key=lambda r: r.not_after)
-            parts.append(
-                f"{len(rows)} certificates; next expiry {first.path.name} on "
-                f"{first.not_after.strftime('%Y-%m-%d %H:%M')} UTC"
-            )
+        if self._certs_summary():
+            parts.append(self._certs_summary())
+        if self.runner is not None:
+            parts.append(self.runner.status_text())
         return "; ".join(parts) or "running"
 
     def _status(self) -> None:
-        self.notifier.status(self._status_text())
+        text = self._status_text()
+        if text != self._sent_status:
+            self._sent_status = text
+            self.notifier.status(text)
 
     def _ping_if_due(self) -> None:
         interval = self.notifier.watchdog_interval()
@@ -182,13 +258,27 @@ class Daemon:
             self.cfg = self._load()
             self.node = Node.from_config(self.cfg)
             self._open_datastore()
+            self._reload_runner()
         except Rke2certdError as exc:
             log.error("reload_failed", reason=str(exc))
+            if self.ds is None and self.runner is not None:  # no datastore: out until the next
+                self.runner.close()
+                self.runner = None
         self._safe(lambda: self._renew("reload"))
         self._start_staging()
         self._process_staging()
         self.next_rescan = time.monotonic() + self.cfg.rescan_interval
-        self.notifier.ready(self._status_text())
+        self._sent_status = self._status_text()
+        self.notifier.ready(self._sent_status)
+
+    def _reload_runner(self) -> None:
+        if self.runner is not None and self.ds is not None and self.runner.me == self.cfg.node:
+            self.runner.reconfigure(self.node, self.ds)
+            return
+        if self.runner is not None:  # renamed or no datastore any more: leave, join anew
+            self.runner.close()
+            self.runner = None
+        self._start_rollouts()
 
     def _safe(self, fn: Callable[[], object]) -> None:
         """Run a periodic task; an error is logged and retried at the next occasion."""
@@ -207,6 +297,8 @@ class Daemon:
             d = next_deadline(self.watcher.states(), self.quiet)
             if d is not None:
                 deadlines.append(d)
+        if self.runner is not None:
+            deadlines.append(self.runner.deadline())
         return max(0.0, min(deadlines) - now)
 
     # -- main -----------------------------------------------------------------------------
@@ -216,14 +308,18 @@ class Daemon:
         try:
             self._open_datastore()
             self._renew("start")
+            self._start_rollouts()
             self._start_staging()
             self._process_staging()
         except Rke2certdError as exc:
             log.error("startup_failed", reason=str(exc))
             self.notifier.status(f"failed to start: {str(exc).splitlines()[0]}")
+            self._close()
+            signal.set_wakeup_fd(-1)
             return 1
         self.next_rescan = time.monotonic() + self.cfg.rescan_interval
-        self.notifier.ready(self._status_text())
+        self._sent_status = self._status_text()
+        self.notifier.ready(self._sent_status)
         log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
         self._ping_if_due()
         while not self.flags.stop:
@@ -239,16 +335,25 @@ class Daemon:
             if time.monotonic() >= self.next_rescan:
                 self._safe(lambda: self._renew("periodic rescan"))
                 self.next_rescan = time.monotonic() + self.cfg.rescan_interval
-                self._status()
+            self._safe(self._tick_rollouts)
+            self._status()
         return self._shutdown()
 
     def _shutdown(self) -> int:
         self.notifier.stopping("stopping")
         log.info("stopping", reason="SIGTERM")
-        if self.watcher is not None:
-            self.watcher.stop()
-        if self.ds is not None:
-            self.ds.close()
+        self._close()
         signal.set_wakeup_fd(-1)
         self.wake.close()
         return 0
+
+    def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+        if self.ds is not None:
+            self.ds.close()
+            self.ds = None

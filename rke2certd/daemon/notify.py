@@ -15,9 +15,8 @@ import os
 import time
 
 import sdnotify
-import structlog
 
-log = structlog.get_logger("rke2certd")
+from rke2certd.log import log
 
 
 class Notifier:

@@ -2,6 +2,13 @@
 
 The observer thread only records what happened and wakes the main loop; all decisions are made
 on the main loop by the pure rules of plan/staging.py.
+
+How an entry arrived comes from inotify itself: the observer reports "full" events, so a
+directory renamed in from outside the staging dir is a move (IN_MOVED_TO) and a directory made in
+place is a creation (IN_CREATE), whatever it holds by the time the event is handled. (Guessing
+from its content misreads `mkdir d && cp … d/` as a rename: the files are there before the
+event is seen, and such a half-written set would be applied after a pause of the writer.)
+A `mv` from another filesystem is a copy, so it counts as made in place and needs a READY marker.
 """
 
 from __future__ import annotations
@@ -10,19 +17,26 @@ import contextlib
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import (
-    DirCreatedEvent,
-    DirMovedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
-from watchdog.observers import Observer
+from watchdog.events import DirMovedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.inotify import InotifyObserver
 
+from rke2certd.log import log
+from rke2certd.ops.staging import refusal
 from rke2certd.plan.staging import READY_MARKER, Arrival, SetState
+
+# watchdog (7.x) warns on stderr, outside our logs and as several raw lines in the journal, each
+# time a watched directory moves inside the watched tree, as every set does when it is filed
+# away: the watch is kept and only re-keyed, there is nothing to act on.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Callback with id .* already exists",
+    category=RuntimeWarning,
+    module=r"watchdog\.",
+)
 
 
 def _newest_mtime(path: Path) -> float:
@@ -42,7 +56,9 @@ class StagingWatcher(FileSystemEventHandler):
         self._wake = wake
         self._lock = threading.Lock()
         self._states: dict[str, SetState] = {}
-        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._observer: InotifyObserver | None = None
+        # Why the dir is refused now, when it became unsafe after start (see states()).
+        self.refused: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -58,7 +74,9 @@ class StagingWatcher(FileSystemEventHandler):
                 except OSError:
                     age = 0.0
                 self._states[entry] = SetState(entry, Arrival.STARTUP, now_mono - age, False)
-        observer = Observer()
+        # full events: a move in from outside arrives as a move with an empty source, not as
+        # a creation (see the module docstring)
+        observer = InotifyObserver(generate_full_events=True)
         observer.schedule(self, str(self.staging), recursive=True)
         observer.daemon = True
         observer.start()
@@ -88,10 +106,13 @@ class StagingWatcher(FileSystemEventHandler):
         now = time.monotonic()
         with self._lock:
             if isinstance(event, DirMovedEvent | FileMovedEvent):
-                src = self._top(event.src_path)
+                # Either side may be empty: moved in from, or out to, a place not watched.
+                src = self._top(event.src_path) if event.src_path else None
                 if src and src[1]:
                     self._states.pop(src[0], None)  # renamed away (e.g. filed by us)
-                dest = self._top(event.dest_path)
+                elif src:
+                    self._touch(src[0], now)
+                dest = self._top(event.dest_path) if event.dest_path else None
                 if dest and dest[1]:
                     self._states[dest[0]] = SetState(dest[0], Arrival.RENAMED, now, False)
                 elif dest:
@@ -99,36 +120,44 @@ class StagingWatcher(FileSystemEventHandler):
             else:
                 top = self._top(event.src_path)
                 if top is None:
+                    if os.fsdecode(event.src_path) == str(self.staging):
+                        self._wake()  # e.g. its mode changed: states() checks it again
                     return
                 name, itself = top
                 if event.event_type == "deleted" and itself:
                     self._states.pop(name, None)
                 elif itself and event.event_type == "created":
-                    self._states[name] = SetState(name, self._arrival(event, name), now, False)
+                    # made in place (a move in is a moved event): may still be being written
+                    self._states[name] = SetState(name, Arrival.CREATED, now, False)
+                elif event.event_type in ("opened", "closed_no_write"):
+                    return  # reading is not changing (we read the set ourselves)
                 else:
                     self._touch(name, now)
         self._wake()
 
-    def _arrival(self, event: FileSystemEvent, name: str) -> Arrival:
-        # watchdog reports a directory moved in from outside the watch as "created"; unlike a
-        # mkdir, it already has content when the event arrives.
-        if isinstance(event, DirCreatedEvent):
-            try:
-                with os.scandir(self.staging / name) as it:
-                    return Arrival.RENAMED if any(True for _ in it) else Arrival.CREATED
-            except OSError:
-                return Arrival.CREATED
-        return Arrival.CREATED
-
     def _touch(self, name: str, now: float) -> None:
         old = self._states.get(name)
+        if old is None and not os.path.lexists(self.staging / name):
+            # late events of a set already filed away (e.g. the writes of its result files
+            # before the move): do not bring it back as a phantom
+            return
         arrival = old.arrival if old else Arrival.CREATED
         self._states[name] = SetState(name, arrival, now, False)
 
     # -- main loop ------------------------------------------------------------------------
 
     def states(self) -> list[SetState]:
-        """Current states, with the READY marker looked up now."""
+        """Current states, with the READY marker looked up now; none while the staging dir is
+        unsafe (its owner or mode changed since the daemon checked it at start)."""
+        error = refusal(self.staging)
+        if error is not None:
+            if self.refused is None:
+                log.error("staging_refused", cert_path=str(self.staging), reason=str(error))
+            self.refused = str(error)
+            return []
+        if self.refused is not None:
+            self.refused = None
+            log.info("staging_watched", cert_path=str(self.staging), reason="safe again")
         with self._lock:
             current = list(self._states.values())
         out = []

@@ -16,16 +16,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError, ValidationError
+from rke2certd.log import log
 from rke2certd.ops.node import Node
 from rke2certd.ops.rotate_ca import RotateCAResult, rotate_ca
 from rke2certd.plan.staging import FORCE_MARKER
 from rke2certd.store.atomic import FileWrite, ensure_dir, move, write_files
-
-log = structlog.get_logger("rke2certd")
 
 APPLIED, REJECTED = ".applied", ".rejected"
 
@@ -55,17 +52,26 @@ def staging_problems(path: Path) -> list[str]:
     return problems
 
 
+def refusal(path: Path) -> ValidationError | None:
+    """The error to refuse `path` with, or None when it is safe (the daemon checks it at start
+    and reload, and its watcher before every use)."""
+    problems = staging_problems(path)
+    if not problems:
+        return None
+    return ValidationError(
+        f"refusing to take CA sets from the staging dir {path}: anyone who can write there "
+        "could replace the cluster's CAs; fix it with `chown root:root` and `chmod 0700`",
+        problems,
+    )
+
+
 def prepare(path: Path) -> None:
     """Create the staging dir (0700) when missing; refuse an unsafe one, loudly."""
     if not path.exists():
         ensure_dir(path, 0o700)
-    problems = staging_problems(path)
-    if problems:
-        raise ValidationError(
-            f"refusing to take CA sets from the staging dir {path}: anyone who can write there "
-            "could replace the cluster's CAs; fix it with `chown root:root` and `chmod 0700`",
-            problems,
-        )
+    error = refusal(path)
+    if error is not None:
+        raise error
 
 
 def list_sets(path: Path) -> list[str]:

@@ -5,6 +5,7 @@ fields, removal and purge. The RPM is built from the spec and installed with rpm
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon.support import CapturedLogs
+from tests.harness.journald import decode_entry
 from tests.harness.nspawn import Container, booted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,6 +30,25 @@ ExecStart=
 ExecStart=/opt/rke2certd/bin/python /srv/harness/sandbox_probe.py
 WatchdogSec=3s
 RestartSec=1s
+"""
+NODE_FILES = (
+    "/var/lib/rancher/rke2/server/tls/server-ca.crt",
+    "/var/lib/rancher/rke2/server/tls/serving-kube-apiserver.crt",
+    "/var/lib/rancher/rke2/server/tls/etcd/server-client.crt",
+    "/var/lib/rancher/rke2/agent/client-kubelet.crt",
+    "/var/lib/rancher/rke2/agent/client-kubelet.key",
+)
+# A stand-in whose ExecStart records which of the node's files exist when it starts.
+RECORDING_STANDIN = f"""\
+[Unit]
+Description=stand-in for {{name}} (test): records the certificates it starts with
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'for f in {" ".join(NODE_FILES)}; do \\
+  if test -s "$f"; then echo "present $f"; else echo "MISSING $f"; fi; done > /run/{{name}}.seen; \\
+  echo "{{name}} started"'
 """
 STANDIN = """\
 [Unit]
@@ -137,8 +159,46 @@ def test_standin_rke2_unit_gets_the_dropin(ct: Container, name: str) -> None:
     props = show(ct, name, "ExecStartPre", "After")
     assert "argv[]=/opt/rke2certd/bin/rke2certd renew" in props["ExecStartPre"]
     assert "rke2certd.service" not in props["After"].split()  # see the drop-in
-    # TODO(issue 5, `rke2certd renew`): `systemctl start {name}` and check that renew ran first
-    # (journalctl -u {name} -t rke2certd) once renew works on an empty node.
+
+
+@pytest.mark.parametrize("name", ["rke2-server", "rke2-agent"])
+def test_standin_rke2_unit_starts_after_renew_made_its_certificates(
+    ct: Container, name: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """On an empty node (the packaged config: every role, no token), starting the unit runs
+    `rke2certd renew` first: the stand-in's ExecStart finds the certificates, and renew's events
+    are in the unit's journal before the stand-in's own line."""
+    ct.exec(["rm", "-rf", "/var/lib/rancher/rke2/server", "/var/lib/rancher/rke2/agent"])
+    ct.write(f"/etc/systemd/system/{name}.service", RECORDING_STANDIN.format(name=name))
+    ct.exec(["systemctl", "daemon-reload"], check=True)
+    try:
+        ct.exec(["systemctl", "start", name], check=True, timeout=120)
+        seen = ct.exec(["cat", f"/run/{name}.seen"], check=True).stdout.split("\n")
+        assert [line.split()[0] for line in seen if line] == ["present"] * len(NODE_FILES), seen
+        entries = [
+            decode_entry(json.loads(line))
+            for line in ct.journal("-u", name, "-o", "json").splitlines()
+        ]
+        renewed = [
+            i
+            for i, e in enumerate(entries)
+            if e.get("EVENT") == "cert_renewed" and e.get("SYSLOG_IDENTIFIER") == "rke2certd"
+        ]
+        started = [i for i, e in enumerate(entries) if e.get("MESSAGE") == f"{name} started"]
+        assert renewed and started and max(renewed) < started[0]
+        assert ct.journal("-u", name, "-t", "rke2certd", "EVENT=cert_renewed", "-o", "cat")
+    finally:
+        ct.exec(["systemctl", "stop", name])
+        # renew made a token (none was configured): the log grep must look for it too
+        logs = CapturedLogs.for_session(tmp_path_factory)
+        token = ct.exec(["cat", "/var/lib/rancher/rke2/server/token"]).stdout.strip()
+        if "::" in token:
+            logs.add_secret(token.rsplit(":", 1)[-1])
+        ct.sh(f"journalctl -u {name} -o export > /srv/harness/{name}.export")
+        with contextlib.suppress(FileNotFoundError):
+            logs.new_file(f"package-{name}-journal", ".export").write_bytes(
+                (ct.share / f"{name}.export").read_bytes()
+            )
 
 
 def test_hardened_unit_runs_the_daemon_building_blocks(ct: Container) -> None:

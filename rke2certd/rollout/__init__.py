@@ -1,0 +1,10 @@
+"""Cluster-wide rollout coordination through the datastore (the rules are in plan/rollout.py).
+
+- `records`: the keys under /rke2certd/ and their JSON;
+- `store`: reads and compare-and-swap writes of those keys (`ClusterStore`);
+- `create`: turning a saved CA generation or a renewal into a rollout record;
+- `link`: the background threads that keep the node's lease alive and watch the keys
+  (`stream`: the long-lived etcd watch stream they read);
+- `job`: the restart command and health gate, run off the main loop with timeouts;
+- `runner`: what the daemon's main loop calls (`RolloutRunner`).
+"""

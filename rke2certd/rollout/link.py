@@ -1,0 +1,209 @@
+"""The node's link to the cluster: two background threads that wake the main loop.
+
+- keep-alive: refreshes the node's lease every ttl/3; when the lease was lost (the node was cut
+  off longer than the TTL) it takes a new one, and the main loop registers again: that is how
+  a node that was away comes back;
+- watch: follows every change under /rke2certd/ (a long-lived etcd stream, or the SQLite
+  store's watch) and wakes the main loop for the changes that may concern it (`interest`).
+
+They decide nothing and write nothing but lease refreshes. The main loop reads the keys again
+when woken: one range read, always a consistent snapshot, never a cache that could drift.
+Each thread has its own connection (the main loop's may be busy in a long read); with SQLite,
+the main loop's own (see Daemon._start_rollouts).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from rke2certd.datastore.base import (
+    Datastore,
+    Event,
+    EventType,
+    LeaseNotFound,
+    WatchCompacted,
+)
+from rke2certd.errors import Rke2certdError
+from rke2certd.log import log
+from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Phase, Step, Wait
+from rke2certd.rollout import records as rec
+from rke2certd.rollout.records import PREFIX
+from rke2certd.rollout.stream import WatchStream
+
+WATCH_SLICE = 5.0  # longest single SQLite watch call: how soon a stop is noticed
+BACKOFF_MAX = 10.0
+
+
+class ClusterLink:
+    def __init__(
+        self,
+        open_ds: Callable[[], Datastore],
+        ttl: int,
+        own_key: str,
+        wake: Callable[[], None],
+        stream: WatchStream | None = None,
+    ) -> None:
+        self._open = open_ds
+        self.ttl = ttl
+        self._own_key = own_key
+        self._wake = wake
+        self._stream = stream
+        self._stop = threading.Event()
+        self._changed = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True),
+            threading.Thread(target=self._watch, name="rke2certd-watch", daemon=True),
+        ]
+        self.lease: int | None = None
+        self.error: str | None = None  # the last failure, for the status line
+        self._revision: int | None = None  # the next one to watch from
+        # Which changes wake the main loop: set by the runner after each step, so that a node
+        # waiting for one thing is not woken (and does not read) for every change of the others.
+        self.interest: Callable[[Event], bool] = lambda _event: True
+
+    def start(self, lease: int) -> None:
+        self.lease = lease
+        for t in self._threads:
+            t.start()
+
+    def stop(self, wait: float = 1.0) -> None:
+        self._stop.set()
+        if self._stream is not None:
+            self._stream.close()
+        for t in self._threads:
+            t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
+
+    def take_changed(self) -> bool:
+        """True once after every change seen (and at start)."""
+        if self._changed.is_set():
+            self._changed.clear()
+            return True
+        return False
+
+    def _poke(self) -> None:
+        self._changed.set()
+        self._wake()
+
+    def _relevant(self, event: Event) -> bool:
+        if event.kv.key == self._own_key:
+            return event.type is EventType.DELETE  # our registration is gone: register again
+        return self.interest(event)
+
+    def _failed(self, exc: Exception, backoff: float) -> float:
+        """Log a failure once (not at every retry), wake the loop for its status line, pause."""
+        message = str(exc) if isinstance(exc, Rke2certdError) else repr(exc)
+        if message != self.error:
+            log.warning("cluster_link_failed", reason=message, retry_in=backoff)
+        self.error = message
+        self._poke()
+        self._stop.wait(backoff)
+        return min(BACKOFF_MAX, backoff * 2)
+
+    def _ok(self) -> None:
+        if self.error is not None:
+            log.info("cluster_link_restored", reason="the datastore answers again")
+            self.error = None
+            self._poke()
+
+    # -- keep-alive thread -------------------------------------------------------------------
+
+    def _keepalive(self) -> None:
+        ds: Datastore | None = None
+        backoff = 0.5
+        while not self._stop.wait(self.ttl / 3):
+            while not self._stop.is_set():
+                try:
+                    ds = ds or self._open()
+                    self._refresh(ds)
+                    self._ok()
+                    backoff = 0.5
+                    break
+                except Exception as exc:  # never die: the node would fall out of the cluster
+                    if self._stop.is_set():
+                        return
+                    backoff = self._failed(exc, backoff)
+
+    def _refresh(self, ds: Datastore) -> None:
+        lease = self.lease
+        try:
+            if lease is not None:
+                ds.refresh_lease(lease)
+                return
+        except LeaseNotFound:
+            log.warning(
+                "lease_lost",
+                reason=f"lease {lease} expired (no refresh for {self.ttl}s); registering again",
+            )
+        self.lease = ds.grant_lease(self.ttl)
+        self._poke()  # the main loop sees a new lease and registers again
+
+    # -- watch thread --------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        ds: Datastore | None = None
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                ds = ds or self._open()
+                if self._revision is None:
+                    self._revision = ds.snapshot(PREFIX).revision + 1
+                    self._poke()  # the main loop reads what it may have missed
+                self._follow(ds, self._revision)
+                self._ok()
+                backoff = 0.5
+            except WatchCompacted:
+                self._revision = None  # from now on; the main loop re-reads everything
+            except Exception as exc:  # never die: the node would miss its turn
+                if self._stop.is_set():
+                    return  # stopped while a call was in flight (its connection closed)
+                backoff = self._failed(exc, backoff)
+
+    def _follow(self, ds: Datastore, revision: int) -> None:
+        """Watch from `revision` until the stream ends (or for one SQLite slice), keeping the
+        next revision to watch from, so a reconnect after a failure misses nothing."""
+        if self._stream is not None:
+            batches = self._stream.batches(revision)
+        else:
+            batches = iter([ds.watch_prefix(PREFIX, revision, WATCH_SLICE)])
+        for events in batches:
+            if not events:
+                continue
+            self._revision = events[-1].kv.mod_revision + 1
+            if any(self._relevant(e) for e in events):
+                self._poke()
+            if self._stop.is_set():
+                break
+
+
+def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
+    """The changes that may let this node go on after `step`: a node coming or going (not its
+    updates), membership, rollout records, and what it waits for (its blocker's status, or the
+    slots of its phase). Everything else is somebody else's business; RECHECK covers a miss."""
+    watched: tuple[str, ...] = ()
+    terminal_only = False  # a barrier opens when the blocker is done (or failed), not before
+    if isinstance(step, Wait) and step.on in ("barrier", "queue") and step.blocker:
+        watched = (rec.status_key(step.rollout.id, step.blocker),)
+        terminal_only = step.on == "barrier"
+    elif isinstance(step, Wait) and step.on == "slot":
+        watched = (f"{rec.SLOTS}{phase.value}/",)
+    depth = rec.ROLLOUTS.count("/")
+
+    def relevant(event: Event) -> bool:
+        key, kv = event.kv.key, event.kv
+        if key.startswith(rec.NODES):
+            return event.type is EventType.DELETE or kv.create_revision == kv.mod_revision
+        if key.startswith(rec.MEMBERS):
+            return True
+        if key.startswith(rec.ROLLOUTS) and key.count("/") == depth:
+            return True
+        if not key.startswith(watched):
+            return False
+        if terminal_only and event.type is EventType.PUT:
+            try:
+                return rec.decode_status(kv).state in TERMINAL_NODE_STATES
+            except (ValueError, KeyError, TypeError):
+                return True
+        return True
+
+    return relevant

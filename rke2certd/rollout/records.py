@@ -1,0 +1,263 @@
+"""The coordination keys and their JSON values (versioned, so an older daemon can skip what it
+does not understand instead of crashing).
+
+    /rke2certd/nodes/<node>                      registration, on the node's lease
+    /rke2certd/members/<node>                    membership, until `rke2certd node remove`
+    /rke2certd/rollouts/<id>                     a rollout record
+    /rke2certd/rollouts/<id>/status/<node>       one node's progress in that rollout
+    /rke2certd/slots/<phase>/<k>                 a restart slot, on the holder's lease
+
+Everything lives under one prefix so that one range read is a consistent snapshot and one
+watch sees every change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from rke2certd.datastore.base import KV, Snapshot
+from rke2certd.errors import UsageError
+from rke2certd.plan.rollout import (
+    ClusterView,
+    Member,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Registration,
+    Rollout,
+    RolloutKind,
+    RolloutState,
+    Slot,
+)
+
+API_VERSION = "rke2certd.io/v1"
+PREFIX = "/rke2certd/"
+NODES = PREFIX + "nodes/"
+MEMBERS = PREFIX + "members/"
+ROLLOUTS = PREFIX + "rollouts/"
+SLOTS = PREFIX + "slots/"
+
+
+def check_name(name: str) -> str:
+    if not name or "/" in name or len(name) > 253 or name != name.strip():
+        raise UsageError(f"{name!r} is not a usable node name (no '/', 1-253 characters)")
+    return name
+
+
+def node_key(name: str) -> str:
+    return NODES + check_name(name)
+
+
+def member_key(name: str) -> str:
+    return MEMBERS + check_name(name)
+
+
+def rollout_key(rollout_id: str) -> str:
+    return ROLLOUTS + check_name(rollout_id)
+
+
+def status_key(rollout_id: str, node: str) -> str:
+    return f"{rollout_key(rollout_id)}/status/{check_name(node)}"
+
+
+def slot_key(phase: Phase, index: int) -> str:
+    return f"{SLOTS}{phase.value}/{index}"
+
+
+# -- encoding ------------------------------------------------------------------------------------
+
+
+def _t(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _pt(value: Any) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) and value else None
+
+
+def _dump(kind: str, doc: dict[str, Any]) -> bytes:
+    return json.dumps({"apiVersion": API_VERSION, "kind": kind, **doc}, sort_keys=True).encode()
+
+
+def encode_member(m: Member) -> bytes:
+    doc = {"name": m.name, "roles": list(m.roles), "phase": m.phase.value}
+    return _dump("Member", doc | {"downSince": _t(m.down_since)})
+
+
+def encode_registration(r: Registration) -> bytes:
+    return _dump(
+        "Registration",
+        {
+            "name": r.name,
+            "roles": list(r.roles),
+            "phase": r.phase.value,
+            "version": r.version,
+            "caGeneration": r.ca_generation,
+            "health": r.health,
+            "activity": r.activity,
+            "registered": _t(r.registered),
+            "updated": _t(r.updated),
+        },
+    )
+
+
+def encode_rollout(r: Rollout) -> bytes:
+    return _dump(
+        "Rollout",
+        {
+            "id": r.id,
+            "type": r.kind.value,
+            "caGeneration": r.ca_generation,
+            "phases": [p.value for p in r.phases],
+            "nodes": list(r.nodes) if r.nodes is not None else None,
+            "state": r.state.value,
+            "reason": r.reason,
+            "created": _t(r.created),
+            "createdBy": r.created_by,
+            "stateReason": r.state_reason,
+            "finished": _t(r.finished),
+            "attempt": r.attempt,
+        },
+    )
+
+
+def encode_status(s: NodeStatus) -> bytes:
+    return _dump(
+        "RolloutNodeStatus",
+        {
+            "node": s.node,
+            "state": s.state.value,
+            "message": s.message,
+            "generation": s.generation,
+            "appliedAt": _t(s.applied_at),
+            "restartStarted": _t(s.restart_started),
+            "finished": _t(s.finished),
+            "attempt": s.attempt,
+            "restartSeconds": s.restart_seconds,
+            "healthSeconds": s.health_seconds,
+        },
+    )
+
+
+def encode_slot(s: Slot) -> bytes:
+    doc = {"phase": s.phase.value, "index": s.index, "node": s.node, "rollout": s.rollout}
+    return _dump("RestartSlot", doc | {"since": _t(s.since)})
+
+
+# -- decoding ------------------------------------------------------------------------------------
+
+
+def _load(kv: KV) -> dict[str, Any]:
+    doc = json.loads(kv.value)
+    if not isinstance(doc, dict) or doc.get("apiVersion") != API_VERSION:
+        raise ValueError(f"not an {API_VERSION} record")
+    return doc
+
+
+def decode_member(kv: KV) -> Member:
+    d = _load(kv)
+    return Member(d["name"], tuple(d["roles"]), Phase(d["phase"]), _pt(d.get("downSince")))
+
+
+def decode_registration(kv: KV) -> Registration:
+    d = _load(kv)
+    return Registration(
+        d["name"],
+        tuple(d["roles"]),
+        Phase(d["phase"]),
+        d.get("version", ""),
+        d.get("caGeneration"),
+        d.get("health", "unknown"),
+        d.get("activity", ""),
+        _pt(d.get("registered")),
+        _pt(d.get("updated")),
+    )
+
+
+def decode_rollout(kv: KV) -> Rollout:
+    d = _load(kv)
+    nodes = d.get("nodes")
+    return Rollout(
+        id=d["id"],
+        kind=RolloutKind(d["type"]),
+        ca_generation=d.get("caGeneration") or "",
+        phases=tuple(Phase(p) for p in d["phases"]),
+        nodes=tuple(nodes) if nodes is not None else None,
+        state=RolloutState(d["state"]),
+        reason=d.get("reason", ""),
+        created=_pt(d.get("created")) or datetime.fromtimestamp(0, UTC),
+        created_by=d.get("createdBy", ""),
+        revision=kv.create_revision,
+        state_reason=d.get("stateReason", ""),
+        finished=_pt(d.get("finished")),
+        attempt=int(d.get("attempt", 1)),
+    )
+
+
+def decode_status(kv: KV) -> NodeStatus:
+    d = _load(kv)
+    return NodeStatus(
+        d["node"],
+        NodeState(d["state"]),
+        d.get("message", ""),
+        d.get("generation"),
+        _pt(d.get("appliedAt")),
+        _pt(d.get("restartStarted")),
+        _pt(d.get("finished")),
+        int(d.get("attempt", 1)),
+        d.get("restartSeconds"),
+        d.get("healthSeconds"),
+        kv.create_revision,
+    )
+
+
+def decode_slot(kv: KV) -> Slot:
+    d = _load(kv)
+    return Slot(Phase(d["phase"]), int(d["index"]), d["node"], d["rollout"], _pt(d.get("since")))
+
+
+@dataclass
+class Parsed:
+    """A snapshot of the prefix as a ClusterView, plus the raw keys (for compare-and-swap)."""
+
+    view: ClusterView
+    kvs: dict[str, KV]
+    revision: int
+    problems: list[str] = field(default_factory=list)
+
+
+def parse(snapshot: Snapshot) -> Parsed:
+    """Unknown or broken records are reported in `problems` and left out, never fatal: a newer
+    rke2certd on another node may write what this one cannot read."""
+    members: dict[str, Member] = {}
+    live: dict[str, Registration] = {}
+    rollouts: list[Rollout] = []
+    statuses: dict[tuple[str, str], NodeStatus] = {}
+    slots: list[Slot] = []
+    problems: list[str] = []
+    kvs = {kv.key: kv for kv in snapshot.kvs}
+    for kv in snapshot.kvs:
+        try:
+            if kv.key.startswith(NODES):
+                reg = decode_registration(kv)
+                live[reg.name] = reg
+            elif kv.key.startswith(MEMBERS):
+                m = decode_member(kv)
+                members[m.name] = m
+            elif kv.key.startswith(SLOTS):
+                slots.append(decode_slot(kv))
+            elif kv.key.startswith(ROLLOUTS):
+                parts = kv.key[len(ROLLOUTS) :].split("/")
+                if len(parts) == 1:
+                    rollouts.append(decode_rollout(kv))
+                elif len(parts) == 3 and parts[1] == "status":
+                    st = decode_status(kv)
+                    statuses[(parts[0], st.node)] = st
+        except (ValueError, KeyError, TypeError) as exc:
+            problems.append(f"{kv.key}: unreadable record ({exc})")
+    rollouts.sort(key=lambda r: r.revision)
+    view = ClusterView(members, live, tuple(rollouts), statuses, tuple(slots))
+    return Parsed(view, kvs, snapshot.revision, problems)

@@ -1,0 +1,206 @@
+"""Reads and writes of the coordination keys, each write a compare-and-swap on what was read.
+
+Nothing here decides anything (plan/rollout.py does); this is the I/O, written so that two
+nodes doing the same thing at once cannot both succeed where only one may (create-if-absent for
+rollouts and slots, CAS on mod_revision for updates), and so that a write whose answer was lost
+(`OutcomeUnknown`) is settled by reading the key again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import datetime
+
+from rke2certd.datastore.base import KV, Datastore, DatastoreUnavailable, OutcomeUnknown
+from rke2certd.plan.rollout import (
+    Member,
+    NodeStatus,
+    Registration,
+    Rollout,
+    RolloutState,
+    Slot,
+    superseded,
+)
+from rke2certd.rollout import records as rec
+
+CAS_ATTEMPTS = 8
+HISTORY = 20  # finished rollouts kept for `rke2certd status`
+
+
+class ClusterStore:
+    def __init__(self, ds: Datastore) -> None:
+        self.ds = ds
+
+    def read(self) -> rec.Parsed:
+        return rec.parse(self.ds.snapshot(rec.PREFIX))
+
+    # -- primitives --------------------------------------------------------------------------
+
+    def update(
+        self,
+        key: str,
+        change: Callable[[KV | None], bytes | None],
+        lease: int | None = None,
+        seen: rec.Parsed | None = None,
+    ) -> bool:
+        """Read `key`, let `change` give its new value (None: leave it), compare-and-swap;
+        again on a conflict. True if this call wrote. With `seen` (a snapshot just read), the
+        first try swaps against it without reading the key again: one round trip, not two."""
+        for attempt in range(CAS_ATTEMPTS):
+            kv = seen.kvs.get(key) if seen is not None and attempt == 0 else self.ds.get(key)
+            value = change(kv)
+            if value is None:
+                return False
+            fresh = seen is None or attempt > 0  # equal in a snapshot is not equal now
+            if fresh and kv is not None and kv.value == value and kv.lease == lease:
+                return False
+            try:
+                if self.ds.compare_and_swap(key, value, kv.mod_revision if kv else 0, lease):
+                    return True
+            except OutcomeUnknown:
+                now = self.ds.get(key)
+                if now is not None and now.value == value:
+                    return True
+        raise DatastoreUnavailable(f"{key} kept changing under {CAS_ATTEMPTS} writes; try again")
+
+    def put(
+        self, key: str, value: bytes, lease: int | None = None, seen: rec.Parsed | None = None
+    ) -> bool:
+        return self.update(key, lambda _kv: value, lease, seen)
+
+    def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        """Create-if-absent; a lost answer is settled by reading back our own value."""
+        try:
+            return self.ds.create(key, value, lease)
+        except OutcomeUnknown:
+            kv = self.ds.get(key)
+            return kv is not None and kv.value == value
+
+    # -- registry ----------------------------------------------------------------------------
+
+    def register(self, reg: Registration, lease: int) -> None:
+        self.put(rec.node_key(reg.name), rec.encode_registration(reg), lease)
+
+    def ensure_member(self, member: Member) -> bool:
+        """Create the membership, or correct its roles; a live node is never `down`."""
+        fresh = dataclasses.replace(member, down_since=None)
+
+        def change(kv: KV | None) -> bytes | None:
+            if kv is not None:
+                try:
+                    if rec.decode_member(kv) == fresh:
+                        return None
+                except (ValueError, KeyError, TypeError):
+                    pass  # unreadable: overwrite with a good one
+            return rec.encode_member(fresh)
+
+        return self.update(rec.member_key(member.name), change)
+
+    def mark_down(self, name: str, since: datetime) -> bool:
+        def change(kv: KV | None) -> bytes | None:
+            if kv is None:
+                return None
+            m = rec.decode_member(kv)
+            return (
+                None
+                if m.down_since
+                else rec.encode_member(dataclasses.replace(m, down_since=since))
+            )
+
+        return self.update(rec.member_key(name), change)
+
+    def remove_member(self, name: str) -> bool:
+        return self.ds.delete(rec.member_key(name))
+
+    # -- rollouts ----------------------------------------------------------------------------
+
+    def create_rollout(self, rollout: Rollout, now: datetime) -> tuple[Rollout, bool]:
+        """Create the record if absent (several servers may start the same CA rollout); a
+        new CA rollout supersedes the older active ones. Returns the stored record."""
+        created = self.create(rec.rollout_key(rollout.id), rec.encode_rollout(rollout))
+        parsed = self.read()
+        stored = parsed.view.rollout(rollout.id)
+        if stored is None:  # finished and collected at once: cannot happen with HISTORY > 0
+            return rollout, created
+        if created:
+            for old in superseded(parsed.view, stored):
+                self.finish(old.id, RolloutState.SUPERSEDED, f"superseded by {stored.id}", now)
+        return stored, created
+
+    def finish(self, rollout_id: str, state: RolloutState, reason: str, now: datetime) -> bool:
+        """Move an ACTIVE rollout to `state`; False if it was no longer active."""
+
+        def change(kv: KV | None) -> bytes | None:
+            if kv is None:
+                return None
+            r = rec.decode_rollout(kv)
+            if r.state is not RolloutState.ACTIVE:
+                return None
+            return rec.encode_rollout(
+                dataclasses.replace(r, state=state, state_reason=reason, finished=now)
+            )
+
+        return self.update(rec.rollout_key(rollout_id), change)
+
+    def resume(self, rollout_id: str) -> bool:
+        """A stopped rollout becomes active again, as a new attempt: the nodes that failed or
+        reported `stopped` in the last one start over (apply, then wait for their turn); one
+        compare-and-swap, so no node sees the rollout active with the old failures."""
+
+        def change(kv: KV | None) -> bytes | None:
+            cur = rec.decode_rollout(kv) if kv is not None else None
+            if cur is None or cur.state is not RolloutState.STOPPED:
+                return None
+            again = dataclasses.replace(
+                cur, state=RolloutState.ACTIVE, state_reason="", finished=None,
+                attempt=cur.attempt + 1,
+            )  # fmt: skip
+            return rec.encode_rollout(again)
+
+        return self.update(rec.rollout_key(rollout_id), change)
+
+    def set_status(
+        self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed | None = None
+    ) -> None:
+        """Write a node's status, stamped with the rollout's current attempt."""
+        stamped = dataclasses.replace(status, attempt=rollout.attempt)
+        self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
+
+    def collect(self, parsed: rec.Parsed, keep: int = HISTORY) -> int:
+        """Delete the oldest finished rollouts (and their statuses) beyond `keep`."""
+        done = [r for r in parsed.view.rollouts if not r.active]
+        gone = 0
+        for r in done[: max(0, len(done) - keep)]:
+            base = rec.rollout_key(r.id)
+            for key in [k for k in parsed.kvs if k.startswith(base + "/")]:
+                self.ds.delete(key)
+            if self.ds.delete(base, parsed.kvs[base].mod_revision):
+                gone += 1
+        return gone
+
+    # -- restart slots -----------------------------------------------------------------------
+
+    def take_slot(self, slot: Slot, lease: int) -> bool:
+        return self.create(rec.slot_key(slot.phase, slot.index), rec.encode_slot(slot), lease)
+
+    def release_slot(self, slot: Slot, seen: KV | None = None) -> bool:
+        """Delete the slot if it is still `slot.node`'s (`seen`: its key as last read, which
+        saves the read when nothing changed since). A lost answer is settled by reading."""
+        key = rec.slot_key(slot.phase, slot.index)
+        for kv in ([seen] if seen is not None else []) + [None] * CAS_ATTEMPTS:
+            kv = kv or self.ds.get(key)
+            if kv is None:
+                return False
+            try:
+                holder = rec.decode_slot(kv).node
+            except (ValueError, KeyError, TypeError):
+                return False
+            if holder != slot.node:
+                return False
+            try:
+                if self.ds.delete(key, kv.mod_revision):
+                    return True
+            except OutcomeUnknown:
+                continue  # read again: gone (ours went through) or still there (retry)
+        return False

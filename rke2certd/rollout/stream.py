@@ -1,0 +1,184 @@
+"""One long-lived etcd watch stream, for the cluster link.
+
+Why not `Datastore.watch_prefix`: it returns after the first batch of events and closes its
+stream (a bounded call, right for the CLI and the bootstrap wait), and the next call opens a new
+TLS connection. Every node's link watches every change under /rke2certd/, so each change cost
+every node a TLS handshake, and the coordination CPU grew with the square of the cluster size
+(benchmarks/bench_rollout.py measured it). Here one stream per node is read as events come: a
+change costs each node one JSON line. SQLite keeps `watch_prefix` (its watch polls a local file).
+
+The stream uses etcd's JSON gateway (`POST /v3/watch`) with the same TLS settings as the
+datastore; it fails over between endpoints, and the caller resumes from its last revision, so
+nothing is lost across a reconnect.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from rke2certd.datastore.base import (
+    KV,
+    DatastoreUnavailable,
+    Event,
+    EventType,
+    WatchCompacted,
+    key_bytes,
+    key_str,
+    prefix_end,
+)
+from rke2certd.datastore.etcd import parse_endpoints
+from rke2certd.errors import DatastoreError
+from rke2certd.ops.node import Node
+
+CONNECT_TIMEOUT = 5.0
+IDLE_TIMEOUT = 60.0  # no message for this long: reconnect (a half-dead TCP stream is found)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _event(item: dict[str, Any]) -> Event:
+    kv = item["kv"]
+    return Event(
+        EventType(item.get("type", "PUT")),
+        KV(
+            key=key_str(base64.b64decode(kv["key"])),
+            value=base64.b64decode(kv.get("value", "")),
+            mod_revision=int(kv.get("mod_revision", 0)),
+            create_revision=int(kv.get("create_revision", 0)),
+            lease=int(kv.get("lease", 0)) or None,
+        ),
+    )
+
+
+class WatchStream:
+    def __init__(self, endpoints: Sequence[str], session: requests.Session, prefix: str) -> None:
+        self.endpoints = list(endpoints)
+        self.session = session
+        self.prefix = prefix
+        self._preferred = 0
+        self._resp: requests.Response | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def batches(self, start_revision: int) -> Iterator[list[Event]]:
+        """Batches of changes from `start_revision` on, as they happen. Returns when the stream
+        went quiet for IDLE_TIMEOUT or was closed (open it again from the next revision);
+        raises WatchCompacted, or DatastoreUnavailable when no endpoint would stream."""
+        raw = key_bytes(self.prefix)
+        create = {
+            "key": _b64(raw),
+            "range_end": _b64(prefix_end(raw)),
+            "start_revision": start_revision,
+        }
+        failures = []
+        n = len(self.endpoints)
+        for i in [(self._preferred + k) % n for k in range(n)]:
+            url = self.endpoints[i] + "/v3/watch"
+            try:
+                resp = self.session.post(
+                    url,
+                    json={"create_request": create},
+                    stream=True,
+                    timeout=(CONNECT_TIMEOUT, IDLE_TIMEOUT),
+                )
+            except requests.RequestException as exc:
+                failures.append(f"{self.endpoints[i]}: {type(exc).__name__}")
+                continue
+            with self._lock:
+                if self._closed:
+                    resp.close()
+                    return
+                self._resp = resp
+            try:
+                if resp.status_code != requests.codes.ok:
+                    failures.append(f"{self.endpoints[i]}: HTTP {resp.status_code}")
+                    continue
+                self._preferred = i
+                yield from self._read(resp, start_revision)
+                return
+            except requests.RequestException as exc:
+                if _quiet(exc) or self._closed:
+                    return
+                raise DatastoreUnavailable(f"the watch stream from {url} broke: {exc}") from exc
+            finally:
+                with self._lock:
+                    self._resp = None
+                resp.close()
+        raise DatastoreUnavailable("no etcd endpoint would open a watch: " + ", ".join(failures))
+
+    def _read(self, resp: requests.Response, start_revision: int) -> Iterator[list[Event]]:
+        for line in resp.iter_lines():
+            if not line.strip():
+                continue
+            message = json.loads(line)
+            if "error" in message:
+                raise DatastoreUnavailable(f"etcd ended the watch: {message['error']}")
+            result = message.get("result", {})
+            if result.get("canceled"):
+                compact = int(result.get("compact_revision", 0))
+                if compact:
+                    raise WatchCompacted(f"revision {start_revision} is compacted in etcd", compact)
+                raise DatastoreError(f"etcd cancelled the watch: {result.get('cancel_reason')}")
+            events = [_event(e) for e in result.get("events") or []]
+            if events:
+                yield events
+
+    def close(self) -> None:
+        """From another thread: end the stream now (the reader returns). Closing a socket does
+        not wake a thread blocked reading it; shutting it down does."""
+        with self._lock:
+            self._closed = True
+            resp = self._resp
+        if resp is None:
+            return
+        conn = getattr(resp.raw, "connection", None)
+        sock = getattr(conn, "sock", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        resp.close()
+
+
+def _quiet(exc: BaseException) -> bool:
+    """A read timeout: no message within IDLE_TIMEOUT (not a failure)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, requests.exceptions.ReadTimeout) or type(e).__name__ == "ReadTimeoutError":
+            return True
+        todo.extend(
+            x for x in (*e.args, e.__cause__, e.__context__) if isinstance(x, BaseException)
+        )
+    return False
+
+
+def stream_for(node: Node, prefix: str) -> WatchStream | None:
+    """A watch stream on the node's etcd (the datastore's TLS defaults); None for SQLite."""
+    cfg, tls = node.cfg, node.layout.tls / "etcd"
+    scheme = cfg.datastore_endpoint.strip().partition("://")[0].lower()
+    if scheme not in ("http", "https"):
+        return None
+    session = requests.Session()
+    session.trust_env = False  # as the datastore: the environment must not override verify
+    cafile: Path = cfg.datastore_cafile or tls / "server-ca.crt"
+    session.verify = str(cafile)
+    certfile = cfg.datastore_certfile or tls / "client.crt"
+    keyfile = cfg.datastore_keyfile or tls / "client.key"
+    if certfile.exists() and keyfile.exists():
+        session.cert = (str(certfile), str(keyfile))
+    return WatchStream(parse_endpoints(cfg.datastore_endpoint), session, prefix)
