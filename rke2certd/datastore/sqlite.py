@@ -65,7 +65,7 @@ class SQLiteDatastore(Datastore):
         *,
         clock: Clock = system_clock,
         busy_timeout: float = 30.0,
-        poll_interval: float = 0.25,
+        poll_interval: float = 1.0,
         sleep: Callable[[float], None] = time.sleep,
         history: int = HISTORY,
     ) -> None:
@@ -83,9 +83,13 @@ class SQLiteDatastore(Datastore):
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         ensure_dir(self.path.parent, 0o700)
         try:
-            # Create the file 0600 ourselves (never truncating): SQLite would use the umask,
-            # and gives its -wal/-shm files the mode of the database file.
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # Create the file 0600 ourselves: SQLite would use the umask, and gives its
+            # -wal/-shm files the mode of the database file. Only when it is missing: closing
+            # any fd of an open database drops the POSIX locks of every connection to it in
+            # this process (another process could then remove the WAL under them).
+            if not self.path.exists():
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             os.chmod(self.path, 0o600)
             conn = sqlite3.connect(
                 self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False

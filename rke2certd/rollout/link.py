@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rke2certd.datastore.base import (
     Datastore,
@@ -29,7 +30,9 @@ from rke2certd.log import log
 from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Phase, Step, Wait
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.records import PREFIX
-from rke2certd.rollout.stream import WatchStream
+
+if TYPE_CHECKING:
+    from rke2certd.rollout.stream import WatchStream  # requests: only for etcd
 
 WATCH_SLICE = 5.0  # longest single SQLite watch call: how soon a stop is noticed
 BACKOFF_MAX = 10.0

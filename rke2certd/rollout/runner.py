@@ -56,7 +56,6 @@ from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.job import Gate, RestartJob
 from rke2certd.rollout.link import ClusterLink, interest
 from rke2certd.rollout.store import HISTORY, ClusterStore
-from rke2certd.rollout.stream import stream_for
 
 RECHECK = 30.0  # read again even without a watch event: a lost wake-up must not stall a rollout
 RETRY = 3.0  # after a datastore error
@@ -148,6 +147,8 @@ class RolloutRunner:
 
     def _new_link(self) -> ClusterLink:
         ttl = self.node.cfg.registry_ttl
+        from rke2certd.rollout.stream import stream_for  # requests: only for etcd
+
         stream = stream_for(self.node, rec.PREFIX)
         return ClusterLink(self._open, ttl, rec.node_key(self.me), self._wake, stream)
 

@@ -1,0 +1,135 @@
+"""Which changes wake a node (runner.interest), and the long-lived etcd watch stream the link
+reads (rollout/stream.py) on a real three-member TLS etcd cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import requests
+
+from rke2certd.datastore import open_datastore
+from rke2certd.datastore.base import KV, DatastoreUnavailable, Event, EventType, OutcomeUnknown
+from rke2certd.plan.rollout import (
+    PHASES,
+    Idle,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Rollout,
+    RolloutKind,
+    RolloutState,
+    Wait,
+)
+from rke2certd.rollout import records as rec
+from rke2certd.rollout.link import interest
+from rke2certd.rollout.stream import WatchStream
+from tests.datastore.tls import EtcdPKI
+from tests.harness.etcd import EtcdCluster
+
+T0 = datetime(2030, 1, 1, tzinfo=UTC)
+R = Rollout("ca-1", RolloutKind.CA, "g", PHASES, None, RolloutState.ACTIVE, "", T0, "e1")
+
+
+def put(key: str, value: bytes = b"{}", created: int = 5, modified: int = 5) -> Event:
+    return Event(EventType.PUT, KV(key, value, modified, created))
+
+
+def status(node: str, state: NodeState) -> Event:
+    return put(rec.status_key("ca-1", node), rec.encode_status(NodeStatus(node, state)))
+
+
+def test_a_barrier_waiter_wakes_when_its_blocker_is_done() -> None:
+    wake = interest(Wait(R, "waiting", "e1", "barrier"), Phase.CONTROL_PLANE)
+    assert not wake(status("e1", NodeState.RESTARTING))
+    assert wake(status("e1", NodeState.DONE))
+    assert wake(status("e1", NodeState.FAILED))
+    assert not wake(status("e2", NodeState.DONE))  # someone else's progress
+    assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
+
+
+def test_a_queue_waiter_wakes_when_the_node_ahead_moves() -> None:
+    wake = interest(Wait(R, "waiting", "c3", "queue"), Phase.CONTROL_PLANE)
+    assert wake(status("c3", NodeState.RESTARTING))
+    assert not wake(status("c4", NodeState.RESTARTING))
+
+
+def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:
+    wake = interest(Wait(R, "waiting", "c1", "slot"), Phase.CONTROL_PLANE)
+    assert wake(Event(EventType.DELETE, KV(rec.slot_key(Phase.CONTROL_PLANE, 0), b"", 9, 0)))
+    assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
+
+
+def test_everyone_wakes_for_nodes_coming_and_going_members_and_rollouts() -> None:
+    wake = interest(Idle(), Phase.ETCD)
+    assert wake(put(rec.node_key("x")))  # registered (created)
+    assert not wake(put(rec.node_key("x"), created=5, modified=9))  # its updates
+    assert wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
+    assert wake(put(rec.member_key("x")))
+    assert wake(put(rec.rollout_key("ca-2")))
+    assert not wake(status("e1", NodeState.DONE))
+
+
+# -- the etcd watch stream ---------------------------------------------------------------------
+
+
+def _delete(etcd: EtcdCluster, pki: EtcdPKI, tmp_path: Path, key: str) -> None:
+    """From a timer thread, with a client of its own; a lost answer is settled by reading."""
+    c = pki.client
+    with open_datastore(
+        etcd.endpoint, data_dir=tmp_path, cafile=c.ca, certfile=c.cert, keyfile=c.key
+    ) as ds:
+        for _ in range(5):
+            with contextlib.suppress(OutcomeUnknown):
+                ds.delete(key)
+            if ds.get(key) is None:
+                return
+
+
+def _session(pki: EtcdPKI) -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False
+    s.verify = str(pki.client.ca)
+    s.cert = (str(pki.client.cert), str(pki.client.key))
+    return s
+
+
+@pytest.mark.etcd
+def test_stream_follows_fails_over_and_closes(
+    etcd3: EtcdCluster, rollout_pki: EtcdPKI, tmp_path: Path
+) -> None:
+    c = rollout_pki.client
+    ds = open_datastore(
+        etcd3.endpoint, data_dir=tmp_path, cafile=c.ca, certfile=c.cert, keyfile=c.key
+    )
+    start = ds.snapshot("/w/").revision + 1
+    ds.create("/w/a", b"1")
+    ds.create("/other", b"x")
+    stream = WatchStream(etcd3.endpoints, _session(rollout_pki), "/w/")
+    batches = stream.batches(start)
+    first = next(batches)  # history from `start`, then live changes
+    assert [(e.type, e.kv.key, e.kv.value) for e in first] == [(EventType.PUT, "/w/a", b"1")]
+    threading.Timer(0.3, _delete, args=(etcd3, rollout_pki, tmp_path, "/w/a")).start()
+    [deleted] = next(batches)
+    assert deleted.type is EventType.DELETE and deleted.kv.key == "/w/a"
+    last = deleted.kv.mod_revision
+
+    etcd3.kill(0)  # the member the stream reads from
+    with pytest.raises(DatastoreUnavailable):
+        next(batches)
+    ds.create("/w/b", b"2")
+    [again] = next(stream.batches(last + 1))  # from the next revision, on another member
+    assert again.kv.key == "/w/b"
+
+    live = stream.batches(again.kv.mod_revision + 1)
+    threading.Timer(0.3, stream.close).start()
+    began = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 (whatever the closed socket raises)
+        next(live)
+    assert time.monotonic() - began < 5
+    etcd3.restart(0)
+    ds.close()
