@@ -306,7 +306,7 @@ class EtcdDatastore(Datastore):
                 if result.get("events"):
                     return [_event(e) for e in result["events"]]
         except requests.RequestException as exc:
-            if created and _is_read_timeout(exc):  # the stream is open and quiet: no change
+            if created and is_read_timeout(exc):  # the stream is open and quiet: no change
                 return []
             raise
         finally:
@@ -399,7 +399,7 @@ def _transport_failure(exc: requests.RequestException) -> _Failure:
         return _Failure(tls, sent=False, transient=False)
     if isinstance(exc, requests.exceptions.ConnectTimeout):
         return _Failure("connection timed out", sent=False, transient=True)
-    if _is_read_timeout(exc):
+    if is_read_timeout(exc):
         return _Failure("no answer in time", sent=True, transient=True)
     if any(isinstance(e, NewConnectionError | ConnectionRefusedError) for e in _causes(exc)):
         return _Failure(_os_reason(exc) or "connection refused", sent=False, transient=True)
@@ -437,7 +437,7 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         todo.extend(x for x in inner if isinstance(x, BaseException))
 
 
-def _is_read_timeout(exc: BaseException) -> bool:
+def is_read_timeout(exc: BaseException) -> bool:
     return any(
         isinstance(e, ReadTimeoutError | requests.exceptions.ReadTimeout) for e in _causes(exc)
     )

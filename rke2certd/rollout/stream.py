@@ -35,7 +35,7 @@ from rke2certd.datastore.base import (
     key_str,
     prefix_end,
 )
-from rke2certd.datastore.etcd import parse_endpoints
+from rke2certd.datastore.etcd import is_read_timeout, parse_endpoints
 from rke2certd.errors import DatastoreError
 from rke2certd.ops.node import Node
 
@@ -152,19 +152,7 @@ class WatchStream:
 
 def _quiet(exc: BaseException) -> bool:
     """A read timeout: no message within IDLE_TIMEOUT (not a failure)."""
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, requests.exceptions.ReadTimeout) or type(e).__name__ == "ReadTimeoutError":
-            return True
-        todo.extend(
-            x for x in (*e.args, e.__cause__, e.__context__) if isinstance(x, BaseException)
-        )
-    return False
+    return is_read_timeout(exc)
 
 
 def stream_for(node: Node, prefix: str) -> WatchStream | None:
