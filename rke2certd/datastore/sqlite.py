@@ -58,6 +58,10 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+IDLE_POLL = 4.0
+ACTIVE_WINDOW = 10.0
+
+
 class SQLiteDatastore(Datastore):
     def __init__(
         self,
@@ -65,7 +69,7 @@ class SQLiteDatastore(Datastore):
         *,
         clock: Clock = system_clock,
         busy_timeout: float = 30.0,
-        poll_interval: float = 1.0,
+        poll_interval: float = 0.25,
         sleep: Callable[[float], None] = time.sleep,
         history: int = HISTORY,
     ) -> None:
@@ -74,6 +78,7 @@ class SQLiteDatastore(Datastore):
         self.location = f"SQLite file {path}"
         self._clock = clock
         self._poll = poll_interval
+        self._last_activity = time.monotonic()
         self._sleep = sleep
         self._lock = threading.RLock()  # one connection, shared by the daemon's threads
         self._conn = self._open(busy_timeout)
@@ -159,6 +164,7 @@ class SQLiteDatastore(Datastore):
             try:
                 yield c
                 c.execute("COMMIT")
+                self._last_activity = time.monotonic()
             except BaseException:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
@@ -310,13 +316,21 @@ class SQLiteDatastore(Datastore):
     # -- watch -----------------------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
+        # SQLite has no watch, so this polls: every `poll_interval` while the store is busy,
+        # every IDLE_POLL once nothing has changed for ACTIVE_WINDOW (an idle daemon then costs
+        # no measurable CPU; the first change after a quiet spell is seen within IDLE_POLL).
         deadline = time.monotonic() + timeout
         while True:
             events = self._events_since(prefix, start_revision)
-            remaining = deadline - time.monotonic()
-            if events or remaining <= 0:
+            now = time.monotonic()
+            if events:
+                self._last_activity = now
                 return events
-            self._sleep(min(self._poll, remaining))
+            remaining = deadline - now
+            if remaining <= 0:
+                return events
+            idle = now - self._last_activity >= ACTIVE_WINDOW
+            self._sleep(min(max(self._poll, IDLE_POLL) if idle else self._poll, remaining))
 
     def _events_since(self, prefix: str, start_revision: int) -> list[Event]:
         where, params = _prefix_clause(prefix)
