@@ -164,7 +164,6 @@ class SQLiteDatastore(Datastore):
             try:
                 yield c
                 c.execute("COMMIT")
-                self._last_activity = time.monotonic()
             except BaseException:
                 if c.in_transaction:
                     c.execute("ROLLBACK")
