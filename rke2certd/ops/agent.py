@@ -31,7 +31,7 @@ from rke2certd.errors import ConfigError, PKIError, UsageError
 from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token
 from rke2certd.ops.node import Node, check_dir_safety
-from rke2certd.ops.renew import Change, RenewResult, observe, wanted
+from rke2certd.ops.renew import Change, RenewResult, apply_decision, observe, wanted
 from rke2certd.ops.rotate import RotateResult
 from rke2certd.pki import certs, keys
 from rke2certd.pki.chain import verify_chain
@@ -164,30 +164,10 @@ def _obtain(
 
 
 def _apply(decision: Decision, node: Node, up: Upstream, now: datetime, dry_run: bool) -> Change:
-    spec = decision.spec
-    cert_path = spec.cert_path(node.layout)
-    change = Change(
-        cert_path, spec.service, AGENT_UNIT, decision.action.value, decision.reasons,
-        decision.old_serial, None, decision.old_not_after, None, decision.new_key,
+    return apply_decision(
+        decision, node, unit=AGENT_UNIT, bundle=up.bundles[decision.spec.signer],
+        obtain=lambda: _obtain(decision, node, up, now), dry_run=dry_run,
     )  # fmt: skip
-    if not dry_run and decision.action is Action.RECHAIN:
-        leaf = certs.load_bundle(cert_path.read_bytes(), cert_path)[0]
-        data = certs.bundle_pem([leaf]) + up.bundles[spec.signer]
-        write_files(node.layout.data_dir, [FileWrite(cert_path, data, 0o644)])
-    elif not dry_run:
-        writes, cert = _obtain(decision, node, up, now)
-        write_files(node.layout.data_dir, writes)
-        change.new_serial = certs.serial_hex(cert)
-        change.new_not_after = certs.not_after(cert)
-    log.info(
-        "cert_renewed" if decision.action is Action.ISSUE else "cert_rechained",
-        cert_path=str(cert_path), cert_service=spec.service, reason="; ".join(decision.reasons),
-        cert_serial=change.new_serial, old_serial=decision.old_serial,
-        cert_not_after=change.new_not_after.isoformat() if change.new_not_after else None,
-        old_not_after=decision.old_not_after.isoformat() if decision.old_not_after else None,
-        new_key=decision.new_key, dry_run=dry_run,
-    )  # fmt: skip
-    return change
 
 
 def _ca_copies(node: Node, up: Upstream, dry_run: bool) -> list[Path]:

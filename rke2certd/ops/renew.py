@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,44 +143,60 @@ def _unit(node: Node) -> str:
     return SERVER_UNIT if node.cfg.is_server else AGENT_UNIT
 
 
+Obtain = Callable[[], tuple[list[FileWrite], x509.Certificate]]
+
+
+def apply_decision(
+    d: Decision, node: Node, *, unit: str, bundle: bytes, obtain: Obtain, dry_run: bool
+) -> Change:
+    """Carry out one non-KEEP decision and log it. `obtain` makes the new cert (and key) writes:
+    signed locally on a server, through a server's endpoint on an agent; `bundle` is the CA
+    file a leaf file ends with."""
+    spec = d.spec
+    cert_path = spec.cert_path(node.layout)
+    change = Change(
+        cert_path, spec.service, unit, d.action.value, d.reasons,
+        d.old_serial, None, d.old_not_after, None, d.new_key,
+    )  # fmt: skip
+    if not dry_run:
+        if d.action is Action.RECHAIN:
+            cert = certs.load_bundle(cert_path.read_bytes(), cert_path)[0]
+            data = certs.bundle_pem([cert]) + bundle
+            write_files(node.layout.data_dir, [FileWrite(cert_path, data, 0o644)])
+        else:
+            writes, cert = obtain()
+            write_files(node.layout.data_dir, writes)
+            change.new_serial = certs.serial_hex(cert)
+            change.new_not_after = certs.not_after(cert)
+    log.info(
+        "cert_renewed" if d.action is Action.ISSUE else "cert_rechained",
+        cert_path=str(cert_path),
+        cert_service=spec.service,
+        reason="; ".join(d.reasons),
+        cert_serial=change.new_serial,
+        old_serial=d.old_serial,
+        cert_not_after=_iso(change.new_not_after),
+        old_not_after=_iso(d.old_not_after),
+        new_key=d.new_key,
+        dry_run=dry_run,
+    )
+    return change
+
+
 def apply_decisions(
     decisions: Iterable[Decision], node: Node, cas: dict[str, CA], now: datetime, dry_run: bool
 ) -> list[Change]:
-    changes: list[Change] = []
+    changes = []
     for d in decisions:
         if d.action is Action.KEEP:
             continue
-        spec, ca = d.spec, cas[d.spec.signer]
-        cert_path = spec.cert_path(node.layout)
-        change = Change(
-            cert_path, spec.service, _unit(node), d.action.value, d.reasons,
-            d.old_serial, None, d.old_not_after, None, d.new_key,
-        )  # fmt: skip
-        if not dry_run:
-            if d.action is Action.RECHAIN:
-                cert = certs.load_bundle(cert_path.read_bytes(), cert_path)[0]
-                write_files(
-                    node.layout.data_dir,
-                    [FileWrite(cert_path, certs.bundle_pem([cert]) + ca.bundle, 0o644)],
-                )
-            else:
-                writes, cert = _issue(d, node, ca, now)
-                write_files(node.layout.data_dir, writes)
-                change.new_serial = certs.serial_hex(cert)
-                change.new_not_after = certs.not_after(cert)
-        log.info(
-            "cert_renewed" if d.action is Action.ISSUE else "cert_rechained",
-            cert_path=str(cert_path),
-            cert_service=spec.service,
-            reason="; ".join(d.reasons),
-            cert_serial=change.new_serial,
-            old_serial=d.old_serial,
-            cert_not_after=_iso(change.new_not_after),
-            old_not_after=_iso(d.old_not_after),
-            new_key=d.new_key,
-            dry_run=dry_run,
+        ca = cas[d.spec.signer]
+        obtain = partial(_issue, d, node, ca, now)
+        changes.append(
+            apply_decision(
+                d, node, unit=_unit(node), bundle=ca.bundle, obtain=obtain, dry_run=dry_run
+            )
         )
-        changes.append(change)
     return changes
 
 
