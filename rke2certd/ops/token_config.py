@@ -39,6 +39,7 @@ TOKEN_KEYS = ("token", "agent-token")
 # What `Rewrite.keys` names a token file's only token by.
 TOKEN_FILE = "token-file"  # noqa: S105 - a key name, not a secret
 _HEX = frozenset("0123456789abcdef")
+_INDIRECT = "<<"
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def _stale_hash(value: object, new_hash: str) -> tuple[str | None, str | None]:
     try:
         token = parse_token(text)
     except TokenError as exc:  # its message never quotes the token
-        return None, f"{exc} (RKE2 cannot use it either)"
+        return None, f"{exc} (RKE2 cannot use it either); fix it and run again"
     if token.ca_hash is None:
         return None, None
     written = text[len(PREFIX) : len(PREFIX) + HASH_HEX_LEN]
@@ -97,7 +98,11 @@ def _skip(events: list[yaml.Event], i: int) -> int:
 
 
 def _top_level(events: list[yaml.Event]) -> tuple[bool, dict[str, list[tuple[Any, Any]]]]:
-    """(is the top-level mapping a flow mapping, token key -> every (key, value) event pair)."""
+    """(is the top-level mapping a flow mapping, token key -> every (key, value) event pair).
+
+    Keys that can bring a token in indirectly (a merge key `<<`, an alias as key) are listed
+    under `_INDIRECT`, for the line of the problem.
+    """
     i = next(n for n, ev in enumerate(events) if isinstance(ev, yaml.NodeEvent))
     start = events[i]
     found: dict[str, list[tuple[Any, Any]]] = {}
@@ -109,6 +114,8 @@ def _top_level(events: list[yaml.Event]) -> tuple[bool, dict[str, list[tuple[Any
         j = _skip(events, i)
         if isinstance(key, yaml.ScalarEvent) and key.value in TOKEN_KEYS:
             found.setdefault(key.value, []).append((key, events[j]))
+        elif isinstance(key, yaml.AliasEvent) or getattr(key, "value", None) == "<<":
+            found.setdefault(_INDIRECT, []).append((key, events[j]))
         i = _skip(events, j)
     return bool(start.flow_style), found
 
@@ -116,8 +123,11 @@ def _top_level(events: list[yaml.Event]) -> tuple[bool, dict[str, list[tuple[Any
 def _invalid_yaml(source: str, exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     where = f"{source}:{mark.line + 1}" if mark is not None else source
-    what = getattr(exc, "problem", None) or "cannot be parsed"
-    return f"{where}: not valid YAML ({what}); fix the file (RKE2 cannot read it either)"
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    what = " ".join(p for p in parts if p) or "cannot be parsed"
+    return (
+        f"{where}: not valid YAML ({what}); fix the file (RKE2 cannot read it either) and run again"
+    )
 
 
 def rewrite_yaml_text(text: str, new_hash: str, source: str) -> Rewrite:
@@ -140,7 +150,9 @@ def rewrite_yaml_text(text: str, new_hash: str, source: str) -> Rewrite:
     for key in TOKEN_KEYS:
         pairs = found.get(key, [])
         stale, bad = _stale_hash(doc.get(key), new_hash)
-        at = f"{source}:{_line(pairs[-1][1])}" if pairs else source
+        indirect = found.get(_INDIRECT, [])
+        where = pairs[-1][1] if pairs else (indirect[0][0] if indirect else None)
+        at = f"{source}:{_line(where)}" if where is not None else source
         if bad:
             problems.append(f"{at}: `{key}`: {bad}")
             continue
@@ -203,7 +215,10 @@ def _unsafe_shape(key: str, pairs: list[tuple[Any, Any]], flow: bool, value: str
         return f"`{key}` comes from a merge key (`<<`) or an alias key; {how}"
     event = pairs[0][1]
     if flow:
-        return f"`{key}` is in a top-level flow mapping (`{{...}}`); use block YAML and {how}"
+        return (
+            f"`{key}` is in a top-level flow mapping (`{{...}}`); rewrite the file as block "
+            "YAML (one `key: value` per line) and run again"
+        )
     if isinstance(event, yaml.AliasEvent):
         return f"`{key}` is an alias (`*{event.anchor}`); {how}"
     if not isinstance(event, yaml.ScalarEvent) or event.value != value:
