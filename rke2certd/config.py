@@ -105,7 +105,10 @@ class Config(BaseModel):
     health_apiserver_endpoint: str = Field(
         "https://127.0.0.1:6443", alias="health-apiserver-endpoint"
     )
+    health_kubelet_endpoint: str = Field("https://127.0.0.1:10250", alias="health-kubelet-endpoint")
     staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
+    # the config files read, in precedence order (not a key: set by load_config)
+    sources: tuple[Path, ...] = Field((), exclude=True)
 
     @field_validator("node_ip", "tls_san")
     @classmethod
@@ -131,7 +134,7 @@ class Config(BaseModel):
             raise ValueError("an argv list with the program first, e.g. [systemctl, restart, x]")
         return v
 
-    @field_validator("health_etcd_endpoint", "health_apiserver_endpoint")
+    @field_validator("health_etcd_endpoint", "health_apiserver_endpoint", "health_kubelet_endpoint")
     @classmethod
     def _https_url(cls, v: str) -> str:
         from urllib.parse import urlsplit
@@ -226,15 +229,21 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
         raise ConfigError(f"config file {path} does not exist", ["create it or drop --config"])
     ours = _read_yaml(path, "config file")
     raw: dict[str, Any] = {}
+    sources: list[Path] = []
     rke2_path = ours.get("rke2-config")
     if rke2_path:
         raw = read_rke2_config(Path(str(rke2_path)))
+        rke2 = Path(str(rke2_path))
+        sources = [rke2, *sorted((rke2.parent / f"{rke2.name}.d").glob("*.yaml"))]
+    sources.append(path)
     raw = _merge(raw, ours)
     for key, value in (overrides or {}).items():
         if value is not None:
             raw[key] = value
+    if "sources" in raw:
+        raise ConfigError(f"invalid configuration in {path}", ["sources: unknown key"])
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw).model_copy(update={"sources": tuple(sources)})
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration in {path}", _describe(exc)) from None
 

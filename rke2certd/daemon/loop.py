@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
@@ -36,6 +37,10 @@ from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.store.lock import node_lock
+
+if TYPE_CHECKING:
+    from rke2certd.supervisor.remote import RemoteDatastore
+    from rke2certd.supervisor.server import SupervisorHandle
 
 
 class Wakeup:
@@ -86,11 +91,22 @@ class Daemon:
         self.ds: Datastore | None = None
         self.watcher: StagingWatcher | None = None
         self.runner: RolloutRunner | None = None
+        # servers: the endpoint agents use; agent-only nodes: the coordination keys through it
+        self.supervisor: SupervisorHandle | None = None
+        self.supervisor_error: str | None = None
+        self._endpoint_ds: Datastore | None = None
+        self.remote: RemoteDatastore | None = None
+        self._token: str | None = None  # adopted after a CA rotation, until the next reload
+        self._agent_gen: str | None = None
         self.staging_refused: str | None = None
         self.next_rescan = 0.0
         self.next_ping = 0.0
         self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
         self._sent_status = ""
+
+    @property
+    def agent_only(self) -> bool:
+        return not self.cfg.is_server
 
     @property
     def quiet(self) -> float:
@@ -118,15 +134,34 @@ class Daemon:
                 self.runner.stop_link()  # its threads may share the connection closed here
             self.ds.close()
             self.ds = None
+        self.remote = None
         if self.cfg.is_server:
             from rke2certd.ops.bootstrap import open_for
 
             self.ds = open_for(self.node)
+        else:
+            from rke2certd.ops.agent_rollout import remote_store
+
+            self.remote = remote_store(self.node, self._agent_token)
+
+    def _remote(self) -> RemoteDatastore:
+        assert self.remote is not None, "agent-only nodes have a remote store"
+        return self.remote
+
+    def _agent_token(self) -> str:
+        from rke2certd.ops.agent import agent_token
+
+        return self._token or agent_token(self.node)
 
     def _renew(self, why: str) -> RenewResult:
         before = disk_generation(self.node.layout)
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
-            result = renew(self.node, self.clock(), datastore=self.ds)
+            if self.agent_only:
+                from rke2certd.ops.agent import agent_renew
+
+                result = agent_renew(self.node, self.clock(), token=self._token)
+            else:
+                result = renew(self.node, self.clock(), datastore=self.ds)
         self._certs_text = None
         after = disk_generation(self.node.layout)
         if result.changes or result.extracted:
@@ -136,7 +171,7 @@ class Daemon:
                 units=",".join(result.restart_units),
                 files=len(result.changes),
             )
-        if self.ds is not None:
+        if self.ds is not None:  # agents start no rollouts: their restart waits for one
             try:
                 phase = phase_of(r.value for r in self.cfg.roles)
                 after_renew(self.ds, self.cfg.node, phase, result, before, after, why, self.clock())
@@ -148,33 +183,102 @@ class Daemon:
 
     def _apply_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """A rollout's apply step: the same renew (extract, re-issue, tokens) under the lock."""
+        if self.agent_only:
+            return self._apply_agent_rollout(rollout)
         self._renew(f"rollout {rollout.id}")
         return ApplyOutcome(disk_generation(self.node.layout))
 
+    def _apply_agent_rollout(self, rollout: Rollout) -> ApplyOutcome:
+        """Adopt the servers' rotated CA (new token hash in the config), then renew through
+        them; the generation is the server's once this disk holds the bundles it serves."""
+        from rke2certd.ops.agent_rollout import adopt_rotated_ca
+
+        with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
+            self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
+        self._renew(f"rollout {rollout.id}")
+        return ApplyOutcome(self._agent_generation(fresh=True))
+
+    def _agent_generation(self, fresh: bool = False) -> str | None:
+        from rke2certd.ops.agent_rollout import agent_generation
+
+        if fresh or self._agent_gen is None:
+            self._agent_gen = agent_generation(self.node, self._remote())
+        return self._agent_gen
+
+    def _generation(self) -> str | None:
+        if self.agent_only:
+            return self._agent_generation(fresh=True)
+        return disk_generation(self.node.layout)
+
     def _start_rollouts(self) -> None:
+        if self.remote is not None:
+            self.runner = RolloutRunner(
+                self.node, self.remote, open_ds=self._remote, apply=self._apply_rollout,
+                generation=self._generation, clock=self.clock, wake=self.wake.poke,
+                housekeep=lambda: self._remote().housekeep(),
+            )  # fmt: skip
+            self.runner.start()
+            return
         if self.ds is None:
             return
-        from rke2certd.ops.bootstrap import open_for
-
-        def link_datastore() -> Datastore:
-            # SQLite: share the main connection (it is thread-safe). Opening the same file a
-            # second time in this process would drop the first connection's POSIX locks (the
-            # open/close in SQLiteDatastore._open), and another process could then delete the
-            # WAL under us. etcd: a connection of its own, as a watch holds it for seconds.
-            if isinstance(self.ds, SQLiteDatastore):
-                return self.ds
-            return open_for(self.node)
-
         self.runner = RolloutRunner(
             self.node,
             self.ds,
-            open_ds=link_datastore,
+            open_ds=self._own_connection,
             apply=self._apply_rollout,
-            generation=lambda: disk_generation(self.node.layout),
+            generation=self._generation,
             clock=self.clock,
             wake=self.wake.poke,
         )
         self.runner.start()
+
+    def _start_supervisor(self) -> None:
+        """Servers serve agents (CSRs, CAs, the coordination keys). A port in use is logged
+        and retried at the next rescan: renewing this node's certificates goes on."""
+        if not self.cfg.is_server or self.supervisor is not None:
+            return
+        from rke2certd.supervisor import server
+        from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+
+        def served() -> ServedCA:
+            layout = self.node.layout
+            bundles = {
+                name: layout.ca_cert(name).read_bytes() for name in ("server-ca", "client-ca")
+            }
+            return ServedCA(disk_generation(layout), bundles)
+
+        api = None
+        if self.ds is not None:
+            if self._endpoint_ds is None:
+                self._endpoint_ds = self._own_connection()
+            api = ClusterAPI(self._endpoint_ds, self.clock, served)
+        try:
+            self.supervisor = server.start(self.node, cluster=api, clock=self.clock)
+            self.supervisor_error = None
+        except Rke2certdError as exc:
+            self.supervisor_error = str(exc)
+            log.error("supervisor_failed", port=self.cfg.supervisor_port, reason=str(exc))
+
+    def _stop_supervisor(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
+        if self._endpoint_ds is not None:
+            if self._endpoint_ds is not self.ds:
+                self._endpoint_ds.close()
+            self._endpoint_ds = None
+
+    def _own_connection(self) -> Datastore:
+        """SQLite: share the main connection (it is thread-safe). Opening the same file a second
+        time in this process would drop the first connection's POSIX locks (the open/close in
+        SQLiteDatastore._open), and another process could then delete the WAL under us. etcd: a
+        connection of its own, as a watch holds it for seconds."""
+        assert self.ds is not None
+        if isinstance(self.ds, SQLiteDatastore):
+            return self.ds
+        from rke2certd.ops.bootstrap import open_for
+
+        return open_for(self.node)
 
     def _start_staging(self) -> None:
         if self.watcher is not None:
@@ -233,6 +337,10 @@ class Daemon:
             parts.append(f"watching {self.watcher.staging}")
         elif self.staging_refused:
             parts.append("REFUSING the staging dir (see the journal)")
+        if self.supervisor is not None:
+            parts.append(f"serving agents on port {self.supervisor.port}")
+        elif self.supervisor_error:
+            parts.append("NOT serving agents (see the journal)")
         if self._certs_summary():
             parts.append(self._certs_summary())
         if self.runner is not None:
@@ -257,6 +365,8 @@ class Daemon:
         try:
             self.cfg = self._load()
             self.node = Node.from_config(self.cfg)
+            self._token = None  # the config now holds the adopted token, if any
+            self._stop_supervisor()
             self._open_datastore()
             self._reload_runner()
         except Rke2certdError as exc:
@@ -265,6 +375,7 @@ class Daemon:
                 self.runner.close()
                 self.runner = None
         self._safe(lambda: self._renew("reload"))
+        self._start_supervisor()
         self._start_staging()
         self._process_staging()
         self.next_rescan = time.monotonic() + self.cfg.rescan_interval
@@ -272,8 +383,9 @@ class Daemon:
         self.notifier.ready(self._sent_status)
 
     def _reload_runner(self) -> None:
-        if self.runner is not None and self.ds is not None and self.runner.me == self.cfg.node:
-            self.runner.reconfigure(self.node, self.ds)
+        store = self.ds if self.ds is not None else self.remote
+        if self.runner is not None and store is not None and self.runner.me == self.cfg.node:
+            self.runner.reconfigure(self.node, store)
             return
         if self.runner is not None:  # renamed or no datastore any more: leave, join anew
             self.runner.close()
@@ -308,6 +420,7 @@ class Daemon:
         try:
             self._open_datastore()
             self._renew("start")
+            self._start_supervisor()
             self._start_rollouts()
             self._start_staging()
             self._process_staging()
@@ -334,6 +447,7 @@ class Daemon:
             self._safe(self._process_staging)
             if time.monotonic() >= self.next_rescan:
                 self._safe(lambda: self._renew("periodic rescan"))
+                self._start_supervisor()
                 self.next_rescan = time.monotonic() + self.cfg.rescan_interval
             self._safe(self._tick_rollouts)
             self._status()
@@ -348,6 +462,7 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
+        self._stop_supervisor()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher = None

@@ -97,9 +97,10 @@ def _ca_chain(data: bytes, name: str) -> list[x509.Certificate]:
     return chain
 
 
-def connect(node: Node) -> Upstream:
-    """Pin the server CA by the token, then fetch the client CA over the pinned channel."""
-    urls, token = supervisor_urls(node.cfg), agent_token(node)
+def connect(node: Node, token: str | None = None) -> Upstream:
+    """Pin the server CA by the token, then fetch the client CA over the pinned channel.
+    `token`: instead of the configured one (a daemon that has just adopted a rotated CA)."""
+    urls, token = supervisor_urls(node.cfg), token or agent_token(node)
     pinned_url, server_ca = locate_cacerts(urls, token)
     urls = [pinned_url] + [u for u in urls if u != pinned_url]  # ask the pinned server first
     client_ca = fetch_client_ca(urls, token, server_ca)
@@ -200,6 +201,7 @@ def agent_renew(
     force: frozenset[str] = frozenset(),
     specs: Sequence[LeafSpec] | None = None,
     upstream: Upstream | None = None,
+    token: str | None = None,
 ) -> RenewResult:
     """`renew` on an agent-only node. The caller holds the node lock (not needed for dry runs).
 
@@ -214,7 +216,7 @@ def agent_renew(
         result.repaired = recover(layout.data_dir, [layout.data_dir, layout.agent])
         for what in result.repaired:
             log.warning("write_repaired", reason=what)
-    up = upstream or connect(node)
+    up = upstream or connect(node, token)
     policy = Policy(timedelta(days=cfg.renew_before_days), force)
     chosen = AGENT_LEAVES if specs is None else tuple(specs)
     observed = [(observe(s, layout, up.bundles[s.signer]), _wanted(s, node, up)) for s in chosen]

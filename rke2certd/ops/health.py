@@ -3,7 +3,9 @@
 - etcd role: etcd's `/health` with the node's etcd client cert, and a TLS handshake to etcd's
   client port checking that it serves `etcd/server-client.crt` as it is on disk now;
 - control-plane role: the apiserver's `/readyz` with the admin client cert, and a handshake
-  checking that it serves `serving-kube-apiserver.crt` as on disk now.
+  checking that it serves `serving-kube-apiserver.crt` as on disk now;
+- agent-only nodes: a handshake to the kubelet's TLS port (10250) with `client-kubelet`,
+  checking that it serves `agent/serving-kubelet.crt` as on disk now.
 
 Checking the served certificate is what proves the restart took the new files: a service that
 is healthy but still serves the old certificate was not restarted (or reloaded) at all.
@@ -62,6 +64,18 @@ def default_probes(node: Node) -> list[Probe]:
             tls / "client-admin.key",
             tls / "serving-kube-apiserver.crt",
         )
+    if not cfg.is_server:  # an agent-only node: the kubelet (servers' agents restart with them)
+        agent = node.layout.agent
+        probes.append(
+            Probe(
+                "kubelet serves the new serving-kubelet.crt",
+                partial(
+                    served_cert, cfg.health_kubelet_endpoint, node.layout.agent_server_ca,
+                    agent / "serving-kubelet.crt", agent / "client-kubelet.crt",
+                    agent / "client-kubelet.key",
+                ),
+            )
+        )  # fmt: skip
     return probes
 
 

@@ -294,6 +294,9 @@ def next_step(view: ClusterView, me: str, max_unavailable: int) -> Step:
         if not r.active or (st is not None and st.state in TERMINAL_NODE_STATES):
             continue  # a FAILED one is stopped by finished_rollouts()
         if st is None:
+            # Agents get their new files from the servers: they apply once those are done.
+            if member.phase is Phase.AGENT:
+                return _barrier(view, r, member) or Apply(r)
             return Apply(r)
         # APPLIED, or RESTARTING left by an earlier run of this daemon: (re)do the restart.
         return _barrier(view, r, member) or _slot(view, r, member, max_unavailable)

@@ -45,17 +45,16 @@ from rke2certd.plan.rollout import (
     TakeSlot,
     Wait,
     current_phase,
-    finished_rollouts,
-    newly_down,
     next_step,
     over_limit,
     phase_of,
 )
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.create import ca_rollout, start
+from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.job import Gate, RestartJob
 from rke2certd.rollout.link import ClusterLink, interest
-from rke2certd.rollout.store import HISTORY, ClusterStore
+from rke2certd.rollout.store import ClusterStore
 
 RECHECK = 30.0  # read again even without a watch event: a lost wake-up must not stall a rollout
 RETRY = 3.0  # after a datastore error
@@ -92,8 +91,12 @@ class RolloutRunner:
         generation: Callable[[], str | None],
         clock: Clock,
         wake: Callable[[], None],
+        housekeep: Callable[[], bool] | None = None,
     ) -> None:
+        """`housekeep`: None on servers (they do it here); on agent-only nodes, which may write
+        only their own records, a call asking a server to do it (True: it wrote something)."""
         self.node = node
+        self._housekeep = housekeep
         self.me = node.cfg.node
         self.roles = tuple(r.value for r in node.cfg.roles)
         self.phase: Phase = phase_of(self.roles)
@@ -280,28 +283,14 @@ class RolloutRunner:
         self._write_registration()
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
-        view, now, wrote = parsed.view, self.clock(), False
-        mine = view.members.get(self.me)
+        mine, wrote = parsed.view.members.get(self.me), False
         if mine is None or mine.down_since is not None or mine.roles != self.roles:
             self.store.ensure_member(Member(self.me, self.roles, self.phase))
             wrote = True
-        for name in newly_down(view):
-            if self.store.mark_down(name, now):
-                m = view.members[name]
-                log.warning("node_down", node=name, phase=m.phase.value, reason="its lease expired")
-            wrote = True
-        for fin in finished_rollouts(view):
-            if self.store.finish(fin.rollout.id, fin.state, fin.reason, now):
-                event = "rollout_done" if fin.state is RolloutState.DONE else "rollout_failed"
-                (log.info if fin.state is RolloutState.DONE else log.error)(
-                    event,
-                    rollout_id=fin.rollout.id,
-                    ca_generation=fin.rollout.ca_generation,
-                    reason=fin.reason,
-                )
-            wrote = True
-        if sum(1 for r in view.rollouts if not r.active) > HISTORY:
-            wrote = self.store.collect(parsed) > 0 or wrote
+        if self._housekeep is None:
+            wrote = housekeep(self.store, parsed, self.clock()) or wrote
+        else:
+            wrote = self._housekeep() or wrote
         return self.store.read() if wrote else parsed
 
     def _fields(self, r: Rollout) -> dict[str, str]:
@@ -336,7 +325,7 @@ class RolloutRunner:
     def _other_generation(self, r: Rollout, gen: str | None) -> None:
         """The datastore holds another CA set than the rollout's: a newer rotation replaced it.
         Its rollout (started by whoever saved it, or here) supersedes this one."""
-        if gen is not None:
+        if gen is not None and self._housekeep is None:  # agents start no rollouts
             reason = f"CA generation {gen} found in the datastore while applying {r.id}"
             now = self.clock()
             start(self.store.ds, ca_rollout(gen, None, self.me, reason, now), now)
@@ -470,7 +459,9 @@ class RolloutRunner:
                 self.health = f"failed: {message}"[:200]
                 log.error("rollout_failed", **self._fields(r), reason=message)
                 reason = f"{self.phase} node {self.me} failed: {message}"
-                if self.store.finish(r.id, RolloutState.STOPPED, reason, now):
+                if self._housekeep is not None:
+                    self._housekeep()  # a server stops the rollout (it sees the failed status)
+                elif self.store.finish(r.id, RolloutState.STOPPED, reason, now):
                     log.error("rollout_stopped", **self._fields(r), reason=reason)
         finally:
             self.store.release_slot(running.slot, running.slot_kv)

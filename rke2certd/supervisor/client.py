@@ -256,6 +256,26 @@ def locate_cacerts(
     return _failover(urls, attempt, f"GET {CACERTS_PATH}")
 
 
+def fetch_cacerts_trusted(
+    urls: Urls, trusted: bytes, *, timeout: float = DEFAULT_TIMEOUT
+) -> tuple[str, bytes]:
+    """`/cacerts` from a server whose certificate verifies against `trusted` (the CA bundle an
+    agent already holds), whatever its hash: how an agent learns a rotated CA from a server
+    that proves itself with the CA it knows. No credential is sent."""
+    context = pinned_context(trusted)
+
+    def attempt(url: str) -> tuple[str, bytes]:
+        answer = _exchange(url, context, "GET", CACERTS_PATH, timeout)
+        bundle = _expect_ok(url, answer, f"GET {CACERTS_PATH}")
+        try:
+            ca_hash(bundle, source=f"the {CACERTS_PATH} answer of {url}")
+        except PKIError as exc:
+            raise _Skip(f"its {CACERTS_PATH} answer is not a CA bundle ({exc})") from exc
+        return url, bundle
+
+    return _failover(urls, attempt, f"GET {CACERTS_PATH} (trusted by the CA on disk)")
+
+
 def _get(
     urls: Urls,
     token: str,
@@ -301,6 +321,39 @@ def request_cert(
     def attempt(url: str) -> bytes:
         answer = _exchange(url, context, "POST", path, timeout, body=csr_der, headers=headers)
         return _expect_ok(url, answer, f"POST {path}")
+
+    return _failover(urls, attempt, f"POST {path}")
+
+
+def post_json(
+    urls: Urls,
+    token: str,
+    cacerts: bytes,
+    path: str,
+    doc: Mapping[str, Any],
+    node_name: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """POST a JSON document over the pinned channel; the JSON object answered."""
+    body = json.dumps(doc).encode()
+    headers = {
+        **_auth_headers(parse_token(token)),
+        "Content-Type": "application/json",
+        NODE_NAME_HEADER: node_name,
+    }
+    context = pinned_context(cacerts)
+
+    def attempt(url: str) -> dict[str, Any]:
+        answer = _exchange(url, context, "POST", path, timeout, body=body, headers=headers)
+        data = _expect_ok(url, answer, f"POST {path}")
+        try:
+            out = json.loads(data)
+        except ValueError:
+            raise _Skip(f"its answer to POST {path} is not JSON") from None
+        if not isinstance(out, dict):
+            raise _Skip(f"its answer to POST {path} is not a JSON object")
+        return out
 
     return _failover(urls, attempt, f"POST {path}")
 

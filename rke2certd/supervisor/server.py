@@ -34,6 +34,7 @@ import ipaddress
 import json
 import os
 import re
+import selectors
 import socket
 import socketserver
 import ssl
@@ -66,6 +67,7 @@ from rke2certd.supervisor import (
     CACERTS_PATH,
     CERT_ROUTES,
     CLIENT_CA_PATH,
+    CLUSTER_PATH,
     MAX_CSR_BYTES,
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
@@ -74,6 +76,7 @@ from rke2certd.supervisor import (
     SERVER_CA_PATH,
     SERVER_USER,
 )
+from rke2certd.supervisor.cluster_api import ClusterAPI, ClusterRefused
 
 TLS_DAYS = 365
 TLS_REISSUE_BEFORE = timedelta(days=30)  # a daemon up for a year gets a fresh serving cert
@@ -118,6 +121,7 @@ _ROUTES: dict[str, _Route] = {
     SERVER_CA_PATH: _Route("GET", AGENT_USER, "server-ca"),
     CLIENT_CA_PATH: _Route("GET", AGENT_USER, "client-ca"),
     ROLLOUT_PATH: _Route("GET", AGENT_USER, "rollout"),
+    CLUSTER_PATH: _Route("POST", AGENT_USER, "cluster"),
     **{path: _Route("POST", AGENT_USER, "sign") for path in CERT_ROUTES},
     # RKE2's server-only routes: known so that an agent token gets 403; never served here.
     f"{ROUTE_PREFIX}/server-bootstrap": _Route("GET", SERVER_USER, "not-served"),
@@ -317,9 +321,16 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(
-        self, address: tuple[str, int], node: Node, rollout: RolloutProvider, clock: Clock
+        self,
+        address: tuple[str, int],
+        node: Node,
+        rollout: RolloutProvider,
+        clock: Clock,
+        cluster: ClusterAPI | None,
     ) -> None:
-        self.node, self.rollout, self.clock = node, rollout, clock
+        self.node, self.rollout, self.clock, self.cluster = node, rollout, clock, cluster
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
         self._lock = threading.Lock()
         self._material = _load_material(node, clock())
         self._failed_stamp: Stamp | None = None
@@ -334,6 +345,39 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
+
+    # the accept loop: sleeps in select() until a client or stop() comes (no polling)
+
+    def serve(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.socket, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in selector.select():
+                    if key.fileobj is self.socket and not self._stopping:
+                        self._accept()
+
+    def _accept(self) -> None:
+        try:
+            request, client_address = self.get_request()
+        except OSError:
+            return  # the client gave up before accept()
+        try:
+            self.process_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+            self.shutdown_request(request)
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     # snapshot of the CA material
 
@@ -491,9 +535,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise _Refused(400, "invalid Content-Length")
         length = int(values[0])
         if length > MAX_CSR_BYTES:
-            raise _Refused(413, f"the body is larger than {MAX_CSR_BYTES} bytes; send a CSR")
+            raise _Refused(413, f"the body is larger than {MAX_CSR_BYTES} bytes")
         if length == 0:
-            raise _Refused(400, "empty body; send a DER CSR")
+            raise _Refused(400, "empty body")
         return length
 
     # answers
@@ -506,6 +550,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, bundle, PEM_TYPE)
         elif route.kind == "rollout" and caller is not None:
             self._send(200, self._rollout(caller), "application/json")
+        elif route.kind == "cluster" and caller is not None:
+            self._send(200, self._cluster(caller, length), "application/json")
         else:
             raise _Refused(501, "rke2certd does not serve this route; RKE2's supervisor does")
 
@@ -515,6 +561,24 @@ class _Handler(BaseHTTPRequestHandler):
             return (json.dumps(doc, default=str) + "\n").encode()
         except Exception as exc:  # the daemon's callback must not take the endpoint down
             raise _Refused(500, f"the rollout state is unavailable ({type(exc).__name__})") from exc
+
+    def _cluster(self, caller: Caller, length: int) -> bytes:
+        api = self.server.cluster
+        if api is None:
+            raise _Refused(503, "this server has no datastore to coordinate rollouts with")
+        if caller.node_name is None:
+            raise _Refused(400, f"the {NODE_NAME_HEADER} header is required")
+        try:
+            doc = json.loads(self._read_body(length))
+        except ValueError:
+            raise _Refused(400, "the body is not JSON") from None
+        try:
+            answer = api.handle(caller.node_name, doc)
+        except ClusterRefused as exc:
+            raise _Refused(exc.status, exc.reason) from None
+        except Rke2certdError as exc:  # the datastore: the agent retries (or another server)
+            raise _Refused(503, f"the datastore did not answer: {str(exc)[:300]}") from None
+        return json.dumps(answer).encode()
 
     def _read_body(self, length: int) -> bytes:
         try:
@@ -604,9 +668,9 @@ class SupervisorHandle:
         self._server.reload()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.stop()
         self._thread.join(timeout=5)
+        self._server.server_close()
         log.info("supervisor_stopped", port=self.port)
 
     def __enter__(self) -> SupervisorHandle:
@@ -623,6 +687,7 @@ def start(
     port: int | None = None,
     rollout: RolloutProvider | None = None,
     clock: Clock = system_clock,
+    cluster: ClusterAPI | None = None,
 ) -> SupervisorHandle:
     """Serve agents on host:port (port None: `supervisor-port`; 0: any free port).
 
@@ -631,16 +696,13 @@ def start(
     """
     wanted_port = node.cfg.supervisor_port if port is None else port
     try:
-        server = _Server((host, wanted_port), node, rollout or _no_rollout, clock)
+        server = _Server((host, wanted_port), node, rollout or _no_rollout, clock, cluster)
     except OSError as exc:
         raise Rke2certdError(
             f"cannot listen on {host}:{wanted_port} for agents: {exc.strerror or exc}; "
             "free the port or set supervisor-port"
         ) from exc
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.2},
-        name="rke2certd-supervisor", daemon=True,
-    )  # fmt: skip
+    thread = threading.Thread(target=server.serve, name="rke2certd-supervisor", daemon=True)
     thread.start()
     bound_port = int(server.server_address[1])
     log.info("supervisor_started", host=host, port=bound_port)

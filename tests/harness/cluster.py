@@ -109,9 +109,13 @@ class SimCluster:
         restart_delay: float = 0.2,
         config: dict[str, Any] | None = None,
         stand_ins: bool = True,
+        agent_server: str | None = None,
     ) -> None:
         """`config` overrides every node's config (e.g. restart-command: [true] with
-        stand_ins=False: no stand-in servers, instant restarts, as the benchmark runs)."""
+        stand_ins=False: no stand-in servers, instant restarts, as the benchmark runs).
+        Agent-only nodes (roles ("agent",)) reach the endpoint of `agent_server` (default: the
+        first control-plane node); their token, the server's full agent token, is written into
+        their RKE2 config.yaml (`rke2-config`) once the servers are up."""
         self.root = root
         self.stand_ins = stand_ins
         self.etcd = etcd
@@ -133,10 +137,23 @@ class SimCluster:
             "log-format": "json",
             **(config or {}),
         }
-        ports = iter(free_ports(2 * len(specs)))
+        ports = iter(free_ports(4 * len(specs)))
+        servers = [s.name for s in specs if set(s.roles) != {"agent"}]
+        self.agent_server = agent_server or next(
+            (s.name for s in specs if "control-plane" in s.roles), servers[0] if servers else ""
+        )
+        node_ports = {
+            spec.name: {k: next(ports) for k in ("etcd", "apiserver", "supervisor", "kubelet")}
+            for spec in specs
+        }
         for spec in specs:
-            node_ports = {"etcd": next(ports), "apiserver": next(ports)}
-            self.nodes[spec.name] = self._make_node(spec, node_ports, base, restart_delay)
+            if set(spec.roles) == {"agent"}:
+                base_for = {**base, "supervisor-port": node_ports[self.agent_server]["supervisor"]}
+            else:
+                base_for = {**base, "supervisor-port": node_ports[spec.name]["supervisor"]}
+            self.nodes[spec.name] = self._make_node(
+                spec, node_ports[spec.name], base_for, restart_delay
+            )
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -157,6 +174,8 @@ class SimCluster:
         d = self.root / spec.name
         d.mkdir(mode=0o700, exist_ok=True)
         data = d / "data"
+        if set(spec.roles) == {"agent"}:
+            return self._make_agent(spec, d, ports, base, delay)
         doc = {
             "data-dir": str(data),
             "node-name": spec.name,
@@ -176,9 +195,53 @@ class SimCluster:
         spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
         return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
 
+    def _make_agent(
+        self, spec: NodeSpec, d: Path, ports: dict[str, int], base: dict[str, Any], delay: float
+    ) -> SimNode:
+        """An agent-only node: no datastore, no CA; `server` and `token` live in its RKE2
+        config.yaml (written by `write_agent_token` when the servers are up)."""
+        data = d / "data"
+        doc = {
+            "data-dir": str(data),
+            "node-name": spec.name,
+            "node-ip": ["127.0.0.1"],
+            "roles": ["agent"],
+            "rke2-config": str(d / "rke2" / "config.yaml"),
+            "rescan-interval": 3600,
+            "restart-command": [sys.executable, str(RESTART_SCRIPT), str(d)],
+            "health-kubelet-endpoint": f"https://127.0.0.1:{ports['kubelet']}",
+            **base,
+            **spec.config,
+        }
+        cfg = d / "rke2certd.yaml"
+        cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
+        return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
+
+    def write_agent_token(self, node: SimNode) -> None:
+        """RKE2's config.yaml of an agent, as an operator writes it: the server URL and the
+        full agent token of the server (it pins the CA hash), with a comment to keep."""
+        server = self.nodes[self.agent_server]
+        token = (server.data / "server" / "agent-token").read_text().strip()
+        rke2 = node.dir / "rke2"
+        rke2.mkdir(mode=0o700, exist_ok=True)
+        (rke2 / "config.yaml").write_text(
+            "# RKE2 agent configuration (written by the test harness)\n"
+            "server: https://127.0.0.1:9345\n"
+            f"token: {token}  # the cluster's agent token\n"
+            "node-label:\n  - sim=agent\n"
+        )
+        (rke2 / "config.yaml").chmod(0o600)
+
+    def is_agent(self, name: str) -> bool:
+        return set(self.nodes[name].spec.roles) == {"agent"}
+
     def _serve_specs(self, node: SimNode) -> list[dict[str, Any]]:
         tls = node.layout.tls
         out = []
+        if self.is_agent(node.name):
+            agent = node.layout.agent
+            out.append((node.ports["kubelet"], agent / "serving-kubelet", agent / "client-ca.crt"))
         if "etcd" in node.spec.roles:
             out.append((node.ports["etcd"], tls / "etcd/server-client", tls / "etcd/server-ca.crt"))
         if "control-plane" in node.spec.roles:
@@ -218,11 +281,17 @@ class SimCluster:
         stand-in servers, as RKE2 would be running before any rollout."""
         self._reader = threading.Thread(target=self._read_notify, daemon=True)
         self._reader.start()
-        names = list(self.nodes)
+        names = [n for n in self.nodes if not self.is_agent(n)]
+        agents = [n for n in self.nodes if self.is_agent(n)]
         self.start_node(names[0], timeout=timeout)
         for name in names[1:]:
             self.start_node(name, wait=False)
         for name in names[1:]:
+            self.wait_ready(name, timeout)
+        for name in agents:  # they join once the servers are up, with the servers' token
+            self.write_agent_token(self.nodes[name])
+            self.start_node(name, wait=False)
+        for name in agents:
             self.wait_ready(name, timeout)
         if self.stand_ins:
             for node in self.nodes.values():

@@ -89,7 +89,7 @@ def test_unreadable_expected_file(
             ["apiserver /readyz", "apiserver serves the new serving-kube-apiserver.crt"],
         ),
         (["etcd"], ["etcd /health", "etcd serves the new server-client.crt"]),
-        (["agent"], []),
+        (["agent"], ["kubelet serves the new serving-kubelet.crt"]),
     ],
 )  # fmt: skip
 def test_default_probes_follow_the_roles_in_phase_order(

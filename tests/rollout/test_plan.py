@@ -254,6 +254,18 @@ def test_agents_wait_for_control_plane_too() -> None:
     assert isinstance(step, Wait) and step.blocker == "c2"
 
 
+def test_agents_apply_only_after_every_server_is_done() -> None:
+    """Agents take their new CA and certs from the servers: applying before the servers have
+    extracted it would fetch the old set."""
+    c = standard()
+    step = next_step(c.view, "a1", 1)
+    assert isinstance(step, Wait) and step.blocker == "e1"
+    assert isinstance(next_step(c.view, "c1", 1), Apply)  # servers apply at once
+    for n in ("e1", "e2", "e3", "c1", "c2"):
+        c.status("ca-1", n, NodeState.DONE)
+    assert isinstance(next_step(c.view, "a1", 1), Apply)
+
+
 def test_barrier_names_a_down_node_first_and_how_to_go_on() -> None:
     c = all_applied(standard()).add("e3", E, live=False, down=T0)
     step = next_step(c.view, "c1", 1)

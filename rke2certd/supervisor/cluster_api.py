@@ -1,0 +1,235 @@
+"""The coordination keys for agent-only nodes, which hold no datastore credentials: the
+endpoint's `POST /v1-rke2/cluster` runs one datastore operation for them on the server's store.
+
+What an agent may do (its name is the `rke2-Node-Name` header of an agent-token request):
+- read every key under /rke2certd/ (registrations, rollouts, statuses, slots: nothing secret,
+  and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll);
+- write only its own records, each checked to be what it claims: its registration and
+  membership (phase agent), its status in a rollout, the agent phase's restart slots;
+- take leases, and refresh or revoke only a lease it took here or that its registration is on;
+- ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
+- learn which CA generation the server holds, and the digests of the bundles it serves.
+
+The datastore's answers go back as they are (a failed compare is `false`, not an error), so
+the agent's `RemoteDatastore` keeps the contract of `rke2certd.datastore.base`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.plan.rollout import Phase
+from rke2certd.rollout import records as rec
+from rke2certd.rollout.housekeeping import housekeep
+from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor import wire
+
+MIN_TTL, MAX_TTL = 2, 600
+MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
+
+
+class ClusterRefused(Exception):
+    """An operation the caller may not do, or a malformed request: an HTTP error answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass
+class ServedCA:
+    """What the server holds now: its CA generation and the digests of the bundles it serves."""
+
+    generation: str | None
+    bundles: Mapping[str, bytes]
+
+
+@dataclass
+class ClusterAPI:
+    ds: Datastore
+    clock: Callable[[], datetime]
+    served: Callable[[], ServedCA]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
+
+    def handle(self, node: str, doc: object) -> dict[str, Any]:
+        """One operation for `node`; the JSON answer. Raises ClusterRefused."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("op"), str):
+            raise ClusterRefused(400, 'the body must be a JSON object with an "op"')
+        op = doc["op"]
+        handler = getattr(self, f"_op_{op}", None)
+        if handler is None:
+            raise ClusterRefused(400, f"unknown operation {op[:40]!r}")
+        try:
+            result: dict[str, Any] = handler(node, doc)
+        except wire.WireError as exc:
+            raise ClusterRefused(400, str(exc)) from None
+        except LeaseNotFound as exc:
+            raise ClusterRefused(404, f"lease not found: {exc}") from None
+        except WatchCompacted as exc:
+            return {"compacted": exc.compact_revision}
+        return result
+
+    # reads --------------------------------------------------------------------------------
+
+    def _readable(self, key: str) -> str:
+        if not key.startswith(rec.PREFIX):
+            raise ClusterRefused(403, f"only keys under {rec.PREFIX} can be read here")
+        return key
+
+    def _op_get(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        kv = self.ds.get(self._readable(wire.key_in(doc.get("key"))))
+        return {"kv": wire.kv_out(kv) if kv else None}
+
+    def _op_snapshot(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        snap = self.ds.snapshot(self._readable(wire.key_in(doc.get("prefix"), "prefix")))
+        return {"snapshot": wire.snapshot_out(snap)}
+
+    def _op_watch(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
+        start = wire.integer(doc.get("start_revision"), "start_revision", low=1) or 1
+        timeout = doc.get("timeout", wire.MAX_WATCH_SECONDS)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
+            raise ClusterRefused(400, "timeout must be a number of seconds")
+        events = self.ds.watch_prefix(prefix, start, min(float(timeout), wire.MAX_WATCH_SECONDS))
+        return {"events": wire.events_out(events)}
+
+    # writes -------------------------------------------------------------------------------
+
+    def _writable(self, node: str, key: str, value: bytes | None) -> None:
+        """Only the caller's own records, each of the kind its key says (value None: delete)."""
+        try:
+            own = {rec.node_key(node), rec.member_key(node)}
+        except Exception:
+            raise ClusterRefused(400, "the node name is not usable") from None
+        status_suffix = f"/status/{node}"
+        if key in own:
+            kind = "registration" if key.startswith(rec.NODES) else "membership"
+        elif key.startswith(rec.ROLLOUTS) and key.endswith(status_suffix):
+            rollout_id = key[len(rec.ROLLOUTS) : -len(status_suffix)]
+            if not rollout_id or "/" in rollout_id:
+                raise ClusterRefused(403, f"{key} is not a rollout status key")
+            kind = "status"
+        elif key.startswith(f"{rec.SLOTS}{Phase.AGENT.value}/"):
+            kind = "slot"
+        else:
+            raise ClusterRefused(403, f"an agent may write only its own records, not {key[:200]}")
+        if value is None:
+            if kind == "slot":
+                current = self.ds.get(key)
+                if current is not None and self._slot_holder(current.value) != node:
+                    raise ClusterRefused(403, f"{key} is held by another node")
+            return
+        self._check_value(node, key, kind, value)
+
+    def _slot_holder(self, value: bytes) -> str | None:
+        try:
+            return rec.decode_slot(KV(rec.SLOTS, value, 0, 0)).node
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _check_value(self, node: str, key: str, kind: str, value: bytes) -> None:
+        kv = KV(key, value, 0, 0)
+        try:
+            if kind == "registration":
+                reg = rec.decode_registration(kv)
+                ok = reg.name == node and reg.phase is Phase.AGENT
+            elif kind == "membership":
+                m = rec.decode_member(kv)
+                ok = m.name == node and m.phase is Phase.AGENT
+            elif kind == "status":
+                ok = rec.decode_status(kv).node == node
+            else:
+                ok = self._slot_holder(value) == node
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise ClusterRefused(
+                403, f"{key[:200]}: the value is not this agent's own {kind} record"
+            )
+
+    def _lease_of(self, node: str, doc: dict[str, Any]) -> int | None:
+        lease = wire.integer(doc.get("lease"), "lease", low=1, optional=True)
+        if lease is not None:
+            self._own_lease(node, lease)
+        return lease
+
+    def _own_lease(self, node: str, lease: int, status: int = 403) -> None:
+        """Granted here to `node` (this server's memory), or its registration is on it (after a
+        server restart). For refresh/revoke a foreign lease is "not found" (404): an agent
+        whose lease expired while it was cut off learns so and takes a new one."""
+        with self._lock:
+            if self._leases.get(lease) == node:
+                return
+        reg = self.ds.get(rec.node_key(node))
+        if reg is None or reg.lease != lease:
+            raise ClusterRefused(status, f"lease {lease} is not this agent's")
+
+    def _op_create(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")
+        self._writable(node, key, value)
+        return {"ok": self.ds.create(key, value, self._lease_of(node, doc))}
+
+    def _op_cas(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")
+        expected = wire.integer(doc.get("expected_mod_revision"), "expected_mod_revision")
+        self._writable(node, key, value)
+        lease = self._lease_of(node, doc)
+        return {"ok": self.ds.compare_and_swap(key, value, expected or 0, lease)}
+
+    def _op_delete(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        key = wire.key_in(doc.get("key"))
+        expected = wire.integer(
+            doc.get("expected_mod_revision"), "expected_mod_revision", optional=True
+        )
+        self._writable(node, key, None)
+        return {"ok": self.ds.delete(key, expected)}
+
+    # leases -------------------------------------------------------------------------------
+
+    def _op_grant_lease(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        ttl = wire.integer(doc.get("ttl"), "ttl", low=MIN_TTL) or MIN_TTL
+        if ttl > MAX_TTL:
+            raise ClusterRefused(400, f"ttl must be at most {MAX_TTL} seconds")
+        with self._lock:
+            if sum(1 for n in self._leases.values() if n == node) >= MAX_LEASES_PER_NODE:
+                # forget the oldest: expired leases are never revoked by a client that lost them
+                oldest = next(k for k, n in self._leases.items() if n == node)
+                del self._leases[oldest]
+        lease = self.ds.grant_lease(ttl)
+        with self._lock:
+            self._leases[lease] = node
+        return {"lease": lease}
+
+    def _op_refresh_lease(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        lease = wire.integer(doc.get("lease"), "lease", low=1) or 0
+        self._own_lease(node, lease, 404)
+        return {"ttl": self.ds.refresh_lease(lease)}
+
+    def _op_revoke_lease(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        lease = wire.integer(doc.get("lease"), "lease", low=1) or 0
+        self._own_lease(node, lease, 404)
+        ok = self.ds.revoke_lease(lease)
+        with self._lock:
+            self._leases.pop(lease, None)
+        return {"ok": ok}
+
+    # the server's own work ----------------------------------------------------------------
+
+    def _op_housekeep(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
+        store = ClusterStore(self.ds)
+        return {"wrote": housekeep(store, store.read(), self.clock())}
+
+    def _op_generation(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
+        served = self.served()
+        return {
+            "generation": served.generation,
+            "bundles": {k: hashlib.sha256(v).hexdigest() for k, v in served.bundles.items()},
+        }

@@ -1,0 +1,156 @@
+"""The coordination keys as an agent-only node sees them: a `Datastore` whose every call is one
+`POST /v1-rke2/cluster` to a server's endpoint (see cluster_api.py for what it may do there).
+
+With it, an agent runs the same rollout code as a server (registry, slots, statuses, watch):
+only the transport differs. Calls go over the pinned channel with the agent token; the trusted
+CAs are read at each call (`trust()`), so that an agent that has just taken a rotated CA set
+keeps talking to servers that already serve the new one, and to those that do not yet.
+
+Errors map onto the contract: no server answered -> DatastoreUnavailable (retried by the
+rollout code), 404 on a lease -> LeaseNotFound, a compacted watch -> WatchCompacted, any other
+refusal -> DatastoreError with the server's reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from rke2certd.datastore.base import (
+    KV,
+    Datastore,
+    DatastoreUnavailable,
+    Event,
+    LeaseNotFound,
+    Snapshot,
+    WatchCompacted,
+)
+from rke2certd.errors import DatastoreError, TokenError
+from rke2certd.supervisor import CLUSTER_PATH, wire
+from rke2certd.supervisor.client import (
+    DEFAULT_TIMEOUT,
+    RefusedError,
+    UnreachableError,
+    post_json,
+)
+
+_T = TypeVar("_T")
+
+
+class RemoteDatastore(Datastore):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        token: Callable[[], str],
+        trust: Callable[[], bytes],
+        node_name: str,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.urls = list(urls)
+        self._token = token
+        self._trust = trust
+        self.node_name = node_name
+        self.timeout = timeout
+        self.location = f"the coordination keys of {', '.join(self.urls)}"
+
+    def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        try:
+            answer = post_json(
+                self.urls, self._token(), self._trust(), CLUSTER_PATH, doc, self.node_name,
+                timeout=timeout or self.timeout,
+            )  # fmt: skip
+        except UnreachableError as exc:
+            raise DatastoreUnavailable(str(exc)) from exc
+        except TokenError as exc:
+            raise DatastoreError(str(exc)) from exc
+        except RefusedError as exc:
+            if exc.status == 404 and "lease" in doc.get("op", ""):
+                raise LeaseNotFound(str(exc)) from exc
+            raise DatastoreError(str(exc)) from exc
+        if "compacted" in answer:
+            revision = answer["compacted"]
+            raise WatchCompacted(f"history before revision {revision} is gone", int(revision))
+        return answer
+
+    def _parse(self, parse: Callable[[], _T]) -> _T:
+        try:
+            return parse()
+        except (wire.WireError, KeyError, TypeError) as exc:
+            raise DatastoreUnavailable(f"{self.location}: a malformed answer ({exc})") from exc
+
+    def get(self, key: str) -> KV | None:
+        answer = self._call({"op": "get", "key": wire.key_out(key)})
+        return self._parse(lambda: wire.kv_in(answer["kv"]) if answer["kv"] else None)
+
+    def snapshot(self, prefix: str) -> Snapshot:
+        answer = self._call({"op": "snapshot", "prefix": wire.key_out(prefix)})
+        return self._parse(lambda: wire.snapshot_in(answer["snapshot"]))
+
+    def _ok(self, doc: dict[str, Any]) -> bool:
+        answer = self._call(doc)
+        return bool(self._parse(lambda: answer["ok"]))
+
+    def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
+        return self._ok(
+            {"op": "create", "key": wire.key_out(key), "value": wire.b64(value), "lease": lease}
+        )
+
+    def compare_and_swap(
+        self, key: str, value: bytes, expected_mod_revision: int, lease: int | None = None
+    ) -> bool:
+        return self._ok({
+            "op": "cas", "key": wire.key_out(key), "value": wire.b64(value),
+            "expected_mod_revision": expected_mod_revision, "lease": lease,
+        })  # fmt: skip
+
+    def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
+        return self._ok(
+            {
+                "op": "delete",
+                "key": wire.key_out(key),
+                "expected_mod_revision": expected_mod_revision,
+            }
+        )
+
+    def grant_lease(self, ttl_seconds: int) -> int:
+        answer = self._call({"op": "grant_lease", "ttl": ttl_seconds})
+        return int(self._parse(lambda: answer["lease"]))
+
+    def refresh_lease(self, lease_id: int) -> int:
+        answer = self._call({"op": "refresh_lease", "lease": lease_id})
+        return int(self._parse(lambda: answer["ttl"]))
+
+    def revoke_lease(self, lease_id: int) -> bool:
+        return self._ok({"op": "revoke_lease", "lease": lease_id})
+
+    def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
+        wait = min(timeout, wire.MAX_WATCH_SECONDS)
+        answer = self._call(
+            {"op": "watch", "prefix": wire.key_out(prefix), "start_revision": start_revision,
+             "timeout": wait},
+            timeout=wait + self.timeout,
+        )  # fmt: skip
+        return self._parse(lambda: wire.events_in(answer["events"]))
+
+    # not part of the Datastore contract: the server's own work, asked for
+
+    def housekeep(self) -> bool:
+        """Ask the server to do the cluster's housekeeping; True when it wrote something."""
+        answer = self._call({"op": "housekeep"})
+        return bool(self._parse(lambda: answer["wrote"]))
+
+    def served_generation(self) -> tuple[str | None, dict[str, str]]:
+        """The server's CA generation and the SHA-256 of each CA bundle it serves."""
+        answer = self._call({"op": "generation"})
+
+        def parse() -> tuple[str | None, dict[str, str]]:
+            gen, bundles = answer["generation"], answer["bundles"]
+            if not (gen is None or isinstance(gen, str)) or not isinstance(bundles, dict):
+                raise TypeError("generation/bundles")
+            return gen, {str(k): str(v) for k, v in bundles.items()}
+
+        return self._parse(parse)
+
+    def close(self) -> None:
+        pass  # a connection per call: nothing held

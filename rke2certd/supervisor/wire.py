@@ -1,0 +1,96 @@
+"""The JSON shape of datastore values on the endpoint's cluster route (`POST /v1-rke2/cluster`).
+
+Keys and values are base64 (values are bytes; keys may be any bytes another etcd client wrote),
+revisions and leases plain integers. Shared by the server (`cluster_api`) and the agent's
+`RemoteDatastore`, so that both sides read what the other wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from rke2certd.datastore.base import KV, Event, EventType, Snapshot, key_bytes, key_str
+
+MAX_WATCH_SECONDS = 25.0  # one long poll; the client's read timeout is longer
+
+
+class WireError(ValueError):
+    """A malformed document (the server answers 400; the client treats it as unreachable)."""
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise WireError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(f"{what} is not valid base64") from None
+
+
+def key_out(key: str) -> str:
+    return b64(key_bytes(key))
+
+
+def key_in(text: object, what: str = "key") -> str:
+    return key_str(unb64(text, what))
+
+
+def integer(value: object, what: str, *, low: int = 0, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise WireError(f"{what} must be an integer >= {low}")
+    return value
+
+
+def kv_out(kv: KV) -> dict[str, Any]:
+    return {
+        "key": key_out(kv.key),
+        "value": b64(kv.value),
+        "mod_revision": kv.mod_revision,
+        "create_revision": kv.create_revision,
+        "lease": kv.lease,
+    }
+
+
+def kv_in(doc: object) -> KV:
+    if not isinstance(doc, dict):
+        raise WireError("a key-value must be an object")
+    return KV(
+        key_in(doc.get("key")),
+        unb64(doc.get("value"), "value"),
+        integer(doc.get("mod_revision"), "mod_revision") or 0,
+        integer(doc.get("create_revision"), "create_revision") or 0,
+        integer(doc.get("lease"), "lease", optional=True) or None,
+    )
+
+
+def snapshot_out(snap: Snapshot) -> dict[str, Any]:
+    return {"kvs": [kv_out(kv) for kv in snap.kvs], "revision": snap.revision}
+
+
+def snapshot_in(doc: object) -> Snapshot:
+    if not isinstance(doc, dict) or not isinstance(doc.get("kvs"), list):
+        raise WireError("a snapshot must be an object with a kvs list")
+    return Snapshot([kv_in(kv) for kv in doc["kvs"]], integer(doc.get("revision"), "revision") or 0)
+
+
+def events_out(events: list[Event]) -> list[dict[str, Any]]:
+    return [{"type": e.type.value, "kv": kv_out(e.kv)} for e in events]
+
+
+def events_in(doc: object) -> list[Event]:
+    if not isinstance(doc, list):
+        raise WireError("events must be a list")
+    out = []
+    for item in doc:
+        if not isinstance(item, dict) or item.get("type") not in ("PUT", "DELETE"):
+            raise WireError("an event must be an object with type PUT or DELETE")
+        out.append(Event(EventType(item["type"]), kv_in(item.get("kv"))))
+    return out

@@ -1,0 +1,235 @@
+"""The endpoint's cluster route (`POST /v1-rke2/cluster`): agent-only nodes take part in
+rollouts through it with `RemoteDatastore`, over the real HTTPS endpoint, on a real SQLite
+datastore. An agent may read the coordination keys and write only its own records."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rke2certd.datastore.base import EventType, LeaseNotFound
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.errors import DatastoreError
+from rke2certd.ops.agent_rollout import agent_generation, remote_store
+from rke2certd.ops.ca_material import disk_generation
+from rke2certd.ops.node import Node
+from rke2certd.plan.rollout import (
+    PHASES,
+    Member,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Registration,
+    Rollout,
+    RolloutKind,
+    RolloutState,
+    Slot,
+)
+from rke2certd.rollout import records as rec
+from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor import CLUSTER_PATH
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import SupervisorHandle, start
+
+from .helpers import HOST, ServerNode, basic, call, renew_agent
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+ROLLOUT = Rollout(
+    "ca-1", RolloutKind.CA, "gen1", PHASES, None, RolloutState.ACTIVE, "test", NOW, "e1"
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        yield ds
+
+
+@pytest.fixture
+def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
+    layout = server.node.layout
+
+    def served() -> ServedCA:
+        bundles = {n: layout.ca_cert(n).read_bytes() for n in ("server-ca", "client-ca")}
+        return ServedCA(disk_generation(layout), bundles)
+
+    api = ClusterAPI(store, lambda: NOW, served)
+    handle = start(server.node, host=HOST, port=0, cluster=api)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def remote_for(
+    cluster_endpoint: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node]
+) -> Callable[[str], tuple[Node, RemoteDatastore]]:
+    def make(name: str) -> tuple[Node, RemoteDatastore]:
+        node = agent_factory(name, supervisor_port=cluster_endpoint.port)
+        renew_agent(node)  # the server CA on disk, pinned by the token
+        return node, remote_store(node, lambda: server.agent_token)
+
+    return make
+
+
+def _register(remote: RemoteDatastore, name: str) -> tuple[ClusterStore, int]:
+    cs = ClusterStore(remote)
+    lease = remote.grant_lease(5)
+    cs.ensure_member(Member(name, ("agent",), Phase.AGENT))
+    cs.register(Registration(name, ("agent",), Phase.AGENT, "t", None), lease)
+    return cs, lease
+
+
+def test_an_agent_takes_part_through_the_endpoint(
+    remote_for: Callable[[str], tuple[Node, RemoteDatastore]], store: SQLiteDatastore
+) -> None:
+    _node, remote = remote_for("agent-1")
+    cs, lease = _register(remote, "agent-1")
+    ClusterStore(store).create_rollout(ROLLOUT, NOW)  # a server started a rollout
+    view = cs.read().view
+    assert view.live["agent-1"].phase is Phase.AGENT and view.rollout("ca-1") is not None
+
+    # its status, a slot of the agent phase on its lease, then giving it back
+    cs.set_status(ROLLOUT, NodeStatus("agent-1", NodeState.APPLIED, "", "gen1", NOW))
+    slot = Slot(Phase.AGENT, 0, "agent-1", "ca-1", NOW)
+    assert cs.take_slot(slot, lease) and not cs.take_slot(slot, lease)  # CAS holds
+    assert store.get(rec.slot_key(Phase.AGENT, 0)) is not None
+    assert cs.release_slot(slot)
+    assert cs.read().view.status(ROLLOUT, "agent-1").state is NodeState.APPLIED  # type: ignore[union-attr]
+
+    # a watch through the endpoint sees a change made on the server's store
+    start_rev = remote.snapshot(rec.PREFIX).revision + 1
+    got: list[Any] = []
+    watcher = threading.Thread(
+        target=lambda: got.extend(remote.watch_prefix(rec.PREFIX, start_rev, 10))
+    )
+    watcher.start()
+    ClusterStore(store).finish("ca-1", RolloutState.DONE, "all done", NOW)
+    watcher.join(15)
+    assert [e.kv.key for e in got] == [rec.rollout_key("ca-1")]
+    assert got[0].type is EventType.PUT
+
+    # the lease: refreshed, then revoked with the registration on it
+    assert remote.refresh_lease(lease) > 0
+    assert remote.revoke_lease(lease)
+    assert store.get(rec.node_key("agent-1")) is None
+    with pytest.raises(LeaseNotFound):
+        remote.refresh_lease(lease)
+
+
+def test_housekeeping_and_generation_are_the_servers(
+    remote_for: Callable[[str], tuple[Node, RemoteDatastore]],
+    store: SQLiteDatastore,
+    server: ServerNode,
+) -> None:
+    node, remote = remote_for("agent-1")
+    cs, _lease = _register(remote, "agent-1")
+    ClusterStore(store).create_rollout(ROLLOUT, NOW)
+    cs.set_status(ROLLOUT, NodeStatus("agent-1", NodeState.FAILED, "health gate failed"))
+    assert remote.housekeep()  # the server stops the rollout an agent cannot write
+    r = cs.read().view.rollout("ca-1")
+    assert r is not None and r.state is RolloutState.STOPPED
+    assert "agent node agent-1 failed: health gate failed" in r.state_reason
+    # the agent holds the bundles the server serves: it is on the server's generation
+    assert agent_generation(node, remote) == disk_generation(server.node.layout) is not None
+    node.layout.agent_client_ca.write_bytes(b"")
+    assert agent_generation(node, remote) is None
+
+
+def _raw(
+    endpoint: SupervisorHandle, server: ServerNode, doc: object, node: str | None = "agent-1"
+) -> tuple[int, str]:
+    headers = {**basic("node", server.password), "Content-Type": "application/json"}
+    if node is not None:
+        headers["rke2-Node-Name"] = node
+    body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
+    reply = call(endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, body, headers)
+    return reply.status, reply.body.decode(errors="replace")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_refusals_change_nothing(
+    remote_for: Callable[[str], tuple[Node, RemoteDatastore]],
+    store: SQLiteDatastore,
+    cluster_endpoint: SupervisorHandle,
+    server: ServerNode,
+) -> None:
+    _node, remote = remote_for("agent-1")
+    cs, lease = _register(remote, "agent-1")
+    other = ClusterStore(store)
+    server_lease = store.grant_lease(30)
+    other.register(Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)
+    other.create_rollout(ROLLOUT, NOW)
+    store.create("/bootstrap/secret", b"ciphertext")
+    before = {kv.key: kv.value for kv in store.get_prefix("/")}
+
+    refused: list[tuple[str, Callable[[], object]]] = [
+        ("another node's registration", lambda: cs.register(
+            Registration("e1", ("etcd",), Phase.ETCD, "t", None), lease)),
+        ("a server phase", lambda: cs.register(
+            Registration("agent-1", ("etcd",), Phase.ETCD, "t", None), lease)),
+        ("another node's membership", lambda: remote.create(
+            rec.member_key("a2"), rec.encode_member(Member("a2", ("agent",), Phase.AGENT)))),
+        ("a status under another name", lambda: remote.create(
+            rec.status_key("ca-1", "agent-1"),
+            rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
+        ("another node's status", lambda: cs.set_status(ROLLOUT, NodeStatus("e1", NodeState.DONE))),
+        ("a rollout record", lambda: other.ds.get(rec.rollout_key("ca-1")) and remote.delete(
+            rec.rollout_key("ca-1"))),
+        ("an etcd slot", lambda: cs.take_slot(Slot(Phase.ETCD, 0, "agent-1", "ca-1"), lease)),
+        ("a slot for another node", lambda: remote.create(
+            rec.slot_key(Phase.AGENT, 1), rec.encode_slot(Slot(Phase.AGENT, 1, "a2", "ca-1")))),
+        ("a key on a server's lease", lambda: remote.compare_and_swap(
+            rec.status_key("ca-1", "agent-1"),
+            rec.encode_status(NodeStatus("agent-1", NodeState.APPLIED)), 0, server_lease)),
+        ("reading outside /rke2certd/", lambda: remote.get("/bootstrap/secret")),
+        ("listing outside /rke2certd/", lambda: remote.snapshot("/")),
+        ("watching outside /rke2certd/", lambda: remote.watch_prefix("/bootstrap/", 1, 1)),
+    ]  # fmt: skip
+    for what, attempt in refused:
+        with pytest.raises(DatastoreError) as err:
+            attempt()
+        assert "403" in str(err.value), what
+    assert {kv.key: kv.value for kv in store.get_prefix("/")} == before
+    # another node's lease is "not found" for an agent: it neither refreshes nor ends it
+    for attempt in (remote.refresh_lease, remote.revoke_lease):
+        with pytest.raises(LeaseNotFound):
+            attempt(server_lease)
+    assert store.refresh_lease(server_lease) > 0
+    assert {kv.key: kv.value for kv in store.get_prefix("/")} == before
+
+    bad: list[tuple[object, str | None, int, str]] = [
+        (b"not json", "agent-1", 400, "not JSON"),
+        ({"op": "nope"}, "agent-1", 400, "unknown operation"),
+        ([], "agent-1", 400, "JSON object"),
+        ({"op": "get"}, "agent-1", 400, "base64"),
+        ({"op": "get", "key": "!!"}, "agent-1", 400, "base64"),
+        ({"op": "grant_lease", "ttl": 100000}, "agent-1", 400, "at most"),
+        ({"op": "watch", "prefix": _b64("/rke2certd/"), "start_revision": 0}, "agent-1", 400, ""),
+        ({"op": "get", "key": _b64("/rke2certd/nodes/e1")}, None, 400, "rke2-Node-Name"),
+    ]
+    for doc, node, status, text in bad:
+        got, body = _raw(cluster_endpoint, server, doc, node)
+        assert got == status and text in body, (doc, got, body)
+    # wrong credentials: 401 before anything is read
+    reply = call(
+        cluster_endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, b"{}",
+        {**basic("node", "wrong"), "rke2-Node-Name": "agent-1"},
+    )  # fmt: skip
+    assert reply.status == 401
+    assert {kv.key: kv.value for kv in store.get_prefix("/")} == before
+
+
+def test_a_server_without_datastore_says_so(endpoint: SupervisorHandle, server: ServerNode) -> None:
+    status, body = _raw(endpoint, server, {"op": "get", "key": _b64("/rke2certd/x")})
+    assert status == 503 and "no datastore" in body
