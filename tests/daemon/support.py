@@ -275,6 +275,12 @@ class DaemonProcess:
 # --- a node on disk ------------------------------------------------------------------------------
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @dataclass
 class DaemonNode:
     """A server node (every role, the embedded SQLite datastore) in `root`, its config file, and
@@ -295,6 +301,7 @@ class DaemonNode:
             "token": logs.new_password("daemon-test"),
             "log-format": "json",
             "staging-quiet": 0.3,
+            "supervisor-port": free_port(),  # the endpoint for agents: not 9346, shared
             **{k.replace("_", "-"): v for k, v in settings.items()},
         }
         node.write_config()
