@@ -36,6 +36,7 @@ from rke2certd.plan.rollout import Rollout, phase_of
 from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
+from rke2certd.store.atomic import read_optional
 from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
@@ -186,6 +187,13 @@ class Daemon:
         if self.agent_only:
             return self._apply_agent_rollout(rollout)
         self._renew(f"rollout {rollout.id}")
+        server_ca = read_optional(self.node.layout.ca_cert("server-ca"))
+        if server_ca:  # a full token in the config must pin the CA RKE2 restarts with
+            from rke2certd.ops.tokens import rewrite_config_tokens
+            from rke2certd.pki.token import ca_hash
+
+            with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
+                rewrite_config_tokens(self.node, ca_hash(server_ca))
         return ApplyOutcome(disk_generation(self.node.layout))
 
     def _apply_agent_rollout(self, rollout: Rollout) -> ApplyOutcome:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 from rke2certd.errors import Rke2certdError, TokenError
 from rke2certd.log import log
 from rke2certd.ops.agent import supervisor_urls
 from rke2certd.ops.node import Node
+from rke2certd.ops.tokens import rewrite_config_tokens
 from rke2certd.pki.token import ca_hash, format_token, parse_token
 from rke2certd.store.atomic import read_optional
 from rke2certd.supervisor import AGENT_USER
@@ -60,19 +60,13 @@ def adopt_rotated_ca(node: Node, token: str, *, dry_run: bool = False) -> str | 
     url, bundle = fetch_cacerts_trusted(urls, held)
     new_hash = ca_hash(bundle, source=f"the /cacerts answer of {url}")
     new_token = format_token(new_hash, parsed.username or AGENT_USER, parsed.password)
-    from rke2certd.ops.token_config import rewrite_token_hashes
-
-    files = rewrite_token_hashes(node.cfg.sources, token_files(node), new_hash, dry_run=dry_run)
+    files = rewrite_config_tokens(node, new_hash, dry_run=dry_run)
     log.info(
         "ca_adopted", server_url=url, ca_hash=new_hash, old_ca_hash=parsed.ca_hash,
         files=",".join(str(f) for f in files),
         reason="the server proved itself with the CA on disk and serves a rotated CA",
     )  # fmt: skip
     return new_token
-
-
-def token_files(node: Node) -> list[Path]:
-    return [node.cfg.token_file] if node.cfg.token_file else []
 
 
 def agent_generation(node: Node, remote: RemoteDatastore) -> str | None:

@@ -291,8 +291,13 @@ def rewrite_token_hashes(
     ca_hash: str,
     *,
     dry_run: bool = False,
+    journal_dir: Path | None = None,
 ) -> list[Path]:
     """Give every full join token in `files` (YAML) and `token_files` the CA hash `ca_hash`.
+
+    `journal_dir`: where the crash journal of a multi-file change goes (the node's data dir,
+    whose start-up recovery finishes it); default the deepest directory above all the files,
+    which may not be writable (/etc under the unit's ProtectSystem=strict).
 
     Missing files are skipped. Every file is read and checked before any is written; a problem
     in any of them raises ConfigError listing them all, and nothing changes. The changed files
@@ -301,8 +306,8 @@ def rewrite_token_hashes(
     Call it under the node lock: it first finishes a crashed earlier run (`recover`).
     """
     new_hash = check_ca_hash(ca_hash)
-    root = journal_root(files, token_files)
-    if root is None:
+    root = journal_dir or journal_root(files, token_files)
+    if root is None or not [*files, *token_files]:
         return []
     inputs = [(p, False) for p in files] + [(p, True) for p in token_files]
     if not dry_run:
@@ -349,7 +354,7 @@ def rewrite_token_hashes(
     if dry_run or not changes:
         return [c.given for c in changes]
 
-    _write(root, changes)
+    _write(root, changes, anywhere=journal_dir is not None)
     for c in changes:
         log.info(
             "token_rewritten",
@@ -360,7 +365,7 @@ def rewrite_token_hashes(
     return [c.given for c in changes]
 
 
-def _write(root: Path, changes: list[_Change]) -> None:
+def _write(root: Path, changes: list[_Change], *, anywhere: bool) -> None:
     # An edit made since we read the file would be lost by the rename: refuse it instead.
     for c in changes:
         try:
@@ -372,7 +377,7 @@ def _write(root: Path, changes: list[_Change]) -> None:
                 f"{c.given} changed while its token was being rewritten; no file was changed, "
                 "run again"
             )
-    write_files(root, [FileWrite(c.real, c.new, c.mode) for c in changes])
+    write_files(root, [FileWrite(c.real, c.new, c.mode) for c in changes], anywhere=anywhere)
     if os.geteuid() != 0:
         return  # only root can give a file away; ours are ours already
     for c in changes:

@@ -1,6 +1,9 @@
-"""`rke2certd token [show|hash]`: the node's join tokens and the CA hash they pin."""
+"""`rke2certd token [show|hash]`: the node's join tokens and the CA hash they pin; after a CA
+rotation, the new hash into the tokens of the node's config."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from rke2certd.errors import Rke2certdError
 from rke2certd.ops.node import Node
@@ -27,3 +30,15 @@ def show_hash(node: Node) -> str:
         if data:
             return tokens.ca_hash(data) + "\n"
     raise Rke2certdError(f"no server CA on this node ({node.layout.ca_cert('server-ca')})")
+
+
+def rewrite_config_tokens(node: Node, new_hash: str, *, dry_run: bool = False) -> list[Path]:
+    """The new CA hash into the full tokens of every config file this node read and its token
+    file, journaled in the data dir. The caller holds the node lock."""
+    from rke2certd.ops.token_config import rewrite_token_hashes
+
+    cfg = node.cfg
+    token_files = [cfg.token_file] if cfg.token_file else []
+    return rewrite_token_hashes(
+        cfg.sources, token_files, new_hash, dry_run=dry_run, journal_dir=node.layout.data_dir
+    )

@@ -129,16 +129,19 @@ def write_if_changed(path: Path, data: bytes, mode: int = 0o644) -> bool:
     return True
 
 
-def write_files(root: Path, files: Iterable[FileWrite]) -> list[Path]:
+def write_files(root: Path, files: Iterable[FileWrite], *, anywhere: bool = False) -> list[Path]:
     """Apply several file writes as one change: after a crash, all or none (see module doc).
 
-    `root` holds the journal; every file must be under it. Files whose bytes and mode are already
-    right are skipped. Returns the paths that changed.
+    `root` holds the journal; every file must be under it, unless `anywhere` (config files in
+    /etc, which may be read-only but for themselves, journaled in the node's data dir: its
+    `recover` finishes them). Files whose bytes and mode are already right are skipped.
+    Returns the paths that changed.
     """
     wanted: list[FileWrite] = []
     for fw in files:
         try:
-            fw.path.relative_to(root)
+            if not anywhere:
+                fw.path.relative_to(root)
         except ValueError as exc:
             raise StorageError(f"{fw.path} is outside {root}") from exc
         try:

@@ -10,6 +10,7 @@ and a server's restarted apiserver stand-in."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import subprocess
@@ -64,6 +65,14 @@ def test_agents_restart_last_on_new_certs_and_token(
     cluster.wait_for(lambda: set(AGENTS) <= set(view(cluster).live), 30, "agents registered")
     assert {view(cluster).members[a].phase.value for a in AGENTS} == {"agent"}
 
+    # a server joined with the full server token in its config (it pins the CA hash too)
+    c2 = cluster.nodes["c2"]
+    full = (c2.data / "server" / "token").read_text().strip()
+    doc = yaml.safe_load(c2.config.read_text())
+    c2.config.write_text(yaml.safe_dump({**doc, "token": full}, sort_keys=False))
+    cluster.signal_node("c2", signal.SIGHUP)
+    cluster.wait_for(lambda: c2.log_events("reloading"), 10, "c2 reloaded")
+
     cluster.stage_rotation("e1")
     r = wait_rollout(cluster, "done", timeout=180)
     rid = r["id"]
@@ -108,6 +117,9 @@ def test_agents_restart_last_on_new_certs_and_token(
         assert (cluster.nodes[a].dir / "rke2" / "config.yaml").stat().st_mode & 0o777 == 0o600
         [adopted] = cluster.nodes[a].log_events("ca_adopted")
         assert adopted["ca_hash"] == new_hash
+
+    c2_token = str(yaml.safe_load(c2.config.read_text())["token"])
+    assert c2_token == full.replace(next(iter(old_hash)) or "", new_hash)
 
     # real TLS: a1's client-kubelet against c1's restarted apiserver stand-in (client auth
     # required against the server's client-ca.crt), verifying the server by a1's server CA

@@ -94,7 +94,11 @@ def test_service_settings_in_force(ct: Container) -> None:
     assert got["Restart"] == "on-failure"
     assert "argv[]=/bin/kill -HUP $MAINPID" in got["ExecReload"]
     assert got["ProtectSystem"] == "strict" and got["ProtectHome"] == "yes"
-    assert got["ReadWritePaths"].split() == ["-/var/lib/rancher/rke2", "-/etc/rancher/rke2"]
+    assert got["ReadWritePaths"].split() == [
+        "-/var/lib/rancher/rke2",
+        "-/etc/rancher/rke2",
+        "-/etc/rke2certd",
+    ]
     assert got["NoNewPrivileges"] == "yes" and got["PrivateTmp"] == "yes"
     assert sorted(got["CapabilityBoundingSet"].split()) == [
         "cap_chown",
