@@ -137,6 +137,13 @@ def _cluster_datastore(cfg: Config) -> Datastore:
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.status import render_status
 
+    if not cfg.is_server:  # an agent reads the rollout keys through a server's endpoint
+        from rke2certd.ops.agent import agent_token
+        from rke2certd.ops.agent_rollout import remote_store
+
+        node = Node.from_config(cfg)
+        sys.stdout.write(render_status(remote_store(node, lambda: agent_token(node)), args.output))
+        return 0
     with _cluster_datastore(cfg) as ds:
         sys.stdout.write(render_status(ds, args.output))
     return 0

@@ -121,6 +121,11 @@ def test_agents_restart_last_on_new_certs_and_token(
     c2_token = str(yaml.safe_load(c2.config.read_text())["token"])
     assert c2_token == full.replace(next(iter(old_hash)) or "", new_hash)
 
+    # an agent sees the rollout through the endpoint too
+    table = cluster.cli("a2", "status")
+    assert table.returncode == 0, table.stderr
+    assert f"{rid}  ca  done" in table.stdout and "a3" in table.stdout
+
     # real TLS: a1's client-kubelet against c1's restarted apiserver stand-in (client auth
     # required against the server's client-ca.crt), verifying the server by a1's server CA
     a1 = cluster.nodes["a1"].layout.agent
