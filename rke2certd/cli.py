@@ -201,7 +201,7 @@ def _warm_check_cache(node: Node) -> None:
     from rke2certd.ops.check import check
 
     # An error (a file renew left alone is unreadable) is `check`'s to report, not renew's.
-    with suppress(Rke2certdError):
+    with suppress(Rke2certdError, OSError):
         check(node, [], system_clock())
 
 
