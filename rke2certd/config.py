@@ -274,8 +274,10 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     if cache is not None:
         hit = cache.lookup(inputs)
         if hit is not None:
-            values, sources = hit
-            return _from_values(values, sources)
+            try:
+                return _from_values(*hit)
+            except (KeyError, TypeError, ValueError):
+                pass  # a damaged entry: validated afresh (and rewritten) below
 
     ours = _parse_yaml(ours_data, path, "config file")
     raw: dict[str, Any] = {}

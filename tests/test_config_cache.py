@@ -176,7 +176,9 @@ def test_cache_file_and_dir_modes(ours: Path, runtime: Path) -> None:
     assert TOKEN in entry.read_text(), "the token is cached: hence 0600 in a 0700 dir"
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong-shape", "empty"])
+@pytest.mark.parametrize(
+    "damage", ["garbage", "truncated", "wrong-shape", "missing-value", "bad-role", "empty"]
+)
 def test_a_damaged_cache_is_ignored_and_rewritten(damage: str, ours: Path, runtime: Path) -> None:
     good = load(ours, runtime)
     [entry] = cache_files(runtime)
@@ -186,6 +188,8 @@ def test_a_damaged_cache_is_ignored_and_rewritten(damage: str, ours: Path, runti
             "garbage": "\x00not json",
             "truncated": text[: len(text) // 2],
             "wrong-shape": json.dumps({**json.loads(text), "files": 3}),
+            "missing-value": json.dumps({**json.loads(text), "values": {"node_name": "x"}}),
+            "bad-role": text.replace('"etcd"', '"bogus"'),
             "empty": "",
         }[damage]
     )
