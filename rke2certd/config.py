@@ -2,30 +2,22 @@
 
 Precedence (low to high): defaults, RKE2's config (`rke2-config`, plus its `config.yaml.d`
 drop-ins, shared keys only), our file, the command line.
+
+`Config` is a plain frozen dataclass that the commands only read. Validation (pydantic, in
+`config_model.py`) runs when an input changed: `load_config` keeps the validated values in the
+runtime dir (`config_cache.py`), keyed by the bytes of every file it read, so the startup hook
+and `certificate check` import neither pydantic nor yaml on an unchanged node.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-import yaml
-
-# rke2certd uses no pydantic plugins; looking them up (importlib.metadata) costs ~10 ms at every
-# start, and the startup hook runs before every RKE2 start.
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
-
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-)
+from typing import Any, Literal
 
 from rke2certd.errors import ConfigError
 
@@ -57,99 +49,62 @@ class Role(StrEnum):
     AGENT = "agent"
 
 
-def _str_list(value: Any) -> Any:
-    """RKE2 accepts a list or a comma-separated string for list keys."""
-    if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
-    return value
+LogFormat = Literal["auto", "journald", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
-StrList = Annotated[list[str], BeforeValidator(_str_list)]
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """The validated configuration. Defaults and rules live in `config_model.ConfigModel`
+    (the one place); build a Config with `load_config` or `Config.from_mapping`."""
 
+    data_dir: Path
+    node_name: str | None
+    node_ip: list[str]
+    advertise_address: str | None
+    tls_san: list[str]
+    cluster_domain: str
+    service_cidr: list[str]
+    token: str | None = field(repr=False)
+    token_file: Path | None
+    server: str | None
+    datastore_endpoint: str
+    datastore_cafile: Path | None
+    datastore_certfile: Path | None
+    datastore_keyfile: Path | None
+    rke2_config: Path | None
 
-class Config(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
-
-    data_dir: Path = Field(DEFAULT_DATA_DIR, alias="data-dir")
-    node_name: str | None = Field(None, alias="node-name")
-    node_ip: StrList = Field(default_factory=list, alias="node-ip")
-    advertise_address: str | None = Field(None, alias="advertise-address")
-    tls_san: StrList = Field(default_factory=list, alias="tls-san")
-    cluster_domain: str = Field("cluster.local", alias="cluster-domain")
-    service_cidr: StrList = Field(default_factory=lambda: ["10.43.0.0/16"], alias="service-cidr")
-    token: str | None = Field(None, alias="token", repr=False)
-    token_file: Path | None = Field(None, alias="token-file")
-    server: str | None = Field(None, alias="server")
-    datastore_endpoint: str = Field("", alias="datastore-endpoint")
-    datastore_cafile: Path | None = Field(None, alias="datastore-cafile")
-    datastore_certfile: Path | None = Field(None, alias="datastore-certfile")
-    datastore_keyfile: Path | None = Field(None, alias="datastore-keyfile")
-    rke2_config: Path | None = Field(None, alias="rke2-config")
-
-    roles: list[Role] = Field(default_factory=lambda: [Role.ETCD, Role.CONTROL_PLANE, Role.AGENT])
-    renew_before_days: int = Field(90, alias="renew-before-days", ge=1, le=364)
-    staging_dir: Path | None = Field(None, alias="staging-dir")
-    log_format: Literal["auto", "journald", "json", "console"] = Field("auto", alias="log-format")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="log-level")
-    rescan_interval: float = Field(3600, alias="rescan-interval", gt=0)
-    max_unavailable: int = Field(1, alias="max-unavailable", ge=1)
-    restart_command: list[str] | None = Field(None, alias="restart-command")
-    health_command: list[str] | None = Field(None, alias="health-command")
-    supervisor_port: int = Field(9346, alias="supervisor-port", ge=1, le=65535)
-    lock_timeout: float = Field(120, alias="lock-timeout", gt=0)
+    roles: list[Role]
+    renew_before_days: int
+    staging_dir: Path | None
+    log_format: LogFormat
+    log_level: LogLevel
+    rescan_interval: float
+    max_unavailable: int
+    restart_command: list[str] | None
+    health_command: list[str] | None
+    supervisor_port: int
+    lock_timeout: float
     # Rollout coordination (see rke2certd/rollout/).
-    registry_ttl: int = Field(30, alias="registry-ttl", ge=2, le=600)
-    restart_timeout: float = Field(600, alias="restart-timeout", gt=0)
-    health_timeout: float = Field(300, alias="health-timeout", gt=0)
-    health_etcd_endpoint: str = Field("https://127.0.0.1:2379", alias="health-etcd-endpoint")
-    health_apiserver_endpoint: str = Field(
-        "https://127.0.0.1:6443", alias="health-apiserver-endpoint"
-    )
-    health_kubelet_endpoint: str = Field("https://127.0.0.1:10250", alias="health-kubelet-endpoint")
-    staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
-    # the config files read, in precedence order (not a key: set by load_config)
-    sources: tuple[Path, ...] = Field((), exclude=True)
+    registry_ttl: int
+    restart_timeout: float
+    health_timeout: float
+    health_etcd_endpoint: str
+    health_apiserver_endpoint: str
+    health_kubelet_endpoint: str
+    staging_quiet: float
 
-    @field_validator("node_ip", "tls_san")
+    # The config files that were read, lowest precedence first (RKE2's config, its drop-ins in
+    # order, ours); the last one that sets a key wins. Not part of the configuration's value.
+    sources: tuple[Path, ...] = field(default=(), compare=False)
+
     @classmethod
-    def _no_empty(cls, v: list[str]) -> list[str]:
-        return [x for x in v if x]
+    def from_mapping(cls, doc: Mapping[str, Any], where: str | None = None) -> Config:
+        """Validate a mapping with the YAML key names (`data-dir`, ...); defaults fill the rest.
+        Raises ConfigError listing every problem."""
+        from rke2certd.config_model import validate
 
-    @field_validator("service_cidr")
-    @classmethod
-    def _cidrs(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
-        for cidr in v:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                raise ValueError(f"{cidr!r} is not a CIDR such as 10.43.0.0/16") from None
-        return v
-
-    @field_validator("restart_command", "health_command")
-    @classmethod
-    def _argv(cls, v: list[str] | None) -> list[str] | None:
-        if v is not None and (not v or not v[0]):
-            raise ValueError("an argv list with the program first, e.g. [systemctl, restart, x]")
-        return v
-
-    @field_validator("health_etcd_endpoint", "health_apiserver_endpoint", "health_kubelet_endpoint")
-    @classmethod
-    def _https_url(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
-        parts = urlsplit(v)
-        if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
-            raise ValueError(f"{v!r} is not an https://host:port URL")
-        return v.rstrip("/")
-
-    @field_validator("roles")
-    @classmethod
-    def _roles(cls, v: list[Role]) -> list[Role]:
-        if not v:
-            raise ValueError("at least one role is needed (etcd, control-plane, agent)")
-        return sorted(set(v), key=list(Role).index)
+        return _from_values(validate(doc, where), ())
 
     # Derived facts -------------------------------------------------------------------------
 
@@ -163,7 +118,11 @@ class Config(BaseModel):
 
     @property
     def node(self) -> str:
-        return (self.node_name or socket.gethostname()).lower()
+        if self.node_name:
+            return self.node_name.lower()
+        import socket  # only here: ~4 ms to import, and most nodes set node-name
+
+        return socket.gethostname().lower()
 
     @property
     def renew_window_days(self) -> int:
@@ -174,25 +133,99 @@ class Config(BaseModel):
         return self.staging_dir or self.data_dir / "server" / "rotate-ca" / "incoming"
 
 
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
+_PATH_FIELDS = frozenset(
+    {
+        "data_dir",
+        "token_file",
+        "datastore_cafile",
+        "datastore_certfile",
+        "datastore_keyfile",
+        "rke2_config",
+        "staging_dir",
+    }
+)
+
+
+def _from_values(values: Mapping[str, Any], sources: tuple[Path, ...]) -> Config:
+    """A Config from validated values in their JSON form (ConfigModel.model_dump(mode="json")).
+    A fresh load and a cache hit both go through here, so they cannot differ."""
+    kw = dict(values)
+    for name in _PATH_FIELDS:
+        if kw[name] is not None:
+            kw[name] = Path(kw[name])
+    kw["roles"] = [Role(r) for r in kw["roles"]]
+    return Config(**kw, sources=sources)
+
+
+def _str_list(value: Any) -> Any:
+    """RKE2 accepts a list or a comma-separated string for list keys."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+# Reading ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    """What a load read: each file with the SHA-256 of its bytes (None: it does not exist),
+    and each drop-in dir with its listing (None: not a dir). The cache key of config_cache."""
+
+    files: list[tuple[str, str | None]] = field(default_factory=list)
+    listings: list[tuple[str, list[str] | None]] = field(default_factory=list)
+    relative: bool = False  # a relative path was resolved against the working directory
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return tuple(Path(p) for p, digest in self.files if digest is not None)
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_input(path: Path, what: str, inputs: Inputs | None = None) -> bytes | None:
+    """The bytes of a config file, None when it does not exist (recorded in `inputs`)."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
-        return {}
+        data = None
     except OSError as exc:
         raise ConfigError(f"cannot read {what} {path}", [exc.strerror or str(exc)]) from exc
+    if inputs is not None:
+        inputs.files.append((os.path.abspath(path), None if data is None else digest(data)))
+    return data
+
+
+def dropin_files(dropins: Path) -> list[Path] | None:
+    """The `*.yaml` of RKE2's `config.yaml.d`, in merge order; None: no such dir."""
+    if not dropins.is_dir():
+        return None
+    return sorted(dropins.glob("*.yaml"))
+
+
+def _parse_yaml(data: bytes | None, path: Path, what: str) -> dict[str, Any]:
+    if data is None:
+        return {}
+    import yaml
+
     try:
-        data = yaml.safe_load(text)
+        doc = yaml.safe_load(data)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(f"{what} {path} is not valid YAML", [f"{problem}{where}"]) from exc
-    if data is None:
+    if doc is None:
         return {}
-    if not isinstance(data, dict):
+    if not isinstance(doc, dict):
         raise ConfigError(f"{what} {path} is invalid", ["the top level must be a mapping"])
-    return data
+    return doc
+
+
+def _read_yaml(path: Path, what: str, inputs: Inputs | None = None) -> dict[str, Any]:
+    return _parse_yaml(read_input(path, what, inputs), path, what)
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -211,49 +244,57 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_rke2_config(path: Path) -> dict[str, Any]:
+def read_rke2_config(path: Path, inputs: Inputs | None = None) -> dict[str, Any]:
     """RKE2's config.yaml and its config.yaml.d/*.yaml drop-ins, shared keys only."""
-    merged = _read_yaml(path, "RKE2 config")
+    merged = _read_yaml(path, "RKE2 config", inputs)
     dropins = path.parent / f"{path.name}.d"
-    if dropins.is_dir():
-        for f in sorted(dropins.glob("*.yaml")):
-            merged = _merge(merged, _read_yaml(f, "RKE2 config drop-in"))
+    files = dropin_files(dropins)
+    if inputs is not None:
+        names = None if files is None else [f.name for f in files]
+        inputs.listings.append((os.path.abspath(dropins), names))
+    for f in files or ():
+        merged = _merge(merged, _read_yaml(f, "RKE2 config drop-in", inputs))
     return {k: v for k, v in merged.items() if k in SHARED_KEYS}
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read and validate the configuration; every bad key is reported at once."""
+    """Read and validate the configuration; every bad key is reported at once.
+
+    Validated values are reused from the runtime dir's cache when no input changed."""
+    from rke2certd import config_cache
+
     explicit = path is not None
+    env = os.environ.get("RKE2CERTD_CONFIG")
     path = path or Path(os.environ.get("RKE2CERTD_CONFIG", DEFAULT_CONFIG))
     if explicit and not path.exists():
         raise ConfigError(f"config file {path} does not exist", ["create it or drop --config"])
-    ours = _read_yaml(path, "config file")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    inputs = Inputs(relative=not path.is_absolute())
+    ours_data = read_input(path, "config file", inputs)
+    cache = config_cache.ConfigCache.for_load(path, given, env)
+    if cache is not None:
+        hit = cache.lookup(inputs)
+        if hit is not None:
+            try:
+                return _from_values(*hit)
+            except (KeyError, TypeError, ValueError):
+                pass  # a damaged entry: validated afresh (and rewritten) below
+
+    ours = _parse_yaml(ours_data, path, "config file")
     raw: dict[str, Any] = {}
-    sources: list[Path] = []
     rke2_path = ours.get("rke2-config")
     if rke2_path:
-        raw = read_rke2_config(Path(str(rke2_path)))
         rke2 = Path(str(rke2_path))
-        sources = [rke2, *sorted((rke2.parent / f"{rke2.name}.d").glob("*.yaml"))]
-    sources.append(path)
+        inputs.relative = inputs.relative or not rke2.is_absolute()
+        raw = read_rke2_config(rke2, inputs)
     raw = _merge(raw, ours)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            raw[key] = value
-    if "sources" in raw:
-        raise ConfigError(f"invalid configuration in {path}", ["sources: unknown key"])
-    try:
-        return Config.model_validate(raw).model_copy(update={"sources": tuple(sources)})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid configuration in {path}", _describe(exc)) from None
+    raw.update(given)
+    from rke2certd.config_model import validate
 
-
-def _describe(exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key (see config.example.yaml for the keys rke2certd reads)"
-        problems.append(f"{key}: {msg}")
-    return problems
+    values = validate(raw, str(path))
+    # Lowest precedence first: RKE2's config and drop-ins were read before ours.
+    files = inputs.files[1:] + inputs.files[:1]
+    sources = Inputs(files=files).sources
+    if cache is not None:
+        cache.store(inputs, values, sources)
+    return _from_values(values, sources)

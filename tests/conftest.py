@@ -10,9 +10,12 @@ Every CLI call passes `-c <tmp config>`: the machine's /etc/rke2certd/config.yam
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,6 +27,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `tests.harness...` imports work however pytest was started
     sys.path.insert(0, str(ROOT))
+
+# The caches (config, certificate facts) of this test process and the CLI processes it starts
+# live here, not in the machine's /run/rke2certd (the tests run as root).
+RUNTIME_DIR = tempfile.mkdtemp(prefix="rke2certd-test-run-")
+atexit.register(shutil.rmtree, RUNTIME_DIR, True)
+os.environ["RKE2CERTD_RUNTIME_DIR"] = RUNTIME_DIR
 
 # A node whose every SAN source is set, so profile tests can name each expected SAN.
 DEFAULT_NODE: dict[str, Any] = {
@@ -60,9 +69,17 @@ def make_node() -> Callable[..., tuple[Path, Path]]:
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """What the CLI sees: a PATH and a locale, nothing of this shell (no RKE2CERTD_*, no
-    JOURNAL_STREAM/INVOCATION_ID that would send logs to the journal, no PYTHON* settings)."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/"}
+    """What the CLI sees: a PATH, a locale, the test run's cache dir and this checkout on
+    PYTHONPATH, nothing of this shell (no other RKE2CERTD_* or PYTHON* settings, no
+    JOURNAL_STREAM/INVOCATION_ID that would send logs to the journal)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": "/",
+        "RKE2CERTD_RUNTIME_DIR": RUNTIME_DIR,
+        # This checkout's code, not whichever tree the package is installed (editable) from.
+        "PYTHONPATH": str(ROOT),
+    }
     env.update(extra or {})
     return env
 

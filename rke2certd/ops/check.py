@@ -16,11 +16,9 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from rke2certd.errors import PKIError, StorageError
+from rke2certd.ops.cert_facts import FactsCache
 from rke2certd.ops.node import Node
-from rke2certd.pki import certs
 from rke2certd.pki.profiles import by_service, leaves_for
 from rke2certd.plan.inventory import Row, Status, rows_for
 from rke2certd.store.atomic import read_optional
@@ -53,17 +51,19 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
         specs = by_service(specs, services)
     window = timedelta(days=cfg.renew_before_days)
     result = CheckResult(now, cfg.renew_before_days)
+    cache = FactsCache.for_data_dir(node.layout.data_dir)
     for spec in specs:
         path = spec.cert_path(node.layout)
         data = read_optional(path)
         if data is None:
             continue  # not issued on this node (upstream skips it too)
         try:
-            bundle = certs.load_bundle(data, path)
+            bundle = cache.facts(data, path)
         except PKIError as exc:
             result.errors.append(str(exc))
             continue
         result.rows += rows_for(path, spec.service, bundle, now, window)
+    cache.save()
     return result
 
 
@@ -179,6 +179,8 @@ def render_yaml(result: CheckResult) -> str:
     }
     if result.errors:
         doc["errors"] = result.errors
+    import yaml  # only this format needs it (~13 ms to import)
+
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import fcntl
 import ipaddress
-import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,10 @@ SIOCGIFADDR = 0x8915
 
 def default_route_ip() -> str | None:
     """The IPv4 address of the interface with the default route (RKE2's node-ip default)."""
+    import fcntl
+    import socket
+    import struct
+
     try:
         with open("/proc/net/route") as f:
             lines = f.read().splitlines()[1:]

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from rke2certd.errors import UsageError
 from rke2certd.log import log
 from rke2certd.ops.node import Node, check_dir_safety
-from rke2certd.ops.renew import NeedsServerError, RenewResult, renew
 from rke2certd.pki.profiles import SERVICES, by_service, leaves_for
 from rke2certd.store.atomic import TEMP_MARK, FileWrite, ensure_dir, recover, write_files
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
+    from rke2certd.ops.renew import RenewResult
 
 
 @dataclass
@@ -65,6 +65,9 @@ def rotate(
     node: Node, services: Sequence[str], now: datetime, datastore: Datastore | None = None
 ) -> RotateResult:
     """The caller holds the node lock and has validated `services` with parse_services."""
+    # Imported here: `certificate check` uses parse_services and must not pay for cryptography.
+    from rke2certd.ops.renew import NeedsServerError, renew
+
     cfg = node.cfg
     if not cfg.is_server:
         raise NeedsServerError(

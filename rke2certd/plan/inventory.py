@@ -8,16 +8,24 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
-from cryptography import x509
-
-from rke2certd.pki import certs
-
 
 class Status(StrEnum):
     OK = "OK"
     WARNING = "WARNING"
     EXPIRED = "EXPIRED"
     NOT_YET_VALID = "NOT YET VALID"
+
+
+@dataclass(frozen=True)
+class CertFacts:
+    """What a row says about one certificate, read once from its bytes (ops/cert_facts.py)."""
+
+    subject: str  # CN
+    issuer: str  # CN
+    usages: tuple[str, ...]
+    not_before: datetime
+    not_after: datetime
+    serial: str  # hex
 
 
 @dataclass(frozen=True)
@@ -40,34 +48,35 @@ class Row:
         return self.not_before if self.status is Status.NOT_YET_VALID else self.not_after
 
 
-def status(cert: x509.Certificate, now: datetime, window: timedelta) -> Status:
-    if now < certs.not_before(cert):
+def status(facts: CertFacts, now: datetime, window: timedelta) -> Status:
+    if now < facts.not_before:
         return Status.NOT_YET_VALID
-    if now > certs.not_after(cert):
+    if now > facts.not_after:
         return Status.EXPIRED
-    if certs.not_after(cert) - now <= window:
+    if facts.not_after - now <= window:
         return Status.WARNING
     return Status.OK
 
 
 def rows_for(
-    path: Path, service: str, bundle: Sequence[x509.Certificate], now: datetime, window: timedelta
+    path: Path, service: str, bundle: Sequence[CertFacts], now: datetime, window: timedelta
 ) -> list[Row]:
+    """The rows of one file: `bundle` holds the facts of its certificates, in file order."""
     return [
         Row(
             path=path,
             service=service,
             index=i,
-            subject=certs.common_name(c.subject),
-            issuer=certs.common_name(c.issuer),
-            usages=tuple(certs.usages(c)),
-            not_before=certs.not_before(c),
-            not_after=certs.not_after(c),
-            serial=certs.serial_hex(c),
-            status=status(c, now, window),
-            residual=certs.not_after(c) - now,
+            subject=f.subject,
+            issuer=f.issuer,
+            usages=f.usages,
+            not_before=f.not_before,
+            not_after=f.not_after,
+            serial=f.serial,
+            status=status(f, now, window),
+            residual=f.not_after - now,
         )
-        for i, c in enumerate(bundle)
+        for i, f in enumerate(bundle)
     ]
 
 

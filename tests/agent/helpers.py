@@ -58,7 +58,7 @@ class ServerNode:
 
 
 def make_server_node(data: Path, name: str = "server-1", ip: str = "10.0.0.11") -> ServerNode:
-    cfg = Config.model_validate({"data-dir": str(data), "node-name": name, "node-ip": [ip]})
+    cfg = Config.from_mapping({"data-dir": str(data), "node-name": name, "node-ip": [ip]})
     node = Node.from_config(cfg)
     with node_lock(data, 30):
         renew(node, datetime.now(UTC))
@@ -77,7 +77,7 @@ def make_agent_node(data: Path, token: str, name: str = "agent-1", **config: Any
         "token": token,
     }
     doc.update({k.replace("_", "-"): v for k, v in config.items()})
-    return Node.from_config(Config.model_validate(doc))
+    return Node.from_config(Config.from_mapping(doc))
 
 
 def renew_agent(node: Node, **kwargs: Any) -> RenewResult:

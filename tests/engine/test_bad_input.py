@@ -202,8 +202,10 @@ def nobody() -> Iterator[Unprivileged]:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         pytest.skip("needs root and setpriv")
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    # Every dependency a command may import (most are imported lazily, on first use).
+    imports = "import rke2certd.cli, rke2certd.config_model, cryptography.x509, structlog"
     probe = subprocess.run(
-        [*prefix, sys.executable, "-c", "import rke2certd.cli"], capture_output=True, check=False
+        [*prefix, sys.executable, "-c", imports], capture_output=True, check=False
     )
     if probe.returncode == 0:
         yield Unprivileged(sys.executable, prefix, {})

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rke2certd.config import Config
+from rke2certd.errors import ConfigError
 from rke2certd.ops.health import default_probes, etcd_health, readyz, served_cert
 from rke2certd.ops.node import Node
 from tests.datastore.tls import EtcdPKI, make_etcd_pki
@@ -95,14 +96,14 @@ def test_unreadable_expected_file(
 def test_default_probes_follow_the_roles_in_phase_order(
     roles: list[str], names: list[str], tmp_path: Path
 ) -> None:
-    cfg = Config.model_validate(
+    cfg = Config.from_mapping(
         {"data-dir": str(tmp_path), "node-name": "n1", "node-ip": ["192.0.2.1"], "roles": roles}
     )
     assert [p.name for p in default_probes(Node.from_config(cfg))] == names
 
 
 def test_health_endpoints_must_be_https(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="not an https://host:port URL"):
-        Config.model_validate({"health-etcd-endpoint": "http://127.0.0.1:2379"})
-    with pytest.raises(ValueError, match="argv list"):
-        Config.model_validate({"restart-command": []})
+    with pytest.raises(ConfigError, match="not an https://host:port URL"):
+        Config.from_mapping({"health-etcd-endpoint": "http://127.0.0.1:2379"})
+    with pytest.raises(ConfigError, match="argv list"):
+        Config.from_mapping({"restart-command": []})

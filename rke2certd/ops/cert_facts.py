@@ -1,0 +1,127 @@
+"""The facts `certificate check` shows about each certificate, cached by file content.
+
+Parsing X.509 needs cryptography (~50 ms to import); the facts of a file depend on its bytes
+only, so they are kept under the SHA-256 of those bytes and cannot go stale: a changed file has
+another digest and is parsed again. The cache is one file per data dir in the runtime dir
+(store/runtime.py, root-only, 0600, written through store.atomic), `certs-<hash>.json`.
+`check` writes it after a miss, and `renew` runs `check` once it is done, so a check on an
+unchanged node imports neither cryptography nor pydantic. A file that does not parse is not
+cached: its error names the file and is reported each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rke2certd.plan.inventory import CertFacts
+from rke2certd.store.runtime import read_private, runtime_dir, write_private
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+FORMAT = 1
+MAX_ENTRIES = 256  # ~25 files per node, a few renewals' worth of old digests
+
+
+def facts_of(cert: x509.Certificate) -> CertFacts:
+    from rke2certd.pki import certs
+
+    return CertFacts(
+        subject=certs.common_name(cert.subject),
+        issuer=certs.common_name(cert.issuer),
+        usages=tuple(certs.usages(cert)),
+        not_before=certs.not_before(cert),
+        not_after=certs.not_after(cert),
+        serial=certs.serial_hex(cert),
+    )
+
+
+def parse(data: bytes, source: Path) -> list[CertFacts]:
+    """The facts of every certificate of a PEM file, in order; PKIError when it does not parse."""
+    from rke2certd.pki import certs
+
+    return [facts_of(c) for c in certs.load_bundle(data, source)]
+
+
+def _encode(facts: list[CertFacts]) -> list[list[Any]]:
+    return [
+        [f.subject, f.issuer, list(f.usages), f.not_before.isoformat(), f.not_after.isoformat(),
+         f.serial]
+        for f in facts
+    ]  # fmt: skip
+
+
+def _decode(doc: Any) -> list[CertFacts]:
+    """Raises ValueError/TypeError on anything but what _encode wrote."""
+    out = []
+    for subject, issuer, usages, not_before, not_after, serial in doc:
+        f = CertFacts(
+            subject, issuer, tuple(usages), datetime.fromisoformat(not_before),
+            datetime.fromisoformat(not_after), serial,
+        )  # fmt: skip
+        if not all(isinstance(v, str) for v in (f.subject, f.issuer, f.serial, *f.usages)):
+            raise TypeError("not a string")
+        if f.not_before.utcoffset() is None or f.not_after.utcoffset() is None:
+            raise ValueError("a naive time")
+        out.append(f)
+    return out
+
+
+class FactsCache:
+    """Facts by content digest for one data dir; a miss parses (and is saved by `save`)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.entries: dict[str, Any] = {}  # digest -> encoded facts, as in the file
+        self.used: dict[str, Any] = {}
+        self.added = False
+        data = read_private(path) if path is not None else None
+        if data is not None:
+            try:
+                doc = json.loads(data)
+                if doc.get("format") == FORMAT and isinstance(doc.get("facts"), dict):
+                    self.entries = doc["facts"]
+            except (ValueError, AttributeError):
+                pass  # damaged: start empty, the next save rewrites it
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> FactsCache:
+        base = runtime_dir()
+        if base is None:
+            return cls(None)
+        name = hashlib.sha256(os.path.abspath(data_dir).encode()).hexdigest()[:32]
+        return cls(base / f"certs-{name}.json")
+
+    def facts(self, data: bytes, source: Path) -> list[CertFacts]:
+        key = hashlib.sha256(data).hexdigest()
+        encoded = self.entries.get(key)
+        if encoded is not None:
+            try:
+                facts = _decode(encoded)
+            except (ValueError, TypeError):
+                pass  # a damaged entry: parse again and replace it
+            else:
+                self.used[key] = encoded
+                return facts
+        facts = parse(data, source)
+        self.used[key] = _encode(facts)
+        self.added = True
+        return facts
+
+    def save(self) -> None:
+        """Write the cache when this run parsed something: the entries it used first, then older
+        ones (another `-s` selection's, a recent renewal's) up to MAX_ENTRIES."""
+        if not self.added or self.path is None:
+            return
+        merged = dict(self.used)
+        for key, encoded in self.entries.items():
+            if len(merged) >= MAX_ENTRIES:
+                break
+            merged.setdefault(key, encoded)
+        doc = {"format": FORMAT, "facts": merged}
+        write_private(self.path, json.dumps(doc, separators=(",", ":")).encode())
