@@ -16,14 +16,14 @@ own copies of the same node and set: the same rotate-ca through the CLI (`certif
 (the checks and the save alone). Fresh copies, because a set's cost grows with the rotations
 before it (service.key keeps every old key, and each is loaded and checked).
 
-Idle: S seconds with nothing to do after the runs; CPU from /proc/<pid>/stat (utime+stime, in
-clock ticks), RSS from /proc/<pid>/status (sampled every second: median and max), wake-ups from
-the voluntary context switches of every thread (a thread that sleeps and wakes switches out
-voluntarily; involuntary switches are preemptions by other load, reported apart), per thread
-with the system call it sleeps in (which tells the threads apart: the main loop in pselect6, the
-staging watcher's inotify reader and the SQLite watch in poll, the lease keep-alive and
-watchdog's dispatch threads in futex). Targets (issue 5): no measurable CPU (0 ticks), RSS under
-60 MiB.
+Idle: S seconds with nothing to do after the runs. CPU from /proc/<pid>/stat (utime+stime, in
+clock ticks) and exactly from /proc/<pid>/task/*/schedstat; RSS from /proc/<pid>/status
+(sampled every second: median and max); wake-ups from the voluntary context switches of every
+thread (a thread that sleeps and wakes switches out voluntarily; involuntary switches are
+preemptions by other load, reported apart), per thread with the system call it sleeps in (which
+tells the threads apart: the main loop in pselect6, the staging watcher's inotify reader and
+the SQLite watch in poll, the lease keep-alive and watchdog's dispatch threads in futex).
+Targets (issue 5): no measurable CPU (0 ticks), RSS under 60 MiB.
 
 The daemon and CLI processes run this tree's code with the unit's environment (UNIT_ENV, as in
 systemd/rke2certd.service's Environment=).
@@ -96,6 +96,7 @@ class Thread:
     voluntary: int  # each wake-up of a sleeping thread is one
     involuntary: int  # preempted while running (by other load on the machine)
     sleeps_in: str  # the system call it is blocked in now
+    cpu_ns: int  # time on a CPU (schedstat: exact, where ticks are 10 ms steps)
 
 
 def threads(pid: int) -> dict[int, Thread]:
@@ -104,11 +105,12 @@ def threads(pid: int) -> dict[int, Thread]:
         try:
             st = status_of(task / "status")
             nr = (task / "syscall").read_text().split()[0]
+            cpu_ns = int((task / "schedstat").read_text().split()[0])
         except (OSError, IndexError):
             continue  # ended meanwhile (or /proc/<tid>/syscall is not readable: see below)
         call = SYSCALLS.get(int(nr), f"syscall {nr}") if nr.lstrip("-").isdigit() else nr
         out[int(task.name)] = Thread(
-            int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"]), call
+            int(st["voluntary_ctxt_switches"]), int(st["nonvoluntary_ctxt_switches"]), call, cpu_ns
         )
     return out
 
@@ -256,18 +258,26 @@ def run(work: Path, runs: int, idle_seconds: float, quiet: float) -> int:
           f"file {kib(st['RssFile']) / 1024:.1f}); peak (VmHWM) {kib(st['VmHWM']) / 1024:.1f} "
           f"MiB; target < {RSS_TARGET_MIB:.0f} MiB")  # fmt: skip
     wakes = {
-        tid: (t.voluntary - threads0[tid].voluntary, t.involuntary - threads0[tid].involuntary)
+        tid: (
+            t.voluntary - threads0[tid].voluntary,
+            t.involuntary - threads0[tid].involuntary,
+            (t.cpu_ns - threads0[tid].cpu_ns) / 1e6,
+        )
         for tid, t in threads1.items()
         if tid in threads0
     }
-    woke, preempted = sum(w for w, _ in wakes.values()), sum(p for _, p in wakes.values())
+    woke, preempted = sum(w[0] for w in wakes.values()), sum(w[1] for w in wakes.values())
+    cpu_ms = sum(w[2] for w in wakes.values())
+    print(f"           {cpu_ms:.1f} ms on a CPU (schedstat) = {cpu_ms / elapsed * 60:.1f} ms "
+          "per minute")  # fmt: skip
     print(f"  wake-ups {woke} ({woke / elapsed:.2f}/s) over {st['Threads']} threads, "
           f"{preempted} preemptions ({preempted / elapsed:.2f}/s), "
           f"{notes} sd_notify messages")  # fmt: skip
-    for tid, (w, p) in sorted(wakes.items()):
+    for tid, (w, p, ms_on_cpu) in sorted(wakes.items()):
         who = "main thread" if tid == pid else f"thread {tid}"
         print(f"    {who:14} sleeping in {threads1[tid].sleeps_in:16} "
-              f"{w / elapsed:5.2f} wake-ups/s, {p / elapsed:5.2f} preemptions/s")  # fmt: skip
+              f"{w / elapsed:5.2f} wake-ups/s, {p / elapsed:5.2f} preemptions/s, "
+              f"{ms_on_cpu:5.1f} ms CPU")  # fmt: skip
     rss_ok, cpu_ok = max(rss) < RSS_TARGET_MIB, ticks == 0
     print(f"targets: RSS {'met' if rss_ok else 'MISSED'} "
           f"({RSS_TARGET_MIB - max(rss):.1f} MiB of headroom), "
