@@ -3,8 +3,10 @@
 - WAL mode and a busy timeout, so several rke2certd processes on the node share the file;
   every write runs in `BEGIN IMMEDIATE`, so two writers serialise instead of deadlocking.
 - One revision counter (table `meta`), bumped once per changing transaction.
-- An `events` table keeps the last HISTORY revisions of changes: watches poll it (SQLite cannot
-  notify another process) and return history exactly as etcd does.
+- An `events` table keeps the last HISTORY revisions of changes, returned by watches exactly as
+  etcd does. SQLite cannot notify another process, so a watch waits on inotify for writes to
+  the database's WAL (every commit writes it; reads write nothing), and polls only where inotify
+  is unavailable.
 - Leases are rows with an expiry on the injected clock; expired leases and their keys are
   deleted (as DELETE events) at the next access by any process.
 """
@@ -12,10 +14,14 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import select
 import sqlite3
+import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from rke2certd.datastore.base import (
     prefix_end,
 )
 from rke2certd.errors import DatastoreError
+from rke2certd.log import log
 from rke2certd.store.atomic import ensure_dir
 
 DEFAULT_RELATIVE_PATH = Path("server/db/rke2certd.sqlite")
@@ -58,8 +65,12 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+# Without inotify, a watch polls: every `poll_interval` while the store is busy, every IDLE_POLL
+# once nothing has changed for ACTIVE_WINDOW.
 IDLE_POLL = 4.0
 ACTIVE_WINDOW = 10.0
+LEASE_MARGIN = 0.01  # wake this long after the next lease expiry, not just before it
+SETTLE_MS = 5  # after a write wakes a watch, how long it lets the writer finish
 
 
 class SQLiteDatastore(Datastore):
@@ -81,6 +92,8 @@ class SQLiteDatastore(Datastore):
         self._last_activity = time.monotonic()
         self._sleep = sleep
         self._lock = threading.RLock()  # one connection, shared by the daemon's threads
+        self._interrupt: int | None = None  # eventfd: close() wakes the watches waiting
+        self._polling_logged = False
         self._conn = self._open(busy_timeout)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -140,6 +153,8 @@ class SQLiteDatastore(Datastore):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._interrupt is not None:  # a waiting watch returns (and fails to read)
+                os.eventfd_write(self._interrupt, 1)
 
     # -- transactions --------------------------------------------------------------------------
 
@@ -315,25 +330,68 @@ class SQLiteDatastore(Datastore):
     # -- watch -----------------------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
-        # SQLite has no watch, so this polls: every `poll_interval` while the store is busy,
-        # every IDLE_POLL once nothing has changed for ACTIVE_WINDOW (an idle daemon then costs
-        # no measurable CPU; the first change after a quiet spell is seen within IDLE_POLL).
         deadline = time.monotonic() + timeout
-        while True:
-            events = self._events_since(prefix, start_revision)
-            now = time.monotonic()
-            if events:
-                self._last_activity = now
-                return events
-            remaining = deadline - now
-            if remaining <= 0:
-                return events
-            idle = now - self._last_activity >= ACTIVE_WINDOW
-            self._sleep(min(max(self._poll, IDLE_POLL) if idle else self._poll, remaining))
+        if timeout <= 0:
+            return self._events_since(prefix, start_revision, settled=False)[0]
+        change = self._change_watch()
+        try:
+            while True:
+                # With inotify, read under the write lock: a commit whose WAL write woke us
+                # may not be visible yet (the writer still syncs), and holding the lock waits
+                # for it. Its watch was set before this read, so nothing falls in between.
+                events, next_expiry = self._events_since(
+                    prefix, start_revision, settled=change is not None
+                )
+                now = time.monotonic()
+                if events:
+                    self._last_activity = now
+                    return events
+                remaining = deadline - now
+                if remaining <= 0:
+                    return events
+                if change is not None and not change.broken:
+                    # an expiring lease deletes its keys at the next access: be that access
+                    if next_expiry is not None:
+                        remaining = min(remaining, next_expiry - self._now() + LEASE_MARGIN)
+                    change.wait(max(LEASE_MARGIN, remaining))
+                else:
+                    idle = now - self._last_activity >= ACTIVE_WINDOW
+                    poll = max(self._poll, IDLE_POLL) if idle else self._poll
+                    self._sleep(min(poll, remaining))
+        finally:
+            if change is not None:
+                change.close()
 
-    def _events_since(self, prefix: str, start_revision: int) -> list[Event]:
+    def _change_watch(self) -> _ChangeWatch | None:
+        """A new inotify watch on the database, or None (logged once) to poll instead."""
+        try:
+            with self._lock:
+                if self._interrupt is None:
+                    self._interrupt = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                    # not in close(): a watch may still be polling it (a reused fd number
+                    # would be worse); it goes with the object
+                    weakref.finalize(self, os.close, self._interrupt)
+            # SQLite follows a symlinked path: its WAL is next to the real file
+            return _ChangeWatch(Path(os.path.realpath(self.path)), self._interrupt)
+        except (OSError, AttributeError) as exc:  # no inotify/eventfd, or out of watches
+            if not self._polling_logged:
+                log.warning(
+                    "datastore_watch_polling",
+                    cert_path=str(self.path),
+                    reason=f"inotify is unavailable ({exc}); polling every {IDLE_POLL:g}s",
+                )
+                self._polling_logged = True
+            return None
+
+    def _events_since(
+        self, prefix: str, start_revision: int, *, settled: bool
+    ) -> tuple[list[Event], float | None]:
+        """Events from `start_revision` and the next lease expiry (on the injected clock)."""
         where, params = _prefix_clause(prefix)
-        with self._read_txn() as conn:
+        if settled:
+            self._reap_if_due()
+        txn = self._write_txn() if settled else self._read_txn()
+        with txn as conn:
             compacted = int(
                 conn.execute("SELECT value FROM meta WHERE name='compacted'").fetchone()[0]
             )
@@ -347,7 +405,78 @@ class SQLiteDatastore(Datastore):
                 f"{_SELECT_EVENTS} WHERE revision >= ? AND {where} ORDER BY revision, key",
                 (start_revision, *params),
             ).fetchall()
-        return [Event(EventType.DELETE if r[5] else EventType.PUT, _kv(r[:5])) for r in rows]
+            (next_expiry,) = conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
+        events = [Event(EventType.DELETE if r[5] else EventType.PUT, _kv(r[:5])) for r in rows]
+        return events, next_expiry
+
+
+# -- inotify -------------------------------------------------------------------------------------
+
+_IN_MODIFY, _IN_MOVED_TO, _IN_ONLYDIR = 0x2, 0x80, 0x1000000
+_IN_Q_OVERFLOW, _IN_IGNORED = 0x4000, 0x8000
+_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
+
+
+class _ChangeWatch:
+    """inotify on the database's directory (not recursive): wakes for a write to the database or
+    its WAL/journal by any process on this host, or a file renamed over it. One per watch call
+    and closed by it, so no inotify fd outlives its user."""
+
+    def __init__(self, path: Path, interrupt: int) -> None:
+        import ctypes  # only here: a CLI that never waits does not load it
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd = fd
+        directory = os.fsencode(path.parent)
+        if libc.inotify_add_watch(fd, directory, _IN_MODIFY | _IN_MOVED_TO | _IN_ONLYDIR) < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, f"inotify_add_watch {path.parent}: {os.strerror(err)}")
+        self._names = {os.fsencode(path.name + suffix) for suffix in ("", "-wal", "-journal")}
+        self._interrupt = interrupt
+        self._poller = select.poll()
+        self._poller.register(fd, select.POLLIN)
+        self._poller.register(interrupt, select.POLLIN)
+        self.broken = False  # the directory went away: the caller polls instead
+
+    def wait(self, timeout: float) -> bool:
+        """Until a change, close() or `timeout` seconds; True unless it timed out."""
+        ready = self._poller.poll(math.ceil(timeout * 1000))
+        if any(fd == self._interrupt for fd, _ in ready):
+            return True
+        if not (ready and self._drain()):
+            return False
+        # Let the writer finish its commit (more writes, a sync): reading at its first write
+        # would queue behind it for the connection lock and the GIL when it is this process
+        # (the lease refresh), which costs both threads several more context switches.
+        if self._poller.poll(SETTLE_MS):
+            self._drain()
+        return True
+
+    def _drain(self) -> bool:
+        changed = False
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return changed
+            offset = 0
+            while offset < len(buf):
+                _wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(buf, offset)
+                offset += _INOTIFY_EVENT.size
+                name = buf[offset : offset + length].rstrip(b"\0")
+                offset += length
+                if mask & _IN_IGNORED:  # the directory was removed or unmounted
+                    self.broken = changed = True
+                elif mask & _IN_Q_OVERFLOW or name in self._names:
+                    changed = True
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 _SELECT_KV = "SELECT key, value, create_revision, mod_revision, lease FROM kv"

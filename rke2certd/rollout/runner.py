@@ -150,9 +150,12 @@ class RolloutRunner:
 
     def _new_link(self) -> ClusterLink:
         ttl = self.node.cfg.registry_ttl
-        from rke2certd.rollout.stream import stream_for  # requests: only for etcd
+        stream = None
+        if self.node.cfg.datastore_endpoint.strip().lower().startswith(("http://", "https://")):
+            # etcd only: requests and etcd3gw cost ~8 MiB of RSS that a SQLite daemon need not hold
+            from rke2certd.rollout.stream import stream_for
 
-        stream = stream_for(self.node, rec.PREFIX)
+            stream = stream_for(self.node, rec.PREFIX)
         return ClusterLink(self._open, ttl, rec.node_key(self.me), self._wake, stream)
 
     def close(self) -> None:

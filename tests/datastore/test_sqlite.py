@@ -1,5 +1,5 @@
 """SQLite specifics: several processes on one file, leases on an injected clock, file modes,
-history compaction, and refusing a file that is not ours."""
+history compaction, refusing a file that is not ours, and the watch woken by inotify."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from rke2certd.datastore import (
     DatastoreUnavailable,
@@ -20,6 +22,7 @@ from rke2certd.datastore import (
     SQLiteDatastore,
     WatchCompacted,
 )
+from rke2certd.datastore import sqlite as sqlite_module
 from rke2certd.errors import DatastoreError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,3 +175,108 @@ def test_busy_past_the_timeout_is_a_retryable_error(tmp_path: Path) -> None:
             holder.execute("ROLLBACK")
             holder.close()
         assert ds.create("/k", b"v")  # nothing was left half-done
+
+
+# --- the watch: woken by inotify, not by polling -------------------------------------------------
+
+ONE_WRITE = r"""
+import sys
+from pathlib import Path
+from rke2certd.datastore import SQLiteDatastore
+
+with SQLiteDatastore(Path(sys.argv[1])) as ds:
+    ds.create("/w/" + sys.argv[2], b"from another process")
+"""
+
+
+def test_a_write_by_another_process_wakes_a_waiting_watch(tmp_path: Path) -> None:
+    path = tmp_path / "db" / "s.sqlite"
+    sleeps: list[float] = []
+    # polling every 30 s: only inotify can see the write within the bound below
+    with SQLiteDatastore(path, poll_interval=30.0, sleep=sleeps.append) as ds:
+        ds.create("/other/x", b"before")
+        start = ds.snapshot("/w/").revision + 1
+        writer = subprocess.Popen(
+            [sys.executable, "-c", ONE_WRITE, str(path), "k"],
+            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        )
+        try:
+            events = ds.watch_prefix("/w/", start, timeout=20)
+        finally:
+            assert writer.wait(timeout=60) == 0
+        # returned with the write (not at the 20 s timeout), and never slept to poll
+        assert [(e.type, e.kv.key, e.kv.value) for e in events] == [
+            (EventType.PUT, "/w/k", b"from another process")
+        ]
+        assert sleeps == []
+
+
+def test_a_watch_waits_without_polling_and_times_out(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    with SQLiteDatastore(tmp_path / "s.sqlite", sleep=sleeps.append) as ds:
+        start = ds.snapshot("/w/").revision + 1
+        ds.create("/other/x", b"a change elsewhere wakes it; it reads and waits on")
+        t0 = time.monotonic()
+        assert ds.watch_prefix("/w/", start + 1, timeout=0.8) == []
+        assert 0.7 < time.monotonic() - t0 < 2
+        assert sleeps == []
+
+
+def test_a_waiting_watch_sees_a_lease_expire_without_other_access(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    with SQLiteDatastore(tmp_path / "s.sqlite", sleep=sleeps.append) as ds:
+        lease = ds.grant_lease(1)
+        ds.create("/w/node", b"alive", lease=lease)
+        start = ds.snapshot("/w/").revision + 1
+        t0 = time.monotonic()
+        events = ds.watch_prefix("/w/", start, timeout=10)
+        assert time.monotonic() - t0 < 2.5  # at the expiry, not at the end of the call
+        assert [(e.type, e.kv.key) for e in events] == [(EventType.DELETE, "/w/node")]
+        assert sleeps == []
+
+
+def test_close_ends_a_waiting_watch(tmp_path: Path) -> None:
+    ds = SQLiteDatastore(tmp_path / "s.sqlite")
+    start = ds.snapshot("/w/").revision + 1
+    outcome: list[BaseException | list[object]] = []
+
+    def watch() -> None:
+        try:
+            outcome.append(list(ds.watch_prefix("/w/", start, timeout=30)))
+        except DatastoreError as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    ds.close()
+    t.join(5)
+    assert not t.is_alive() and time.monotonic() - t0 < 1
+    assert len(outcome) == 1 and isinstance(outcome[0], DatastoreError)
+
+
+def test_without_inotify_a_watch_polls_and_says_so_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A mock: running out of inotify instances for real would need a system-wide limit changed
+    # under every other process of the machine.
+    def no_inotify(*_args: object) -> None:
+        raise OSError(24, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(sqlite_module, "_ChangeWatch", no_inotify)
+    path = tmp_path / "s.sqlite"
+    with (
+        capture_logs() as logs,
+        SQLiteDatastore(path, poll_interval=0.05) as ds,
+        SQLiteDatastore(path) as writer,
+    ):
+        start = ds.snapshot("/w/").revision + 1
+        assert ds.watch_prefix("/w/", start, timeout=0.3) == []
+        timer = threading.Timer(0.3, lambda: writer.create("/w/k", b"v"))
+        timer.start()
+        events = ds.watch_prefix("/w/", start, timeout=10)
+        timer.join()
+    assert [e.kv.key for e in events] == ["/w/k"]
+    warned = [e for e in logs if e["event"] == "datastore_watch_polling"]
+    assert len(warned) == 1 and "Too many open files" in warned[0]["reason"]
