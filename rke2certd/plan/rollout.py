@@ -248,9 +248,10 @@ class Wait:
     rollout: Rollout
     reason: str
     blocker: str | None = None  # the node waited for, if one
-    # what ends the wait: barrier / queue (the blocker's status), slot (a slot of my phase
-    # freed), down (the blocker returning or removed)
+    # what ends the wait: barrier (every node in `pending` done), queue (the blocker's
+    # status), slot (a slot of my phase freed), down (the blocker returning or removed)
     on: str = "barrier"
+    pending: tuple[str, ...] = ()  # a barrier's nodes not done yet, the blocker among them
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def _barrier(view: ClusterView, r: Rollout, me: Member) -> Wait | None:
     first = next((m for m in pending if m.name not in view.live), pending[0])  # down first
     more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
     reason = f"waiting for {first.phase} node {first.name}: {node_text(view, r, first)}{more}"
-    return Wait(r, reason, first.name)
+    return Wait(r, reason, first.name, pending=tuple(m.name for m in pending))
 
 
 def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> Step:

@@ -15,6 +15,7 @@ the main loop's own (see Daemon._start_rollouts).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 
 WATCH_SLICE = 5.0  # longest single SQLite watch call: how soon a stop is noticed
 BACKOFF_MAX = 10.0
+RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
 
 
 class ClusterLink:
@@ -64,6 +66,9 @@ class ClusterLink:
         # Which changes wake the main loop: set by the runner after each step, so that a node
         # waiting for one thing is not woken (and does not read) for every change of the others.
         self.interest: Callable[[Event], bool] = lambda _event: True
+        # the latest changes, and the lock that hands each one to exactly one interest
+        self._recent: deque[Event] = deque(maxlen=RECENT)
+        self._lock = threading.Lock()
 
     def start(self, lease: int) -> None:
         self.lease = lease
@@ -77,6 +82,19 @@ class ClusterLink:
         for t in self._threads:
             t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
 
+    def set_interest(self, interest: Callable[[Event], bool], revision: int) -> None:
+        """Wake for `interest` from now on, and at once if a change after `revision` (the read
+        the step was decided on) came in meanwhile: the previous interest judged it, and it
+        may have let pass what this one waits for (a lost wake-up would stall the node until
+        RECHECK)."""
+        with self._lock:
+            self.interest = interest
+            recent = list(self._recent)
+        newer = [e for e in recent if e.kv.mod_revision > revision]
+        complete = len(recent) < RECENT or recent[0].kv.mod_revision <= revision
+        if any([self._relevant(e, interest) for e in newer]) or not complete:
+            self._poke()
+
     def take_changed(self) -> bool:
         """True once after every change seen (and at start)."""
         if self._changed.is_set():
@@ -88,10 +106,10 @@ class ClusterLink:
         self._changed.set()
         self._wake()
 
-    def _relevant(self, event: Event) -> bool:
+    def _relevant(self, event: Event, interest: Callable[[Event], bool] | None = None) -> bool:
         if event.kv.key == self._own_key:
             return event.type is EventType.DELETE  # our registration is gone: register again
-        return self.interest(event)
+        return (interest or self.interest)(event)
 
     def _failed(self, exc: Exception, backoff: float) -> float:
         """Log a failure once (not at every retry), wake the loop for its status line, pause."""
@@ -173,7 +191,10 @@ class ClusterLink:
             if not events:
                 continue
             self._revision = events[-1].kv.mod_revision + 1
-            if any(self._relevant(e) for e in events):
+            with self._lock:  # each change is judged by the interest it arrived under
+                self._recent.extend(events)
+                relevant = self.interest
+            if any([self._relevant(e, relevant) for e in events]):
                 self._poke()
             if self._stop.is_set():
                 break
@@ -181,13 +202,20 @@ class ClusterLink:
 
 def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     """The changes that may let this node go on after `step`: a node coming or going (not its
-    updates), membership, rollout records, and what it waits for (its blocker's status, or the
-    slots of its phase). Everything else is somebody else's business; RECHECK covers a miss."""
+    updates), membership, rollout records, and what it waits for: a barrier opens when the last
+    node it waits for is done (or failed), not at each of them; a queue moves when the node
+    ahead changes; a slot when one of its phase's slots does. Everything else is somebody
+    else's business; RECHECK covers a miss (and refreshes the wait's words meanwhile)."""
     watched: tuple[str, ...] = ()
-    terminal_only = False  # a barrier opens when the blocker is done (or failed), not before
-    if isinstance(step, Wait) and step.on in ("barrier", "queue") and step.blocker:
+    opens_at: frozenset[str] = frozenset()  # a barrier's status keys: when all are done...
+    barrier: set[str] = set()  # ...of which these are not yet
+    if isinstance(step, Wait) and step.on == "barrier" and step.blocker:
+        opens_at = frozenset(
+            rec.status_key(step.rollout.id, n) for n in step.pending or (step.blocker,)
+        )
+        barrier, watched = set(opens_at), tuple(opens_at)
+    elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
         watched = (rec.status_key(step.rollout.id, step.blocker),)
-        terminal_only = step.on == "barrier"
     elif isinstance(step, Wait) and step.on == "slot":
         watched = (f"{rec.SLOTS}{phase.value}/",)
     depth = rec.ROLLOUTS.count("/")
@@ -202,11 +230,14 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
             return True
         if not key.startswith(watched):
             return False
-        if terminal_only and event.type is EventType.PUT:
+        if key in opens_at and event.type is EventType.PUT:
             try:
-                return rec.decode_status(kv).state in TERMINAL_NODE_STATES
+                if rec.decode_status(kv).state not in TERMINAL_NODE_STATES:
+                    return False
             except (ValueError, KeyError, TypeError):
-                return True
+                return True  # unreadable: let the main loop read it and say so
+            barrier.discard(key)
+            return not barrier  # a second report of one node does not count twice
         return True
 
     return relevant

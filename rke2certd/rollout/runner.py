@@ -268,7 +268,7 @@ class RolloutRunner:
             parsed = self.store.read()
         self._release_stale_slots(parsed, step)
         if self.link is not None:
-            self.link.interest = interest(step, self.phase)
+            self.link.set_interest(interest(step, self.phase), parsed.revision)
         if isinstance(step, Restart):
             self._start_job(step.rollout, step.slot, parsed)
         elif isinstance(step, Wait):

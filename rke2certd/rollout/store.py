@@ -31,9 +31,10 @@ HISTORY = 20  # finished rollouts kept for `rke2certd status`
 class ClusterStore:
     def __init__(self, ds: Datastore) -> None:
         self.ds = ds
+        self._decoded = rec.Decoded()  # a node reads often: decode only what changed
 
     def read(self) -> rec.Parsed:
-        return rec.parse(self.ds.snapshot(rec.PREFIX))
+        return rec.parse(self.ds.snapshot(rec.PREFIX), self._decoded)
 
     # -- primitives --------------------------------------------------------------------------
 

@@ -238,9 +238,10 @@ def test_control_plane_waits_for_every_etcd_node() -> None:
     step = next_step(c.view, "c1", 1)
     assert isinstance(step, Wait)
     assert step.reason == "waiting for etcd node e2: restarting (and 1 more)"
+    assert step.on == "barrier" and step.pending == ("e2", "e3")  # it opens when both are done
     c.status("ca-1", "e2", NodeState.DONE)
     step = next_step(c.view, "c1", 1)
-    assert isinstance(step, Wait) and step.blocker == "e3"
+    assert isinstance(step, Wait) and step.blocker == "e3" and step.pending == ("e3",)
     assert "applied, waiting for its turn" in step.reason
     c.status("ca-1", "e3", NodeState.DONE)
     assert isinstance(next_step(c.view, "c1", 1), TakeSlot)

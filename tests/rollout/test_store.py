@@ -137,6 +137,30 @@ def test_unreadable_records_are_reported_not_fatal(ds: SQLiteDatastore) -> None:
     assert len(parsed.problems) == 2 and "ca-bad" in parsed.problems[1]
 
 
+def test_a_store_read_again_decodes_only_what_changed_and_sees_every_change(
+    ds: SQLiteDatastore,
+) -> None:
+    store = ClusterStore(ds)
+    start(ds, ca_rollout("g1", [], "e1", "why", T0), T0)
+    store.ensure_member(Member("c1", ("control-plane",), Phase.CONTROL_PLANE))
+    ds.create(rec.MEMBERS + "x", b"{not json")
+    r = store.read().view.rollouts[0]
+    store.set_status(r, NodeStatus("c1", NodeState.APPLIED))
+    first = store.read()
+    again = store.read()
+    assert again.view == first.view and again.problems == first.problems  # from the cache
+    assert again.view.statuses[(r.id, "c1")] is first.view.statuses[(r.id, "c1")]
+    assert len(again.problems) == 1 and "members/x" in again.problems[0]  # every read says so
+
+    store.set_status(r, NodeStatus("c1", NodeState.DONE))  # same key, new value
+    ds.delete(rec.MEMBERS + "x")
+    later = store.read()
+    assert later.view.statuses[(r.id, "c1")].state is NodeState.DONE
+    assert later.problems == []
+    fresh = rec.parse(ds.snapshot(rec.PREFIX))  # without a cache: the same
+    assert fresh.view == later.view and fresh.kvs == later.kvs
+
+
 def test_records_round_trip() -> None:
     r = ca_rollout("g1", ["tls/server-ca.crt"], "e1", "why", T0)
     kv = _kv(rec.rollout_key(r.id), rec.encode_rollout(r), 7)
