@@ -15,17 +15,23 @@ timed from its record's creation to its `done`, both from the datastore.
   frees its slot; the next one sees it through its watch, takes the slot, starts);
 - apply: creation to the last node applied; restarts: the first restart to the last done;
   hand-off: the median gap from one node's done to the next node's restart;
-- CPU: user + system time of every daemon and its commands during the rollout;
+- CPU: user + system time of every daemon and its commands during the rollout, and of the
+  etcd members, per node;
 - etcd work per node, from etcd's own /metrics (times vary with whatever else runs on the
-  machine, these counts do not): requests handled, and watch messages sent to the nodes;
-- the fitted slope of wall time over N (seconds per node), and log-log exponents of wall time,
-  overhead, the restart sequence and CPU (1.0 is linear growth: a constant cost per node).
+  machine, these counts do not): reads (a node reads the prefix once per wake-up), writes
+  (compare-and-swaps), all requests, and watch messages sent: every write reaches every node's
+  watch, so these grow with N per node (N^2 in all) however narrow a node's interest is; what
+  keeps them cheap is how few writes a node makes;
+- growth: log-log exponents over N (1.00 is linear: a constant cost per node; 2.00 quadratic)
+  of wall time, overhead, the restart sequence, the apply step, CPU and the counts: fitted on
+  the medians, and on each repetition alone (median [min-max] of those: the spread says how far
+  the machine's other load moved the figures).
 
 Real processes, not lighter in-process loops: 24 daemons fit in memory. But they share this
 machine's cores, which a real cluster does not: the apply step (every node renewing at once,
 reported apart) and the fan-out of each change to every node's watch (a JSON line each) are
 CPU spent in parallel on N machines, here queued on a few cores. Sizes are interleaved, each
-run `--repeat` times, the median kept, so that other load on the machine hits all sizes alike.
+run `--repeat` times, medians kept, so that other load on the machine hits all sizes alike.
 """
 
 from __future__ import annotations

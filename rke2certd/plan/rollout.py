@@ -59,7 +59,9 @@ class RolloutState(StrEnum):
 
 class NodeState(StrEnum):
     APPLIED = "applied"  # new files on disk, waiting for its turn
-    RESTARTING = "restarting"  # holds a slot: restart command, then health gate
+    # restart command, then health gate: now said by the node's slot (see restart_slot), not
+    # written; an earlier version's record, or an earlier run's, still reads
+    RESTARTING = "restarting"
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"  # the rollout stopped before this node's turn
@@ -216,11 +218,27 @@ def down_text(m: Member) -> str:
     )
 
 
+def restart_slot(view: ClusterView, rollout: Rollout, node: str) -> Slot | None:
+    """The slot `node` holds for `rollout`: it is restarting for it (its status still says
+    applied until it reports done: the slot is the record of a restart in progress)."""
+    return next((s for s in view.slots if s.node == node and s.rollout == rollout.id), None)
+
+
+def _restarting(view: ClusterView, rollout: Rollout, node: str) -> str | None:
+    st = view.status(rollout, node)
+    slot = restart_slot(view, rollout, node)
+    if slot is None or (st is not None and st.state in TERMINAL_NODE_STATES):
+        return None
+    return f"since {_when(slot.since)}"
+
+
 def node_text(view: ClusterView, rollout: Rollout, m: Member) -> str:
     """What `m` is doing for `rollout`, as the others see it."""
     st = view.status(rollout, m.name)
     if m.name not in view.live and (st is None or st.state not in TERMINAL_NODE_STATES):
         return down_text(m)
+    if (since := _restarting(view, rollout, m.name)) is not None:
+        return f"restarting ({since})"
     if st is None:
         return "not applied yet"
     if st.state is NodeState.APPLIED:
@@ -443,7 +461,9 @@ def node_rows(view: ClusterView, rollout: Rollout) -> list[NodeRow]:
     for m in participants(view, rollout):
         reg = view.live.get(m.name)
         st = view.status(rollout, m.name)
-        if st is not None:
+        if (since := _restarting(view, rollout, m.name)) is not None:
+            state, message = NodeState.RESTARTING.value, since
+        elif st is not None:
             state, message = st.state.value, st.message
         elif rollout.state is RolloutState.STOPPED:
             state, message = "stopped", rollout.state_reason

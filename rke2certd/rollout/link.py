@@ -204,8 +204,9 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     """The changes that may let this node go on after `step`: a node coming or going (not its
     updates), membership, rollout records, and what it waits for: a barrier opens when the last
     node it waits for is done (or failed), not at each of them; a queue moves when the node
-    ahead changes; a slot when one of its phase's slots does. Everything else is somebody
-    else's business; RECHECK covers a miss (and refreshes the wait's words meanwhile)."""
+    ahead takes a slot or reports; a slot wait ends when a slot of its phase changes.
+    Everything else is somebody else's business; RECHECK covers a miss (and refreshes the
+    wait's words meanwhile)."""
     watched: tuple[str, ...] = ()
     opens_at: frozenset[str] = frozenset()  # a barrier's status keys: when all are done...
     barrier: set[str] = set()  # ...of which these are not yet
@@ -214,10 +215,13 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
             rec.status_key(step.rollout.id, n) for n in step.pending or (step.blocker,)
         )
         barrier, watched = set(opens_at), tuple(opens_at)
-    elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
-        watched = (rec.status_key(step.rollout.id, step.blocker),)
+    slots = f"{rec.SLOTS}{phase.value}/"
+    ahead: str | None = None  # a queue moves when the node ahead takes a slot (or reports)
+    if isinstance(step, Wait) and step.on == "queue" and step.blocker:
+        ahead = step.blocker
+        watched = (rec.status_key(step.rollout.id, step.blocker), slots)
     elif isinstance(step, Wait) and step.on == "slot":
-        watched = (f"{rec.SLOTS}{phase.value}/",)
+        watched = (slots,)
     depth = rec.ROLLOUTS.count("/")
 
     def relevant(event: Event) -> bool:
@@ -230,6 +234,13 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
             return True
         if not key.startswith(watched):
             return False
+        if ahead is not None and key.startswith(slots):
+            if event.type is EventType.DELETE:
+                return False  # a slot freed is for the node at the head of the queue
+            try:
+                return rec.decode_slot(kv).node == ahead
+            except (ValueError, KeyError, TypeError):
+                return True
         if key in opens_at and event.type is EventType.PUT:
             try:
                 if rec.decode_status(kv).state not in TERMINAL_NODE_STATES:

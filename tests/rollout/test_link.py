@@ -24,6 +24,7 @@ from rke2certd.plan.rollout import (
     Rollout,
     RolloutKind,
     RolloutState,
+    Slot,
     Wait,
 )
 from rke2certd.rollout import records as rec
@@ -89,8 +90,15 @@ def test_a_change_judged_under_the_previous_interest_is_judged_again(tmp_path: P
 
 def test_a_queue_waiter_wakes_when_the_node_ahead_moves() -> None:
     wake = interest(Wait(R, "waiting", "c3", "queue"), Phase.CONTROL_PLANE)
-    assert wake(status("c3", NodeState.RESTARTING))
-    assert not wake(status("c4", NodeState.RESTARTING))
+    assert wake(status("c3", NodeState.DONE))
+    assert not wake(status("c4", NodeState.DONE))
+    # it took a slot (a restart writes no status): the next in line moves up
+    taken = rec.encode_slot(Slot(Phase.CONTROL_PLANE, 1, "c3", "ca-1"))
+    assert wake(put(rec.slot_key(Phase.CONTROL_PLANE, 1), taken))
+    other = rec.encode_slot(Slot(Phase.CONTROL_PLANE, 0, "c2", "ca-1"))
+    assert not wake(put(rec.slot_key(Phase.CONTROL_PLANE, 0), other))
+    assert not wake(Event(EventType.DELETE, KV(rec.slot_key(Phase.CONTROL_PLANE, 0), b"", 9, 0)))
+    assert not wake(put(rec.slot_key(Phase.ETCD, 0), taken))
 
 
 def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:

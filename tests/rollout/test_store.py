@@ -60,6 +60,9 @@ def test_ca_rollout_is_created_once(ds: SQLiteDatastore) -> None:
     assert (created, created_again) == (True, False)
     assert again == first and first.created_by == "e1" and first.phases == SERVER_PHASES
     assert first.revision > 0
+    ds.create(rec.rollout_key("ca-g9"), b"{a newer daemon's record")
+    asked = ca_rollout("g9", [], "e2", "why", T0)
+    assert start(ds, asked, T0) == (asked, False)  # left alone; `read()` reports it
 
 
 def test_new_ca_generation_supersedes_the_active_one(ds: SQLiteDatastore) -> None:
