@@ -206,22 +206,21 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     node it waits for is done (or failed), not at each of them; a queue moves when the node
     ahead takes a slot or reports; a slot wait ends when a slot of its phase changes.
     Everything else is somebody else's business; RECHECK covers a miss (and refreshes the
-    wait's words meanwhile)."""
-    watched: tuple[str, ...] = ()
-    opens_at: frozenset[str] = frozenset()  # a barrier's status keys: when all are done...
-    barrier: set[str] = set()  # ...of which these are not yet
-    if isinstance(step, Wait) and step.on == "barrier" and step.blocker:
-        opens_at = frozenset(
-            rec.status_key(step.rollout.id, n) for n in step.pending or (step.blocker,)
-        )
-        barrier, watched = set(opens_at), tuple(opens_at)
-    slots = f"{rec.SLOTS}{phase.value}/"
+    wait's words meanwhile). Status keys match exactly: node c1's key is a prefix of c10's."""
+    statuses: frozenset[str] = frozenset()  # the status keys waited on
+    barrier: set[str] = set()  # a barrier's keys not reported done (or failed) yet
+    slots: str | None = None  # the slot prefix of this node's phase, when it waits on slots
     ahead: str | None = None  # a queue moves when the node ahead takes a slot (or reports)
-    if isinstance(step, Wait) and step.on == "queue" and step.blocker:
-        ahead = step.blocker
-        watched = (rec.status_key(step.rollout.id, step.blocker), slots)
+    if isinstance(step, Wait) and step.on == "barrier" and step.blocker:
+        names = step.pending or (step.blocker,)
+        statuses = frozenset(rec.status_key(step.rollout.id, n) for n in names)
+        barrier = set(statuses)
+    elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
+        statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
+        slots, ahead = f"{rec.SLOTS}{phase.value}/", step.blocker
     elif isinstance(step, Wait) and step.on == "slot":
-        watched = (slots,)
+        slots = f"{rec.SLOTS}{phase.value}/"
+    opens = bool(barrier)  # only when all of them are done (a queue: at any change)
     depth = rec.ROLLOUTS.count("/")
 
     def relevant(event: Event) -> bool:
@@ -232,16 +231,18 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
             return True
         if key.startswith(rec.ROLLOUTS) and key.count("/") == depth:
             return True
-        if not key.startswith(watched):
-            return False
-        if ahead is not None and key.startswith(slots):
+        if slots is not None and key.startswith(slots):
+            if ahead is None:
+                return True
             if event.type is EventType.DELETE:
                 return False  # a slot freed is for the node at the head of the queue
             try:
                 return rec.decode_slot(kv).node == ahead
             except (ValueError, KeyError, TypeError):
                 return True
-        if key in opens_at and event.type is EventType.PUT:
+        if key not in statuses:
+            return False
+        if opens and event.type is EventType.PUT:
             try:
                 if rec.decode_status(kv).state not in TERMINAL_NODE_STATES:
                     return False

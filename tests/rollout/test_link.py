@@ -51,6 +51,7 @@ def test_a_barrier_waiter_wakes_when_its_blocker_is_done() -> None:
     assert wake(status("e1", NodeState.DONE))
     assert wake(status("e1", NodeState.FAILED))
     assert not wake(status("e2", NodeState.DONE))  # someone else's progress
+    assert not wake(status("e10", NodeState.DONE))  # e1's key is a prefix of e10's
     assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
 
 
@@ -92,6 +93,7 @@ def test_a_queue_waiter_wakes_when_the_node_ahead_moves() -> None:
     wake = interest(Wait(R, "waiting", "c3", "queue"), Phase.CONTROL_PLANE)
     assert wake(status("c3", NodeState.DONE))
     assert not wake(status("c4", NodeState.DONE))
+    assert not wake(status("c30", NodeState.DONE))  # c3's key is a prefix of c30's
     # it took a slot (a restart writes no status): the next in line moves up
     taken = rec.encode_slot(Slot(Phase.CONTROL_PLANE, 1, "c3", "ca-1"))
     assert wake(put(rec.slot_key(Phase.CONTROL_PLANE, 1), taken))
