@@ -4,10 +4,15 @@
   off longer than the TTL) it takes a new one, and the main loop registers again: that is how
   a node that was away comes back;
 - watch: follows every change under /rke2certd/ (a long-lived etcd stream, or the SQLite
-  store's watch) and wakes the main loop for the changes that may concern it (`interest`).
+  store's watch) and wakes the main loop for the changes that may concern it (`interest`, set
+  after each step; the changes that came in since the read the step was decided on are judged
+  again under it, so none is lost between two interests).
 
-They decide nothing and write nothing but lease refreshes. The main loop reads the keys again
-when woken: one range read, always a consistent snapshot, never a cache that could drift.
+Every change reaches every node's watch (one prefix, no server-side filter): what keeps a
+rollout linear is that a node wakes, and reads, only for what it waits for, and that a node
+writes little. They decide nothing and write nothing but lease refreshes. The main loop reads
+the keys again when woken: one range read, always a consistent snapshot, never a cache that
+could drift (records.Decoded only skips decoding a key's value again).
 Each thread has its own connection (the main loop's may be busy in a long read); with SQLite,
 the main loop's own (see Daemon._start_rollouts).
 """
