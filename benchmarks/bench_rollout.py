@@ -25,7 +25,10 @@ timed from its record's creation to its `done`, both from the datastore.
 - growth: log-log exponents over N (1.00 is linear: a constant cost per node; 2.00 quadratic)
   of wall time, overhead, the restart sequence, the apply step, CPU and the counts: fitted on
   the medians, and on each repetition alone (median [min-max] of those: the spread says how far
-  the machine's other load moved the figures).
+  the machine's other load moved the figures);
+- parsing (in-process, after the runs): what one read of the prefix costs a node to parse with
+  20 finished rollouts kept, every record decoded (as before) against only the records that
+  changed since its last read (none here: the steady state between two wake-ups).
 
 Real processes, not lighter in-process loops: 24 daemons fit in memory. But they share this
 machine's cores, which a real cluster does not: the apply step (every node renewing at once,
@@ -49,12 +52,26 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rke2certd.plan.rollout import ClusterView, RolloutState  # noqa: E402
+from rke2certd.datastore.base import KV, Snapshot  # noqa: E402
+from rke2certd.plan.rollout import (  # noqa: E402
+    SERVER_PHASES,
+    ClusterView,
+    Member,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Registration,
+    Rollout,
+    RolloutKind,
+    RolloutState,
+)
+from rke2certd.rollout import records as rec  # noqa: E402
 from rke2certd.rollout.store import ClusterStore  # noqa: E402
 from tests.datastore.tls import make_etcd_pki  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
@@ -302,6 +319,48 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
     )
 
 
+def snapshot_of(n: int, history: int) -> Snapshot:
+    """What a node reads: N registrations and members, one active rollout and `history`
+    finished ones (rollout/store.py HISTORY keeps 20), each with N statuses."""
+    now = datetime.now(UTC)
+    kvs: list[KV] = []
+    for name in (s.name for s in specs(n)):
+        phase = Phase.ETCD if name.startswith("e") else Phase.CONTROL_PLANE
+        reg = Registration(name, (phase.value,), phase, "0.1", "g", "ok", "idle", now, now)
+        kvs.append(KV(rec.node_key(name), rec.encode_registration(reg), 1, 1))
+        kvs.append(
+            KV(rec.member_key(name), rec.encode_member(Member(name, reg.roles, phase)), 1, 1)
+        )
+        for h in range(history + 1):
+            st = NodeStatus(name, NodeState.DONE, "restart 0.1s", "g", now, now, now)
+            kvs.append(KV(rec.status_key(f"ca-{h}", name), rec.encode_status(st), 1, 1))
+    for h in range(history + 1):
+        state = RolloutState.DONE if h < history else RolloutState.ACTIVE
+        r = Rollout(f"ca-{h}", RolloutKind.CA, "g", SERVER_PHASES, None, state, "", now, "e1")
+        kvs.append(KV(rec.rollout_key(r.id), rec.encode_rollout(r), h + 1, h + 1))
+    return Snapshot(sorted(kvs, key=lambda kv: kv.key), 100)
+
+
+def parse_costs(sizes: list[int], history: int = 20, rounds: int = 50) -> None:
+    """A node parses the whole prefix at every wake-up: decoding every record (the baseline)
+    against decoding only what changed since its last read (records.Decoded), in-process."""
+    print(f"\nparsing what a node reads (with {history} finished rollouts kept), per read:")
+    for n in sizes:
+        snap = snapshot_of(n, history)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            rec.parse(snap)
+        cold = (time.perf_counter() - t0) / rounds
+        cache = rec.Decoded()
+        rec.parse(snap, cache)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            rec.parse(snap, cache)
+        warm = (time.perf_counter() - t0) / rounds
+        print(f"  N={n:3d}: {len(snap.kvs):5d} keys, every record decoded {cold * 1e3:6.2f} ms, "
+              f"only changed ones {warm * 1e3:5.2f} ms ({cold / warm:.0f}x less)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="6,12,24")
@@ -325,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  run {rep + 1}/{opts.repeat} N={n:3d}: wall {run.wall:.2f} s "
                   f"(cluster start {run.startup:.1f} s)", flush=True)  # fmt: skip
     report(tries, opts.datastore)
+    parse_costs(sizes)
     return 0
 
 
