@@ -59,7 +59,9 @@ class RolloutState(StrEnum):
 
 class NodeState(StrEnum):
     APPLIED = "applied"  # new files on disk, waiting for its turn
-    RESTARTING = "restarting"  # holds a slot: restart command, then health gate
+    # restart command, then health gate: now said by the node's slot (see restart_slot), not
+    # written; an earlier version's record, or an earlier run's, still reads
+    RESTARTING = "restarting"
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"  # the rollout stopped before this node's turn
@@ -216,11 +218,27 @@ def down_text(m: Member) -> str:
     )
 
 
+def restart_slot(view: ClusterView, rollout: Rollout, node: str) -> Slot | None:
+    """The slot `node` holds for `rollout`: it is restarting for it (its status still says
+    applied until it reports done: the slot is the record of a restart in progress)."""
+    return next((s for s in view.slots if s.node == node and s.rollout == rollout.id), None)
+
+
+def _restarting(view: ClusterView, rollout: Rollout, node: str) -> str | None:
+    st = view.status(rollout, node)
+    slot = restart_slot(view, rollout, node)
+    if slot is None or (st is not None and st.state in TERMINAL_NODE_STATES):
+        return None
+    return f"since {_when(slot.since)}"
+
+
 def node_text(view: ClusterView, rollout: Rollout, m: Member) -> str:
     """What `m` is doing for `rollout`, as the others see it."""
     st = view.status(rollout, m.name)
     if m.name not in view.live and (st is None or st.state not in TERMINAL_NODE_STATES):
         return down_text(m)
+    if (since := _restarting(view, rollout, m.name)) is not None:
+        return f"restarting ({since})"
     if st is None:
         return "not applied yet"
     if st.state is NodeState.APPLIED:
@@ -248,9 +266,10 @@ class Wait:
     rollout: Rollout
     reason: str
     blocker: str | None = None  # the node waited for, if one
-    # what ends the wait: barrier / queue (the blocker's status), slot (a slot of my phase
-    # freed), down (the blocker returning or removed)
+    # what ends the wait: barrier (every node in `pending` done), queue (the blocker's
+    # status), slot (a slot of my phase freed), down (the blocker returning or removed)
     on: str = "barrier"
+    pending: tuple[str, ...] = ()  # a barrier's nodes not done yet, the blocker among them
 
 
 @dataclass(frozen=True)
@@ -315,7 +334,7 @@ def _barrier(view: ClusterView, r: Rollout, me: Member) -> Wait | None:
     first = next((m for m in pending if m.name not in view.live), pending[0])  # down first
     more = f" (and {len(pending) - 1} more)" if len(pending) > 1 else ""
     reason = f"waiting for {first.phase} node {first.name}: {node_text(view, r, first)}{more}"
-    return Wait(r, reason, first.name)
+    return Wait(r, reason, first.name, pending=tuple(m.name for m in pending))
 
 
 def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> Step:
@@ -445,7 +464,9 @@ def node_rows(view: ClusterView, rollout: Rollout) -> list[NodeRow]:
     for m in participants(view, rollout):
         reg = view.live.get(m.name)
         st = view.status(rollout, m.name)
-        if st is not None:
+        if (since := _restarting(view, rollout, m.name)) is not None:
+            state, message = NodeState.RESTARTING.value, since
+        elif st is not None:
             state, message = st.state.value, st.message
         elif rollout.state is RolloutState.STOPPED:
             state, message = "stopped", rollout.state_reason

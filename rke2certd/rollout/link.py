@@ -4,10 +4,15 @@
   off longer than the TTL) it takes a new one, and the main loop registers again: that is how
   a node that was away comes back;
 - watch: follows every change under /rke2certd/ (a long-lived etcd stream, or the SQLite
-  store's watch) and wakes the main loop for the changes that may concern it (`interest`).
+  store's watch) and wakes the main loop for the changes that may concern it (`interest`, set
+  after each step; the changes that came in since the read the step was decided on are judged
+  again under it, so none is lost between two interests).
 
-They decide nothing and write nothing but lease refreshes. The main loop reads the keys again
-when woken: one range read, always a consistent snapshot, never a cache that could drift.
+Every change reaches every node's watch (one prefix, no server-side filter): what keeps a
+rollout linear is that a node wakes, and reads, only for what it waits for, and that a node
+writes little. They decide nothing and write nothing but lease refreshes. The main loop reads
+the keys again when woken: one range read, always a consistent snapshot, never a cache that
+could drift (records.Decoded only skips decoding a key's value again).
 Each thread has its own connection (the main loop's may be busy in a long read); with SQLite,
 the main loop's own (see Daemon._start_rollouts).
 """
@@ -15,6 +20,7 @@ the main loop's own (see Daemon._start_rollouts).
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -36,6 +42,7 @@ if TYPE_CHECKING:
 
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0
+RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
 
 
 class ClusterLink:
@@ -64,6 +71,9 @@ class ClusterLink:
         # Which changes wake the main loop: set by the runner after each step, so that a node
         # waiting for one thing is not woken (and does not read) for every change of the others.
         self.interest: Callable[[Event], bool] = lambda _event: True
+        # the latest changes, and the lock that hands each one to exactly one interest
+        self._recent: deque[Event] = deque(maxlen=RECENT)
+        self._lock = threading.Lock()
 
     def start(self, lease: int) -> None:
         self.lease = lease
@@ -77,6 +87,19 @@ class ClusterLink:
         for t in self._threads:
             t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
 
+    def set_interest(self, interest: Callable[[Event], bool], revision: int) -> None:
+        """Wake for `interest` from now on, and at once if a change after `revision` (the read
+        the step was decided on) came in meanwhile: the previous interest judged it, and it
+        may have let pass what this one waits for (a lost wake-up would stall the node until
+        RECHECK)."""
+        with self._lock:
+            self.interest = interest
+            recent = list(self._recent)
+        newer = [e for e in recent if e.kv.mod_revision > revision]
+        complete = len(recent) < RECENT or recent[0].kv.mod_revision <= revision
+        if any([self._relevant(e, interest) for e in newer]) or not complete:
+            self._poke()
+
     def take_changed(self) -> bool:
         """True once after every change seen (and at start)."""
         if self._changed.is_set():
@@ -88,10 +111,10 @@ class ClusterLink:
         self._changed.set()
         self._wake()
 
-    def _relevant(self, event: Event) -> bool:
+    def _relevant(self, event: Event, interest: Callable[[Event], bool] | None = None) -> bool:
         if event.kv.key == self._own_key:
             return event.type is EventType.DELETE  # our registration is gone: register again
-        return self.interest(event)
+        return (interest or self.interest)(event)
 
     def _failed(self, exc: Exception, backoff: float) -> float:
         """Log a failure once (not at every retry), wake the loop for its status line, pause."""
@@ -173,7 +196,10 @@ class ClusterLink:
             if not events:
                 continue
             self._revision = events[-1].kv.mod_revision + 1
-            if any(self._relevant(e) for e in events):
+            with self._lock:  # each change is judged by the interest it arrived under
+                self._recent.extend(events)
+                relevant = self.interest
+            if any([self._relevant(e, relevant) for e in events]):
                 self._poke()
             if self._stop.is_set():
                 break
@@ -181,15 +207,25 @@ class ClusterLink:
 
 def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     """The changes that may let this node go on after `step`: a node coming or going (not its
-    updates), membership, rollout records, and what it waits for (its blocker's status, or the
-    slots of its phase). Everything else is somebody else's business; RECHECK covers a miss."""
-    watched: tuple[str, ...] = ()
-    terminal_only = False  # a barrier opens when the blocker is done (or failed), not before
-    if isinstance(step, Wait) and step.on in ("barrier", "queue") and step.blocker:
-        watched = (rec.status_key(step.rollout.id, step.blocker),)
-        terminal_only = step.on == "barrier"
+    updates), membership, rollout records, and what it waits for: a barrier opens when the last
+    node it waits for is done (or failed), not at each of them; a queue moves when the node
+    ahead takes a slot or reports; a slot wait ends when a slot of its phase changes.
+    Everything else is somebody else's business; RECHECK covers a miss (and refreshes the
+    wait's words meanwhile). Status keys match exactly: node c1's key is a prefix of c10's."""
+    statuses: frozenset[str] = frozenset()  # the status keys waited on
+    barrier: set[str] = set()  # a barrier's keys not reported done (or failed) yet
+    slots: str | None = None  # the slot prefix of this node's phase, when it waits on slots
+    ahead: str | None = None  # a queue moves when the node ahead takes a slot (or reports)
+    if isinstance(step, Wait) and step.on == "barrier" and step.blocker:
+        names = step.pending or (step.blocker,)
+        statuses = frozenset(rec.status_key(step.rollout.id, n) for n in names)
+        barrier = set(statuses)
+    elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
+        statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
+        slots, ahead = f"{rec.SLOTS}{phase.value}/", step.blocker
     elif isinstance(step, Wait) and step.on == "slot":
-        watched = (f"{rec.SLOTS}{phase.value}/",)
+        slots = f"{rec.SLOTS}{phase.value}/"
+    opens = bool(barrier)  # only when all of them are done (a queue: at any change)
     depth = rec.ROLLOUTS.count("/")
 
     def relevant(event: Event) -> bool:
@@ -200,13 +236,25 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
             return True
         if key.startswith(rec.ROLLOUTS) and key.count("/") == depth:
             return True
-        if not key.startswith(watched):
-            return False
-        if terminal_only and event.type is EventType.PUT:
+        if slots is not None and key.startswith(slots):
+            if ahead is None:
+                return True
+            if event.type is EventType.DELETE:
+                return False  # a slot freed is for the node at the head of the queue
             try:
-                return rec.decode_status(kv).state in TERMINAL_NODE_STATES
+                return rec.decode_slot(kv).node == ahead
             except (ValueError, KeyError, TypeError):
                 return True
+        if key not in statuses:
+            return False
+        if opens and event.type is EventType.PUT:
+            try:
+                if rec.decode_status(kv).state not in TERMINAL_NODE_STATES:
+                    return False
+            except (ValueError, KeyError, TypeError):
+                return True  # unreadable: let the main loop read it and say so
+            barrier.discard(key)
+            return not barrier  # a second report of one node does not count twice
         return True
 
     return relevant

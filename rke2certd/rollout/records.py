@@ -229,7 +229,45 @@ class Parsed:
     problems: list[str] = field(default_factory=list)
 
 
-def parse(snapshot: Snapshot) -> Parsed:
+Record = Registration | Member | Slot | Rollout | NodeStatus | str  # str: why unreadable
+
+
+def decode(kv: KV) -> Record | None:
+    """One key's record by where it lives (None: not a record this version knows)."""
+    try:
+        if kv.key.startswith(NODES):
+            return decode_registration(kv)
+        if kv.key.startswith(MEMBERS):
+            return decode_member(kv)
+        if kv.key.startswith(SLOTS):
+            return decode_slot(kv)
+        if kv.key.startswith(ROLLOUTS):
+            parts = kv.key[len(ROLLOUTS) :].split("/")
+            if len(parts) == 1:
+                return decode_rollout(kv)
+            if len(parts) == 3 and parts[1] == "status":
+                return decode_status(kv)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"{kv.key}: unreadable record ({exc})"
+    return None
+
+
+class Decoded:
+    """The records of the last snapshot, by key and value: a node reads the whole prefix at
+    every wake-up, and between two reads only a few keys change, so only those are decoded
+    again (a decoded record depends on nothing but its KV)."""
+
+    def __init__(self) -> None:
+        self._records: dict[KV, Record | None] = {}
+
+    def records(self, kvs: list[KV]) -> list[tuple[KV, Record | None]]:
+        known = self._records
+        out = [(kv, known[kv] if kv in known else decode(kv)) for kv in kvs]
+        self._records = dict(out)  # only what the store still holds: the cache never grows
+        return out
+
+
+def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     """Unknown or broken records are reported in `problems` and left out, never fatal: a newer
     rke2certd on another node may write what this one cannot read."""
     members: dict[str, Member] = {}
@@ -239,25 +277,20 @@ def parse(snapshot: Snapshot) -> Parsed:
     slots: list[Slot] = []
     problems: list[str] = []
     kvs = {kv.key: kv for kv in snapshot.kvs}
-    for kv in snapshot.kvs:
-        try:
-            if kv.key.startswith(NODES):
-                reg = decode_registration(kv)
-                live[reg.name] = reg
-            elif kv.key.startswith(MEMBERS):
-                m = decode_member(kv)
-                members[m.name] = m
-            elif kv.key.startswith(SLOTS):
-                slots.append(decode_slot(kv))
-            elif kv.key.startswith(ROLLOUTS):
-                parts = kv.key[len(ROLLOUTS) :].split("/")
-                if len(parts) == 1:
-                    rollouts.append(decode_rollout(kv))
-                elif len(parts) == 3 and parts[1] == "status":
-                    st = decode_status(kv)
-                    statuses[(parts[0], st.node)] = st
-        except (ValueError, KeyError, TypeError) as exc:
-            problems.append(f"{kv.key}: unreadable record ({exc})")
+    pairs = (cache or Decoded()).records(snapshot.kvs)
+    for kv, record in pairs:
+        if isinstance(record, Registration):
+            live[record.name] = record
+        elif isinstance(record, Member):
+            members[record.name] = record
+        elif isinstance(record, Slot):
+            slots.append(record)
+        elif isinstance(record, Rollout):
+            rollouts.append(record)
+        elif isinstance(record, NodeStatus):
+            statuses[(kv.key[len(ROLLOUTS) :].split("/")[0], record.node)] = record
+        elif isinstance(record, str):
+            problems.append(record)
     rollouts.sort(key=lambda r: r.revision)
     view = ClusterView(members, live, tuple(rollouts), statuses, tuple(slots))
     return Parsed(view, kvs, snapshot.revision, problems)

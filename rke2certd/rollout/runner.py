@@ -78,6 +78,7 @@ class _Running:
     slot: Slot
     status: NodeStatus
     slot_kv: KV | None  # the slot's key as read when the restart began
+    seen: rec.Parsed  # the read it began on: its status key has not changed since
 
 
 class RolloutRunner:
@@ -192,7 +193,7 @@ class RolloutRunner:
         self._write_registration(force=True)
         log.info("node_registered", node=self.me, phase=self.phase.value, ca_generation=self.gen)
 
-    def _write_registration(self, force: bool = False) -> None:
+    def _write_registration(self, force: bool = False, seen: rec.Parsed | None = None) -> None:
         state = (self.gen, self.health)
         if not force and state == self._written:
             return
@@ -202,7 +203,7 @@ class RolloutRunner:
             self.me, self.roles, self.phase, __version__, self.gen, self.health,
             self.summary, self.registered_at, self.clock(),
         )  # fmt: skip
-        self.store.register(reg, lease)
+        self.store.register(reg, lease, seen)
         self._written = state
 
     # -- main loop side ------------------------------------------------------------------------
@@ -274,7 +275,7 @@ class RolloutRunner:
             parsed = self.store.read()
         self._release_stale_slots(parsed, step)
         if self.link is not None:
-            self.link.interest = interest(step, self.phase)
+            self.link.set_interest(interest(step, self.phase), parsed.revision)
         if isinstance(step, Restart):
             self._start_job(step.rollout, step.slot, parsed)
         elif isinstance(step, Wait):
@@ -283,7 +284,7 @@ class RolloutRunner:
             self.waiting = None
             self.activity = self._idle_text(parsed)
             self.summary = "idle"
-        self._write_registration()
+        self._write_registration(seen=parsed)
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
         mine, wrote = parsed.view.members.get(self.me), False
@@ -306,7 +307,7 @@ class RolloutRunner:
 
     def _do_apply(self, r: Rollout) -> None:
         self.activity = self.summary = f"rollout {r.id}: applying"
-        now = self.clock()
+        now, check = self.clock(), self.next_check
         try:
             outcome = self._apply(r)
         except (DatastoreError, LockTimeout):
@@ -317,6 +318,7 @@ class RolloutRunner:
             log.error("rollout_failed", **self._fields(r), reason=message)
             return
         self.gen = outcome.generation
+        self.next_check = check  # renewed() asked for another tick: this one reads on
         if r.kind is RolloutKind.CA and outcome.generation != r.ca_generation:
             self._other_generation(r, outcome.generation)
             return
@@ -414,11 +416,12 @@ class RolloutRunner:
     def _start_job(self, r: Rollout, slot: Slot, parsed: rec.Parsed) -> None:
         cfg = self.node.cfg
         prev = parsed.view.status(r, self.me)
+        # No status write: the slot says who restarts since when; the done report says when
+        # it began (one event fewer that every node's watch receives).
         status = NodeStatus(
             self.me, NodeState.RESTARTING, "restart command running", self.gen,
             prev.applied_at if prev else None, self.clock(),
         )  # fmt: skip
-        self.store.set_status(r, status, seen=parsed)
         unit = SERVER_UNIT if cfg.is_server else AGENT_UNIT
         restart = cfg.restart_command or ["systemctl", "restart", unit]
         gate = (
@@ -432,7 +435,7 @@ class RolloutRunner:
             wake=self._wake,
         )  # fmt: skip
         slot_kv = parsed.kvs.get(rec.slot_key(slot.phase, slot.index))
-        self.running = _Running(job, r, slot, status, slot_kv)
+        self.running = _Running(job, r, slot, status, slot_kv, parsed)
         self.waiting = None
         self.activity = self.summary = f"rollout {r.id}: restarting"
         log.info("rollout_restarting", **self._fields(r), reason=r.reason, command=restart[0])
@@ -454,7 +457,7 @@ class RolloutRunner:
             restart_seconds=res.restart_seconds, health_seconds=res.health_seconds,
         )  # fmt: skip
         try:
-            self.store.set_status(r, status)
+            self.store.set_status(r, status, seen=running.seen)
             if res.ok:
                 self.health = "ok"
                 log.info("rollout_node_done", **self._fields(r), reason=message)

@@ -31,9 +31,10 @@ HISTORY = 20  # finished rollouts kept for `rke2certd status`
 class ClusterStore:
     def __init__(self, ds: Datastore) -> None:
         self.ds = ds
+        self._decoded = rec.Decoded()  # a node reads often: decode only what changed
 
     def read(self) -> rec.Parsed:
-        return rec.parse(self.ds.snapshot(rec.PREFIX))
+        return rec.parse(self.ds.snapshot(rec.PREFIX), self._decoded)
 
     # -- primitives --------------------------------------------------------------------------
 
@@ -79,8 +80,8 @@ class ClusterStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    def register(self, reg: Registration, lease: int) -> None:
-        self.put(rec.node_key(reg.name), rec.encode_registration(reg), lease)
+    def register(self, reg: Registration, lease: int, seen: rec.Parsed | None = None) -> None:
+        self.put(rec.node_key(reg.name), rec.encode_registration(reg), lease, seen)
 
     def ensure_member(self, member: Member) -> bool:
         """Create the membership, or correct its roles; a live node is never `down`."""
@@ -118,15 +119,21 @@ class ClusterStore:
     def create_rollout(self, rollout: Rollout, now: datetime) -> tuple[Rollout, bool]:
         """Create the record if absent (several servers may start the same CA rollout); a
         new CA rollout supersedes the older active ones. Returns the stored record."""
-        created = self.create(rec.rollout_key(rollout.id), rec.encode_rollout(rollout))
+        key = rec.rollout_key(rollout.id)
+        created = self.create(key, rec.encode_rollout(rollout))
+        if not created:  # started by another node (or by this one's apply): one key, not all
+            kv = self.ds.get(key)
+            try:
+                return (rec.decode_rollout(kv) if kv is not None else rollout), False
+            except (ValueError, KeyError, TypeError):
+                return rollout, False  # a newer daemon's record: `read()` reports it
         parsed = self.read()
         stored = parsed.view.rollout(rollout.id)
         if stored is None:  # finished and collected at once: cannot happen with HISTORY > 0
-            return rollout, created
-        if created:
-            for old in superseded(parsed.view, stored):
-                self.finish(old.id, RolloutState.SUPERSEDED, f"superseded by {stored.id}", now)
-        return stored, created
+            return rollout, True
+        for old in superseded(parsed.view, stored):
+            self.finish(old.id, RolloutState.SUPERSEDED, f"superseded by {stored.id}", now)
+        return stored, True
 
     def finish(self, rollout_id: str, state: RolloutState, reason: str, now: datetime) -> bool:
         """Move an ACTIVE rollout to `state`; False if it was no longer active."""

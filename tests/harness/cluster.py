@@ -47,6 +47,8 @@ from rke2certd.rollout.records import PREFIX
 from tests.harness.etcd import EtcdCluster, TLSFiles, free_ports
 
 HERE = Path(__file__).resolve().parent
+# The daemons and CLI run this checkout's code (whatever the installed package points at).
+CODE_ENV = {"PYTHONPATH": str(HERE.parents[1])}
 RESTART_SCRIPT = HERE / "sim_restart.py"
 
 
@@ -317,6 +319,7 @@ class SimCluster:
             "LANG": "C.UTF-8",
             "HOME": "/",
             "NOTIFY_SOCKET": str(node.notify_path),
+            **CODE_ENV,
             **node.spec.env,
         }
         with open(node.dir / "daemon.log", "ab") as log:
@@ -434,7 +437,7 @@ class SimCluster:
             text=True,
             timeout=timeout,
             check=False,
-            env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": "/"},
+            env={"PATH": os.environ.get("PATH", ""), "LANG": "C.UTF-8", "HOME": "/", **CODE_ENV},
             cwd="/",
         )
 

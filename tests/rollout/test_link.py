@@ -1,5 +1,6 @@
-"""Which changes wake a node (runner.interest), and the long-lived etcd watch stream the link
-reads (rollout/stream.py) on a real three-member TLS etcd cluster."""
+"""Which changes wake a node (link.interest, judged again when the interest changes), and the
+long-lived etcd watch stream the link reads (rollout/stream.py) on a real three-member TLS etcd
+cluster."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from rke2certd.datastore import open_datastore
+from rke2certd.datastore import SQLiteDatastore, open_datastore
 from rke2certd.datastore.base import KV, DatastoreUnavailable, Event, EventType, OutcomeUnknown
 from rke2certd.plan.rollout import (
     PHASES,
@@ -23,10 +24,11 @@ from rke2certd.plan.rollout import (
     Rollout,
     RolloutKind,
     RolloutState,
+    Slot,
     Wait,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.link import interest
+from rke2certd.rollout.link import ClusterLink, interest
 from rke2certd.rollout.stream import WatchStream
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
@@ -49,13 +51,56 @@ def test_a_barrier_waiter_wakes_when_its_blocker_is_done() -> None:
     assert wake(status("e1", NodeState.DONE))
     assert wake(status("e1", NodeState.FAILED))
     assert not wake(status("e2", NodeState.DONE))  # someone else's progress
+    assert not wake(status("e10", NodeState.DONE))  # e1's key is a prefix of e10's
     assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
+
+
+def test_a_barrier_waiter_wakes_once_when_the_last_node_it_waits_for_is_done() -> None:
+    # Not at each etcd node's done: with P nodes before it and Q after, that was P * Q reads.
+    wait = Wait(R, "waiting", "e1", "barrier", pending=("e1", "e2", "e3"))
+    wake = interest(wait, Phase.CONTROL_PLANE)
+    assert not wake(status("e2", NodeState.DONE))
+    assert not wake(status("e1", NodeState.RESTARTING))
+    assert not wake(status("e1", NodeState.DONE))
+    assert not wake(status("e1", NodeState.DONE))  # the same one again does not count twice
+    assert wake(status("e3", NodeState.FAILED))  # the last one: the barrier opens (or stops)
+    wake = interest(wait, Phase.CONTROL_PLANE)
+    assert wake(put(rec.status_key("ca-1", "e2"), b"not json"))  # unreadable: read and say so
+    assert wake(put(rec.rollout_key("ca-1")))  # resumed, stopped: every waiter hears it
+
+
+def test_a_change_judged_under_the_previous_interest_is_judged_again(tmp_path: Path) -> None:
+    """The main loop reads, decides, then sets the interest of its new step; a change that came
+    in between was judged by the interest of the step before. It must wake the node if the new
+    interest wants it, or the node would sleep until RECHECK."""
+    woken: list[int] = []
+    with SQLiteDatastore(tmp_path / "db.sqlite", poll_interval=0.01) as ds:
+        link = ClusterLink(lambda: ds, 15, rec.node_key("c1"), lambda: woken.append(1))
+        read = ds.snapshot(rec.PREFIX).revision  # what the step below is decided on
+        link.set_interest(interest(Idle(), Phase.CONTROL_PLANE), read)  # the step before
+        ds.create(rec.status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))
+        link._follow(ds, read + 1)  # the watch thread's turn: not for an idle node
+        assert not link.take_changed() and not woken
+
+        barrier = Wait(R, "waiting", "e1", "barrier", pending=("e1",))
+        link.set_interest(interest(barrier, Phase.CONTROL_PLANE), read + 1)  # read after it
+        assert not link.take_changed()
+        link.set_interest(interest(barrier, Phase.CONTROL_PLANE), read)  # read before it
+        assert link.take_changed() and woken
 
 
 def test_a_queue_waiter_wakes_when_the_node_ahead_moves() -> None:
     wake = interest(Wait(R, "waiting", "c3", "queue"), Phase.CONTROL_PLANE)
-    assert wake(status("c3", NodeState.RESTARTING))
-    assert not wake(status("c4", NodeState.RESTARTING))
+    assert wake(status("c3", NodeState.DONE))
+    assert not wake(status("c4", NodeState.DONE))
+    assert not wake(status("c30", NodeState.DONE))  # c3's key is a prefix of c30's
+    # it took a slot (a restart writes no status): the next in line moves up
+    taken = rec.encode_slot(Slot(Phase.CONTROL_PLANE, 1, "c3", "ca-1"))
+    assert wake(put(rec.slot_key(Phase.CONTROL_PLANE, 1), taken))
+    other = rec.encode_slot(Slot(Phase.CONTROL_PLANE, 0, "c2", "ca-1"))
+    assert not wake(put(rec.slot_key(Phase.CONTROL_PLANE, 0), other))
+    assert not wake(Event(EventType.DELETE, KV(rec.slot_key(Phase.CONTROL_PLANE, 0), b"", 9, 0)))
+    assert not wake(put(rec.slot_key(Phase.ETCD, 0), taken))
 
 
 def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:

@@ -238,9 +238,10 @@ def test_control_plane_waits_for_every_etcd_node() -> None:
     step = next_step(c.view, "c1", 1)
     assert isinstance(step, Wait)
     assert step.reason == "waiting for etcd node e2: restarting (and 1 more)"
+    assert step.on == "barrier" and step.pending == ("e2", "e3")  # it opens when both are done
     c.status("ca-1", "e2", NodeState.DONE)
     step = next_step(c.view, "c1", 1)
-    assert isinstance(step, Wait) and step.blocker == "e3"
+    assert isinstance(step, Wait) and step.blocker == "e3" and step.pending == ("e3",)
     assert "applied, waiting for its turn" in step.reason
     c.status("ca-1", "e3", NodeState.DONE)
     assert isinstance(next_step(c.view, "c1", 1), TakeSlot)
@@ -437,9 +438,15 @@ def test_over_limit_after_a_race() -> None:
 def test_node_rows_say_what_each_node_does() -> None:
     c = standard().add("c2", CP, live=False, down=T0)
     c.status("ca-1", "e1", NodeState.DONE, "restart 1.0s").status("ca-1", "e2", NodeState.APPLIED)
+    c.slots.append(Slot(E, 0, "e2", "ca-1", T0))  # its restart: a slot, no status write
     rows = {r.name: r for r in node_rows(c.view, c.rollouts[0])}
     assert (rows["e1"].state, rows["e1"].message) == ("done", "restart 1.0s")
+    assert (rows["e2"].state, rows["e2"].message) == ("restarting", "since 2030-01-02 03:04:05 UTC")
     assert rows["e3"].state == "pending"
+    step = next_step(c.status("ca-1", "c1", NodeState.APPLIED).view, "c1", 1)
+    assert isinstance(step, Wait)
+    since = "since 2030-01-02 03:04:05 UTC"
+    assert step.reason == f"waiting for etcd node e2: restarting ({since}) (and 1 more)"
     assert not rows["c2"].live and "node remove c2" in rows["c2"].message
     c.rollouts = [ca(state=RolloutState.STOPPED, state_reason="e9 failed")]
     rows = {r.name: r for r in node_rows(c.view, c.rollouts[0])}

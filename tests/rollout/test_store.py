@@ -60,6 +60,9 @@ def test_ca_rollout_is_created_once(ds: SQLiteDatastore) -> None:
     assert (created, created_again) == (True, False)
     assert again == first and first.created_by == "e1" and first.phases == SERVER_PHASES
     assert first.revision > 0
+    ds.create(rec.rollout_key("ca-g9"), b"{a newer daemon's record")
+    asked = ca_rollout("g9", [], "e2", "why", T0)
+    assert start(ds, asked, T0) == (asked, False)  # left alone; `read()` reports it
 
 
 def test_new_ca_generation_supersedes_the_active_one(ds: SQLiteDatastore) -> None:
@@ -135,6 +138,30 @@ def test_unreadable_records_are_reported_not_fatal(ds: SQLiteDatastore) -> None:
     parsed = ClusterStore(ds).read()
     assert [r.id for r in parsed.view.rollouts] == ["ca-g1"]
     assert len(parsed.problems) == 2 and "ca-bad" in parsed.problems[1]
+
+
+def test_a_store_read_again_decodes_only_what_changed_and_sees_every_change(
+    ds: SQLiteDatastore,
+) -> None:
+    store = ClusterStore(ds)
+    start(ds, ca_rollout("g1", [], "e1", "why", T0), T0)
+    store.ensure_member(Member("c1", ("control-plane",), Phase.CONTROL_PLANE))
+    ds.create(rec.MEMBERS + "x", b"{not json")
+    r = store.read().view.rollouts[0]
+    store.set_status(r, NodeStatus("c1", NodeState.APPLIED))
+    first = store.read()
+    again = store.read()
+    assert again.view == first.view and again.problems == first.problems  # from the cache
+    assert again.view.statuses[(r.id, "c1")] is first.view.statuses[(r.id, "c1")]
+    assert len(again.problems) == 1 and "members/x" in again.problems[0]  # every read says so
+
+    store.set_status(r, NodeStatus("c1", NodeState.DONE))  # same key, new value
+    ds.delete(rec.MEMBERS + "x")
+    later = store.read()
+    assert later.view.statuses[(r.id, "c1")].state is NodeState.DONE
+    assert later.problems == []
+    fresh = rec.parse(ds.snapshot(rec.PREFIX))  # without a cache: the same
+    assert fresh.view == later.view and fresh.kvs == later.kvs
 
 
 def test_records_round_trip() -> None:
