@@ -5,7 +5,7 @@
 
 1. `rke2certd renew` with nothing to do, as a whole process (it runs before every RKE2 start),
    against the floor `python -c "import cryptography.x509"`. Target: within 2x of the floor,
-   warm (the validated config cached in the runtime dir); cold (no cache) is shown too.
+   warm (the validated config cached in the cache dir); cold (no cache) is shown too.
    The import profile (`python -X importtime`) shows where the rest goes.
 2. The first `renew` on an empty data dir (five CAs, every leaf, the RSA service key): its time,
    and the share of RSA 2048 key generation in it.
@@ -14,7 +14,7 @@
    as after a renew); cold (both caches emptied before each run) is shown too.
 
 Process measurements alternate the two sides run by run and compare medians. The processes run
-this checkout (PYTHONPATH), with a runtime dir of their own, and with bytecode caching on (into
+this checkout (PYTHONPATH), with a cache dir of their own, and with bytecode caching on (into
 a private PYTHONPYCACHEPREFIX) even if the caller's shell turns it off: an installed package
 has its .pyc files, and compiling every module at each start is not what an operator pays.
 """
@@ -88,14 +88,14 @@ def bench_env(base: Path) -> dict[str, str]:
     env.update(
         PYTHONPATH=str(ROOT),
         PYTHONPYCACHEPREFIX=str(base / "pycache"),
-        RKE2CERTD_RUNTIME_DIR=str(base / "run"),
+        RKE2CERTD_CACHE_DIR=str(base / "run"),
     )
     return env
 
 
 def clear_caches() -> None:
-    """Empty the runtime dir: the next process is a cold one (no config, no facts cached)."""
-    for p in Path(ENV["RKE2CERTD_RUNTIME_DIR"]).glob("*.json"):
+    """Empty the cache dir: the next process is a cold one (no config, no facts cached)."""
+    for p in Path(ENV["RKE2CERTD_CACHE_DIR"]).glob("*.json"):
         p.unlink()
 
 
@@ -312,8 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     base = Path(tempfile.mkdtemp(prefix="rke2certd-bench-engine-"))
     ENV.update(bench_env(base))
-    # In-process loads (and the checks) use the same runtime dir, never the machine's.
-    os.environ["RKE2CERTD_RUNTIME_DIR"] = ENV["RKE2CERTD_RUNTIME_DIR"]
+    # In-process loads (and the checks) use the same cache dir, never the machine's.
+    os.environ["RKE2CERTD_CACHE_DIR"] = ENV["RKE2CERTD_CACHE_DIR"]
     rows: list[Row] = []
     notes: list[str] = []
     try:

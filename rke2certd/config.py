@@ -5,7 +5,7 @@ drop-ins, shared keys only), our file, the command line.
 
 `Config` is a plain frozen dataclass that the commands only read. Validation (pydantic, in
 `config_model.py`) runs when an input changed: `load_config` keeps the validated values in the
-runtime dir (`config_cache.py`), keyed by the bytes of every file it read, so the startup hook
+cache dir (`config_cache.py`), keyed by the bytes of every file it read, so the startup hook
 and `certificate check` import neither pydantic nor yaml on an unchanged node.
 """
 
@@ -260,7 +260,7 @@ def read_rke2_config(path: Path, inputs: Inputs | None = None) -> dict[str, Any]
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read and validate the configuration; every bad key is reported at once.
 
-    Validated values are reused from the runtime dir's cache when no input changed."""
+    Validated values are reused from the cache dir's cache when no input changed."""
     from rke2certd import config_cache
 
     explicit = path is not None

@@ -29,10 +29,10 @@ if str(ROOT) not in sys.path:  # `tests.harness...` imports work however pytest 
     sys.path.insert(0, str(ROOT))
 
 # The caches (config, certificate facts) of this test process and the CLI processes it starts
-# live here, not in the machine's /run/rke2certd (the tests run as root).
+# live here, not in the machine's /var/cache/rke2certd (the tests run as root).
 RUNTIME_DIR = tempfile.mkdtemp(prefix="rke2certd-test-run-")
 atexit.register(shutil.rmtree, RUNTIME_DIR, True)
-os.environ["RKE2CERTD_RUNTIME_DIR"] = RUNTIME_DIR
+os.environ["RKE2CERTD_CACHE_DIR"] = RUNTIME_DIR
 
 # A node whose every SAN source is set, so profile tests can name each expected SAN.
 DEFAULT_NODE: dict[str, Any] = {
@@ -76,7 +76,7 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "LANG": "C.UTF-8",
         "HOME": "/",
-        "RKE2CERTD_RUNTIME_DIR": RUNTIME_DIR,
+        "RKE2CERTD_CACHE_DIR": RUNTIME_DIR,
         # This checkout's code, not whichever tree the package is installed (editable) from.
         "PYTHONPATH": str(ROOT),
     }

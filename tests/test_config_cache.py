@@ -1,6 +1,6 @@
 """The validated-config cache (rke2certd/config_cache.py): a hit gives what a fresh load gives,
 without yaml or pydantic; any changed input is read and validated again; a cache file we could
-not have written is ignored; no runtime dir, no cache, no noise.
+not have written is ignored; no cache dir, no cache, no noise.
 
 Loads run in a subprocess (a real `load_config` in a fresh interpreter), which reports the
 Config and whether it imported pydantic or yaml, i.e. whether it validated."""
@@ -54,7 +54,7 @@ def load(cfg: Path | None, runtime: Path | str, overrides: dict[str, Any] | None
         env={
             "PATH": os.environ["PATH"],
             "PYTHONPATH": str(ROOT),
-            "RKE2CERTD_RUNTIME_DIR": str(runtime),
+            "RKE2CERTD_CACHE_DIR": str(runtime),
             **(env or {}),
         },
     )
@@ -65,7 +65,7 @@ def load(cfg: Path | None, runtime: Path | str, overrides: dict[str, Any] | None
 
 @pytest.fixture
 def runtime(tmp_path: Path) -> Path:
-    """A runtime dir that does not exist yet (its parent does): the first load makes it."""
+    """A cache dir that does not exist yet (its parent does): the first load makes it."""
     (tmp_path / "run").mkdir()
     return tmp_path / "run" / "rke2certd"
 
@@ -109,7 +109,7 @@ def test_sources_are_the_files_read_lowest_precedence_first(ours: Path, rke2: Pa
     cfg = load_config(ours)
     dropins = rke2.parent / "config.yaml.d"
     assert cfg.sources == (rke2, dropins / "10-san.yaml", dropins / "20-ip.yaml", ours)
-    assert load_config(ours) == cfg  # the cached load (this process's runtime dir)
+    assert load_config(ours) == cfg  # the cached load (this process's cache dir)
     assert load_config(ours).sources == cfg.sources
 
 
@@ -227,7 +227,7 @@ def test_a_cache_we_could_not_have_written_is_ignored(
 
 
 @pytest.mark.parametrize("where", ["no-parent", "not-a-dir", "foreign-dir"])
-def test_no_usable_runtime_dir_means_no_cache_and_no_noise(
+def test_no_usable_cache_dir_means_no_cache_and_no_noise(
     where: str, ours: Path, tmp_path: Path
 ) -> None:
     runtime = {
@@ -250,12 +250,12 @@ def test_no_usable_runtime_dir_means_no_cache_and_no_noise(
         assert list(runtime.iterdir()) == []
 
 
-def test_an_empty_runtime_dir_setting_turns_the_cache_off(ours: Path, tmp_path: Path) -> None:
+def test_an_empty_cache_dir_setting_turns_the_cache_off(ours: Path, tmp_path: Path) -> None:
     assert load(ours, "")["validated"] and load(ours, "")["validated"]
 
 
 def test_the_cli_never_logs_the_token(ours: Path, runtime: Path) -> None:
-    env = {"RKE2CERTD_RUNTIME_DIR": str(runtime)}
+    env = {"RKE2CERTD_CACHE_DIR": str(runtime)}
     for _ in range(2):  # a miss, then a hit
         res = run_cli("-c", ours, "--debug", "renew", "-o", "json", env=env)
         assert res.returncode == 0, res.stderr

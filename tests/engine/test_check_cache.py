@@ -35,7 +35,7 @@ def render_all(node: LiveNode, now: datetime) -> dict[str, str]:
 @pytest.fixture
 def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "run"
-    monkeypatch.setenv("RKE2CERTD_RUNTIME_DIR", str(d))
+    monkeypatch.setenv("RKE2CERTD_CACHE_DIR", str(d))
     return d
 
 
@@ -52,9 +52,9 @@ def test_cached_output_is_byte_identical_in_every_format_and_at_the_edges(
     live_node: LiveNode, runtime: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     for now in edge_times(live_node):
-        monkeypatch.setenv("RKE2CERTD_RUNTIME_DIR", "")
+        monkeypatch.setenv("RKE2CERTD_CACHE_DIR", "")
         uncached = render_all(live_node, now)
-        monkeypatch.setenv("RKE2CERTD_RUNTIME_DIR", str(runtime))
+        monkeypatch.setenv("RKE2CERTD_CACHE_DIR", str(runtime))
         cold = render_all(live_node, now)  # parses (the first time), writes the cache
         warm = render_all(live_node, now)
         assert uncached == cold == warm, now

@@ -1,7 +1,8 @@
-"""The runtime dir: root-only scratch space for caches, default /run/rke2certd.
+"""The cache dir: root-only space for caches, default /var/cache/rke2certd (kept across reboots:
+the first RKE2 start after a boot finds the caches warm).
 
-The unit makes it (`RuntimeDirectory=rke2certd`, mode 0700); a command run outside the unit
-makes it 0700 when it can. `RKE2CERTD_RUNTIME_DIR` moves it; set empty, no cache is used.
+The unit makes it (`CacheDirectory=rke2certd`, mode 0700); a command run outside the unit
+makes it 0700 when it can. `RKE2CERTD_CACHE_DIR` moves it; set empty, no cache is used.
 
 Caches only save time: when the dir cannot be made or written, or a cache file is not one we
 could have written (another owner, group/world access, a symlink), rke2certd works without it,
@@ -17,16 +18,16 @@ from pathlib import Path
 from rke2certd.errors import StorageError
 from rke2certd.store.atomic import ensure_dir, write_file
 
-DEFAULT_RUNTIME_DIR = Path("/run/rke2certd")
-ENV = "RKE2CERTD_RUNTIME_DIR"
+DEFAULT_CACHE_DIR = Path("/var/cache/rke2certd")
+ENV = "RKE2CERTD_CACHE_DIR"
 MAX_CACHE_BYTES = 1 << 20
 
 
-def runtime_dir() -> Path | None:
-    """Where caches live; None when caching is turned off (`RKE2CERTD_RUNTIME_DIR=`)."""
+def cache_dir() -> Path | None:
+    """Where caches live; None when caching is turned off (`RKE2CERTD_CACHE_DIR=`)."""
     value = os.environ.get(ENV)
     if value is None:
-        return DEFAULT_RUNTIME_DIR
+        return DEFAULT_CACHE_DIR
     return Path(value) if value else None
 
 
