@@ -44,6 +44,9 @@ if TYPE_CHECKING:
     from rke2certd.supervisor.server import SupervisorHandle
 
 
+AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
+
+
 class Wakeup:
     """A self-pipe: signals (via set_wakeup_fd) and the helper threads write to it."""
 
@@ -99,6 +102,7 @@ class Daemon:
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
         self._agent_gen: str | None = None
+        self.deferred: str | None = None  # why the last renew was put off (agents only)
         self.staging_refused: str | None = None
         self.next_rescan = 0.0
         self.next_ping = 0.0
@@ -182,6 +186,42 @@ class Daemon:
             self.runner.renewed()
         return result
 
+    def _start_renew(self) -> None:
+        """The start's renew. An agent-only node whose servers do not answer (they may be
+        rebooting too) starts on the certificates it has, if none is expired, and tries again
+        every AGENT_RETRY seconds; without usable certificates it fails as before."""
+        from rke2certd.supervisor.client import UnreachableError
+
+        try:
+            self._renew("start")
+        except UnreachableError as exc:
+            if not self.agent_only or not self._certs_usable():
+                raise
+            self.deferred = str(exc)
+            log.warning(
+                "renew_deferred", reason=f"{exc}; using the certificates on disk",
+                retry_in=AGENT_RETRY,
+            )  # fmt: skip
+
+    def _rescan_interval(self) -> float:
+        """Soon while an agent waits for its servers (to renew, or to join rollouts)."""
+        waiting = self.deferred or (self.remote is not None and self.runner is None)
+        return min(AGENT_RETRY, self.cfg.rescan_interval) if waiting else self.cfg.rescan_interval
+
+    def _certs_usable(self) -> bool:
+        from rke2certd.plan.inventory import failing
+
+        rows = check(self.node, [], self.clock()).rows
+        return bool(rows) and not failing(rows)
+
+    def _rescan(self) -> None:
+        self._renew("periodic rescan")
+        if self.deferred:
+            log.info("renew_resumed", reason="the server answered again")
+        self.deferred = None
+        if self.runner is None and self.remote is not None:
+            self._start_rollouts()
+
     def _apply_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """A rollout's apply step: the same renew (extract, re-issue, tokens) under the lock."""
         if self.agent_only:
@@ -225,7 +265,11 @@ class Daemon:
                 generation=self._generation, clock=self.clock, wake=self.wake.poke,
                 housekeep=lambda: self._remote().housekeep(),
             )  # fmt: skip
-            self.runner.start()
+            try:
+                self.runner.start()
+            except Rke2certdError as exc:  # no server answers: join at the next attempt
+                self.runner = None
+                log.warning("rollout_join_deferred", reason=str(exc), retry_in=AGENT_RETRY)
             return
         if self.ds is None:
             return
@@ -345,6 +389,8 @@ class Daemon:
             parts.append(f"watching {self.watcher.staging}")
         elif self.staging_refused:
             parts.append("REFUSING the staging dir (see the journal)")
+        if self.deferred:
+            parts.append("servers unreachable, on the certificates on disk, retrying")
         if self.supervisor is not None:
             parts.append(f"serving agents on port {self.supervisor.port}")
         elif self.supervisor_error:
@@ -386,7 +432,7 @@ class Daemon:
         self._start_supervisor()
         self._start_staging()
         self._process_staging()
-        self.next_rescan = time.monotonic() + self.cfg.rescan_interval
+        self.next_rescan = time.monotonic() + self._rescan_interval()
         self._sent_status = self._status_text()
         self.notifier.ready(self._sent_status)
 
@@ -427,7 +473,7 @@ class Daemon:
         self._install_signals()
         try:
             self._open_datastore()
-            self._renew("start")
+            self._start_renew()
             self._start_supervisor()
             self._start_rollouts()
             self._start_staging()
@@ -438,7 +484,7 @@ class Daemon:
             self._close()
             signal.set_wakeup_fd(-1)
             return 1
-        self.next_rescan = time.monotonic() + self.cfg.rescan_interval
+        self.next_rescan = time.monotonic() + self._rescan_interval()
         self._sent_status = self._status_text()
         self.notifier.ready(self._sent_status)
         log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
@@ -454,9 +500,9 @@ class Daemon:
                 continue
             self._safe(self._process_staging)
             if time.monotonic() >= self.next_rescan:
-                self._safe(lambda: self._renew("periodic rescan"))
+                self._safe(self._rescan)
                 self._start_supervisor()
-                self.next_rescan = time.monotonic() + self.cfg.rescan_interval
+                self.next_rescan = time.monotonic() + self._rescan_interval()
             self._safe(self._tick_rollouts)
             self._status()
         return self._shutdown()

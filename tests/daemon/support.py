@@ -36,9 +36,13 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import clean_env
+
 CAPTURED_LOGS = "captured-logs"  # under the session's basetemp
 SECRETS_FILE = "captured-secrets.txt"  # next to it (not inside: it is not a log)
-ENV_BASE = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": "/"}
+# What a daemon or CLI process sees (tests/conftest.py's clean_env: this checkout's code, the
+# test run's cache dir).
+ENV_BASE = clean_env()
 
 
 # --- captured logs -------------------------------------------------------------------------------
