@@ -26,7 +26,7 @@ from tests.harness.cluster import NodeSpec, SimCluster
 from .checks import assert_order, statuses, view, wait_rollout
 from .conftest import ClusterFactory, standard_specs
 
-pytestmark = [pytest.mark.timeout(300), pytest.mark.etcd]
+pytestmark = pytest.mark.timeout(300)
 
 AGENTS = ("a1", "a2", "a3")
 
@@ -54,10 +54,20 @@ def _split_new_ca(bundle_path: Path, out: Path) -> tuple[Path, Path]:
     return root, inter
 
 
+@pytest.mark.etcd
 def test_agents_restart_last_on_new_certs_and_token(
     sim_etcd: ClusterFactory, tmp_path: Path
 ) -> None:
-    cluster: SimCluster = sim_etcd(_specs())
+    _rotate_with_agents(sim_etcd(_specs()), tmp_path)
+
+
+def test_agents_restart_last_on_sqlite(sim_sqlite: ClusterFactory, tmp_path: Path) -> None:
+    """All on one machine with the SQLite default: the agents' watch goes through the
+    endpoint to the servers' SQLite watch."""
+    _rotate_with_agents(sim_sqlite(_specs()), tmp_path)
+
+
+def _rotate_with_agents(cluster: SimCluster, tmp_path: Path) -> None:
     old_tokens = {a: _config_token(cluster, a) for a in AGENTS}
     old_hash = {parse_token(t).ca_hash for t in old_tokens.values()}
     assert len(old_hash) == 1 and None not in old_hash
