@@ -101,7 +101,6 @@ class Daemon:
         self._endpoint_ds: Datastore | None = None
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
-        self._agent_gen: str | None = None
         self.deferred: str | None = None  # why the last renew was put off (agents only)
         self.staging_refused: str | None = None
         self.next_rescan = 0.0
@@ -244,45 +243,35 @@ class Daemon:
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
             self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
         self._renew(f"rollout {rollout.id}")
-        return ApplyOutcome(self._agent_generation(fresh=True))
-
-    def _agent_generation(self, fresh: bool = False) -> str | None:
-        from rke2certd.ops.agent_rollout import agent_generation
-
-        if fresh or self._agent_gen is None:
-            self._agent_gen = agent_generation(self.node, self._remote())
-        return self._agent_gen
+        return ApplyOutcome(self._generation())
 
     def _generation(self) -> str | None:
+        """The CA generation on disk; an agent's is the server's, if it holds what it serves."""
         if self.agent_only:
-            return self._agent_generation(fresh=True)
+            from rke2certd.ops.agent_rollout import agent_generation
+
+            return agent_generation(self.node, self._remote())
         return disk_generation(self.node.layout)
 
     def _start_rollouts(self) -> None:
-        if self.remote is not None:
-            self.runner = RolloutRunner(
-                self.node, self.remote, open_ds=self._remote, apply=self._apply_rollout,
-                generation=self._generation, clock=self.clock, wake=self.wake.poke,
-                housekeep=lambda: self._remote().housekeep(),
-            )  # fmt: skip
-            try:
-                self.runner.start()
-            except Rke2certdError as exc:  # no server answers: join at the next attempt
-                self.runner = None
-                log.warning("rollout_join_deferred", reason=str(exc), retry_in=AGENT_RETRY)
-            return
-        if self.ds is None:
+        """Join the cluster's rollouts: servers through the datastore, agent-only nodes through
+        a server's endpoint (and a server does their housekeeping)."""
+        agent = self.remote is not None
+        store = self.remote if agent else self.ds
+        if store is None:
             return
         self.runner = RolloutRunner(
-            self.node,
-            self.ds,
-            open_ds=self._own_connection,
-            apply=self._apply_rollout,
-            generation=self._generation,
-            clock=self.clock,
-            wake=self.wake.poke,
-        )
-        self.runner.start()
+            self.node, store, open_ds=self._remote if agent else self._own_connection,
+            apply=self._apply_rollout, generation=self._generation, clock=self.clock,
+            wake=self.wake.poke, housekeep=(lambda: self._remote().housekeep()) if agent else None,
+        )  # fmt: skip
+        try:
+            self.runner.start()
+        except Rke2certdError as exc:
+            if not agent:
+                raise
+            self.runner = None  # no server answers: join at the next attempt
+            log.warning("rollout_join_deferred", reason=str(exc), retry_in=AGENT_RETRY)
 
     def _start_supervisor(self) -> None:
         """Servers serve agents (CSRs, CAs, the coordination keys). A port in use is logged

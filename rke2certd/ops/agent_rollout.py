@@ -23,7 +23,7 @@ from rke2certd.log import log
 from rke2certd.ops.agent import supervisor_urls
 from rke2certd.ops.node import Node
 from rke2certd.ops.tokens import rewrite_config_tokens
-from rke2certd.pki.token import ca_hash, format_token, parse_token
+from rke2certd.pki.token import format_token, parse_token
 from rke2certd.store.atomic import read_optional
 from rke2certd.supervisor import AGENT_USER
 from rke2certd.supervisor.client import fetch_cacerts_trusted, locate_cacerts
@@ -57,8 +57,7 @@ def adopt_rotated_ca(node: Node, token: str, *, dry_run: bool = False) -> str | 
         held = read_optional(node.layout.agent_server_ca)
         if held is None:
             raise TokenError(f"{mismatch}; and no CA on disk to check the server by") from None
-    url, bundle = fetch_cacerts_trusted(urls, held)
-    new_hash = ca_hash(bundle, source=f"the /cacerts answer of {url}")
+    url, _bundle, new_hash = fetch_cacerts_trusted(urls, held)
     new_token = format_token(new_hash, parsed.username or AGENT_USER, parsed.password)
     files = rewrite_config_tokens(node, new_hash, dry_run=dry_run)
     log.info(

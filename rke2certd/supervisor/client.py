@@ -230,6 +230,17 @@ def fetch_cacerts(urls: Urls, token: str, *, timeout: float = DEFAULT_TIMEOUT) -
     return locate_cacerts(urls, token, timeout=timeout)[1]
 
 
+def _get_cacerts(url: str, context: ssl.SSLContext, timeout: float) -> tuple[bytes, str]:
+    """One server's `/cacerts` answer and its CA hash (a server answering something else is
+    skipped)."""
+    answer = _exchange(url, context, "GET", CACERTS_PATH, timeout)
+    bundle = _expect_ok(url, answer, f"GET {CACERTS_PATH}")
+    try:
+        return bundle, ca_hash(bundle, source=f"the {CACERTS_PATH} answer of {url}")
+    except PKIError as exc:
+        raise _Skip(f"its {CACERTS_PATH} answer is not a CA bundle ({exc})") from exc
+
+
 def locate_cacerts(
     urls: Urls, token: str, *, timeout: float = DEFAULT_TIMEOUT
 ) -> tuple[str, bytes]:
@@ -238,12 +249,7 @@ def locate_cacerts(
     parsed = parse_token(token)
 
     def attempt(url: str) -> tuple[str, bytes]:
-        answer = _exchange(url, insecure_context(), "GET", CACERTS_PATH, timeout)
-        bundle = _expect_ok(url, answer, f"GET {CACERTS_PATH}")
-        try:
-            got = ca_hash(bundle, source=f"the {CACERTS_PATH} answer of {url}")
-        except PKIError as exc:
-            raise _Skip(f"its {CACERTS_PATH} answer is not a CA bundle ({exc})") from exc
+        bundle, got = _get_cacerts(url, insecure_context(), timeout)
         if parsed.ca_hash is None:
             log.warning("ca_not_pinned", server_url=url, ca_hash=got,
                         reason="the token has no CA hash: the CA is trusted as served")  # fmt: skip
@@ -258,20 +264,15 @@ def locate_cacerts(
 
 def fetch_cacerts_trusted(
     urls: Urls, trusted: bytes, *, timeout: float = DEFAULT_TIMEOUT
-) -> tuple[str, bytes]:
+) -> tuple[str, bytes, str]:
     """`/cacerts` from a server whose certificate verifies against `trusted` (the CA bundle an
     agent already holds), whatever its hash: how an agent learns a rotated CA from a server
-    that proves itself with the CA it knows. No credential is sent."""
+    that proves itself with the CA it knows. No credential is sent. Returns the server, the
+    bundle and its CA hash."""
     context = pinned_context(trusted)
 
-    def attempt(url: str) -> tuple[str, bytes]:
-        answer = _exchange(url, context, "GET", CACERTS_PATH, timeout)
-        bundle = _expect_ok(url, answer, f"GET {CACERTS_PATH}")
-        try:
-            ca_hash(bundle, source=f"the {CACERTS_PATH} answer of {url}")
-        except PKIError as exc:
-            raise _Skip(f"its {CACERTS_PATH} answer is not a CA bundle ({exc})") from exc
-        return url, bundle
+    def attempt(url: str) -> tuple[str, bytes, str]:
+        return url, *_get_cacerts(url, context, timeout)
 
     return _failover(urls, attempt, f"GET {CACERTS_PATH} (trusted by the CA on disk)")
 

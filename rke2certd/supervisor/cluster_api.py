@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Any
 
 from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.errors import UsageError
 from rke2certd.plan.rollout import Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
@@ -107,15 +108,13 @@ class ClusterAPI:
         """Only the caller's own records, each of the kind its key says (value None: delete)."""
         try:
             own = {rec.node_key(node), rec.member_key(node)}
-        except Exception:
+        except UsageError:
             raise ClusterRefused(400, "the node name is not usable") from None
-        status_suffix = f"/status/{node}"
+        # rollouts/<id>/status/<node>, split as records.parse splits it
+        parts = key[len(rec.ROLLOUTS) :].split("/") if key.startswith(rec.ROLLOUTS) else []
         if key in own:
             kind = "registration" if key.startswith(rec.NODES) else "membership"
-        elif key.startswith(rec.ROLLOUTS) and key.endswith(status_suffix):
-            rollout_id = key[len(rec.ROLLOUTS) : -len(status_suffix)]
-            if not rollout_id or "/" in rollout_id:
-                raise ClusterRefused(403, f"{key} is not a rollout status key")
+        elif len(parts) == 3 and parts[0] and parts[1:] == ["status", node]:
             kind = "status"
         elif key.startswith(f"{rec.SLOTS}{Phase.AGENT.value}/"):
             kind = "slot"
