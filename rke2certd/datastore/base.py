@@ -113,6 +113,17 @@ class Datastore(ABC):
         timeout)` returns exactly the changes made after the read.
         """
 
+    def snapshot_range(self, start: str, end: str) -> Snapshot:
+        """Every key in [start, end), sorted, with the revision of the read (one consistent
+        read). This default reads the prefix the two share and drops the rest; a store that
+        can range-read overrides it."""
+        n = 0
+        while n < min(len(start), len(end)) and start[n] == end[n]:
+            n += 1
+        common = start[:n]
+        snap = self.snapshot(common)
+        return Snapshot([kv for kv in snap.kvs if start <= kv.key < end], snap.revision)
+
     def get_prefix(self, prefix: str) -> list[KV]:
         return self.snapshot(prefix).kvs
 
@@ -128,6 +139,15 @@ class Datastore(ABC):
 
         The lease of the new value is `lease` (None detaches it, as an etcd put does).
         """
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        """Write `key` whatever it holds (last writer wins: for marks whose only message is
+        that they changed). A store with a blind write overrides this read-and-swap loop."""
+        for _ in range(8):
+            kv = self.get(key)
+            if self.compare_and_swap(key, value, kv.mod_revision if kv else 0, lease):
+                return
+        raise DatastoreUnavailable(f"{key} kept changing under 8 writes; try again")
 
     @abstractmethod
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:

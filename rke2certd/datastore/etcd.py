@@ -218,6 +218,12 @@ class EtcdDatastore(Datastore):
         kvs = [_kv(item) for item in result.get("kvs") or []]
         return Snapshot(kvs, int(result["header"]["revision"]))
 
+    def snapshot_range(self, start: str, end: str) -> Snapshot:
+        payload = {"key": _b64(key_bytes(start)), "range_end": _b64(key_bytes(end))}
+        result = self._call(lambda c: c.post(c.get_url("/kv/range"), json=payload))
+        kvs = [_kv(item) for item in result.get("kvs") or []]
+        return Snapshot(kvs, int(result["header"]["revision"]))
+
     def create(self, key: str, value: bytes, lease: int | None = None) -> bool:
         return self.compare_and_swap(key, value, 0, lease)
 
@@ -230,6 +236,13 @@ class EtcdDatastore(Datastore):
             put["lease"] = lease
         result = self._txn(key, _mod_equals(k, expected_mod_revision), {"request_put": put})
         return result is not None
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        put: dict[str, Any] = {"key": _b64(key_bytes(key)), "value": _b64(value)}
+        if lease is not None:
+            put["lease"] = lease
+        txn = {"compare": [], "success": [{"request_put": put}], "failure": []}
+        self._call(lambda c: c.transaction(txn), _Call())  # repeated after a lost answer: harmless
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
         k = _b64(key_bytes(key))

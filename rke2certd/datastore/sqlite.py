@@ -280,7 +280,12 @@ class SQLiteDatastore(Datastore):
         return _kv(row) if row else None
 
     def snapshot(self, prefix: str) -> Snapshot:
-        where, params = _prefix_clause(prefix)
+        return self._select(*_prefix_clause(prefix))
+
+    def snapshot_range(self, start: str, end: str) -> Snapshot:
+        return self._select("key >= ? AND key < ?", (key_bytes(start), key_bytes(end)))
+
+    def _select(self, where: str, params: tuple[bytes, ...]) -> Snapshot:
         with self._read_txn() as conn:
             rows = conn.execute(f"{_SELECT_KV} WHERE {where} ORDER BY key", params).fetchall()
             rev = self._revision(conn)
@@ -292,13 +297,20 @@ class SQLiteDatastore(Datastore):
     def compare_and_swap(
         self, key: str, value: bytes, expected_mod_revision: int, lease: int | None = None
     ) -> bool:
+        return self._write(key, value, expected_mod_revision, lease)
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        self._write(key, value, None, lease)
+
+    def _write(self, key: str, value: bytes, expected: int | None, lease: int | None) -> bool:
+        """Write `key` if its mod_revision is `expected` (0: absent; None: whatever it is)."""
         raw = key_bytes(key)
         self._reap_if_due()
         with self._write_txn() as conn:
             row = conn.execute(
                 "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
             ).fetchone()
-            if (row[1] if row else 0) != expected_mod_revision:
+            if expected is not None and (row[1] if row else 0) != expected:
                 return False
             self._check_lease(conn, lease)
             rev = self._bump(conn)

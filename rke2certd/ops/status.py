@@ -139,7 +139,7 @@ def render_table(doc: dict[str, Any]) -> str:
 
 
 def render_status(ds: Datastore, output: str) -> str:
-    doc = status_doc(ClusterStore(ds).read())
+    doc = status_doc(ClusterStore(ds).read(everything=True))
     if output == "json":
         return json.dumps(doc, indent=2) + "\n"
     return render_table(doc)

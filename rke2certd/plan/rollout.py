@@ -20,6 +20,7 @@ Every decision carries its reason in words for STATUS=, the journal and `rke2cer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -344,8 +345,8 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
         return Restart(r, own)
     limit = phase_limit(view, me.phase, max_unavailable)
     down = [m for m in down_members(view, me.phase) if m.name != me.name]
-    allowed = limit - len(down)
-    if allowed <= 0:
+    free = _free_slots(view, me.phase, limit - len(down))
+    if limit - len(down) <= 0:
         what = "could lose etcd quorum" if me.phase is Phase.ETCD else "exceeds max-unavailable"
         m = down[0]
         reason = (
@@ -358,8 +359,6 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
     # other one for the node just ahead of it. A hand-off then wakes one node, not the phase.
     queue = _queue(view, r, me.phase)
     place = queue.index(me.name) if me.name in queue else len(queue)
-    taken = {s.index for s in held}
-    free = [k for k in range(allowed) if k not in taken]
     if place < len(free):
         return TakeSlot(r, me.phase, free[place])
     busy = ", ".join(f"{s.node} ({s.rollout})" for s in sorted(held, key=lambda s: s.index))
@@ -372,6 +371,49 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
         f"{place} node(s) ahead in line, {ahead} last before this one"
     )
     return Wait(r, reason, ahead, "queue")
+
+
+def _free_slots(view: ClusterView, phase: Phase, allowed: int) -> list[int]:
+    """The slot indexes of `phase` a node may take now, when `allowed` may be unavailable."""
+    taken = {s.index for s in view.slots if s.phase is phase}
+    return [k for k in range(allowed) if k not in taken]
+
+
+def to_wake(view: ClusterView, me: str, max_unavailable: int) -> list[str]:
+    """Server nodes to wake after `me` freed a restart slot or reported (the view read after
+    that write): in each active rollout's current phase, the nodes a free slot goes to now and
+    the one right behind them (it moves up to wait for a slot); and when `me`'s report ended
+    its phase, every node of the next one (their barrier opened: each has a new wait to say).
+    Servers watch only their wake key and the structural keys (rollout/link.py); agents watch
+    everything through a server and are never in this list. The waker reads after its write,
+    and a waiter reads after its own: whichever read comes later sees the other's write, so
+    no wake-up is lost (RECHECK covers a writer that died in between)."""
+    out: dict[str, None] = {}
+    mine = view.members.get(me)
+    for r in view.rollouts:
+        phase = current_phase(view, r) if r.active else None
+        if phase is None or phase is Phase.AGENT:
+            continue
+        queue = _queue(view, r, phase)
+        limit = phase_limit(view, phase, max_unavailable)
+        free = _free_slots(view, phase, limit - len(down_members(view, phase)))
+        opened = (
+            mine is not None
+            and PHASES.index(mine.phase) < PHASES.index(phase)
+            and is_done(view, r, me)
+        )
+        for name in queue if opened else queue[: len(free) + 1]:
+            out.setdefault(name)
+    out.pop(me, None)
+    return list(out)
+
+
+def reported(view: ClusterView, r: Rollout, status: NodeStatus, freed: Slot) -> ClusterView:
+    """`view` as it is once `status.node` has reported `status` in `r` and freed `freed`: the
+    reporter's own writes, to wake the next node before it reads the store again."""
+    statuses = {**view.statuses, (r.id, status.node): status}
+    slots = tuple(s for s in view.slots if s != freed)
+    return dataclasses.replace(view, statuses=statuses, slots=slots)
 
 
 def _queue(view: ClusterView, r: Rollout, phase: Phase) -> list[str]:

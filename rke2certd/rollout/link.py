@@ -1,18 +1,25 @@
-"""The node's link to the cluster: two background threads that wake the main loop.
+"""The node's link to the cluster: background threads that wake the main loop.
 
 - keep-alive: refreshes the node's lease every ttl/3; when the lease was lost (the node was cut
   off longer than the TTL) it takes a new one, and the main loop registers again: that is how
   a node that was away comes back;
-- watch: follows every change under /rke2certd/ (a long-lived etcd stream, or the SQLite
-  store's watch) and wakes the main loop for the changes that may concern it (`interest`, set
-  after each step; the changes that came in since the read the step was decided on are judged
-  again under it, so none is lost between two interests).
+- watch: follows changes and wakes the main loop for those that may concern it.
 
-Every change reaches every node's watch (one prefix, no server-side filter): what keeps a
-rollout linear is that a node wakes, and reads, only for what it waits for, and that a node
-writes little. They decide nothing and write nothing but lease refreshes. The main loop reads
-the keys again when woken: one range read, always a consistent snapshot, never a cache that
-could drift (records.Decoded only skips decoding a key's value again).
+What wakes whom. A server is woken by the structural keys (records.STRUCTURE: membership, a
+node coming or going, rollout records: a few writes per rollout, which every node must hear
+about) and by its own wake key, which the node that frees a slot or reports writes for the few
+nodes that may go on now (plan/rollout.py `to_wake`). With etcd those are two long-lived
+streams that etcd filters itself, so a status or slot write reaches nobody's watch and a
+hand-off costs the same with 6 nodes or 600; they never change, so no new stream (a TLS
+handshake) is ever on a hand-off's path. With SQLite (its watch wakes every process at any
+write anyway) the same filter runs here. Agents (a long poll of the whole prefix through a
+server; they may not write other nodes' keys) are woken by what their current step waits for
+(`interest`, set after each step; the changes that came in since the read the step was decided
+on are judged again under it, so none is lost between two interests).
+
+They decide nothing and write nothing but lease refreshes. The main loop reads the keys again
+when woken: one range read, always a consistent snapshot, never a cache that could drift
+(records.Decoded only skips decoding a key's value again).
 Each thread has its own connection (the main loop's may be busy in a long read); with SQLite,
 the main loop's own (see Daemon._start_rollouts).
 """
@@ -21,7 +28,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from rke2certd.datastore.base import (
@@ -45,6 +53,15 @@ BACKOFF_MAX = 10.0
 RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
 
 
+@dataclass
+class _Feed:
+    """One watch: an etcd stream on a key range, or (None) the datastore's own watch of the
+    whole prefix; and the revision to go on from, so a reconnect misses nothing."""
+
+    stream: WatchStream | None
+    revision: int | None = None
+
+
 class ClusterLink:
     def __init__(
         self,
@@ -52,25 +69,32 @@ class ClusterLink:
         ttl: int,
         own_key: str,
         wake: Callable[[], None],
-        stream: WatchStream | None = None,
+        streams: Sequence[WatchStream] = (),
+        interest: Callable[[Event], bool] | None = None,
     ) -> None:
+        """`streams`: etcd watch streams, one thread each (none: the whole prefix through the
+        datastore's watch); `interest`: a fixed filter (servers) instead of one set per step."""
         self._open = open_ds
         self.ttl = ttl
         self._own_key = own_key
         self._wake = wake
-        self._stream = stream
+        self._feeds = [_Feed(s) for s in streams] or [_Feed(None)]
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._threads = [
-            threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True),
-            threading.Thread(target=self._watch, name="rke2certd-watch", daemon=True),
+            threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True)
         ]
+        for i, feed in enumerate(self._feeds):
+            name = f"rke2certd-watch-{i}"
+            self._threads.append(
+                threading.Thread(target=self._watch, args=(feed,), name=name, daemon=True)
+            )
         self.lease: int | None = None
         self.error: str | None = None  # the last failure, for the status line
-        self._revision: int | None = None  # the next one to watch from
-        # Which changes wake the main loop: set by the runner after each step, so that a node
-        # waiting for one thing is not woken (and does not read) for every change of the others.
-        self.interest: Callable[[Event], bool] = lambda _event: True
+        # Which changes wake the main loop: fixed on servers; on agents set by the runner after
+        # each step, so that a node waiting for one thing is not woken (and does not read) for
+        # every change of the others.
+        self.interest: Callable[[Event], bool] = interest or (lambda _event: True)
         # the latest changes, and the lock that hands each one to exactly one interest
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
@@ -82,8 +106,9 @@ class ClusterLink:
 
     def stop(self, wait: float = 1.0) -> None:
         self._stop.set()
-        if self._stream is not None:
-            self._stream.close()
+        for feed in self._feeds:
+            if feed.stream is not None:
+                feed.stream.close()
         for t in self._threads:
             t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
 
@@ -166,36 +191,38 @@ class ClusterLink:
 
     # -- watch thread --------------------------------------------------------------------------
 
-    def _watch(self) -> None:
+    def _watch(self, feed: _Feed) -> None:
         ds: Datastore | None = None
         backoff = 0.5
         while not self._stop.is_set():
             try:
                 ds = ds or self._open()
-                if self._revision is None:
-                    self._revision = ds.snapshot(PREFIX).revision + 1
+                if feed.revision is None:
+                    feed.revision = ds.snapshot(PREFIX).revision + 1
                     self._poke()  # the main loop reads what it may have missed
-                self._follow(ds, self._revision)
+                self._follow(ds, feed)
                 self._ok()
                 backoff = 0.5
             except WatchCompacted:
-                self._revision = None  # from now on; the main loop re-reads everything
+                feed.revision = None  # from now on; the main loop re-reads everything
             except Exception as exc:  # never die: the node would miss its turn
                 if self._stop.is_set():
                     return  # stopped while a call was in flight (its connection closed)
                 backoff = self._failed(exc, backoff)
 
-    def _follow(self, ds: Datastore, revision: int) -> None:
-        """Watch from `revision` until the stream ends (or for one SQLite slice), keeping the
-        next revision to watch from, so a reconnect after a failure misses nothing."""
-        if self._stream is not None:
-            batches = self._stream.batches(revision)
+    def _follow(self, ds: Datastore, feed: _Feed) -> None:
+        """Watch from the feed's revision until the stream ends (or for one SQLite slice),
+        keeping the next revision to watch from, so a reconnect after a failure misses
+        nothing."""
+        assert feed.revision is not None
+        if feed.stream is not None:
+            batches = feed.stream.batches(feed.revision)
         else:
-            batches = iter([ds.watch_prefix(PREFIX, revision, WATCH_SLICE)])
+            batches = iter([ds.watch_prefix(PREFIX, feed.revision, WATCH_SLICE)])
         for events in batches:
             if not events:
                 continue
-            self._revision = events[-1].kv.mod_revision + 1
+            feed.revision = events[-1].kv.mod_revision + 1
             with self._lock:  # each change is judged by the interest it arrived under
                 self._recent.extend(events)
                 relevant = self.interest
@@ -203,6 +230,27 @@ class ClusterLink:
                 self._poke()
             if self._stop.is_set():
                 break
+
+
+def server_interest(wake_key: str) -> Callable[[Event], bool]:
+    """What wakes a server: its wake key being set, a node coming or going (not its updates),
+    membership, rollout records, and an earlier version's statuses (which sort among the
+    rollout records; such a node writes no wake keys). Exactly what its etcd streams carry."""
+
+    def relevant(event: Event) -> bool:
+        key, kv = event.kv.key, event.kv
+        if key == wake_key:
+            return event.type is EventType.PUT  # not the writer's lease expiring
+        if key.startswith(rec.NODES):
+            return event.type is EventType.DELETE or kv.create_revision == kv.mod_revision
+        return rec.STRUCTURE <= key < rec.STRUCTURE_END
+
+    return relevant
+
+
+def server_ranges(wake_key: str) -> list[tuple[str, str]]:
+    """The key ranges a server's etcd streams watch: [key, end)."""
+    return [(rec.STRUCTURE, rec.STRUCTURE_END), (wake_key, wake_key + "\0")]
 
 
 def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:

@@ -1,14 +1,26 @@
 """The coordination keys and their JSON values (versioned, so an older daemon can skip what it
 does not understand instead of crashing).
 
-    /rke2certd/nodes/<node>                      registration, on the node's lease
     /rke2certd/members/<node>                    membership, until `rke2certd node remove`
+    /rke2certd/nodes/<node>                      registration, on the node's lease (presence)
     /rke2certd/rollouts/<id>                     a rollout record
-    /rke2certd/rollouts/<id>/status/<node>       one node's progress in that rollout
     /rke2certd/slots/<phase>/<k>                 a restart slot, on the holder's lease
+    /rke2certd/status/<id>/<node>                one node's progress in that rollout
+    /rke2certd/updates/<node>                    the registration as since updated (same
+                                                 record: generation, health, activity), on
+                                                 the node's lease
+    /rke2certd/wake/<node>                       a wake-up mark for a server node (who wrote
+                                                 it, why), on the writer's lease
 
-Everything lives under one prefix so that one range read is a consistent snapshot and one
-watch sees every change.
+Everything lives under one prefix so that one range read is a consistent snapshot. Within it,
+the keys every node must hear about (membership, a node coming or going, rollout records) form
+one range, STRUCTURE (members/ to rollouts/), which changes a few times per rollout; the busy
+keys (slots, statuses, registration updates: several writes per node and rollout) sort after
+it. A server watches STRUCTURE and its own wake key, nothing else (rollout/link.py): a node
+that frees a slot or reports writes the wake keys of the few nodes that may go on now
+(plan/rollout.py `to_wake`), so a write reaches O(1) nodes, not all N. That is also why a
+registration is written once (presence) and its updates go to another key.
+An earlier version's statuses, /rke2certd/rollouts/<id>/status/<node>, are still read.
 """
 
 from __future__ import annotations
@@ -39,6 +51,14 @@ NODES = PREFIX + "nodes/"
 MEMBERS = PREFIX + "members/"
 ROLLOUTS = PREFIX + "rollouts/"
 SLOTS = PREFIX + "slots/"
+STATUSES = PREFIX + "status/"
+UPDATES = PREFIX + "updates/"
+WAKE = PREFIX + "wake/"
+# [STRUCTURE, STRUCTURE_END): members, registrations (presence), rollout records
+# [PLANNING): what the rules read: everything but the registrations' updates and wake keys
+PLANNING = (PREFIX, UPDATES)
+STRUCTURE = MEMBERS
+STRUCTURE_END = ROLLOUTS[:-1] + chr(ord("/") + 1)
 
 
 def check_name(name: str) -> str:
@@ -59,8 +79,32 @@ def rollout_key(rollout_id: str) -> str:
     return ROLLOUTS + check_name(rollout_id)
 
 
+def update_key(name: str) -> str:
+    return UPDATES + check_name(name)
+
+
+def wake_key(name: str) -> str:
+    return WAKE + check_name(name)
+
+
 def status_key(rollout_id: str, node: str) -> str:
+    return f"{STATUSES}{check_name(rollout_id)}/{check_name(node)}"
+
+
+def old_status_key(rollout_id: str, node: str) -> str:
+    """Where an earlier version wrote statuses (read, and collected, still)."""
     return f"{rollout_key(rollout_id)}/status/{check_name(node)}"
+
+
+def status_rollout(key: str) -> str | None:
+    """The rollout id of a status key (either layout), None if `key` is no status key."""
+    if key.startswith(STATUSES):
+        parts = key[len(STATUSES) :].split("/")
+        return parts[0] if len(parts) == 2 else None
+    if key.startswith(ROLLOUTS):
+        parts = key[len(ROLLOUTS) :].split("/")
+        return parts[0] if len(parts) == 3 and parts[1] == "status" else None
+    return None
 
 
 def slot_key(phase: Phase, index: int) -> str:
@@ -140,6 +184,12 @@ def encode_status(s: NodeStatus) -> bytes:
             "healthSeconds": s.health_seconds,
         },
     )
+
+
+def encode_wake(by: str, rollout_id: str, at: datetime) -> bytes:
+    """Only its change matters to the woken node (it reads everything again); the content says
+    who woke it, for whoever looks."""
+    return _dump("WakeUp", {"by": by, "rollout": rollout_id, "at": _t(at)})
 
 
 def encode_slot(s: Slot) -> bytes:
@@ -235,18 +285,16 @@ Record = Registration | Member | Slot | Rollout | NodeStatus | str  # str: why u
 def decode(kv: KV) -> Record | None:
     """One key's record by where it lives (None: not a record this version knows)."""
     try:
-        if kv.key.startswith(NODES):
+        if kv.key.startswith((NODES, UPDATES)):
             return decode_registration(kv)
         if kv.key.startswith(MEMBERS):
             return decode_member(kv)
         if kv.key.startswith(SLOTS):
             return decode_slot(kv)
-        if kv.key.startswith(ROLLOUTS):
-            parts = kv.key[len(ROLLOUTS) :].split("/")
-            if len(parts) == 1:
-                return decode_rollout(kv)
-            if len(parts) == 3 and parts[1] == "status":
-                return decode_status(kv)
+        if status_rollout(kv.key) is not None:
+            return decode_status(kv)
+        if kv.key.startswith(ROLLOUTS) and "/" not in kv.key[len(ROLLOUTS) :]:
+            return decode_rollout(kv)
     except (ValueError, KeyError, TypeError) as exc:
         return f"{kv.key}: unreadable record ({exc})"
     return None
@@ -272,6 +320,7 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     rke2certd on another node may write what this one cannot read."""
     members: dict[str, Member] = {}
     live: dict[str, Registration] = {}
+    updates: dict[str, Registration] = {}
     rollouts: list[Rollout] = []
     statuses: dict[tuple[str, str], NodeStatus] = {}
     slots: list[Slot] = []
@@ -280,7 +329,7 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     pairs = (cache or Decoded()).records(snapshot.kvs)
     for kv, record in pairs:
         if isinstance(record, Registration):
-            live[record.name] = record
+            (updates if kv.key.startswith(UPDATES) else live)[record.name] = record
         elif isinstance(record, Member):
             members[record.name] = record
         elif isinstance(record, Slot):
@@ -288,9 +337,14 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
         elif isinstance(record, Rollout):
             rollouts.append(record)
         elif isinstance(record, NodeStatus):
-            statuses[(kv.key[len(ROLLOUTS) :].split("/")[0], record.node)] = record
+            rid = status_rollout(kv.key) or ""
+            if kv.key.startswith(STATUSES) or (rid, record.node) not in statuses:
+                statuses[(rid, record.node)] = record  # the new layout's wins
         elif isinstance(record, str):
             problems.append(record)
+    for name, update in updates.items():
+        if name in live:  # without its registration, a node is gone (node remove --force)
+            live[name] = update
     rollouts.sort(key=lambda r: r.revision)
     view = ClusterView(members, live, tuple(rollouts), statuses, tuple(slots))
     return Parsed(view, kvs, snapshot.revision, problems)

@@ -29,6 +29,7 @@ from rke2certd.ops.node import Node
 from rke2certd.pki.profiles import AGENT_UNIT, SERVER_UNIT
 from rke2certd.plan.rollout import (
     Apply,
+    ClusterView,
     Idle,
     Member,
     NodeState,
@@ -48,12 +49,14 @@ from rke2certd.plan.rollout import (
     next_step,
     over_limit,
     phase_of,
+    reported,
+    to_wake,
 )
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.job import Gate, RestartJob
-from rke2certd.rollout.link import ClusterLink, interest
+from rke2certd.rollout.link import ClusterLink, interest, server_interest, server_ranges
 from rke2certd.rollout.store import ClusterStore
 
 RECHECK = 30.0  # read again even without a watch event: a lost wake-up must not stall a rollout
@@ -121,6 +124,10 @@ class RolloutRunner:
         self.waiting: str | None = None
         self.next_check = 0.0
         self.gen = generation()
+        # set when this node freed a slot or reported: the next read says whom to wake; and
+        # whom it woke already, from what it knew before that read
+        self._freed = False
+        self._woken: set[str] = set()
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -149,15 +156,25 @@ class RolloutRunner:
         if self.link is not None:
             self.link.stop()
 
+    @property
+    def agent(self) -> bool:
+        """An agent-only node: it reaches the cluster through a server (housekeep is its call)."""
+        return self._housekeep is not None
+
     def _new_link(self) -> ClusterLink:
-        ttl = self.node.cfg.registry_ttl
-        stream = None
+        ttl, own = self.node.cfg.registry_ttl, rec.node_key(self.me)
+        if self.agent:  # the whole prefix through a server, filtered by each step's interest
+            return ClusterLink(self._open, ttl, own, self._wake)
+        wake_key = rec.wake_key(self.me)
+        streams = []
         if self.node.cfg.datastore_endpoint.strip().lower().startswith(("http://", "https://")):
             # etcd only: requests and etcd3gw cost ~8 MiB of RSS that a SQLite daemon need not hold
             from rke2certd.rollout.stream import stream_for
 
-            stream = stream_for(self.node, rec.PREFIX)
-        return ClusterLink(self._open, ttl, rec.node_key(self.me), self._wake, stream)
+            streams = [
+                s for key, end in server_ranges(wake_key) if (s := stream_for(self.node, key, end))
+            ]
+        return ClusterLink(self._open, ttl, own, self._wake, streams, server_interest(wake_key))
 
     def close(self) -> None:
         """Daemon stop. A restart in progress is killed and its slot left to expire with the
@@ -193,7 +210,7 @@ class RolloutRunner:
         self._write_registration(force=True)
         log.info("node_registered", node=self.me, phase=self.phase.value, ca_generation=self.gen)
 
-    def _write_registration(self, force: bool = False, seen: rec.Parsed | None = None) -> None:
+    def _write_registration(self, force: bool = False) -> None:
         state = (self.gen, self.health)
         if not force and state == self._written:
             return
@@ -203,7 +220,10 @@ class RolloutRunner:
             self.me, self.roles, self.phase, __version__, self.gen, self.health,
             self.summary, self.registered_at, self.clock(),
         )  # fmt: skip
-        self.store.register(reg, lease, seen)
+        if force:
+            self.store.register(reg, lease)
+        else:
+            self.store.report(reg, lease)
         self._written = state
 
     # -- main loop side ------------------------------------------------------------------------
@@ -260,6 +280,7 @@ class RolloutRunner:
         for problem in parsed.problems:
             log.warning("rollout_record_unreadable", reason=problem)
         parsed = self._housekeeping(parsed)
+        self._wake_others(parsed)
         step: Step = Idle()
         for _ in range(STEPS_PER_TICK):
             step = next_step(parsed.view, self.me, self.node.cfg.max_unavailable)
@@ -268,13 +289,14 @@ class RolloutRunner:
             elif isinstance(step, ReportStopped):
                 self._report_stopped(step)
             elif isinstance(step, TakeSlot):
-                parsed = self._take_slot(step)
+                parsed = self._take_slot(step, parsed)
                 continue
             else:
                 break
             parsed = self.store.read()
+        self._wake_others(parsed)
         self._release_stale_slots(parsed, step)
-        if self.link is not None:
+        if self.link is not None and self.agent:
             self.link.set_interest(interest(step, self.phase), parsed.revision)
         if isinstance(step, Restart):
             self._start_job(step.rollout, step.slot, parsed)
@@ -284,7 +306,7 @@ class RolloutRunner:
             self.waiting = None
             self.activity = self._idle_text(parsed)
             self.summary = "idle"
-        self._write_registration(seen=parsed)
+        self._write_registration()
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
         mine, wrote = parsed.view.members.get(self.me), False
@@ -356,24 +378,55 @@ class RolloutRunner:
         )  # fmt: skip
         log.warning("rollout_stopped", **self._fields(r), reason=step.reason)
 
-    def _take_slot(self, step: TakeSlot) -> rec.Parsed:
-        """Take the slot; the store as read afterwards (the next step is decided on it)."""
+    def _take_slot(self, step: TakeSlot, parsed: rec.Parsed) -> rec.Parsed:
+        """Take the slot; `parsed` with the slots as read afterwards (the next step is decided
+        on it: the restart, or, when two nodes raced on stale views, giving it back)."""
         lease = self.registered_lease
         assert lease is not None
         slot = Slot(step.phase, step.index, self.me, step.rollout.id, self.clock())
         taken = self.store.take_slot(slot, lease)
-        parsed = self.store.read()
+        parsed = self.store.reread_slots(parsed)
         if taken and over_limit(parsed.view, step.phase, self.node.cfg.max_unavailable):
             self.store.release_slot(slot)  # raced on a stale view: give it back, wait
             log.info("restart_slot_returned", **self._fields(step.rollout), reason="over limit")
+            self._freed = True
             parsed = self.store.read()
         return parsed
 
     def _release_stale_slots(self, parsed: rec.Parsed, step: Step) -> None:
         keep = step.slot if isinstance(step, Restart) else None
         for s in parsed.view.slots:
-            if s.node == self.me and s != keep:
-                self.store.release_slot(s)
+            if s.node == self.me and s != keep and self.store.release_slot(s):
+                self._freed = True
+                self.next_check = 0.0  # whom to wake is read after the write: the next tick
+
+    def _wake_others(self, parsed: rec.Parsed) -> None:
+        """After this node freed a slot or reported, on a read made after that write: wake the
+        servers that may go on now (plan/rollout.py `to_wake`). Agents wake nobody: they may
+        not write other nodes' keys, and no server waits for an agent."""
+        if self._freed:
+            self._freed = False
+            self._wake_nodes(parsed.view, early=False)
+
+    def _wake_nodes(self, view: ClusterView, early: bool) -> None:
+        """Write the wake keys of `to_wake(view)`; once per node between an early wake-up and
+        the one after the next read."""
+        if self.agent:
+            return
+        woken, self._woken = self._woken, set()
+        lease = self.registered_lease
+        rollout = next((r.id for r in view.rollouts if r.active), "")
+        for name in to_wake(view, self.me, self.node.cfg.max_unavailable):
+            member = view.members.get(name)
+            if member is None or member.phase is Phase.AGENT or name in woken:
+                continue
+            try:
+                self.store.wake(name, rec.encode_wake(self.me, rollout, self.clock()), lease)
+            except DatastoreError as exc:  # it reads again at RECHECK: slower, not stuck
+                log.warning("rollout_wake_failed", node=self.me, reason=f"{name}: {exc}")
+                continue
+            if early:
+                self._woken.add(name)
 
     def _note_wait(self, step: Wait, parsed: rec.Parsed) -> None:
         r = step.rollout
@@ -471,4 +524,10 @@ class RolloutRunner:
                     log.error("rollout_stopped", **self._fields(r), reason=reason)
         finally:
             self.store.release_slot(running.slot, running.slot_kv)
+        self._freed = True
         self.running = None
+        # The next node is known now (the view the restart began on, plus these writes): wake
+        # it before reading the store again, off the hand-off's path. The read that follows
+        # wakes whoever that view could not know about (`_wake_others`).
+        stamped = dataclasses.replace(status, attempt=r.attempt)
+        self._wake_nodes(reported(running.seen.view, r, stamped, running.slot), early=True)

@@ -12,7 +12,13 @@ import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 
-from rke2certd.datastore.base import KV, Datastore, DatastoreUnavailable, OutcomeUnknown
+from rke2certd.datastore.base import (
+    KV,
+    Datastore,
+    DatastoreUnavailable,
+    OutcomeUnknown,
+    Snapshot,
+)
 from rke2certd.plan.rollout import (
     Member,
     NodeStatus,
@@ -33,8 +39,21 @@ class ClusterStore:
         self.ds = ds
         self._decoded = rec.Decoded()  # a node reads often: decode only what changed
 
-    def read(self) -> rec.Parsed:
-        return rec.parse(self.ds.snapshot(rec.PREFIX), self._decoded)
+    def read(self, everything: bool = False) -> rec.Parsed:
+        """One consistent read. By default what the rules need (rec.PLANNING: the nodes' updates
+        and wake keys left out, 2 of every 5 keys); `everything` for `rke2certd status`."""
+        if everything:
+            return rec.parse(self.ds.snapshot(rec.PREFIX), self._decoded)
+        return rec.parse(self.ds.snapshot_range(*rec.PLANNING), self._decoded)
+
+    def reread_slots(self, parsed: rec.Parsed) -> rec.Parsed:
+        """`parsed` with the restart slots read again: one small read where only they can
+        have changed in a way that matters (a node that just took one checks the limit)."""
+        fresh = self.ds.snapshot(rec.SLOTS)
+        kvs = {k: kv for k, kv in parsed.kvs.items() if not k.startswith(rec.SLOTS)}
+        kvs.update((kv.key, kv) for kv in fresh.kvs)
+        merged = Snapshot(sorted(kvs.values(), key=lambda kv: kv.key), parsed.revision)
+        return rec.parse(merged, self._decoded)
 
     # -- primitives --------------------------------------------------------------------------
 
@@ -80,8 +99,22 @@ class ClusterStore:
 
     # -- registry ----------------------------------------------------------------------------
 
-    def register(self, reg: Registration, lease: int, seen: rec.Parsed | None = None) -> None:
-        self.put(rec.node_key(reg.name), rec.encode_registration(reg), lease, seen)
+    def register(self, reg: Registration, lease: int) -> None:
+        """The registration, written once per lease (every node watches it come and go); an
+        update of an earlier registration is dropped (it would override this one)."""
+        self.put(rec.node_key(reg.name), rec.encode_registration(reg), lease)
+        self.ds.delete(rec.update_key(reg.name))
+
+    def report(self, reg: Registration, lease: int) -> None:
+        """A registration's update (generation, health, activity): another key, which no
+        node watches, so that these writes wake nobody; only its node writes it (a blind
+        write, on its lease)."""
+        self.ds.put(rec.update_key(reg.name), rec.encode_registration(reg), lease)
+
+    def wake(self, name: str, mark: bytes, lease: int | None) -> None:
+        """Set `name`'s wake key (a blind write: only that it changed matters), on the
+        writer's lease so that marks do not outlive their writers."""
+        self.ds.put(rec.wake_key(name), mark, lease)
 
     def ensure_member(self, member: Member) -> bool:
         """Create the membership, or correct its roles; a live node is never `down`."""
@@ -180,7 +213,10 @@ class ClusterStore:
         gone = 0
         for r in done[: max(0, len(done) - keep)]:
             base = rec.rollout_key(r.id)
-            for key in [k for k in parsed.kvs if k.startswith(base + "/")]:
+            mine = [
+                k for k in parsed.kvs if k.startswith(base + "/") or rec.status_rollout(k) == r.id
+            ]
+            for key in mine:
                 self.ds.delete(key)
             if self.ds.delete(base, parsed.kvs[base].mod_revision):
                 gone += 1

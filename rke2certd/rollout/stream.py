@@ -1,11 +1,12 @@
-"""One long-lived etcd watch stream, for the cluster link.
+"""Long-lived etcd watch streams, for the cluster link.
 
 Why not `Datastore.watch_prefix`: it returns after the first batch of events and closes its
 stream (a bounded call, right for the CLI and the bootstrap wait), and the next call opens a new
-TLS connection. Every node's link watches every change under /rke2certd/, so each change cost
-every node a TLS handshake, and the coordination CPU grew with the square of the cluster size
-(benchmarks/bench_rollout.py measured it). Here one stream per node is read as events come: a
-change costs each node one JSON line. SQLite keeps `watch_prefix` (its watch polls a local file).
+TLS connection: a change cost every watching node a TLS handshake. Here a stream is read as
+events come: a change costs each watching node one JSON line. A stream watches one key range
+(etcd filters on the server): the link keeps one on the structural keys and one on what its
+step waits for (rollout/link.py), so that a write reaches the few nodes it may concern, not
+all. SQLite keeps `watch_prefix` (its watch polls a local file: every process wakes anyway).
 
 The stream uses etcd's JSON gateway (`POST /v3/watch`) with the same TLS settings as the
 datastore; it fails over between endpoints, and the caller resumes from its last revision, so
@@ -33,7 +34,6 @@ from rke2certd.datastore.base import (
     WatchCompacted,
     key_bytes,
     key_str,
-    prefix_end,
 )
 from rke2certd.datastore.etcd import is_read_timeout, parse_endpoints
 from rke2certd.errors import DatastoreError
@@ -62,10 +62,13 @@ def _event(item: dict[str, Any]) -> Event:
 
 
 class WatchStream:
-    def __init__(self, endpoints: Sequence[str], session: requests.Session, prefix: str) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], session: requests.Session, key: str, end: str
+    ) -> None:
+        """Watch the keys in [key, end)."""
         self.endpoints = list(endpoints)
         self.session = session
-        self.prefix = prefix
+        self.key, self.end = key, end
         self._preferred = 0
         self._resp: requests.Response | None = None
         self._lock = threading.Lock()
@@ -75,10 +78,9 @@ class WatchStream:
         """Batches of changes from `start_revision` on, as they happen. Returns when the stream
         went quiet for IDLE_TIMEOUT or was closed (open it again from the next revision);
         raises WatchCompacted, or DatastoreUnavailable when no endpoint would stream."""
-        raw = key_bytes(self.prefix)
         create = {
-            "key": _b64(raw),
-            "range_end": _b64(prefix_end(raw)),
+            "key": _b64(key_bytes(self.key)),
+            "range_end": _b64(key_bytes(self.end)),
             "start_revision": start_revision,
         }
         failures = []
@@ -134,6 +136,12 @@ class WatchStream:
             if events:
                 yield events
 
+    def watching(self, key: str, end: str) -> WatchStream:
+        """Another stream on the same endpoints and TLS session, for [key, end)."""
+        other = WatchStream(self.endpoints, self.session, key, end)
+        other._preferred = self._preferred
+        return other
+
     def close(self) -> None:
         """From another thread: end the stream now (the reader returns). Closing a socket does
         not wake a thread blocked reading it; shutting it down does."""
@@ -155,8 +163,9 @@ def _quiet(exc: BaseException) -> bool:
     return is_read_timeout(exc)
 
 
-def stream_for(node: Node, prefix: str) -> WatchStream | None:
-    """A watch stream on the node's etcd (the datastore's TLS defaults); None for SQLite."""
+def stream_for(node: Node, key: str, end: str) -> WatchStream | None:
+    """A watch stream on [key, end) of the node's etcd (the datastore's TLS defaults); None
+    for SQLite."""
     cfg, tls = node.cfg, node.layout.tls / "etcd"
     scheme = cfg.datastore_endpoint.strip().partition("://")[0].lower()
     if scheme not in ("http", "https"):
@@ -169,4 +178,4 @@ def stream_for(node: Node, prefix: str) -> WatchStream | None:
     keyfile = cfg.datastore_keyfile or tls / "client.key"
     if certfile.exists() and keyfile.exists():
         session.cert = (str(certfile), str(keyfile))
-    return WatchStream(parse_endpoints(cfg.datastore_endpoint), session, prefix)
+    return WatchStream(parse_endpoints(cfg.datastore_endpoint), session, key, end)

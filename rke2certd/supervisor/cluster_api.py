@@ -24,7 +24,6 @@ from datetime import datetime
 from typing import Any
 
 from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
-from rke2certd.errors import UsageError
 from rke2certd.plan.rollout import Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
@@ -107,14 +106,19 @@ class ClusterAPI:
     def _writable(self, node: str, key: str, value: bytes | None) -> None:
         """Only the caller's own records, each of the kind its key says (value None: delete)."""
         try:
-            own = {rec.node_key(node), rec.member_key(node)}
-        except UsageError:
+            own = {rec.node_key(node), rec.member_key(node), rec.update_key(node)}
+        except Exception:
             raise ClusterRefused(400, "the node name is not usable") from None
-        # rollouts/<id>/status/<node>, split as records.parse splits it
-        parts = key[len(rec.ROLLOUTS) :].split("/") if key.startswith(rec.ROLLOUTS) else []
+        rollout_id = rec.status_rollout(key)
         if key in own:
-            kind = "registration" if key.startswith(rec.NODES) else "membership"
-        elif len(parts) == 3 and parts[0] and parts[1:] == ["status", node]:
+            kind = "membership" if key.startswith(rec.MEMBERS) else "registration"
+        elif rollout_id is not None:
+            try:
+                mine = {rec.status_key(rollout_id, node), rec.old_status_key(rollout_id, node)}
+            except Exception:
+                mine = set()
+            if key not in mine:
+                raise ClusterRefused(403, f"{key[:200]} is not this agent's rollout status key")
             kind = "status"
         elif key.startswith(f"{rec.SLOTS}{Phase.AGENT.value}/"):
             kind = "slot"

@@ -96,8 +96,13 @@ def test_an_agent_takes_part_through_the_endpoint(
     view = cs.read().view
     assert view.live["agent-1"].phase is Phase.AGENT and view.rollout("ca-1") is not None
 
+    # its registration's updates, on another key than the registration (no node watches it)
+    cs.report(Registration("agent-1", ("agent",), Phase.AGENT, "t", "gen1", "ok"), lease)
+    assert cs.read(everything=True).view.live["agent-1"].health == "ok"
+
     # its status, a slot of the agent phase on its lease, then giving it back
     cs.set_status(ROLLOUT, NodeStatus("agent-1", NodeState.APPLIED, "", "gen1", NOW))
+    assert store.get(rec.status_key("ca-1", "agent-1")) is not None
     slot = Slot(Phase.AGENT, 0, "agent-1", "ca-1", NOW)
     assert cs.take_slot(slot, lease) and not cs.take_slot(slot, lease)  # CAS holds
     assert store.get(rec.slot_key(Phase.AGENT, 0)) is not None
@@ -184,6 +189,12 @@ def test_refusals_change_nothing(
             rec.status_key("ca-1", "agent-1"),
             rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
         ("another node's status", lambda: cs.set_status(ROLLOUT, NodeStatus("e1", NodeState.DONE))),
+        ("another node's status, old layout", lambda: remote.create(
+            rec.old_status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
+        ("another node's updates", lambda: cs.report(
+            Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)),
+        ("another node's updates, as its own", lambda: remote.create(rec.update_key("e1"),
+            rec.encode_registration(Registration("agent-1", ("agent",), Phase.AGENT, "t", None)))),
         ("a rollout record", lambda: other.ds.get(rec.rollout_key("ca-1")) and remote.delete(
             rec.rollout_key("ca-1"))),
         ("an etcd slot", lambda: cs.take_slot(Slot(Phase.ETCD, 0, "agent-1", "ca-1"), lease)),

@@ -110,6 +110,15 @@ def test_snapshot_is_sorted_and_bounded_by_prefix(store: Datastore, ns: str) -> 
     assert store.get_prefix(ns + "c/") == [kv for kv in snap.kvs if kv.key.endswith("c/d")]
 
 
+def test_snapshot_range_is_sorted_and_bounded(store: Datastore, ns: str) -> None:
+    for k in ("a/1", "b/1", "b/2", "c/1", "d"):
+        store.create(ns + k, k.encode())
+    snap = store.snapshot_range(ns + "b/", ns + "d")
+    assert [kv.key for kv in snap.kvs] == [ns + "b/1", ns + "b/2", ns + "c/1"]
+    assert snap.revision >= max(kv.mod_revision for kv in snap.kvs)
+    assert store.snapshot_range(ns + "x", ns + "y").kvs == []
+
+
 def test_binary_values_and_unicode_keys(store: Datastore, ns: str) -> None:
     value = bytes(range(256)) * 4
     assert store.create(ns + "clé/ü", value)
@@ -200,6 +209,34 @@ def test_cas_without_lease_detaches_it(store: Datastore, ns: str) -> None:
     store.revoke_lease(lease)
     kv = store.get(ns + "k")
     assert kv is not None and kv.value == b"y" and kv.lease is None
+
+
+def test_put_writes_whatever_the_key_holds(store: Datastore, ns: str) -> None:
+    """A blind write (wake-up marks): creates, overwrites, sets or detaches the lease, and a
+    watcher sees each write, even of the same value."""
+    start = store.snapshot(ns).revision + 1
+    store.put(ns + "w", b"1")
+    first = store.get(ns + "w")
+    assert first is not None and first.value == b"1" and first.lease is None
+    lease = store.grant_lease(30)
+    store.put(ns + "w", b"1", lease)
+    again = store.get(ns + "w")
+    assert again is not None and again.lease == lease
+    assert (
+        again.mod_revision > first.mod_revision and again.create_revision == first.create_revision
+    )
+    events = store.watch_prefix(ns, start, 2.0)
+    assert [(e.type, e.kv.value) for e in events] == [(EventType.PUT, b"1")] * 2
+    store.revoke_lease(lease)
+    assert store.get(ns + "w") is None  # on the writer's lease: gone with it
+
+
+def test_put_with_ended_lease_is_refused(store: Datastore, ns: str) -> None:
+    lease = store.grant_lease(30)
+    store.revoke_lease(lease)
+    with pytest.raises(LeaseNotFound):
+        store.put(ns + "w", b"1", lease)
+    assert store.get(ns + "w") is None
 
 
 def test_bootstrap_creation_lock_then_data(backend: Opener, ns: str) -> None:

@@ -20,7 +20,7 @@ from tests.harness.cluster import SimCluster
 
 def view(cluster: SimCluster) -> ClusterView:
     with cluster.open_store() as ds:
-        return ClusterStore(ds).read().view
+        return ClusterStore(ds).read(everything=True).view
 
 
 def only_rollout(cluster: SimCluster) -> dict[str, Any] | None:

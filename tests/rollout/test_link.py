@@ -13,8 +13,14 @@ from pathlib import Path
 import pytest
 import requests
 
-from rke2certd.datastore import SQLiteDatastore, open_datastore
-from rke2certd.datastore.base import KV, DatastoreUnavailable, Event, EventType, OutcomeUnknown
+from rke2certd.datastore import Datastore, SQLiteDatastore, open_datastore
+from rke2certd.datastore.base import (
+    KV,
+    DatastoreUnavailable,
+    Event,
+    EventType,
+    OutcomeUnknown,
+)
 from rke2certd.plan.rollout import (
     PHASES,
     Idle,
@@ -28,7 +34,7 @@ from rke2certd.plan.rollout import (
     Wait,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.link import ClusterLink, interest
+from rke2certd.rollout.link import ClusterLink, _Feed, interest, server_interest, server_ranges
 from rke2certd.rollout.stream import WatchStream
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
@@ -79,7 +85,7 @@ def test_a_change_judged_under_the_previous_interest_is_judged_again(tmp_path: P
         read = ds.snapshot(rec.PREFIX).revision  # what the step below is decided on
         link.set_interest(interest(Idle(), Phase.CONTROL_PLANE), read)  # the step before
         ds.create(rec.status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))
-        link._follow(ds, read + 1)  # the watch thread's turn: not for an idle node
+        link._follow(ds, _Feed(None, read + 1))  # the watch thread's turn: not for an idle node
         assert not link.take_changed() and not woken
 
         barrier = Wait(R, "waiting", "e1", "barrier", pending=("e1",))
@@ -154,7 +160,7 @@ def test_stream_follows_fails_over_and_closes(
     start = ds.snapshot("/w/").revision + 1
     ds.create("/w/a", b"1")
     ds.create("/other", b"x")
-    stream = WatchStream(etcd3.endpoints, _session(rollout_pki), "/w/")
+    stream = WatchStream(etcd3.endpoints, _session(rollout_pki), "/w/", "/w0")
     batches = stream.batches(start)
     first = next(batches)  # history from `start`, then live changes
     assert [(e.type, e.kv.key, e.kv.value) for e in first] == [(EventType.PUT, "/w/a", b"1")]
@@ -178,3 +184,92 @@ def test_stream_follows_fails_over_and_closes(
     assert time.monotonic() - began < 5
     etcd3.restart(0)
     ds.close()
+
+
+# -- what reaches a server: the structural keys and its own wake key ---------------------------
+
+
+def test_a_server_wakes_for_its_wake_key_and_the_structural_keys_only() -> None:
+    wake = server_interest(rec.wake_key("c1"))
+    assert wake(put(rec.wake_key("c1")))
+    assert not wake(Event(EventType.DELETE, KV(rec.wake_key("c1"), b"", 9, 0)))  # lease expiry
+    assert not wake(put(rec.wake_key("c10")))  # c1's key is a prefix of c10's
+    assert wake(put(rec.node_key("x"))) and not wake(put(rec.node_key("x"), created=5, modified=9))
+    assert wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
+    assert wake(put(rec.member_key("x"))) and wake(put(rec.rollout_key("ca-2")))
+    assert wake(put(rec.old_status_key("ca-1", "e1")))  # an earlier version's: it wakes nobody
+    for busy in (
+        rec.status_key("ca-1", "e1"),
+        rec.slot_key(Phase.ETCD, 0),
+        rec.update_key("e1"),
+        rec.wake_key("c2"),
+    ):
+        assert not wake(put(busy)), busy
+    # the etcd streams carry exactly these ranges
+    (start, end), (own, own_end) = server_ranges(rec.wake_key("c1"))
+    assert (start, end) == (rec.STRUCTURE, rec.STRUCTURE_END)
+    assert start <= rec.MEMBERS and rec.node_key("zz") < end and rec.rollout_key("zz") < end
+    assert not (start <= rec.SLOTS < end) and not (start <= rec.STATUSES < end)
+    assert not (start <= rec.UPDATES < end) and not (start <= rec.WAKE < end)
+    assert own <= rec.wake_key("c1") < own_end and not (own <= rec.wake_key("c10") < own_end)
+
+
+def test_a_sqlite_server_link_is_woken_by_its_wake_key_not_by_busy_keys(tmp_path: Path) -> None:
+    """SQLite wakes every process at any write: the link's filter keeps the main loop asleep
+    for the busy keys, as etcd's ranges do."""
+    woken = threading.Event()
+    with SQLiteDatastore(tmp_path / "db.sqlite", poll_interval=0.01) as ds:
+        own = rec.wake_key("c1")
+        link = ClusterLink(lambda: ds, 15, rec.node_key("c1"), woken.set, (), server_interest(own))
+        link.start(ds.grant_lease(15))
+        try:
+            assert woken.wait(10) and link.take_changed()  # the first read
+            woken.clear()
+            ds.create(rec.status_key("ca-1", "e1"), b"{}")
+            ds.create(rec.slot_key(Phase.ETCD, 0), b"{}")
+            ds.put(rec.wake_key("c2"), b"{}")
+            assert not woken.wait(1.0) and not link.take_changed()
+            ds.put(own, rec.encode_wake("e1", "ca-1", T0))
+            assert woken.wait(10) and link.take_changed()
+        finally:
+            link.stop()
+
+
+@pytest.mark.etcd
+def test_an_etcd_server_link_hears_only_the_structural_keys_and_its_wake_key(
+    etcd3: EtcdCluster, rollout_pki: EtcdPKI, tmp_path: Path
+) -> None:
+    """etcd filters: a status, slot or update write, or another node's wake-up, reaches no
+    stream of this node; its own wake key and the structural keys do, on two fixed streams."""
+    c = rollout_pki.client
+
+    def open_ds() -> Datastore:
+        return open_datastore(
+            etcd3.endpoint, data_dir=tmp_path, cafile=c.ca, certfile=c.cert, keyfile=c.key
+        )
+
+    ds, woken = open_ds(), threading.Event()
+    own = rec.wake_key("c1")
+    session = _session(rollout_pki)
+    streams = [WatchStream(etcd3.endpoints, session, k, e) for k, e in server_ranges(own)]
+    link = ClusterLink(open_ds, 15, rec.node_key("c1"), woken.set, streams, server_interest(own))
+    link.start(ds.grant_lease(15))
+    try:
+        assert woken.wait(10) and link.take_changed()  # the first read
+        time.sleep(0.5)  # both streams open
+        woken.clear()
+        ds.create(rec.status_key("ca-1", "e2"), rec.encode_status(NodeStatus("e2", NodeState.DONE)))
+        ds.create(rec.slot_key(Phase.ETCD, 0), rec.encode_slot(Slot(Phase.ETCD, 0, "e3", "ca-1")))
+        ds.create(rec.update_key("e3"), b"{}")
+        ds.put(rec.wake_key("c10"), b"{}")
+        ds.put(own, rec.encode_wake("e2", "ca-1", T0))
+        assert woken.wait(10) and link.take_changed()
+        woken.clear()
+        ds.create(rec.rollout_key("ca-2"), b"{}")  # structural: every node hears it
+        assert woken.wait(10)
+        time.sleep(0.3)
+        heard = {e.kv.key for e in link._recent}
+        assert heard == {own, rec.rollout_key("ca-2")}
+    finally:
+        link.stop()
+        ds.close()

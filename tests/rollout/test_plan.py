@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from datetime import UTC, datetime
 
 import pytest
@@ -34,7 +35,9 @@ from rke2certd.plan.rollout import (
     participants,
     phase_limit,
     phase_of,
+    reported,
     superseded,
+    to_wake,
 )
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -466,3 +469,107 @@ def test_resumed_rollout_forgets_the_last_attempts_failures() -> None:
     c.status("ca-1", "e2", NodeState.FAILED, "gate again", attempt=2)
     [fin] = finished_rollouts(c.view)
     assert fin.state is RolloutState.STOPPED and "gate again" in fin.reason
+
+
+# -- whom a hand-off wakes (servers watch only their wake key and the structural keys) ----------
+
+
+def test_a_freed_slot_wakes_the_head_of_the_queue_and_the_one_behind() -> None:
+    c = all_applied(standard()).slot(E, 0, "e1")
+    c.slots.clear()  # e1 done: its slot is free again
+    c.status("ca-1", "e1", NodeState.DONE)
+    assert to_wake(c.view, "e1", 1) == ["e2", "e3"]  # e2 takes it, e3 moves up
+    c.slot(E, 0, "e2")
+    assert to_wake(c.view, "e2", 1) == ["e3"]  # gave a slot back, or the slot is taken
+
+
+def test_the_last_report_of_a_phase_wakes_every_node_of_the_next_one() -> None:
+    c = all_applied(standard())
+    for n in ("e1", "e2"):
+        c.status("ca-1", n, NodeState.DONE)
+    assert to_wake(c.view, "e2", 1) == ["e3"]
+    c.status("ca-1", "e3", NodeState.DONE)
+    # the barrier opened: every control-plane node has a new wait to say, c1 takes the slot
+    assert to_wake(c.view, "e3", 1) == ["c1", "c2"]
+    c.status("ca-1", "c1", NodeState.DONE).status("ca-1", "c2", NodeState.DONE)
+    assert to_wake(c.view, "c2", 1) == []  # agents: they watch everything through a server
+
+
+def test_the_reporter_knows_whom_to_wake_before_it_reads_again() -> None:
+    """`reported`: the view the restart began on, plus the reporter's own two writes."""
+    c = all_applied(standard()).slot(E, 0, "e1")
+    done = NodeStatus("e1", NodeState.DONE)
+    after = reported(c.view, c.rollouts[0], done, Slot(E, 0, "e1", "ca-1"))
+    assert after.slots == () and after.statuses[("ca-1", "e1")] == done
+    assert to_wake(after, "e1", 1) == ["e2", "e3"]
+    assert c.view.slots and c.view.statuses[("ca-1", "e1")].state is NodeState.APPLIED  # as was
+
+
+def test_nobody_to_wake_without_an_active_rollout_or_a_queue() -> None:
+    c = standard()
+    assert to_wake(c.view, "e1", 1) == []  # nobody applied yet: each goes on by itself
+    c.rollouts = [ca(state=RolloutState.DONE)]
+    assert to_wake(all_applied(c).view, "e1", 1) == []
+
+
+def test_renewal_waiters_are_woken_by_a_slot_another_rollout_freed() -> None:
+    c = all_applied(standard())
+    c.rollout(ca("renewal-c2", 20, kind=RolloutKind.RENEWAL, phases=(CP,), nodes=("c2",)))
+    c.status("renewal-c2", "c2", NodeState.APPLIED)
+    for n in ("e1", "e2", "e3"):
+        c.status("ca-1", n, NodeState.DONE)
+    # c1 restarted for ca-1 and freed the control-plane slot: c2 waits in both rollouts
+    c.status("ca-1", "c1", NodeState.DONE)
+    assert "c2" in to_wake(c.view, "c1", 1)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_rollout_woken_only_by_to_wake_never_stalls(seed: int) -> None:
+    """A model of the servers' watches: a node acts when the rollout appears (structural) and
+    then only when `to_wake` names it, or after its own step. Random sizes, max-unavailable,
+    apply order and restart lengths: every rollout ends with every node done, never with all
+    nodes asleep, and the limits hold throughout."""
+    rnd = random.Random(seed)
+    c = Cluster()
+    n_etcd, n_cp = rnd.randint(1, 5), rnd.randint(0, 6)
+    for i in range(n_etcd):
+        c.add(f"e{i}", E)
+    for i in range(n_cp):
+        c.add(f"c{i}", CP)
+    c.rollout(ca(phases=SERVER_PHASES))
+    mu = rnd.randint(1, 3)
+    awake = set(c.members)  # the rollout record: every node hears it
+    busy: set[str] = set()  # restarting (holding a slot)
+    for _ in range(10_000):
+        r = c.rollouts[0]
+        if all(
+            c.view.status(r, n) and c.view.status(r, n).state is NodeState.DONE for n in c.members
+        ):  # type: ignore[union-attr]
+            break
+        assert awake or busy, f"stalled: {c.view.statuses}, slots {c.slots}"
+        if busy and (not awake or rnd.random() < 0.3):
+            name = rnd.choice(sorted(busy))  # a restart finishes: done, the slot freed
+            busy.discard(name)
+            c.slots = [s for s in c.slots if s.node != name]
+            c.status(r.id, name, NodeState.DONE)
+            awake.update(to_wake(c.view, name, mu))
+            continue
+        name = rnd.choice(sorted(awake))
+        step = next_step(c.view, name, mu)
+        if isinstance(step, Apply):
+            c.status(r.id, name, NodeState.APPLIED)
+        elif isinstance(step, TakeSlot):
+            c.slot(step.phase, step.index, name)
+            for phase in SERVER_PHASES:
+                held = sum(1 for s in c.slots if s.phase is phase)
+                assert held <= phase_limit(c.view, phase, mu)
+        elif isinstance(step, Restart):
+            awake.discard(name)
+            busy.add(name)
+            cp_started = step.slot.phase is CP
+            if cp_started:  # never before every etcd node is done
+                assert all(c.view.status(r, f"e{i}").state is NodeState.DONE for i in range(n_etcd))  # type: ignore[union-attr]
+        else:
+            awake.discard(name)  # a wait: asleep until woken
+    else:
+        raise AssertionError("the rollout did not end")

@@ -213,3 +213,68 @@ def test_status_and_node_remove(ds: SQLiteDatastore, clock: FrozenClock) -> None
     view = store.read().view
     assert view.members == {} and view.live == {}
     assert ClusterStore(ds).read().view.rollouts[0].kind is RolloutKind.CA
+
+
+def test_busy_keys_sort_apart_from_the_structural_range() -> None:
+    # every node watches [STRUCTURE, STRUCTURE_END); the busy keys must fall outside it
+    def inside(key: str) -> bool:
+        return rec.STRUCTURE <= key < rec.STRUCTURE_END
+
+    assert all(
+        inside(k) for k in (rec.member_key("zz"), rec.node_key("a"), rec.rollout_key("ca-1"))
+    )
+    busy = (rec.status_key("ca-1", "a"), rec.update_key("a"), rec.slot_key(Phase.ETCD, 0))
+    assert not any(inside(k) for k in busy)
+
+
+def test_registration_updates_override_it_while_it_lives(ds: SQLiteDatastore) -> None:
+    store, lease = ClusterStore(ds), ds.grant_lease(5)
+    reg = Registration("e1", ("etcd",), Phase.ETCD, "1", "g1", "unknown", "starting", T0, T0)
+    store.register(reg, lease)
+    assert store.read(everything=True).view.live["e1"] == reg
+    later = Registration("e1", ("etcd",), Phase.ETCD, "1", "g2", "ok", "idle", T0, T0)
+    store.report(later, lease)
+    assert ds.get(rec.node_key("e1")).value == rec.encode_registration(reg)  # type: ignore[union-attr]
+    assert store.read(everything=True).view.live["e1"] == later
+    # the rules' read needs only who is live: the updates (and wake keys) are left out
+    store.wake("e1", rec.encode_wake("e2", "ca-1", T0), lease)
+    planning = store.read()
+    assert planning.view.live["e1"] == reg
+    assert rec.update_key("e1") not in planning.kvs and rec.wake_key("e1") not in planning.kvs
+    store.register(reg, lease)  # registering again drops the old updates
+    assert ds.get(rec.update_key("e1")) is None
+    assert store.read(everything=True).view.live["e1"] == reg
+    store.report(later, lease)
+    ds.delete(rec.node_key("e1"))  # node remove --force: gone, whatever its updates say
+    assert "e1" not in store.read(everything=True).view.live
+    assert "e1" not in store.read().view.live
+
+
+def test_a_slot_reread_sees_the_slots_now_and_keeps_the_rest(ds: SQLiteDatastore) -> None:
+    """A node that just took a slot checks the limit on the slots read again, not on a whole
+    read of the prefix."""
+    store = ClusterStore(ds)
+    r, _ = start(ds, ca_rollout("g1", [], "e1", "why", T0), T0)
+    before = store.read()
+    store.take_slot(Slot(Phase.ETCD, 0, "e1", r.id, T0), ds.grant_lease(5))
+    store.take_slot(Slot(Phase.ETCD, 1, "e2", r.id, T0), ds.grant_lease(5))
+    ds.create(rec.status_key(r.id, "e3"), rec.encode_status(NodeStatus("e3", NodeState.DONE)))
+    after = store.reread_slots(before)
+    assert sorted(s.node for s in after.view.slots) == ["e1", "e2"]
+    assert rec.slot_key(Phase.ETCD, 1) in after.kvs
+    assert after.view.statuses == before.view.statuses  # only the slots were read again
+    assert after.revision == before.revision and after.view.rollouts == before.view.rollouts
+
+
+def test_statuses_of_an_earlier_version_are_read_and_collected(ds: SQLiteDatastore) -> None:
+    store = ClusterStore(ds)
+    r, _ = start(ds, ca_rollout("g1", [], "e1", "why", T0), T0)
+    ds.create(rec.old_status_key(r.id, "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))
+    ds.create(rec.old_status_key(r.id, "c1"), rec.encode_status(NodeStatus("c1", NodeState.DONE)))
+    store.set_status(r, NodeStatus("c1", NodeState.FAILED))  # the new layout's wins
+    view = store.read().view
+    assert view.statuses[(r.id, "e1")].state is NodeState.DONE
+    assert view.statuses[(r.id, "c1")].state is NodeState.FAILED
+    store.finish(r.id, RolloutState.DONE, "done", T0)
+    assert store.collect(store.read(), keep=0) == 1
+    assert ds.snapshot(rec.PREFIX).kvs == []
