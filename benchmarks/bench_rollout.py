@@ -13,27 +13,31 @@ timed from its record's creation to its `done`, both from the datastore.
 - overhead = wall - floor: applying the set on every node (extract, re-issue the leaves, all
   nodes at once, CPU-bound on this machine's cores) and the hand-offs (a node reports done,
   frees its slot; the next one sees it through its watch, takes the slot, starts);
-- apply: creation to the last node applied; restarts: the first restart to the last done;
-  hand-off: the median gap from one node's done to the next node's restart;
+- apply: creation to the first restart (every node applies at once: on this machine N
+  renewals share its cores, on a cluster each runs on its own); restarts: the first restart
+  to the last done (the sequential part); hand-off: the median gap from one node's done to the
+  next node's restart;
 - CPU: user + system time of every daemon and its commands during the rollout, and of the
   etcd members, per node;
 - etcd work per node, from etcd's own /metrics (times vary with whatever else runs on the
   machine, these counts do not): reads (a node reads the prefix once per wake-up), writes
-  (compare-and-swaps), all requests, and watch messages sent: every write reaches every node's
-  watch, so these grow with N per node (N^2 in all) however narrow a node's interest is; what
-  keeps them cheap is how few writes a node makes;
+  (compare-and-swaps and wake-ups), all requests, and watch messages sent: a server watches
+  only the structural keys and its own wake key, so a status or slot write reaches nobody and a
+  hand-off wakes the next node or two: flat per node (it was N per node, N^2 in all, when every
+  node watched every key);
 - growth: log-log exponents over N (1.00 is linear: a constant cost per node; 2.00 quadratic)
   of wall time, overhead, the restart sequence, the apply step, CPU and the counts: fitted on
   the medians, and on each repetition alone (median [min-max] of those: the spread says how far
   the machine's other load moved the figures);
-- parsing (in-process, after the runs): what one read of the prefix costs a node to parse with
-  20 finished rollouts kept, every record decoded (as before) against only the records that
-  changed since its last read (none here: the steady state between two wake-ups).
+- parsing (in-process, after the runs): what one read costs a node to parse with 20 finished
+  rollouts kept (the per-node statuses of the newest 3 of them), every record decoded against
+  only the records that changed since its last read (none here: the steady state between two
+  wake-ups).
 
 Real processes, not lighter in-process loops: 24 daemons fit in memory. But they share this
 machine's cores, which a real cluster does not: the apply step (every node renewing at once,
-reported apart) and the fan-out of each change to every node's watch (a JSON line each) are
-CPU spent in parallel on N machines, here queued on a few cores. Sizes are interleaved, each
+reported apart) is CPU spent in parallel on N machines, here queued on a few cores, and the
+first etcd restarts run while the other nodes still apply. Sizes are interleaved, each
 run `--repeat` times, medians kept, so that other load on the machine hits all sizes alike.
 """
 
@@ -72,7 +76,7 @@ from rke2certd.plan.rollout import (  # noqa: E402
     RolloutState,
 )
 from rke2certd.rollout import records as rec  # noqa: E402
-from rke2certd.rollout.store import ClusterStore  # noqa: E402
+from rke2certd.rollout.store import NODE_HISTORY, ClusterStore  # noqa: E402
 from tests.datastore.tls import make_etcd_pki  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 from tests.harness.etcd import EtcdCluster, TLSFiles, etcd_bin_dir  # noqa: E402
@@ -85,7 +89,7 @@ class Run:
     n: int
     wall: float  # rollout created -> done
     floor: float  # sum of restart + gate times
-    apply: float  # created -> the last node applied
+    apply: float  # created -> the first restart began (every node applies meanwhile)
     restarts: float  # the first restart began -> the last node done (the sequential part)
     handoff: float  # median gap from a node's done to the next restart start
     startup: float  # cluster start (not part of the rollout)
@@ -206,7 +210,6 @@ def one_run(n: int, root: Path, datastore: str) -> Run:
         sts = [st for (rid, _), st in view.statuses.items() if rid == r.id]
         assert r.finished is not None and len(sts) == n
         floor = sum((st.restart_seconds or 0) + (st.health_seconds or 0) for st in sts)
-        applied = max(st.applied_at.timestamp() for st in sts if st.applied_at)
         spans = sorted(
             (st.restart_started.timestamp(), st.finished.timestamp())
             for st in sts
@@ -217,7 +220,7 @@ def one_run(n: int, root: Path, datastore: str) -> Run:
             n,
             wall=(r.finished - r.created).total_seconds(),
             floor=floor,
-            apply=applied - r.created.timestamp(),
+            apply=spans[0][0] - r.created.timestamp(),
             restarts=spans[-1][1] - spans[0][0],
             handoff=statistics.median(gaps) if gaps else 0.0,
             startup=startup,
@@ -280,7 +283,7 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
           f"median of {reps} run(s) per size [min-max]")  # fmt: skip
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'nodes':>5} {'wall s':>7} {'apply s':>7} {'restarts s':>10} {'floor s':>7} "
-          f"{'hand-off s':>10}  overhead per node s")  # fmt: skip
+          f"{'hand-off s':>10}  overhead per node s: all, apply, sequential")  # fmt: skip
     for n in sizes:
         runs = tries[n]
         m = med[n]
@@ -288,7 +291,9 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
         handoff = statistics.median(r.handoff for r in runs)
         print(f"{n:5d} {m['wall']:7.2f} {m['apply']:7.2f} {m['sequential restarts']:10.2f} "
               f"{floor:7.3f} {handoff:10.3f}  "
-              f"{spread([r.overhead / n for r in runs], '{:.3f}')}")  # fmt: skip
+              f"{spread([r.overhead / n for r in runs], '{:.3f}')}, "
+              f"{spread([r.apply / n for r in runs], '{:.3f}')}, "
+              f"{spread([(r.restarts - r.floor) / n for r in runs], '{:.3f}')}")  # fmt: skip
     print(f"\nper node: {'CPU s':>7} " + (f"{'etcd CPU s':>10} {'reads':>6} {'writes':>6} "
           f"{'requests':>8} {'watch msgs':>10}" if datastore == "etcd" else ""))  # fmt: skip
     for n in sizes:
@@ -315,13 +320,16 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
     first, last = sizes[0], sizes[-1]
     print(
         f"overhead per node {med[first]['overhead'] / first:.3f} s at N={first} -> "
-        f"{med[last]['overhead'] / last:.3f} s at N={last} (flat = total cost linear in N)"
+        f"{med[last]['overhead'] / last:.3f} s at N={last} (flat = total cost linear in N); "
+        f"hand-off {statistics.median(r.handoff for r in tries[first]):.3f} s -> "
+        f"{statistics.median(r.handoff for r in tries[last]):.3f} s"
     )
 
 
 def snapshot_of(n: int, history: int) -> Snapshot:
-    """What a node reads: N registrations and members, one active rollout and `history`
-    finished ones (rollout/store.py HISTORY keeps 20), each with N statuses."""
+    """What a node reads (records.PLANNING): N registrations and members, one active rollout
+    with N statuses and `history` finished ones (rollout/store.py HISTORY keeps 20), the newest
+    NODE_HISTORY of them with N statuses each."""
     now = datetime.now(UTC)
     kvs: list[KV] = []
     for name in (s.name for s in specs(n)):
@@ -331,7 +339,7 @@ def snapshot_of(n: int, history: int) -> Snapshot:
         kvs.append(
             KV(rec.member_key(name), rec.encode_member(Member(name, reg.roles, phase)), 1, 1)
         )
-        for h in range(history + 1):
+        for h in range(history - NODE_HISTORY, history + 1):
             st = NodeStatus(name, NodeState.DONE, "restart 0.1s", "g", now, now, now)
             kvs.append(KV(rec.status_key(f"ca-{h}", name), rec.encode_status(st), 1, 1))
     for h in range(history + 1):

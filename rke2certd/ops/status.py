@@ -10,9 +10,9 @@ from typing import Any
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import UsageError
 from rke2certd.log import log
-from rke2certd.plan.rollout import ClusterView, Rollout, current_phase, node_rows
+from rke2certd.plan.rollout import ClusterView, Rollout, RolloutState, current_phase, node_rows
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.store import NODE_HISTORY, ClusterStore
 
 
 def _t(value: datetime | None) -> str | None:
@@ -48,6 +48,8 @@ def _nodes(view: ClusterView) -> list[dict[str, Any]]:
 
 def _rollout(view: ClusterView, r: Rollout) -> dict[str, Any]:
     phase = current_phase(view, r) if r.active else None
+    # older finished rollouts keep their record, not their per-node statuses (store.collect)
+    kept = r.active or r.state is RolloutState.STOPPED or any(k[0] == r.id for k in view.statuses)
     return {
         "id": r.id,
         "type": r.kind.value,
@@ -70,8 +72,9 @@ def _rollout(view: ClusterView, r: Rollout) -> dict[str, Any]:
                 "state": row.state,
                 "message": row.message,
             }
-            for row in node_rows(view, r)
+            for row in (node_rows(view, r) if kept else [])
         ],
+        "nodesKept": kept,
     }
 
 
@@ -132,7 +135,12 @@ def render_table(doc: dict[str, Any]) -> str:
             for n in r["nodes"]
         ]
         header = ["NODE", "PHASE", "DAEMON", "CA GENERATION", "STATE", "MESSAGE"]
-        lines += _table(header, rows, "  ")
+        if r.get("nodesKept", True):
+            lines += _table(header, rows, "  ")
+        else:
+            lines.append(
+                f"  (per-node states are kept for the newest {NODE_HISTORY} finished rollouts)"
+            )
     for p in doc["problems"]:
         lines.append(f"warning: {p}")
     return "\n".join(lines) + "\n"

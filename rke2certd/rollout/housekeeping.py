@@ -13,7 +13,7 @@ from datetime import datetime
 from rke2certd.log import log
 from rke2certd.plan.rollout import RolloutState, finished_rollouts, newly_down
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import HISTORY, ClusterStore
+from rke2certd.rollout.store import ClusterStore, collectable
 
 
 def housekeep(store: ClusterStore, parsed: rec.Parsed, now: datetime) -> bool:
@@ -34,6 +34,6 @@ def housekeep(store: ClusterStore, parsed: rec.Parsed, now: datetime) -> bool:
                 reason=fin.reason,
             )
         wrote = True
-    if sum(1 for r in view.rollouts if not r.active) > HISTORY:
+    if any(collectable(parsed)):
         wrote = store.collect(parsed) > 0 or wrote
     return wrote

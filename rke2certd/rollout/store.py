@@ -32,6 +32,9 @@ from rke2certd.rollout import records as rec
 
 CAS_ATTEMPTS = 8
 HISTORY = 20  # finished rollouts kept for `rke2certd status`
+# ... and the per-node statuses of the newest few of them: every node's every read carries them
+# (N keys per rollout), and the rules need none of a rollout that is done or superseded
+NODE_HISTORY = 3
 
 
 class ClusterStore:
@@ -207,19 +210,18 @@ class ClusterStore:
         stamped = dataclasses.replace(status, attempt=rollout.attempt)
         self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
 
-    def collect(self, parsed: rec.Parsed, keep: int = HISTORY) -> int:
-        """Delete the oldest finished rollouts (and their statuses) beyond `keep`."""
-        done = [r for r in parsed.view.rollouts if not r.active]
+    def collect(
+        self, parsed: rec.Parsed, keep: int = HISTORY, keep_nodes: int = NODE_HISTORY
+    ) -> int:
+        """Delete the oldest finished rollouts (and their statuses) beyond `keep`, and the
+        statuses of done or superseded ones beyond `keep_nodes` (a stopped rollout keeps
+        them: `rollout resume` goes on from them). Returns the number of keys deleted."""
+        records, statuses = collectable(parsed, keep, keep_nodes)
         gone = 0
-        for r in done[: max(0, len(done) - keep)]:
-            base = rec.rollout_key(r.id)
-            mine = [
-                k for k in parsed.kvs if k.startswith(base + "/") or rec.status_rollout(k) == r.id
-            ]
-            for key in mine:
-                self.ds.delete(key)
-            if self.ds.delete(base, parsed.kvs[base].mod_revision):
-                gone += 1
+        for key in statuses:
+            gone += self.ds.delete(key)
+        for key in records:
+            gone += self.ds.delete(key, parsed.kvs[key].mod_revision)
         return gone
 
     # -- restart slots -----------------------------------------------------------------------
@@ -247,3 +249,23 @@ class ClusterStore:
             except OutcomeUnknown:
                 continue  # read again: gone (ours went through) or still there (retry)
         return False
+
+
+def collectable(
+    parsed: rec.Parsed, keep: int = HISTORY, keep_nodes: int = NODE_HISTORY
+) -> tuple[list[str], list[str]]:
+    """The rollout records, and the status keys, that `collect` deletes."""
+    done = [r for r in parsed.view.rollouts if not r.active]
+    old = done[: max(0, len(done) - keep)]
+    thin = {
+        r.id
+        for r in done[max(0, len(done) - keep) : max(0, len(done) - keep_nodes)]
+        if r.state is not RolloutState.STOPPED
+    } | {r.id for r in old}
+    statuses = [
+        k
+        for k in parsed.kvs
+        if rec.status_rollout(k) in thin
+        or any(k.startswith(rec.rollout_key(r.id) + "/") for r in old)
+    ]
+    return [rec.rollout_key(r.id) for r in old], statuses

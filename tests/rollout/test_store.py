@@ -13,7 +13,13 @@ import pytest
 
 from rke2certd.datastore import SQLiteDatastore
 from rke2certd.errors import UsageError
-from rke2certd.ops.status import remove_node, render_status, resume_rollout
+from rke2certd.ops.status import (
+    remove_node,
+    render_status,
+    render_table,
+    resume_rollout,
+    status_doc,
+)
 from rke2certd.plan.rollout import (
     PHASES,
     SERVER_PHASES,
@@ -28,7 +34,7 @@ from rke2certd.plan.rollout import (
 )
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.create import ca_rollout, renewal_rollout, restart_phases, start
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.store import NODE_HISTORY, ClusterStore
 from tests.conftest import FrozenClock
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
@@ -276,5 +282,33 @@ def test_statuses_of_an_earlier_version_are_read_and_collected(ds: SQLiteDatasto
     assert view.statuses[(r.id, "e1")].state is NodeState.DONE
     assert view.statuses[(r.id, "c1")].state is NodeState.FAILED
     store.finish(r.id, RolloutState.DONE, "done", T0)
-    assert store.collect(store.read(), keep=0) == 1
+    assert store.collect(store.read(), keep=0) == 4  # the record, three statuses
     assert ds.snapshot(rec.PREFIX).kvs == []
+
+
+def test_older_finished_rollouts_keep_their_record_not_their_node_statuses(
+    ds: SQLiteDatastore,
+) -> None:
+    """Every node reads every status key at every wake-up: a done or superseded rollout's are
+    kept for the newest NODE_HISTORY of them only; a stopped one keeps them (resume needs them)."""
+    store = ClusterStore(ds)
+    ids = []
+    for i in range(6):
+        r, _ = start(ds, ca_rollout(f"g{i}", [], "e1", "why", T0), T0)
+        for n in ("e1", "c1"):
+            store.set_status(r, NodeStatus(n, NodeState.DONE))
+        state = RolloutState.STOPPED if i == 0 else RolloutState.DONE
+        store.finish(r.id, state, "over", T0)
+        ids.append(r.id)
+    assert store.collect(store.read()) == 4  # g1, g2: two statuses each
+    view = store.read().view
+    assert [r.id for r in view.rollouts] == ids  # every record stays
+    kept = {rid for rid, _ in view.statuses}
+    assert kept == {ids[0], *ids[-NODE_HISTORY:]}
+    doc = status_doc(store.read(everything=True))
+    by_id = {r["id"]: r for r in doc["rollouts"]}
+    assert by_id[ids[1]]["nodes"] == [] and not by_id[ids[1]]["nodesKept"]
+    assert by_id[ids[5]]["nodesKept"]
+    assert by_id[ids[0]]["nodesKept"]  # stopped
+    assert "per-node states are kept for the newest" in render_table(doc)
+    assert store.collect(store.read()) == 0  # nothing more
