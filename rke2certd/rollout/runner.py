@@ -329,7 +329,7 @@ class RolloutRunner:
 
     def _do_apply(self, r: Rollout) -> None:
         self.activity = self.summary = f"rollout {r.id}: applying"
-        now, check = self.clock(), self.next_check
+        check = self.next_check
         try:
             outcome = self._apply(r)
         except (DatastoreError, LockTimeout):
@@ -344,8 +344,8 @@ class RolloutRunner:
         if r.kind is RolloutKind.CA and outcome.generation != r.ca_generation:
             self._other_generation(r, outcome.generation)
             return
-        self.store.set_status(
-            r, NodeStatus(self.me, NodeState.APPLIED, "", outcome.generation, now)
+        self.store.set_status(  # applied at: its new files are on disk
+            r, NodeStatus(self.me, NodeState.APPLIED, "", outcome.generation, self.clock())
         )
         log.info("rollout_applied", **self._fields(r), reason=r.reason)
 

@@ -4,9 +4,10 @@ Why not `Datastore.watch_prefix`: it returns after the first batch of events and
 stream (a bounded call, right for the CLI and the bootstrap wait), and the next call opens a new
 TLS connection: a change cost every watching node a TLS handshake. Here a stream is read as
 events come: a change costs each watching node one JSON line. A stream watches one key range
-(etcd filters on the server): the link keeps one on the structural keys and one on what its
-step waits for (rollout/link.py), so that a write reaches the few nodes it may concern, not
-all. SQLite keeps `watch_prefix` (its watch polls a local file: every process wakes anyway).
+(etcd filters on the server): a server's link keeps two that never change, the structural keys
+and its own wake key (rollout/link.py), so that a write reaches the few nodes it concerns, not
+all, and no new stream is opened on a hand-off's path. SQLite keeps `watch_prefix` (its watch
+is woken by the local file: every process wakes anyway).
 
 The stream uses etcd's JSON gateway (`POST /v3/watch`) with the same TLS settings as the
 datastore; it fails over between endpoints, and the caller resumes from its last revision, so
@@ -135,12 +136,6 @@ class WatchStream:
             events = [_event(e) for e in result.get("events") or []]
             if events:
                 yield events
-
-    def watching(self, key: str, end: str) -> WatchStream:
-        """Another stream on the same endpoints and TLS session, for [key, end)."""
-        other = WatchStream(self.endpoints, self.session, key, end)
-        other._preferred = self._preferred
-        return other
 
     def close(self) -> None:
         """From another thread: end the stream now (the reader returns). Closing a socket does
