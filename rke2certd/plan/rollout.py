@@ -381,9 +381,11 @@ def _free_slots(view: ClusterView, phase: Phase, allowed: int) -> list[int]:
 
 def to_wake(view: ClusterView, me: str, max_unavailable: int) -> list[str]:
     """Server nodes to wake after `me` freed a restart slot or reported (the view read after
-    that write): in each active rollout's current phase, the nodes a free slot goes to now and
-    the one right behind them (it moves up to wait for a slot); and when `me`'s report ended
-    its phase, every node of the next one (their barrier opened: each has a new wait to say).
+    that write): in each active rollout's current phase, the nodes a free slot goes to now; and
+    when `me`'s report ended its phase, every node of the next one (their barrier opened: each
+    has a new wait to say). The others in line are not woken at each hand-off (each would read
+    the whole prefix to move up one place): they wake when their turn comes, and RECHECK
+    refreshes the words of their wait.
     Servers watch only their wake key and the structural keys (rollout/link.py); agents watch
     everything through a server and are never in this list. The waker reads after its write,
     and a waiter reads after its own: whichever read comes later sees the other's write, so
@@ -402,7 +404,7 @@ def to_wake(view: ClusterView, me: str, max_unavailable: int) -> list[str]:
             and PHASES.index(mine.phase) < PHASES.index(phase)
             and is_done(view, r, me)
         )
-        for name in queue if opened else queue[: len(free) + 1]:
+        for name in queue if opened else queue[: len(free)]:
             out.setdefault(name)
     out.pop(me, None)
     return list(out)

@@ -195,7 +195,8 @@ def test_refusals_change_nothing(
             Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)),
         ("another node's updates, as its own", lambda: remote.create(rec.update_key("e1"),
             rec.encode_registration(Registration("agent-1", ("agent",), Phase.AGENT, "t", None)))),
-        ("a server's wake key", lambda: cs.wake("e1", rec.encode_wake("agent-1", "ca-1", NOW), lease)),
+        ("a server's wake key", lambda: cs.wake(
+            "e1", rec.encode_wake("agent-1", "ca-1", NOW), lease)),
         ("its own wake key", lambda: remote.put(rec.wake_key("agent-1"), b"{}")),
         ("a rollout record", lambda: other.ds.get(rec.rollout_key("ca-1")) and remote.delete(
             rec.rollout_key("ca-1"))),

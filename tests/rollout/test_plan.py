@@ -474,20 +474,29 @@ def test_resumed_rollout_forgets_the_last_attempts_failures() -> None:
 # -- whom a hand-off wakes (servers watch only their wake key and the structural keys) ----------
 
 
-def test_a_freed_slot_wakes_the_head_of_the_queue_and_the_one_behind() -> None:
+def test_a_freed_slot_wakes_the_head_of_the_queue_only() -> None:
     c = all_applied(standard()).slot(E, 0, "e1")
     c.slots.clear()  # e1 done: its slot is free again
     c.status("ca-1", "e1", NodeState.DONE)
-    assert to_wake(c.view, "e1", 1) == ["e2", "e3"]  # e2 takes it, e3 moves up
+    assert to_wake(c.view, "e1", 1) == ["e2"]  # e2 takes it; e3 wakes when it is its turn
     c.slot(E, 0, "e2")
-    assert to_wake(c.view, "e2", 1) == ["e3"]  # gave a slot back, or the slot is taken
+    assert to_wake(c.view, "e2", 1) == []  # the slot is taken: nobody can go on
+
+
+def test_with_two_free_slots_two_nodes_are_woken() -> None:
+    c = Cluster()
+    for i in range(5):
+        c.add(f"e{i}", E)
+    c.rollout(ca())
+    all_applied(c).status("ca-1", "e0", NodeState.DONE)
+    assert to_wake(c.view, "e0", 2) == ["e1", "e2"]  # 5 members: 2 may restart at once
 
 
 def test_the_last_report_of_a_phase_wakes_every_node_of_the_next_one() -> None:
     c = all_applied(standard())
     for n in ("e1", "e2"):
         c.status("ca-1", n, NodeState.DONE)
-    assert to_wake(c.view, "e2", 1) == ["e3"]
+    assert to_wake(c.view, "e2", 1) == ["e3"]  # the last etcd node: it takes the slot
     c.status("ca-1", "e3", NodeState.DONE)
     # the barrier opened: every control-plane node has a new wait to say, c1 takes the slot
     assert to_wake(c.view, "e3", 1) == ["c1", "c2"]
@@ -501,7 +510,7 @@ def test_the_reporter_knows_whom_to_wake_before_it_reads_again() -> None:
     done = NodeStatus("e1", NodeState.DONE)
     after = reported(c.view, c.rollouts[0], done, Slot(E, 0, "e1", "ca-1"))
     assert after.slots == () and after.statuses[("ca-1", "e1")] == done
-    assert to_wake(after, "e1", 1) == ["e2", "e3"]
+    assert to_wake(after, "e1", 1) == ["e2"]
     assert c.view.slots and c.view.statuses[("ca-1", "e1")].state is NodeState.APPLIED  # as was
 
 
