@@ -319,6 +319,9 @@ class SimCluster:
             "LANG": "C.UTF-8",
             "HOME": "/",
             "NOTIFY_SOCKET": str(node.notify_path),
+            # no periodic re-read: every step must be woken by the protocol (a lost wake-up
+            # stalls the node past the test's timeout instead of 30 s)
+            "RKE2CERTD_RECHECK_SECONDS": "3600",
             **CODE_ENV,
             **node.spec.env,
         }
