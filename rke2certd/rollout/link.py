@@ -10,8 +10,8 @@ node coming or going, rollout records: a few writes per rollout, which every nod
 about) and by its own wake key, which the node that frees a slot or reports writes for the few
 nodes that may go on now (plan/rollout.py `to_wake`). With etcd those are two long-lived
 streams that etcd filters itself, so a status or slot write reaches nobody's watch and a
-hand-off costs the same with 6 nodes or 600; they never change, so no new stream (a TLS
-handshake) is ever on a hand-off's path. With SQLite (its watch wakes every process at any
+hand-off wakes one node, whatever the cluster's size; they never change, so no new stream (a
+TLS handshake) is ever on a hand-off's path. With SQLite (its watch wakes every process at any
 write anyway) the same filter runs here. Agents (a long poll of the whole prefix through a
 server; they may not write other nodes' keys) are woken by what their current step waits for
 (`interest`, set after each step; the changes that came in since the read the step was decided
