@@ -59,6 +59,7 @@ class _Feed:
     whole prefix; and the revision to go on from, so a reconnect misses nothing."""
 
     stream: WatchStream | None
+    name: str = "watch"
     revision: int | None = None
 
 
@@ -78,19 +79,21 @@ class ClusterLink:
         self.ttl = ttl
         self._own_key = own_key
         self._wake = wake
-        self._feeds = [_Feed(s) for s in streams] or [_Feed(None)]
+        self._feeds = [_Feed(s, f"watch-{i}") for i, s in enumerate(streams)] or [_Feed(None)]
         self._stop = threading.Event()
         self._changed = threading.Event()
         self._threads = [
             threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True)
         ]
-        for i, feed in enumerate(self._feeds):
-            name = f"rke2certd-watch-{i}"
+        for feed in self._feeds:
+            name = f"rke2certd-{feed.name}"
             self._threads.append(
                 threading.Thread(target=self._watch, args=(feed,), name=name, daemon=True)
             )
         self.lease: int | None = None
-        self.error: str | None = None  # the last failure, for the status line
+        # each thread's last failure, until it works again (another thread working does not
+        # mean this one does): for the status line
+        self._errors: dict[str, str] = {}
         # Which changes wake the main loop: fixed on servers; on agents set by the runner after
         # each step, so that a node waiting for one thing is not woken (and does not read) for
         # every change of the others.
@@ -141,20 +144,25 @@ class ClusterLink:
             return event.type is EventType.DELETE  # our registration is gone: register again
         return (interest or self.interest)(event)
 
-    def _failed(self, exc: Exception, backoff: float) -> float:
+    @property
+    def error(self) -> str | None:
+        """A failure some thread has not got over yet, for the status line."""
+        failing = tuple(self._errors.values())  # one step under the GIL: threads write it
+        return failing[0] if failing else None
+
+    def _failed(self, who: str, exc: Exception, backoff: float) -> float:
         """Log a failure once (not at every retry), wake the loop for its status line, pause."""
         message = str(exc) if isinstance(exc, Rke2certdError) else repr(exc)
-        if message != self.error:
-            log.warning("cluster_link_failed", reason=message, retry_in=backoff)
-        self.error = message
+        if message != self._errors.get(who):
+            log.warning("cluster_link_failed", reason=message, retry_in=backoff, thread=who)
+        self._errors[who] = message
         self._poke()
         self._stop.wait(backoff)
         return min(BACKOFF_MAX, backoff * 2)
 
-    def _ok(self) -> None:
-        if self.error is not None:
-            log.info("cluster_link_restored", reason="the datastore answers again")
-            self.error = None
+    def _ok(self, who: str) -> None:
+        if self._errors.pop(who, None) is not None:
+            log.info("cluster_link_restored", reason="the datastore answers again", thread=who)
             self._poke()
 
     # -- keep-alive thread -------------------------------------------------------------------
@@ -167,13 +175,13 @@ class ClusterLink:
                 try:
                     ds = ds or self._open()
                     self._refresh(ds)
-                    self._ok()
+                    self._ok("lease")
                     backoff = 0.5
                     break
                 except Exception as exc:  # never die: the node would fall out of the cluster
                     if self._stop.is_set():
                         return
-                    backoff = self._failed(exc, backoff)
+                    backoff = self._failed("lease", exc, backoff)
 
     def _refresh(self, ds: Datastore) -> None:
         lease = self.lease
@@ -201,14 +209,14 @@ class ClusterLink:
                     feed.revision = ds.snapshot(PREFIX).revision + 1
                     self._poke()  # the main loop reads what it may have missed
                 self._follow(ds, feed)
-                self._ok()
+                self._ok(feed.name)
                 backoff = 0.5
             except WatchCompacted:
                 feed.revision = None  # from now on; the main loop re-reads everything
             except Exception as exc:  # never die: the node would miss its turn
                 if self._stop.is_set():
                     return  # stopped while a call was in flight (its connection closed)
-                backoff = self._failed(exc, backoff)
+                backoff = self._failed(feed.name, exc, backoff)
 
     def _follow(self, ds: Datastore, feed: _Feed) -> None:
         """Watch from the feed's revision until the stream ends (or for one SQLite slice),

@@ -85,7 +85,7 @@ def test_a_change_judged_under_the_previous_interest_is_judged_again(tmp_path: P
         read = ds.snapshot(rec.PREFIX).revision  # what the step below is decided on
         link.set_interest(interest(Idle(), Phase.CONTROL_PLANE), read)  # the step before
         ds.create(rec.status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))
-        link._follow(ds, _Feed(None, read + 1))  # the watch thread's turn: not for an idle node
+        link._follow(ds, _Feed(None, revision=read + 1))  # the watch thread: not for an idle node
         assert not link.take_changed() and not woken
 
         barrier = Wait(R, "waiting", "e1", "barrier", pending=("e1",))
@@ -273,3 +273,21 @@ def test_an_etcd_server_link_hears_only_the_structural_keys_and_its_wake_key(
     finally:
         link.stop()
         ds.close()
+
+
+def test_one_failing_stream_is_not_hidden_by_another_that_works(tmp_path: Path) -> None:
+    """A server has a lease thread and two watch streams: each keeps its own failure until it
+    works again, so the status line does not say "restored" while one is still failing."""
+    with SQLiteDatastore(tmp_path / "db.sqlite") as ds:
+        link = ClusterLink(lambda: ds, 15, rec.node_key("c1"), lambda: None)
+        link._stop.set()  # no pauses between retries here
+        assert link.error is None
+        link._failed("watch-1", DatastoreUnavailable("etcd member 2 refused the stream"), 0.0)
+        link._ok("watch-0")
+        link._ok("lease")
+        assert link.error == "etcd member 2 refused the stream"
+        link._failed("lease", DatastoreUnavailable("no leader"), 0.0)
+        link._ok("watch-1")
+        assert link.error == "no leader"
+        link._ok("lease")
+        assert link.error is None
