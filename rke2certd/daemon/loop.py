@@ -281,18 +281,13 @@ class Daemon:
         from rke2certd.supervisor import server
         from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 
-        def served() -> ServedCA:
-            layout = self.node.layout
-            bundles = {
-                name: layout.ca_cert(name).read_bytes() for name in ("server-ca", "client-ca")
-            }
-            return ServedCA(disk_generation(layout), bundles)
-
         api = None
         if self.ds is not None:
             if self._endpoint_ds is None:
                 self._endpoint_ds = self._own_connection()
-            api = ClusterAPI(self._endpoint_ds, self.clock, served)
+            api = ClusterAPI(
+                self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout)
+            )
         try:
             self.supervisor = server.start(self.node, cluster=api, clock=self.clock)
             self.supervisor_error = None

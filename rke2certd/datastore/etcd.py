@@ -213,13 +213,12 @@ class EtcdDatastore(Datastore):
         return _kv(kvs[0]) if kvs else None
 
     def snapshot(self, prefix: str) -> Snapshot:
-        payload = _range(prefix)
-        result = self._call(lambda c: c.post(c.get_url("/kv/range"), json=payload))
-        kvs = [_kv(item) for item in result.get("kvs") or []]
-        return Snapshot(kvs, int(result["header"]["revision"]))
+        return self._read_range(_range(prefix))
 
     def snapshot_range(self, start: str, end: str) -> Snapshot:
-        payload = {"key": _b64(key_bytes(start)), "range_end": _b64(key_bytes(end))}
+        return self._read_range({"key": _b64(key_bytes(start)), "range_end": _b64(key_bytes(end))})
+
+    def _read_range(self, payload: dict[str, Any]) -> Snapshot:
         result = self._call(lambda c: c.post(c.get_url("/kv/range"), json=payload))
         kvs = [_kv(item) for item in result.get("kvs") or []]
         return Snapshot(kvs, int(result["header"]["revision"]))
@@ -230,18 +229,11 @@ class EtcdDatastore(Datastore):
     def compare_and_swap(
         self, key: str, value: bytes, expected_mod_revision: int, lease: int | None = None
     ) -> bool:
-        k = _b64(key_bytes(key))
-        put: dict[str, Any] = {"key": k, "value": _b64(value)}
-        if lease is not None:
-            put["lease"] = lease
-        result = self._txn(key, _mod_equals(k, expected_mod_revision), {"request_put": put})
-        return result is not None
+        compare = _mod_equals(_b64(key_bytes(key)), expected_mod_revision)
+        return self._txn(key, compare, _put_op(key, value, lease)) is not None
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> None:
-        put: dict[str, Any] = {"key": _b64(key_bytes(key)), "value": _b64(value)}
-        if lease is not None:
-            put["lease"] = lease
-        txn = {"compare": [], "success": [{"request_put": put}], "failure": []}
+        txn = {"compare": [], "success": [_put_op(key, value, lease)], "failure": []}
         self._call(lambda c: c.transaction(txn), _Call())  # repeated after a lost answer: harmless
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
@@ -344,6 +336,14 @@ def _b64(data: bytes) -> str:
 def _range(prefix: str, **extra: Any) -> dict[str, Any]:
     raw = key_bytes(prefix)
     return {"key": _b64(raw), "range_end": _b64(prefix_end(raw)), **extra}
+
+
+def _put_op(key: str, value: bytes, lease: int | None) -> dict[str, Any]:
+    """A transaction's put of `key` (the lease detached when None, as a plain put does)."""
+    put: dict[str, Any] = {"key": _b64(key_bytes(key)), "value": _b64(value)}
+    if lease is not None:
+        put["lease"] = lease
+    return {"request_put": put}
 
 
 def _mod_equals(key_b64: str, revision: int) -> dict[str, Any]:

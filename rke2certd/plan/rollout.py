@@ -345,8 +345,8 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
         return Restart(r, own)
     limit = phase_limit(view, me.phase, max_unavailable)
     down = [m for m in down_members(view, me.phase) if m.name != me.name]
-    free = _free_slots(view, me.phase, limit - len(down))
-    if limit - len(down) <= 0:
+    allowed = limit - len(down)
+    if allowed <= 0:
         what = "could lose etcd quorum" if me.phase is Phase.ETCD else "exceeds max-unavailable"
         m = down[0]
         reason = (
@@ -359,6 +359,7 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
     # other one for the node just ahead of it. A hand-off then wakes one node, not the phase.
     queue = _queue(view, r, me.phase)
     place = queue.index(me.name) if me.name in queue else len(queue)
+    free = _free_slots(view, me.phase, allowed)
     if place < len(free):
         return TakeSlot(r, me.phase, free[place])
     busy = ", ".join(f"{s.node} ({s.rollout})" for s in sorted(held, key=lambda s: s.index))

@@ -13,7 +13,7 @@ from datetime import datetime
 from rke2certd.log import log
 from rke2certd.plan.rollout import RolloutState, finished_rollouts, newly_down
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore, collectable
+from rke2certd.rollout.store import ClusterStore
 
 
 def housekeep(store: ClusterStore, parsed: rec.Parsed, now: datetime) -> bool:
@@ -34,6 +34,4 @@ def housekeep(store: ClusterStore, parsed: rec.Parsed, now: datetime) -> bool:
                 reason=fin.reason,
             )
         wrote = True
-    if any(collectable(parsed)):
-        wrote = store.collect(parsed) > 0 or wrote
-    return wrote
+    return store.collect(parsed) > 0 or wrote

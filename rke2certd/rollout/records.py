@@ -55,10 +55,10 @@ STATUSES = PREFIX + "status/"
 UPDATES = PREFIX + "updates/"
 WAKE = PREFIX + "wake/"
 # [STRUCTURE, STRUCTURE_END): members, registrations (presence), rollout records
-# [PLANNING): what the rules read: everything but the registrations' updates and wake keys
-PLANNING = (PREFIX, UPDATES)
 STRUCTURE = MEMBERS
 STRUCTURE_END = ROLLOUTS[:-1] + chr(ord("/") + 1)
+# [PLANNING): what the rules read: everything but the registrations' updates and wake keys
+PLANNING = (PREFIX, UPDATES)
 
 
 def check_name(name: str) -> str:

@@ -418,9 +418,8 @@ class RolloutRunner:
         woken, self._woken = self._woken, set()
         lease = self.registered_lease
         rollout = next((r.id for r in view.rollouts if r.active), "")
-        for name in to_wake(view, self.me, self.node.cfg.max_unavailable):
-            member = view.members.get(name)
-            if member is None or member.phase is Phase.AGENT or name in woken:
+        for name in to_wake(view, self.me, self.node.cfg.max_unavailable):  # never agents
+            if name in woken:
                 continue
             try:
                 self.store.wake(name, rec.encode_wake(self.me, rollout, self.clock()), lease)

@@ -262,10 +262,7 @@ def collectable(
         for r in done[max(0, len(done) - keep) : max(0, len(done) - keep_nodes)]
         if r.state is not RolloutState.STOPPED
     } | {r.id for r in old}
-    statuses = [
-        k
-        for k in parsed.kvs
-        if rec.status_rollout(k) in thin
-        or any(k.startswith(rec.rollout_key(r.id) + "/") for r in old)
-    ]
-    return [rec.rollout_key(r.id) for r in old], statuses
+    records = [rec.rollout_key(r.id) for r in old]
+    below = tuple(key + "/" for key in records)  # whatever lives under an old record
+    statuses = [k for k in parsed.kvs if rec.status_rollout(k) in thin or k.startswith(below)]
+    return records, statuses

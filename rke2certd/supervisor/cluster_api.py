@@ -24,6 +24,8 @@ from datetime import datetime
 from typing import Any
 
 from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.ops.ca_material import disk_generation
+from rke2certd.pki.layout import Layout
 from rke2certd.plan.rollout import Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
@@ -50,6 +52,12 @@ class ServedCA:
     generation: str | None
     bundles: Mapping[str, bytes]
 
+    @classmethod
+    def on_disk(cls, layout: Layout) -> ServedCA:
+        """What a server with this data dir serves agents: its server and client CA bundles."""
+        bundles = {name: layout.ca_cert(name).read_bytes() for name in ("server-ca", "client-ca")}
+        return cls(disk_generation(layout), bundles)
+
 
 @dataclass
 class ClusterAPI:
@@ -58,6 +66,12 @@ class ClusterAPI:
     served: Callable[[], ServedCA]
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
+    # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
+    # decode only the records that changed (records.Decoded depends on nothing but each KV)
+    _store: ClusterStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._store = ClusterStore(self.ds)
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
@@ -227,8 +241,7 @@ class ClusterAPI:
     # the server's own work ----------------------------------------------------------------
 
     def _op_housekeep(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
-        store = ClusterStore(self.ds)
-        return {"wrote": housekeep(store, store.read(), self.clock())}
+        return {"wrote": housekeep(self._store, self._store.read(), self.clock())}
 
     def _op_generation(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
         served = self.served()

@@ -55,13 +55,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
 
 @pytest.fixture
 def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
-    layout = server.node.layout
-
-    def served() -> ServedCA:
-        bundles = {n: layout.ca_cert(n).read_bytes() for n in ("server-ca", "client-ca")}
-        return ServedCA(disk_generation(layout), bundles)
-
-    api = ClusterAPI(store, lambda: NOW, served)
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
     handle = start(server.node, host=HOST, port=0, cluster=api)
     yield handle
     handle.stop()
