@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,10 @@ from .support import make_upstream_node
 
 @pytest.fixture
 def now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
+    """The checks' clock, a minute ahead of the wall clock: openssl 3.0 cannot backdate, so the
+    upstream-like CAs a test makes after this fixture ran start a second or two later than the
+    wall clock read here, and a check at that time would find them not valid yet."""
+    return datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=1)
 
 
 @pytest.fixture(scope="module")
