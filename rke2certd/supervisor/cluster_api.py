@@ -201,6 +201,12 @@ class ClusterAPI:
         lease = self._lease_of(node, doc)
         return {"ok": self.ds.compare_and_swap(key, value, expected or 0, lease)}
 
+    def _op_put(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")
+        self._writable(node, key, value)
+        self.ds.put(key, value, self._lease_of(node, doc))
+        return {"ok": True}
+
     def _op_delete(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
         key = wire.key_in(doc.get("key"))
         expected = wire.integer(

@@ -37,6 +37,10 @@ from rke2certd.supervisor.client import (
 _T = TypeVar("_T")
 
 
+class _UnknownOperation(DatastoreError):
+    """The server is an older rke2certd without this operation."""
+
+
 class RemoteDatastore(Datastore):
     def __init__(
         self,
@@ -53,6 +57,7 @@ class RemoteDatastore(Datastore):
         self.node_name = node_name
         self.timeout = timeout
         self.location = f"the coordination keys of {', '.join(self.urls)}"
+        self._old_server = False  # a server answered that it has no "put"
 
     def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:
@@ -67,6 +72,8 @@ class RemoteDatastore(Datastore):
         except RefusedError as exc:
             if exc.status == 404 and "lease" in doc.get("op", ""):
                 raise LeaseNotFound(str(exc)) from exc
+            if exc.status == 400 and "unknown operation" in str(exc):
+                raise _UnknownOperation(str(exc)) from exc
             raise DatastoreError(str(exc)) from exc
         if "compacted" in answer:
             revision = answer["compacted"]
@@ -103,6 +110,19 @@ class RemoteDatastore(Datastore):
             "op": "cas", "key": wire.key_out(key), "value": wire.b64(value),
             "expected_mod_revision": expected_mod_revision, "lease": lease,
         })  # fmt: skip
+
+    def put(self, key: str, value: bytes, lease: int | None = None) -> None:
+        """One request; against an older server without it, the base read-and-swap loop."""
+        if not self._old_server:
+            try:
+                self._ok({
+                    "op": "put", "key": wire.key_out(key), "value": wire.b64(value),
+                    "lease": lease,
+                })  # fmt: skip
+                return
+            except _UnknownOperation:
+                self._old_server = True
+        super().put(key, value, lease)
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
         return self._ok(

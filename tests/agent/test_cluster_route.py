@@ -90,8 +90,11 @@ def test_an_agent_takes_part_through_the_endpoint(
     view = cs.read().view
     assert view.live["agent-1"].phase is Phase.AGENT and view.rollout("ca-1") is not None
 
-    # its registration's updates, on another key than the registration (no node watches it)
+    # its registration's updates, on another key than the registration (no node watches it),
+    # in one request: a blind write, as on the server's own store
+    calls = _count_calls(remote)
     cs.report(Registration("agent-1", ("agent",), Phase.AGENT, "t", "gen1", "ok"), lease)
+    assert calls == ["put"]
     assert cs.read(everything=True).view.live["agent-1"].health == "ok"
 
     # its status, a slot of the agent phase on its lease, then giving it back
@@ -121,6 +124,46 @@ def test_an_agent_takes_part_through_the_endpoint(
     assert store.get(rec.node_key("agent-1")) is None
     with pytest.raises(LeaseNotFound):
         remote.refresh_lease(lease)
+
+
+def _count_calls(remote: RemoteDatastore) -> list[str]:
+    """The operations `remote` sends from now on (the real requests still go out)."""
+    ops: list[str] = []
+    send = remote._call
+
+    def counted(doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        ops.append(doc["op"])
+        return send(doc, timeout)
+
+    remote._call = counted  # type: ignore[method-assign]
+    return ops
+
+
+def test_an_older_server_without_put_gets_a_read_and_swap(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Node],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An agent upgraded before its server: the server answers "unknown operation" to a put;
+    the agent writes with a read and a compare-and-swap instead, and asks no more."""
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    monkeypatch.setattr(api, "_op_put", None)  # what the older server has: no such operation
+    handle = start(server.node, host=HOST, port=0, cluster=api)
+    try:
+        node = agent_factory("agent-1", supervisor_port=handle.port)
+        renew_agent(node)
+        remote = remote_store(node, lambda: server.agent_token)
+        cs, lease = _register(remote, "agent-1")
+        calls = _count_calls(remote)
+        for health in ("ok", "degraded"):
+            cs.report(Registration("agent-1", ("agent",), Phase.AGENT, "t", "g", health), lease)
+        assert calls == ["put", "get", "cas", "get", "cas"]
+        update = store.get(rec.update_key("agent-1"))
+        assert update is not None and update.lease == lease
+        assert cs.read(everything=True).view.live["agent-1"].health == "degraded"
+    finally:
+        handle.stop()
 
 
 def test_housekeeping_and_generation_are_the_servers(
@@ -192,6 +235,11 @@ def test_refusals_change_nothing(
         ("a server's wake key", lambda: cs.wake(
             "e1", rec.encode_wake("agent-1", "ca-1", NOW), lease)),
         ("its own wake key", lambda: remote.put(rec.wake_key("agent-1"), b"{}")),
+        ("a put of another node's updates", lambda: remote.put(rec.update_key("e1"),
+            rec.encode_registration(Registration("e1", ("etcd",), Phase.ETCD, "t", None)))),
+        ("a put on a server's lease", lambda: remote.put(rec.update_key("agent-1"),
+            rec.encode_registration(Registration("agent-1", ("agent",), Phase.AGENT, "t", None)),
+            server_lease)),
         ("a rollout record", lambda: other.ds.get(rec.rollout_key("ca-1")) and remote.delete(
             rec.rollout_key("ca-1"))),
         ("an etcd slot", lambda: cs.take_slot(Slot(Phase.ETCD, 0, "agent-1", "ca-1"), lease)),
@@ -222,6 +270,7 @@ def test_refusals_change_nothing(
         ([], "agent-1", 400, "JSON object"),
         ({"op": "get"}, "agent-1", 400, "base64"),
         ({"op": "get", "key": "!!"}, "agent-1", 400, "base64"),
+        ({"op": "put", "key": _b64("/rke2certd/updates/agent-1")}, "agent-1", 400, "value"),
         ({"op": "grant_lease", "ttl": 100000}, "agent-1", 400, "at most"),
         ({"op": "watch", "prefix": _b64("/rke2certd/"), "start_revision": 0}, "agent-1", 400, ""),
         ({"op": "get", "key": _b64("/rke2certd/nodes/e1")}, None, 400, "rke2-Node-Name"),
