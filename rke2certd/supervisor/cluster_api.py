@@ -7,6 +7,9 @@ What an agent may do (its name is the `rke2-Node-Name` header of an agent-token 
 - write only its own records, each checked to be what it claims: its registration and
   membership (phase agent), its status in a rollout, the agent phase's restart slots;
 - take leases, and refresh or revoke only a lease it took here or that its registration is on;
+- watch as a long poll only while the server holds fewer than MAX_WATCHES of them: beyond, a
+  watch is answered at once with the changes so far and a time to ask again, so that many
+  agents on one server never take the connections that short requests need;
 - ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
 - learn which CA generation the server holds, and the digests of the bundles it serves.
 
@@ -34,6 +37,10 @@ from rke2certd.supervisor import wire
 
 MIN_TTL, MAX_TTL = 2, 600
 MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
+# Long polls held at once: three quarters of the endpoint's 128 connections (server.py), so
+# that writes, slot takes and lease refreshes always find one.
+MAX_WATCHES = 96
+BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
 
 
 class ClusterRefused(Exception):
@@ -64,8 +71,10 @@ class ClusterAPI:
     ds: Datastore
     clock: Callable[[], datetime]
     served: Callable[[], ServedCA]
+    max_watches: int = MAX_WATCHES
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
+    _watching: int = 0  # long polls in progress
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)
@@ -112,7 +121,19 @@ class ClusterAPI:
         timeout = doc.get("timeout", wire.MAX_WATCH_SECONDS)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise ClusterRefused(400, "timeout must be a number of seconds")
-        events = self.ds.watch_prefix(prefix, start, min(float(timeout), wire.MAX_WATCH_SECONDS))
+        with self._lock:
+            busy = self._watching >= self.max_watches
+            if not busy:
+                self._watching += 1
+        if busy:
+            events = self.ds.watch_prefix(prefix, start, BUSY_WATCH_SECONDS)
+            return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
+        try:
+            wait = min(float(timeout), wire.MAX_WATCH_SECONDS)
+            events = self.ds.watch_prefix(prefix, start, wait)
+        finally:
+            with self._lock:
+                self._watching -= 1
         return {"events": wire.events_out(events)}
 
     # writes -------------------------------------------------------------------------------

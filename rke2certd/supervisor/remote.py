@@ -13,6 +13,8 @@ refusal -> DatastoreError with the server's reason.
 
 from __future__ import annotations
 
+import random
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -58,6 +60,7 @@ class RemoteDatastore(Datastore):
         self.timeout = timeout
         self.location = f"the coordination keys of {', '.join(self.urls)}"
         self._old_server = False  # a server answered that it has no "put"
+        self._closed = threading.Event()
 
     def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:
@@ -151,7 +154,12 @@ class RemoteDatastore(Datastore):
              "timeout": wait},
             timeout=wait + self.timeout,
         )  # fmt: skip
-        return self._parse(lambda: wire.events_in(answer["events"]))
+        events = self._parse(lambda: wire.events_in(answer["events"]))
+        retry = answer.get("retry_after")
+        if not events and isinstance(retry, int | float) and not isinstance(retry, bool):
+            # the server holds all the long polls it will: poll, spread out, until it has room
+            self._closed.wait(min(wait, max(1.0, float(retry)) * random.uniform(0.5, 1.0)))
+        return events
 
     # not part of the Datastore contract: the server's own work, asked for
 
@@ -173,4 +181,4 @@ class RemoteDatastore(Datastore):
         return self._parse(parse)
 
     def close(self) -> None:
-        pass  # a connection per call: nothing held
+        self._closed.set()  # a connection per call: only a busy watch's wait to end

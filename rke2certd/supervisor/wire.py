@@ -14,6 +14,10 @@ from typing import Any
 from rke2certd.datastore.base import KV, Event, EventType, Snapshot, key_bytes, key_str
 
 MAX_WATCH_SECONDS = 25.0  # one long poll; the client's read timeout is longer
+# When a server holds as many long polls as it will, it answers a watch at once with what has
+# changed and this many seconds to wait before asking again: the agent polls until a place
+# frees up, and no change is lost (it asks again from the same revision).
+BUSY_RETRY_SECONDS = 10.0
 
 
 class WireError(ValueError):

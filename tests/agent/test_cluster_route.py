@@ -34,7 +34,7 @@ from rke2certd.plan.rollout import (
 )
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.store import ClusterStore
-from rke2certd.supervisor import CLUSTER_PATH
+from rke2certd.supervisor import CLUSTER_PATH, wire
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
@@ -162,6 +162,81 @@ def test_an_older_server_without_put_gets_a_read_and_swap(
         update = store.get(rec.update_key("agent-1"))
         assert update is not None and update.lease == lease
         assert cs.read(everything=True).view.live["agent-1"].health == "degraded"
+    finally:
+        handle.stop()
+
+
+class _Waits:
+    """Stands in for RemoteDatastore's close event: records the waits instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float) -> bool:
+        self.waits.append(timeout)
+        return False
+
+
+def _eventually(check: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if check():
+            return
+        threading.Event().wait(0.05)
+    raise AssertionError("not reached in 10 s")
+
+
+def test_a_busy_server_answers_watches_at_once_and_loses_no_change(
+    server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Node]
+) -> None:
+    """Beyond the long polls a server holds (here 1), a watch gets the changes so far and a
+    time to wait; the agent waits it (spread out), and asks again from the same revision, so
+    that it sees every change. Once a place is free, its watch is a long poll again."""
+    api = ClusterAPI(
+        store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout), max_watches=1
+    )
+    handle = start(server.node, host=HOST, port=0, cluster=api)
+    try:
+        remotes = []
+        for name in ("agent-1", "agent-2"):
+            node = agent_factory(name, supervisor_port=handle.port)
+            renew_agent(node)
+            remotes.append(remote_store(node, lambda: server.agent_token))
+        first, second = remotes
+        start_rev = store.snapshot(rec.PREFIX).revision + 1
+        held: list[Any] = []
+        poll = threading.Thread(
+            target=lambda: held.extend(first.watch_prefix(rec.PREFIX, start_rev, 20))
+        )
+        poll.start()
+        _eventually(lambda: api._watching == 1)
+
+        waits = _Waits()
+        second._closed = waits  # type: ignore[assignment]
+        calls = _count_calls(second)
+        assert second.watch_prefix(rec.PREFIX, start_rev, 20) == []  # nothing yet: wait
+        assert calls == ["watch"] and len(waits.waits) == 1
+        assert wire.BUSY_RETRY_SECONDS / 2 <= waits.waits[0] <= wire.BUSY_RETRY_SECONDS
+        assert api._watching == 1  # the busy answer held no place
+
+        ClusterStore(store).create_rollout(ROLLOUT, NOW)
+        poll.join(15)
+        assert [e.kv.key for e in held] == [rec.rollout_key("ca-1")]
+        got = second.watch_prefix(rec.PREFIX, start_rev, 20)  # the change, from its revision
+        assert [e.kv.key for e in got] == [rec.rollout_key("ca-1")]
+        assert len(waits.waits) == 1  # events come back at once, with no wait
+
+        # the long poll has ended: the next watch holds the place and waits for a change
+        later: list[Any] = []
+        after = got[-1].kv.mod_revision + 1
+        poll = threading.Thread(
+            target=lambda: later.extend(second.watch_prefix(rec.PREFIX, after, 20))
+        )
+        poll.start()
+        _eventually(lambda: api._watching == 1)
+        ClusterStore(store).finish("ca-1", RolloutState.DONE, "all done", NOW)
+        poll.join(15)
+        assert [e.kv.key for e in later] == [rec.rollout_key("ca-1")]
+        assert len(waits.waits) == 1 and api._watching == 0
     finally:
         handle.stop()
 
