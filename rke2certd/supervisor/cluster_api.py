@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any
 
 from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.rollout import Phase
@@ -75,6 +76,7 @@ class ClusterAPI:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
+    _full: bool = False  # busy answers since the last time no long poll was held (logged once)
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)
@@ -115,7 +117,7 @@ class ClusterAPI:
         snap = self.ds.snapshot(self._readable(wire.key_in(doc.get("prefix"), "prefix")))
         return {"snapshot": wire.snapshot_out(snap)}
 
-    def _op_watch(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
+    def _op_watch(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
         prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
         start = wire.integer(doc.get("start_revision"), "start_revision", low=1) or 1
         timeout = doc.get("timeout", wire.MAX_WATCH_SECONDS)
@@ -125,6 +127,12 @@ class ClusterAPI:
             busy = self._watching >= self.max_watches
             if not busy:
                 self._watching += 1
+            first_busy, self._full = busy and not self._full, busy or self._full
+        if first_busy:
+            log.warning("cluster_watches_full", limit=self.max_watches, node=node,
+                        reason=f"{self.max_watches} agents hold a watch here; others poll every "
+                        f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
+                        "until a place frees up")  # fmt: skip
         if busy:
             events = self.ds.watch_prefix(prefix, start, BUSY_WATCH_SECONDS)
             return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
@@ -134,6 +142,8 @@ class ClusterAPI:
         finally:
             with self._lock:
                 self._watching -= 1
+                # logged again once the load has halved, not at each place freed and retaken
+                self._full = self._full and self._watching > self.max_watches // 2
         return {"events": wire.events_out(events)}
 
     # writes -------------------------------------------------------------------------------

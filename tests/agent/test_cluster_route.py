@@ -186,7 +186,10 @@ def _eventually(check: Callable[[], bool]) -> None:
 
 
 def test_a_busy_server_answers_watches_at_once_and_loses_no_change(
-    server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Node]
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Node],
+    events: list[dict[str, Any]],
 ) -> None:
     """Beyond the long polls a server holds (here 1), a watch gets the changes so far and a
     time to wait; the agent waits it (spread out), and asks again from the same revision, so
@@ -217,6 +220,11 @@ def test_a_busy_server_answers_watches_at_once_and_loses_no_change(
         assert calls == ["watch"] and len(waits.waits) == 1
         assert wire.BUSY_RETRY_SECONDS / 2 <= waits.waits[0] <= wire.BUSY_RETRY_SECONDS
         assert api._watching == 1  # the busy answer held no place
+        assert second.watch_prefix(rec.PREFIX, start_rev, 20) == []  # logged once, not again
+        full = [e for e in events if e["event"] == "cluster_watches_full"]
+        assert len(full) == 1 and full[0]["node"] == "agent-2" and full[0]["limit"] == 1
+        assert "poll every 5-10 s" in full[0]["reason"]
+        waits.waits.pop()
 
         ClusterStore(store).create_rollout(ROLLOUT, NOW)
         poll.join(15)
