@@ -511,7 +511,7 @@ class RolloutRunner:
             restart_seconds=res.restart_seconds, health_seconds=res.health_seconds,
         )  # fmt: skip
         try:
-            self.store.set_status(r, status, seen=running.seen)
+            written = self.store.set_status(r, status, seen=running.seen)
             if res.ok:
                 self.health = "ok"
                 log.info("rollout_node_done", **self._fields(r), reason=message)
@@ -530,5 +530,4 @@ class RolloutRunner:
         # The next node is known now (the view the restart began on, plus these writes): wake
         # it before reading the store again, off the hand-off's path. The read that follows
         # wakes whoever that view could not know about (`_wake_others`).
-        stamped = dataclasses.replace(status, attempt=r.attempt)
-        self._wake_nodes(reported(running.seen.view, r, stamped, running.slot), early=True)
+        self._wake_nodes(reported(running.seen.view, r, written, running.slot), early=True)

@@ -205,10 +205,12 @@ class ClusterStore:
 
     def set_status(
         self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed | None = None
-    ) -> None:
-        """Write a node's status, stamped with the rollout's current attempt."""
+    ) -> NodeStatus:
+        """Write a node's status, stamped with the rollout's current attempt; the status
+        written."""
         stamped = dataclasses.replace(status, attempt=rollout.attempt)
         self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
+        return stamped
 
     def collect(
         self, parsed: rec.Parsed, keep: int = HISTORY, keep_nodes: int = NODE_HISTORY

@@ -21,6 +21,7 @@ NODE_IP_HEADER = "rke2-Node-IP"
 AGENT_USER = "node"
 SERVER_USER = "server"
 MAX_CSR_BYTES = 64 * 1024  # a CSR is < 2 KiB; anything near this is not a CSR
+MAX_CONNECTIONS = 128  # the endpoint's connections at once; beyond, new ones are closed at once
 
 
 def cert_route(name: str) -> str:

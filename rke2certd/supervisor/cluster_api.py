@@ -34,13 +34,13 @@ from rke2certd.plan.rollout import Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
-from rke2certd.supervisor import wire
+from rke2certd.supervisor import MAX_CONNECTIONS, wire
 
 MIN_TTL, MAX_TTL = 2, 600
 MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
-# Long polls held at once: three quarters of the endpoint's 128 connections (server.py), so
-# that writes, slot takes and lease refreshes always find one.
-MAX_WATCHES = 96
+# Long polls held at once: three quarters of the endpoint's connections, so that writes, slot
+# takes and lease refreshes always find one.
+MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
 
 
@@ -76,7 +76,7 @@ class ClusterAPI:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
-    _full: bool = False  # busy answers since the last time no long poll was held (logged once)
+    _full: bool = False  # busy answered and logged; cleared once the load has halved
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)

@@ -68,6 +68,7 @@ from rke2certd.supervisor import (
     CERT_ROUTES,
     CLIENT_CA_PATH,
     CLUSTER_PATH,
+    MAX_CONNECTIONS,
     MAX_CSR_BYTES,
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
@@ -81,7 +82,6 @@ from rke2certd.supervisor.cluster_api import ClusterAPI, ClusterRefused
 TLS_DAYS = 365
 TLS_REISSUE_BEFORE = timedelta(days=30)  # a daemon up for a year gets a fresh serving cert
 IO_TIMEOUT = 15.0  # per socket operation: a stalled client must not hold a thread forever
-MAX_CONNECTIONS = 128  # beyond this, new connections are closed at once
 MAX_NODE_IPS = 16
 LINGER_SECONDS = 1.0
 PEM_TYPE = "application/x-pem-file"
