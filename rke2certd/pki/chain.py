@@ -7,6 +7,12 @@ found by subject name and ordered by AKI/SKI agreement, roots are tried before i
 an issuer must be a CA allowed to sign certificates, path lengths are honoured, and a
 certificate is never used twice in one chain (same subject and key), which stops loops.
 Not modelled: EKU nesting and name constraints (RKE2's CAs carry neither).
+
+`find_paths` also reports the broken steps: an issuer whose signature verifies but whose
+constraints (CA, keyCertSign, path length) forbid this path. Go tries every path, but OpenSSL
+follows the issuer it finds first and fails there, so a CA file may hold no such step. With
+`signs_leaves` the start certificate is a CA that will sign leaves: it counts in the path length
+of every issuer above it, as it does in the chain of each leaf it signs.
 """
 
 from __future__ import annotations
@@ -67,13 +73,60 @@ class _Search:
     now: datetime | None
     roots: list[x509.Certificate]
     intermediates: list[x509.Certificate]
+    signs_leaves: bool = False
     checks: int = 0
     reasons: list[str] = field(default_factory=list)
     chains: list[Chain] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
+    broken_issuers: list[x509.Certificate] = field(default_factory=list)
 
     def note(self, reason: str) -> None:
         if reason not in self.reasons:
             self.reasons.append(reason)
+
+
+@dataclass(frozen=True)
+class Paths:
+    """What `find_paths` found: the valid chains (start first, root last), the broken steps
+    (signature good, constraint violated; their issuers too), and why attempts failed."""
+
+    chains: list[Chain]
+    broken: list[str]
+    broken_issuers: list[x509.Certificate]
+    reasons: list[str]
+
+    def error(self, start: x509.Certificate) -> ChainError:
+        reasons = list(self.reasons)
+        if not reasons and start.issuer == start.subject:
+            reasons.append("it is self-signed and is not one of the trusted roots")
+        elif not reasons:
+            reasons.append(f"no certificate named {_issuer_text(start)} is available")
+        message = f"{describe_cert(start)} does not chain to a trusted root: " + "; ".join(
+            reasons[:6]
+        )
+        return ChainError(message, reasons)
+
+
+def find_paths(
+    start: x509.Certificate,
+    roots: Iterable[x509.Certificate],
+    intermediates: Iterable[x509.Certificate] = (),
+    now: datetime | None = None,
+    *,
+    signs_leaves: bool = False,
+) -> Paths:
+    """Every path from `start` to one of `roots` and every broken step met on the way.
+
+    `start`'s own validity is not checked here (verify_chain does); with `now`, every issuer
+    must be valid at that time. `signs_leaves`: see the module doc.
+    """
+    search = _Search(now, _unique(roots), _unique(intermediates), signs_leaves)
+    start_der = der(start)
+    if any(der(r) == start_der for r in search.roots):
+        search.chains.append([start])
+    else:
+        _extend(search, [start])
+    return Paths(search.chains, search.broken, search.broken_issuers, search.reasons)
 
 
 def verify_chain(
@@ -81,30 +134,21 @@ def verify_chain(
     roots: Iterable[x509.Certificate],
     intermediates: Iterable[x509.Certificate] = (),
     now: datetime | None = None,
+    *,
+    signs_leaves: bool = False,
 ) -> list[Chain]:
     """Every chain from `leaf` to one of `roots`, each listed leaf first, root last.
 
     With `now`, every certificate of a chain must be valid at that time. Raises ChainError,
     carrying the reasons of every failed attempt, when no chain exists.
     """
-    search = _Search(now, _unique(roots), _unique(intermediates))
     problem = _validity_problem(leaf, now)
     if problem:
         raise ChainError(f"{describe_cert(leaf)} cannot be trusted: {problem}", [problem])
-    leaf_der = der(leaf)
-    if any(der(r) == leaf_der for r in search.roots):
-        return [[leaf]]
-    _extend(search, [leaf])
-    if search.chains:
-        return search.chains
-    if not search.reasons and leaf.issuer == leaf.subject:
-        search.note("it is self-signed and is not one of the trusted roots")
-    elif not search.reasons:
-        search.note(f"no certificate named {_issuer_text(leaf)} is available")
-    message = f"{describe_cert(leaf)} does not chain to a trusted root: " + "; ".join(
-        search.reasons[:6]
-    )
-    raise ChainError(message, search.reasons)
+    paths = find_paths(leaf, roots, intermediates, now, signs_leaves=signs_leaves)
+    if paths.chains:
+        return paths.chains
+    raise paths.error(leaf)
 
 
 def _unique(certs: Iterable[x509.Certificate]) -> list[x509.Certificate]:
@@ -132,9 +176,18 @@ def _extend(search: _Search, chain: Chain) -> None:
             search.note("too many candidate issuers (signature-check limit reached)")
             return
         search.checks += 1
-        problem = _signature_problem(child, candidate) or _issuer_problem(
-            candidate, chain, search.now
-        )
+        problem = _signature_problem(child, candidate)
+        if problem:
+            search.note(problem)
+            continue
+        problem = _constraint_problem(candidate, chain, search.signs_leaves)
+        if problem:
+            search.note(problem)
+            if problem not in search.broken:
+                search.broken.append(problem)
+                search.broken_issuers.append(candidate)
+            continue
+        problem = _validity_problem(candidate, search.now)
         if problem:
             search.note(problem)
             continue
@@ -188,7 +241,7 @@ def _signature_problem(child: x509.Certificate, issuer: x509.Certificate) -> str
     return None
 
 
-def _issuer_problem(issuer: x509.Certificate, chain: Chain, now: datetime | None) -> str | None:
+def _constraint_problem(issuer: x509.Certificate, chain: Chain, signs_leaves: bool) -> str | None:
     name = describe_cert(issuer)
     bc = extension(issuer, x509.BasicConstraints)
     if issuer.version == x509.Version.v3 and (bc is None or not bc.ca):
@@ -196,9 +249,18 @@ def _issuer_problem(issuer: x509.Certificate, chain: Chain, now: datetime | None
     ku = extension(issuer, x509.KeyUsage)
     if ku is not None and not ku.key_cert_sign:
         return f"{name} may not sign certificates (KeyUsage lacks keyCertSign)"
-    if bc is not None and bc.path_length is not None and len(chain) - 1 > bc.path_length:
-        return f"{name} allows {bc.path_length} intermediate(s) below it; this path has more"
-    return _validity_problem(issuer, now)
+    # Intermediates below the issuer on a leaf's path: the chain minus its start, plus the start
+    # itself when it is a CA that signs the leaves.
+    below = len(chain) - 1 + (1 if signs_leaves else 0)
+    if bc is not None and bc.path_length is not None and below > bc.path_length:
+        counted = (
+            f" ({describe_cert(chain[0])}, which signs leaves, counts)" if signs_leaves else ""
+        )
+        return (
+            f"{name} allows {bc.path_length} intermediate CA(s) below it (pathlen); a path "
+            f"through {describe_cert(chain[-1])} puts {below} there{counted}"
+        )
+    return None
 
 
 def _validity_problem(cert: x509.Certificate, now: datetime | None) -> str | None:

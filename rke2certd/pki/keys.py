@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -52,6 +53,45 @@ def split_pem(data: bytes) -> list[bytes]:
             raise PKIError(f"a PEM block ({label.decode(errors='replace')}) has no END line")
         blocks.append(rest[start : end + len(end_marker)] + b"\n")
         rest = rest[end + len(end_marker) :]
+
+
+_NOT_SPACE = re.compile(rb"[^ \t\r\n]")
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/= \t\r\n]")
+
+
+def stray_bytes(data: bytes) -> tuple[int, str] | None:
+    """The first byte of `data` that is neither whitespace between PEM blocks nor base64 inside
+    one, as (offset, what it is), or None. A truncated block is left to the parser."""
+    pos = 0
+    while True:
+        start = data.find(PEM_BEGIN, pos)
+        outside = _NOT_SPACE.search(data, pos, len(data) if start < 0 else start)
+        if outside:
+            return outside.start(), _describe_byte(data, outside.start())
+        if start < 0:
+            return None
+        label_end = data.find(b"-----", start + len(PEM_BEGIN))
+        if label_end < 0:
+            return None
+        end_marker = b"-----END " + data[start + len(PEM_BEGIN) : label_end] + b"-----"
+        end = data.find(end_marker, label_end + 5)
+        if end < 0:
+            return None
+        inside = _NOT_BASE64.search(data, label_end + 5, end)
+        if inside:
+            return inside.start(), _describe_byte(data, inside.start()) + " inside a PEM block"
+        pos = end + len(end_marker)
+
+
+def _describe_byte(data: bytes, at: int) -> str:
+    byte = data[at]
+    if byte == 0:
+        return "a NUL byte"
+    if byte < 0x20 or byte >= 0x7F:
+        return f"the byte 0x{byte:02X}"
+    text = data[at : at + 32].split(b"\n", 1)[0].rstrip(b"\r")
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F else "?" for b in text)
+    return f"the text '{shown}'"
 
 
 def load_keys(data: bytes, source: str | Path, *, trusted: bool = False) -> list[PrivateKey]:

@@ -10,7 +10,14 @@ Checks on each CA slot whose certificate or key changed:
     certificates, every path tried); the first certificate matches the first key;
   - ours: every certificate of the bundle is a CA (BasicConstraints CA, keyCertSign when
     KeyUsage is present, and required on the first); the first is valid now and for at least
-    365 more days; every certificate and key is RSA >= 2048 or EC P-256/P-384.
+    365 more days; every certificate and key is RSA >= 2048 or EC P-256/P-384;
+  - what a bundle may be (every node and client trusts every certificate of it): the new CA,
+    its path to a self-signed root inside the bundle (ROOT; OpenSSL clients given only this
+    file need it), the certificates that link it to the current roots, and certificates of the
+    current CAs (same subject and key as a current one); nothing else (UNRELATED), at most
+    MAX_BUNDLE_CERTS (BUNDLE_SIZE). The new CA signs leaves, so it counts in every issuer's
+    path length, on the chain check too; a step inside the bundle whose signature verifies but
+    whose constraints forbid the path is refused (PATH): OpenSSL may pick it and fail.
 `service.key`, when changed: only RSA keys >= 2048, and the current first key (today's signer)
 is still in it. Every staged file: a regular file (no symlink), not group/world writable, under
 SIZE_LIMIT; parse errors name the file.
@@ -43,10 +50,12 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from rke2certd.errors import PKIError, ValidationError
 from rke2certd.pki.certs import load_bundle
 from rke2certd.pki.chain import (
+    Chain,
     ChainError,
     der,
     describe_cert,
     extension,
+    find_paths,
     is_root_like,
     utc_text,
     verify_chain,
@@ -58,10 +67,14 @@ from rke2certd.pki.keys import (
     load_keys,
     public_der,
     split_pem,
+    stray_bytes,
 )
 from rke2certd.pki.layout import CA_NAMES
 
 SIZE_LIMIT = 1 << 20  # 1 MiB: a CA bundle is a few KiB; anything bigger is not one
+# A rotation adds three certificates (CA, cross-signed root, root) and keeps the current ones:
+# dozens of rotations fit. Each certificate becomes a trust anchor on every node.
+MAX_BUNDLE_CERTS = 64
 MIN_CA_DAYS_LEFT = 365
 SERVICE_KEY = "tls/service.key"
 EC_CURVES = {"secp256r1", "secp384r1"}
@@ -94,6 +107,11 @@ class Check(StrEnum):
     VALIDITY = "validity"
     KEY_TYPE = "key-type"
     SERVICE_KEY_KEPT = "service-key-kept"
+    PEM = "pem"
+    ROOT = "root"
+    PATH = "path"
+    UNRELATED = "unrelated"
+    BUNDLE_SIZE = "bundle-size"
 
 
 FORCEABLE = frozenset({Check.SINGLE_CERT, Check.CHAIN, Check.SERVICE_KEY_KEPT})
@@ -209,7 +227,7 @@ def _take(w: _Work, rel: str) -> None:
     """Pick the staged bytes, or fall back to current data; record file-level problems."""
     sf = w.staged.files.get(rel) or StagedFile.missing(rel)
     current = w.current.get(rel)
-    if _file_problems(w, sf):
+    if _file_problems(w, sf) or _stray_bytes_problem(w, sf):
         w.unusable.add(rel)
         if current is not None:
             w.files[rel] = current
@@ -274,6 +292,25 @@ def _file_problems(w: _Work, sf: StagedFile) -> bool:
     return found
 
 
+def _stray_bytes_problem(w: _Work, sf: StagedFile) -> bool:
+    if sf.data is None:
+        return False
+    found = stray_bytes(sf.data)
+    if found is None:
+        return False
+    offset, what = found
+    place = "" if what.endswith("inside a PEM block") else " outside the PEM blocks"
+    w.problem(
+        Check.PEM,
+        sf.path,
+        f"{w.name(sf.path)} holds {what} at byte offset {offset}{place}; a certificate or key "
+        "file holds only -----BEGIN/END----- blocks and blank lines, and rotate-ca stores the "
+        "file as it is: remove everything else (e.g. `openssl x509 -in F -out F` for one "
+        "certificate) and stage it again",
+    )
+    return True
+
+
 def _same_content(rel: str, staged: bytes, current: bytes) -> bool:
     try:
         if len(split_pem(staged)) != len(split_pem(current)):
@@ -315,7 +352,8 @@ def _check_ca(w: _Work, ca: str) -> None:
     keys = _parse_keys(w, key) if key not in w.unusable else None
     if certs is not None and crt in w.changed:
         _check_bundle(w, crt, certs)
-        _check_chain(w, crt, certs)
+        old_paths = _check_chain(w, crt, certs)
+        _check_trust(w, crt, certs, old_paths)
     if keys is not None and key in w.changed:
         for i, k in enumerate(keys, 1):
             problem = key_type_problem(k.public_key())
@@ -391,20 +429,29 @@ def _warn_if_short_lived(w: _Work, rel: str) -> None:
         )
 
 
-def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> None:
+def _current_certs(w: _Work, rel: str) -> list[x509.Certificate]:
+    try:
+        return load_bundle(w.current[rel], f"{rel} (current data)")
+    except (KeyError, PKIError):
+        return []
+
+
+def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> list[Chain]:
+    """The new CA's paths to the current roots (a leaf it signs must verify with only the
+    current CA file); a CHAIN problem when there is none."""
     name = w.name(rel)
     try:
         old = load_bundle(w.current[rel], f"{rel} (current data)")
     except KeyError:
         w.problem(Check.CHAIN, rel, f"{name}: there is no current CA to chain to")
-        return
+        return []
     except PKIError as exc:
         w.problem(Check.CHAIN, rel, f"{name}: the chain cannot be checked: {exc}")
-        return
+        return []
     roots = [c for c in old if is_root_like(c)]
     intermediates = [c for c in old if not is_root_like(c)] + certs[1:]
     try:
-        verify_chain(certs[0], roots, intermediates, w.now)
+        return verify_chain(certs[0], roots, intermediates, w.now, signs_leaves=True)
     except ChainError as exc:
         w.problem(
             Check.CHAIN,
@@ -414,6 +461,72 @@ def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> None:
             "root or cross-signed by the current CA (ca stage-rotation), or use --force for a "
             "new root (disruptive: every node needs the new token)",
         )
+        return []
+
+
+def _check_trust(w: _Work, rel: str, certs: list[x509.Certificate], old_paths: list[Chain]) -> None:
+    """What the bundle may hold (module doc): ROOT, PATH, UNRELATED, BUNDLE_SIZE."""
+    name = w.name(rel)
+    if len(certs) > MAX_BUNDLE_CERTS:
+        w.problem(
+            Check.BUNDLE_SIZE,
+            rel,
+            f"{name} holds {len(certs)} certificates, over the limit of {MAX_BUNDLE_CERTS}; "
+            "every one becomes a trust anchor on every node: keep the new CA, its chain and "
+            "the current CA certificates only",
+        )
+    new = certs[0]
+    roots = [c for c in certs if is_root_like(c) and c.issuer == c.subject]
+    others = [c for c in certs[1:] if not (is_root_like(c) and c.issuer == c.subject)]
+    paths = find_paths(new, roots, others, w.now, signs_leaves=True)
+    if not paths.chains:
+        why = "; ".join(paths.error(new).reasons[:4])
+        w.problem(
+            Check.ROOT,
+            rel,
+            f"{name}: the new CA {describe_cert(new)} does not chain to a self-signed root "
+            f"inside this file ({why}); a client given only this file (openssl verify "
+            "-CAfile) would reject every certificate the new CA signs: add its root and the "
+            "certificates between, in order",
+        )
+    if paths.broken:
+        w.problem(
+            Check.PATH,
+            rel,
+            f"{name}: a path from the new CA {describe_cert(new)} through this file breaks a "
+            f"constraint: {'; '.join(paths.broken[:4])}; a client that follows it (OpenSSL "
+            "does) rejects every certificate the new CA signs: drop that certificate or "
+            "reissue it without the constraint",
+        )
+    _check_unrelated(w, rel, certs, [*paths.chains, *old_paths])
+
+
+def _check_unrelated(
+    w: _Work, rel: str, certs: list[x509.Certificate], chains: list[Chain]
+) -> None:
+    on_path = {der(c) for chain in chains for c in chain}
+    current = {
+        (c.subject.public_bytes(), public_der(c.public_key())) for c in _current_certs(w, rel)
+    }
+    stray = [
+        f"#{i} {describe_cert(c)}"
+        for i, c in enumerate(certs, 1)
+        if i > 1
+        and der(c) not in on_path
+        and (c.subject.public_bytes(), public_der(c.public_key())) not in current
+    ]
+    if not stray:
+        return
+    shown = ", ".join(stray[:5]) + (f" and {len(stray) - 5} more" if len(stray) > 5 else "")
+    w.problem(
+        Check.UNRELATED,
+        rel,
+        f"{w.name(rel)}: {len(stray)} certificate(s) are on no valid path from the new CA to a "
+        f"root and are not current CA certificates: {shown}; every certificate of the file "
+        "becomes a trust anchor on every node, so it holds only the new CA, its chain to its "
+        "root, the certificates linking it to the current CA and the current CA certificates: "
+        "remove the others",
+    )
 
 
 def _check_match(

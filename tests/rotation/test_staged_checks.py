@@ -91,11 +91,13 @@ def test_key_order_swapped_is_explained(layout: Layout, staged: Path, now: datet
 
 
 def test_single_cert_bundle(layout: Layout, staged: Path, now: datetime) -> None:
+    """The new intermediate alone: no chain to the current CA, and no root either, so a client
+    given only this file could verify nothing: --force cannot save it (issue 13)."""
     bundle = load_bundle((staged / CRT).read_bytes(), "new")
     (staged / CRT).write_bytes(bundle_pem(bundle[:1]))
     result = check(layout, staged, now)
-    assert reasons(result) == {(CRT, Check.SINGLE_CERT), (CRT, Check.CHAIN)}
-    assert result.accepted(force=True) and not result.accepted(force=False)
+    assert reasons(result) == {(CRT, Check.SINGLE_CERT), (CRT, Check.CHAIN), (CRT, Check.ROOT)}
+    assert not result.accepted(force=True) and not result.accepted(force=False)
 
 
 def test_expired_ca(layout: Layout, staged: Path, now: datetime) -> None:
