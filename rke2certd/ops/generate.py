@@ -29,7 +29,15 @@ from rke2certd.log import log
 from rke2certd.ops.staged_read import current_files
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem, common_name, is_ca, is_self_signed, load_bundle
-from rke2certd.pki.chain import der, describe_cert, verify_chain
+from rke2certd.pki.chain import (
+    ChainError,
+    der,
+    describe_cert,
+    find_paths,
+    is_root_like,
+    is_self_issued_root,
+    verify_chain,
+)
 from rke2certd.pki.keys import (
     PrivateKey,
     key_to_pem,
@@ -345,9 +353,12 @@ def stage_rotation(
         current = _require_current(layout)
         ts = int(now.timestamp())
         files: dict[str, bytes] = {}
+        notes: list[str] = []
         for ca in CA_NAMES:
             crt, key = ca_cert_file(ca), ca_key_file(ca)
-            files[crt], files[key] = _rotate_ca(ca, current[crt], current[key], now, ts, product)
+            files[crt], files[key] = _rotate_ca(
+                ca, current[crt], current[key], now, ts, product, notes
+            )
         files[SERVICE_KEY] = _prepend_service_key(current[SERVICE_KEY], SERVICE_KEY)
         _self_check(files, current, now)
         written = _write_staged(out_dir, files)
@@ -359,6 +370,7 @@ def stage_rotation(
         f"Cross-signed CA certificates and keys are in {out_tls}",
         "Each CA: intermediate, new root cross-signed by the current CA, new self-signed root, "
         "then the current CA certificates",
+        *notes,
         f"Token CA hash: {digest} (the server and agent tokens below use it)",
         f"Next: {next_command}; then restart RKE2 on every node, servers first, after giving "
         "the new token to every node that was joined with the full token",
@@ -370,7 +382,7 @@ def stage_rotation(
 
 
 def _rotate_ca(
-    ca: str, crt: bytes, key: bytes, now: datetime, ts: int, product: str
+    ca: str, crt: bytes, key: bytes, now: datetime, ts: int, product: str, notes: list[str]
 ) -> tuple[bytes, bytes]:
     old_certs = load_bundle(crt, f"current {ca_cert_file(ca)}")
     old_keys = load_keys(key, f"current {ca_key_file(ca)}")
@@ -392,10 +404,65 @@ def _rotate_ca(
         now,
         ROTATION_DAYS,
     )
+    _require_room(ca, inter, cross, signer_cert, old_certs, now)
     new = [inter, cross, root]
     seen = {der(c) for c in new}
     kept = [c for c in old_certs if der(c) not in seen and c.not_valid_after_utc > now]
+    kept = _without_broken_steps(ca, new, kept, now, notes)
     return bundle_pem(new + kept), key_to_pem(int_key) + key_to_pem(root_key)
+
+
+def _require_room(
+    ca: str,
+    inter: x509.Certificate,
+    cross: x509.Certificate,
+    signer: x509.Certificate,
+    old_certs: list[x509.Certificate],
+    now: datetime,
+) -> None:
+    """The new CA must verify against the current CA file alone, path lengths included; a
+    current chain with no room below the signer (a pathlen limit) cannot take a new CA."""
+    roots = [c for c in old_certs if is_root_like(c)]
+    intermediates = [c for c in old_certs if not is_root_like(c)] + [cross]
+    try:
+        verify_chain(inter, roots, intermediates, now, signs_leaves=True)
+    except ChainError as exc:
+        raise PKIError(
+            f"cannot cross-sign a new {ca}: a CA below the current {describe_cert(signer)} "
+            f"would not verify against the current {ca_cert_file(ca)} "
+            f"({'; '.join(exc.reasons[:3])}). The current chain leaves no room for another CA "
+            "(check `rke2certd certificate check` for leaves that already fail): make the new "
+            "CA with the key of an issuer higher up (`rke2certd ca generate-custom` with "
+            "root-ca.pem and its key), or load a new root with `certificate rotate-ca --force`"
+        ) from exc
+
+
+def _without_broken_steps(
+    ca: str,
+    new: list[x509.Certificate],
+    kept: list[x509.Certificate],
+    now: datetime,
+    notes: list[str],
+) -> list[x509.Certificate]:
+    """The current certificates to keep, less those that would put a broken step (pathlen, not
+    a CA) on a path from the new CA: a set taken before rotate-ca checked path lengths may hold
+    one, and a client given the new bundle could follow it and fail."""
+    while True:
+        bundle = new + kept
+        roots = [c for c in bundle if is_self_issued_root(c)]
+        others = [c for c in bundle[1:] if not is_self_issued_root(c)]
+        paths = find_paths(new[0], roots, others, now, signs_leaves=True)
+        bad = {der(c) for c in paths.broken_issuers}
+        dropped = [c for c in kept if der(c) in bad]
+        if not dropped:
+            return kept
+        for cert in dropped:
+            notes.append(
+                f"{ca}: left out the current certificate {describe_cert(cert)}: its constraints "
+                "break a path from the new CA"
+            )
+            log.warning("ca_rotation_cert_left_out", ca=ca, certificate=describe_cert(cert))
+        kept = [c for c in kept if der(c) not in bad]
 
 
 def _current_signer(

@@ -68,6 +68,11 @@ def is_root_like(cert: x509.Certificate) -> bool:
     return key_id is None or key_id == ski(cert)
 
 
+def is_self_issued_root(cert: x509.Certificate) -> bool:
+    """A trust anchor as OpenSSL ends a chain: same subject and issuer, and root-like."""
+    return cert.issuer == cert.subject and is_root_like(cert)
+
+
 @dataclass
 class _Search:
     now: datetime | None

@@ -57,6 +57,7 @@ from rke2certd.pki.chain import (
     extension,
     find_paths,
     is_root_like,
+    is_self_issued_root,
     utc_text,
     verify_chain,
 )
@@ -476,8 +477,8 @@ def _check_trust(w: _Work, rel: str, certs: list[x509.Certificate], old_paths: l
             "the current CA certificates only",
         )
     new = certs[0]
-    roots = [c for c in certs if is_root_like(c) and c.issuer == c.subject]
-    others = [c for c in certs[1:] if not (is_root_like(c) and c.issuer == c.subject)]
+    roots = [c for c in certs if is_self_issued_root(c)]
+    others = [c for c in certs[1:] if not is_self_issued_root(c)]
     paths = find_paths(new, roots, others, w.now, signs_leaves=True)
     if not paths.chains:
         why = "; ".join(paths.error(new).reasons[:4])
