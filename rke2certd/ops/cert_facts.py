@@ -48,6 +48,29 @@ def parse(data: bytes, source: Path) -> list[CertFacts]:
     return [facts_of(c) for c in certs.load_bundle(data, source)]
 
 
+def chain_problem(leaf_file: bytes, ca_file: bytes, source: Path) -> str:
+    """Why the first certificate of `leaf_file` does not verify against `ca_file`, or "".
+
+    As OpenSSL judges it (`openssl verify -CAfile`): a path to a self-signed root of the CA
+    file, the rest of both files as intermediates, and no step on the way whose signature holds
+    but whose constraints (CA, keyCertSign, path length) forbid it, since OpenSSL may follow
+    that step and fail. Times are not checked here: each row shows its own validity.
+    """
+    from rke2certd.pki import certs
+    from rke2certd.pki.chain import find_paths, is_self_issued_root
+
+    leaf, *sent = certs.load_bundle(leaf_file, source)
+    trusted = certs.load_bundle(ca_file, f"the CA file of {source}")
+    roots = [c for c in trusted if is_self_issued_root(c)]
+    others = [c for c in [*trusted, *sent] if not is_self_issued_root(c)]
+    paths = find_paths(leaf, roots, others)
+    if not paths.chains:
+        return "; ".join(paths.error(leaf).reasons[:3])
+    if paths.broken:
+        return "a path to the root breaks a constraint: " + "; ".join(paths.broken[:3])
+    return ""
+
+
 def _encode(facts: list[CertFacts]) -> list[list[Any]]:
     return [
         [f.subject, f.issuer, list(f.usages), f.not_before.isoformat(), f.not_after.isoformat(),
@@ -79,6 +102,9 @@ class FactsCache:
         self.path = path
         self.entries: dict[str, Any] = {}  # digest -> encoded facts, as in the file
         self.used: dict[str, Any] = {}
+        # digest of (leaf file, CA file) -> chain_problem's verdict
+        self.chains: dict[str, Any] = {}
+        self.used_chains: dict[str, str] = {}
         self.added = False
         data = read_private(path) if path is not None else None
         if data is not None:
@@ -86,6 +112,8 @@ class FactsCache:
                 doc = json.loads(data)
                 if doc.get("format") == FORMAT and isinstance(doc.get("facts"), dict):
                     self.entries = doc["facts"]
+                    if isinstance(doc.get("chains"), dict):
+                        self.chains = doc["chains"]
             except (ValueError, AttributeError):
                 pass  # damaged: start empty, the next save rewrites it
 
@@ -113,6 +141,19 @@ class FactsCache:
         self.added = True
         return facts
 
+    def chain(self, data: bytes, ca_data: bytes, source: Path) -> str:
+        """chain_problem, kept under the digests of both files (it depends on nothing else)."""
+        both = hashlib.sha256(data).digest() + hashlib.sha256(ca_data).digest()
+        key = hashlib.sha256(both).hexdigest()
+        cached = self.chains.get(key)
+        if isinstance(cached, str):
+            self.used_chains[key] = cached
+            return cached
+        problem = chain_problem(data, ca_data, source)
+        self.used_chains[key] = problem
+        self.added = True
+        return problem
+
     def save(self) -> None:
         """Write the cache when this run parsed something: the entries it used first, then older
         ones (another `-s` selection's, a recent renewal's) up to MAX_ENTRIES."""
@@ -123,5 +164,10 @@ class FactsCache:
             if len(merged) >= MAX_ENTRIES:
                 break
             merged.setdefault(key, encoded)
-        doc = {"format": FORMAT, "facts": merged}
+        chains = dict(self.used_chains)
+        for key, verdict in self.chains.items():
+            if len(chains) >= MAX_ENTRIES:
+                break
+            chains.setdefault(key, verdict)
+        doc = {"format": FORMAT, "facts": merged, "chains": chains}
         write_private(self.path, json.dumps(doc, separators=(",", ":")).encode())

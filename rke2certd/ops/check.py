@@ -19,7 +19,7 @@ from typing import Any
 from rke2certd.errors import PKIError, StorageError
 from rke2certd.ops.cert_facts import FactsCache
 from rke2certd.ops.node import Node
-from rke2certd.pki.profiles import by_service, leaves_for
+from rke2certd.pki.profiles import LeafSpec, by_service, leaves_for
 from rke2certd.plan.inventory import Row, Status, rows_for
 from rke2certd.store.atomic import read_optional
 
@@ -62,9 +62,33 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
         except PKIError as exc:
             result.errors.append(str(exc))
             continue
-        result.rows += rows_for(path, spec.service, bundle, now, window)
+        chain = _chain(cache, node, spec, data, path)
+        result.rows += rows_for(path, spec.service, bundle, now, window, chain)
     cache.save()
     return result
+
+
+def _ca_file(node: Node, spec: LeafSpec) -> Path | None:
+    """The CA file a leaf is checked against: the server's, else the agent's copy."""
+    layout = node.layout
+    candidates = [layout.ca_cert(spec.signer)]
+    if spec.signer == "server-ca":
+        candidates.append(layout.agent_server_ca)
+    elif spec.signer == "client-ca":
+        candidates.append(layout.agent_client_ca)
+    return next((p for p in candidates if p.exists()), None)
+
+
+def _chain(cache: FactsCache, node: Node, spec: LeafSpec, data: bytes, path: Path) -> str:
+    ca_file = _ca_file(node, spec)
+    ca_data = read_optional(ca_file) if ca_file is not None else None
+    if not ca_data:
+        return ""  # no CA file here (an agent keeps two): nothing to judge against
+    try:
+        problem = cache.chain(data, ca_data, path)
+    except PKIError as exc:
+        return f"cannot be checked: {exc}"
+    return f"does not verify against {ca_file}: {problem}" if problem else ""
 
 
 # Rendering --------------------------------------------------------------------------------
@@ -147,6 +171,7 @@ def render_json(result: CheckResult) -> str:
                 "Serial": r.serial,
                 "NotBefore": go_time(r.not_before),
                 "NotAfter": go_time(r.not_after),
+                "Chain": r.chain,
             }
             for r in result.rows
         ],
@@ -173,6 +198,7 @@ def render_yaml(result: CheckResult) -> str:
                 "service": r.service,
                 "index": r.index,
                 "serial": r.serial,
+                "chain": r.chain,
             }
             for r in result.rows
         ],
@@ -196,8 +222,12 @@ def render_text(result: CheckResult) -> str:
                 tail = f"expired at {when}"
             case Status.WARNING:
                 tail = f"will expire within {result.window_days} days at {when}"
+            case Status.CHAIN_BROKEN:
+                tail = f"(expires at {when}) {r.chain}"
             case _:
                 tail = f"is ok, expires at {when}"
+        if r.chain and r.status is not Status.CHAIN_BROKEN:
+            tail += f"; its chain {r.chain}"
         lines.append(f"{r.status.value}: {r.path}: certificate {r.subject} ({usages}) {tail}")
     lines += [f"ERROR: {e}" for e in result.errors]
     return "\n".join(lines) + ("\n" if lines else "")
@@ -222,6 +252,7 @@ def render_table(result: CheckResult) -> str:
     out = [
         "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    out += [f"CHAIN BROKEN: {r.path}: {r.chain}" for r in result.rows if r.chain]
     out += [f"ERROR: {e}" for e in result.errors]
     return "\n".join(out) + "\n"
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +14,7 @@ class Status(StrEnum):
     WARNING = "WARNING"
     EXPIRED = "EXPIRED"
     NOT_YET_VALID = "NOT YET VALID"
+    CHAIN_BROKEN = "CHAIN BROKEN"  # the leaf does not verify against its CA file
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Row:
     serial: str
     status: Status
     residual: timedelta
+    chain: str = ""  # on the leaf row: why its chain does not verify, else empty
 
     @property
     def expiry(self) -> datetime:
@@ -59,10 +61,17 @@ def status(facts: CertFacts, now: datetime, window: timedelta) -> Status:
 
 
 def rows_for(
-    path: Path, service: str, bundle: Sequence[CertFacts], now: datetime, window: timedelta
+    path: Path,
+    service: str,
+    bundle: Sequence[CertFacts],
+    now: datetime,
+    window: timedelta,
+    chain: str = "",
 ) -> list[Row]:
-    """The rows of one file: `bundle` holds the facts of its certificates, in file order."""
-    return [
+    """The rows of one file: `bundle` holds the facts of its certificates, in file order;
+    `chain` says why the leaf (the first) does not verify against its CA file, if it does not.
+    An expired or not yet valid leaf keeps that status; otherwise a broken chain is its status."""
+    rows = [
         Row(
             path=path,
             service=service,
@@ -78,8 +87,17 @@ def rows_for(
         )
         for i, f in enumerate(bundle)
     ]
+    if chain and rows:
+        leaf = rows[0]
+        broken = leaf.status in (Status.OK, Status.WARNING)
+        rows[0] = replace(leaf, chain=chain, status=Status.CHAIN_BROKEN if broken else leaf.status)
+    return rows
 
 
 def failing(rows: Sequence[Row]) -> bool:
-    """`check` exits non-zero when any certificate is expired or not yet valid."""
-    return any(r.status in (Status.EXPIRED, Status.NOT_YET_VALID) for r in rows)
+    """`check` exits non-zero when any certificate is expired or not yet valid, or a leaf's
+    chain does not verify."""
+    return any(
+        r.status in (Status.EXPIRED, Status.NOT_YET_VALID, Status.CHAIN_BROKEN) or r.chain
+        for r in rows
+    )

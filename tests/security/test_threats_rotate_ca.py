@@ -25,12 +25,14 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import PKIError
 from rke2certd.ops.generate import stage_rotation
 from rke2certd.ops.staged_read import current_files, read_staged_dir
@@ -39,7 +41,7 @@ from rke2certd.pki.certs import bundle_pem, load_bundle
 from rke2certd.pki.keys import new_ec_key
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.staged_set import StagedSetResult, validate_staged_set
-from tests.conftest import run_cli
+from tests.conftest import run_cli, write_node_config
 from tests.rotation.support import (
     issue_leaf,
     make_upstream_node,
@@ -413,23 +415,26 @@ def test_check_flags_a_chain_that_no_longer_verifies(
     node: Layout, tmp_path: Path, now: datetime
 ) -> None:
     """A T7a set on disk (as main took it) and a serving cert of its new CA: `check` says the
-    chain is broken and why, and exits non-zero; a good node's check says OK."""
-    ssl = OpenSSL(tmp_path / "ssl")
-    old = old_ca(node)
-    root, cross, inter = pathlen0_cross_set(ssl, old)
-    bundle = inter.pem + cross.pem + root.pem + old.pem
-    leaf_dir = tmp_path / "leaf"
-    chain, key = issue_leaf(leaf_dir, bundle, inter.key.read_bytes(), now)
+    chain is broken and why, and exits non-zero; the same node with a good leaf says OK."""
     cfg = tmp_path / "config.yaml"
     cfg.write_text(f"data-dir: {node.data_dir}\n")
     apiserver = node.tls / "serving-kube-apiserver.crt"
-    # the file holds the leaf and its CA bundle, as RKE2 writes it
-    shutil.copyfile(chain, apiserver)
-    shutil.copyfile(key, node.tls / "serving-kube-apiserver.key")
-
+    old = old_ca(node)
+    good, good_key = issue_leaf(tmp_path / "good", old.pem, old.key.read_bytes(), now)
+    shutil.copyfile(good, apiserver)  # leaf + its CA bundle, as RKE2 writes it
+    shutil.copyfile(good_key, node.tls / "serving-kube-apiserver.key")
     res = run_cli("-c", cfg, "certificate", "check", "-o", "json")
     assert res.returncode == 0, res.stdout + res.stderr
+    assert {r["Status"] for r in json.loads(res.stdout)["Certificates"]} == {"OK"}
+
+    ssl = OpenSSL(tmp_path / "ssl")
+    root, cross, inter = pathlen0_cross_set(ssl, old)
+    bundle = inter.pem + cross.pem + root.pem + old.pem
+    chain, key = issue_leaf(tmp_path / "leaf", bundle, inter.key.read_bytes(), now)
+    assert "path length constraint exceeded" in verify(bundle, chain, tmp_path)  # the judge
     node.ca_cert("server-ca").write_bytes(bundle)
+    shutil.copyfile(chain, apiserver)
+    shutil.copyfile(key, node.tls / "serving-kube-apiserver.key")
     res = run_cli("-c", cfg, "certificate", "check", "-o", "json")
     assert res.returncode != 0
     rows = json.loads(res.stdout)["Certificates"]
@@ -438,4 +443,66 @@ def test_check_flags_a_chain_that_no_longer_verifies(
     assert "'new-root' allows 0 intermediate CA(s)" in leaf["Chain"]
     table = run_cli("-c", cfg, "certificate", "check", "-o", "table")
     assert "CHAIN BROKEN" in table.stdout and table.returncode != 0
-    assert load_bundle(apiserver.read_bytes(), apiserver)  # untouched
+    text = run_cli("-c", cfg, "certificate", "check")
+    assert f"CHAIN BROKEN: {apiserver}" in text.stdout and "allows 0" in text.stdout
+
+
+# -- end to end: `certificate rotate-ca` saves nothing of a hostile set ------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A server rke2certd set up (SQLite datastore) and a good set it staged:
+    (config, data dir, staged dir)."""
+    root = tmp_path_factory.mktemp("live")
+    cfg, data = write_node_config(root, node_name="threats")
+    res = run_cli("-c", cfg, "renew")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("-c", cfg, "ca", "stage-rotation", "--out", root / "good")
+    assert res.returncode == 0, res.stderr
+    return cfg, data, root / "good"
+
+
+def _store(data: Path) -> dict[str, bytes]:
+    with SQLiteDatastore(data / "server" / "db" / "rke2certd.sqlite") as ds:
+        return {kv.key: kv.value for kv in ds.get_prefix("/")}
+
+
+def _nul_in_bundle(staged: Path, data: Path, work: Path) -> str:
+    path = staged / CRT
+    path.write_bytes(path.read_bytes() + b"\x00\x00")
+    return "a NUL byte at byte offset"
+
+
+def _padded(staged: Path, data: Path, work: Path) -> str:
+    stranger = OpenSSL(work / "ssl").root("stranger-root")
+    path = staged / CRT
+    path.write_bytes(path.read_bytes() + stranger.pem)
+    return "'stranger-root'"
+
+
+def _pathlen0_cross(staged: Path, data: Path, work: Path) -> str:
+    layout = Layout(data)
+    old = Made(layout.ca_cert("server-ca"), layout.ca_key("server-ca"))
+    root, cross, inter = pathlen0_cross_set(OpenSSL(work / "ssl"), old)
+    stage(staged, inter.pem + cross.pem + root.pem + old.pem, inter.key.read_bytes())
+    return "allows 0 intermediate CA(s)"
+
+
+@pytest.mark.parametrize("make", [_nul_in_bundle, _padded, _pathlen0_cross])
+def test_rotate_ca_cli_saves_nothing_of_a_hostile_set(
+    live: tuple[Path, Path, Path], tmp_path: Path, make: Callable[[Path, Path, Path], str]
+) -> None:
+    cfg, data, good = live
+    staged = tmp_path / "staged"
+    shutil.copytree(good, staged)
+    expected = make(staged, data, tmp_path)
+    before = _store(data)
+    for force in ((), ("--force",)):
+        res = run_cli("-c", cfg, "certificate", "rotate-ca", "--path", staged, *force)
+        assert res.returncode != 0, res.stdout
+        assert expected in res.stderr and "nothing changed" in res.stderr, res.stderr
+    assert _store(data) == before
+    # Control: the set as staged is accepted.
+    res = run_cli("-c", cfg, "certificate", "rotate-ca", "--path", good, "--dry-run")
+    assert res.returncode == 0, res.stderr
