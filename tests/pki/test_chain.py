@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from rke2certd.pki import build
 from rke2certd.pki.certs import load_bundle, ski
-from rke2certd.pki.chain import MAX_SIGNATURE_CHECKS, ChainError, verify_chain
+from rke2certd.pki.chain import MAX_SIGNATURE_CHECKS, ChainError, find_paths, verify_chain
 from rke2certd.pki.keys import PrivateKey, load_key, new_ec_key, new_rsa_key
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
@@ -239,3 +239,34 @@ def test_no_issuer_reason() -> None:
     leaf = leaf_of(root("somewhere"))
     with pytest.raises(ChainError, match="no certificate named 'somewhere'"):
         verify_chain(leaf, [root("other")[0]], [], NOW)
+
+
+def test_a_ca_that_signs_leaves_counts_in_the_path_length() -> None:
+    """A pathlen:0 cross-signed root over the new CA: the CA alone verifies (Go and the token
+    hash see it so), but a leaf it signs does not, so with signs_leaves the CA's path fails."""
+    old = root("old")
+    new_key = new_ec_key()
+    cross = build.signed_ca(name("new-root"), new_key.public_key(), *old, NOW, 3650, 0)
+    inter = sub_ca("new-ca", (cross, new_key))
+    assert verify_chain(inter[0], [old[0]], [cross], NOW) == [[inter[0], cross, old[0]]]
+    with pytest.raises(ChainError, match="allows 0 intermediate CA") as caught:
+        verify_chain(inter[0], [old[0]], [cross], NOW, signs_leaves=True)
+    assert "which signs leaves, counts" in str(caught.value)
+    with pytest.raises(ChainError, match="allows 0 intermediate CA"):
+        verify_chain(leaf_of(inter), [old[0]], [inter[0], cross], NOW)
+
+
+def test_find_paths_reports_a_broken_step_beside_a_good_path() -> None:
+    """The new root and its pathlen:0 cross-signed copy: one path holds, the other breaks; both
+    are reported, since OpenSSL follows whichever it finds first."""
+    old = root("old")
+    new_key = new_ec_key()
+    new_root = root("new-root", new_key)
+    cross = build.signed_ca(name("new-root"), new_key.public_key(), *old, NOW, 3650, 0)
+    inter = sub_ca("new-ca", new_root)
+    paths = find_paths(inter[0], [new_root[0], old[0]], [cross], NOW, signs_leaves=True)
+    assert paths.chains == [[inter[0], new_root[0]]]
+    assert paths.broken_issuers == [cross] and "allows 0" in paths.broken[0]
+    # constraints are judged before times: an expired broken step is still reported
+    late = find_paths(inter[0], [old[0]], [cross], NOW + timedelta(days=5000), signs_leaves=True)
+    assert late.chains == [] and late.broken_issuers == [cross]
