@@ -52,6 +52,7 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
     window = timedelta(days=cfg.renew_before_days)
     result = CheckResult(now, cfg.renew_before_days)
     cache = FactsCache.for_data_dir(node.layout.data_dir)
+    ca_files: dict[Path, bytes | None] = {}  # each CA file read once
     for spec in specs:
         path = spec.cert_path(node.layout)
         data = read_optional(path)
@@ -62,7 +63,7 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
         except PKIError as exc:
             result.errors.append(str(exc))
             continue
-        chain = _chain(cache, node, spec, data, path)
+        chain = _chain(cache, node, spec, data, path, ca_files)
         result.rows += rows_for(path, spec.service, bundle, now, window, chain)
     cache.save()
     return result
@@ -79,9 +80,20 @@ def _ca_file(node: Node, spec: LeafSpec) -> Path | None:
     return next((p for p in candidates if p.exists()), None)
 
 
-def _chain(cache: FactsCache, node: Node, spec: LeafSpec, data: bytes, path: Path) -> str:
+def _chain(
+    cache: FactsCache,
+    node: Node,
+    spec: LeafSpec,
+    data: bytes,
+    path: Path,
+    ca_files: dict[Path, bytes | None],
+) -> str:
     ca_file = _ca_file(node, spec)
-    ca_data = read_optional(ca_file) if ca_file is not None else None
+    if ca_file is None:
+        return ""
+    if ca_file not in ca_files:
+        ca_files[ca_file] = read_optional(ca_file)
+    ca_data = ca_files[ca_file]
     if not ca_data:
         return ""  # no CA file here (an agent keeps two): nothing to judge against
     try:

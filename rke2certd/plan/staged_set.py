@@ -50,7 +50,6 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from rke2certd.errors import PKIError, ValidationError
 from rke2certd.pki.certs import load_bundle
 from rke2certd.pki.chain import (
-    Chain,
     ChainError,
     der,
     describe_cert,
@@ -353,8 +352,8 @@ def _check_ca(w: _Work, ca: str) -> None:
     keys = _parse_keys(w, key) if key not in w.unusable else None
     if certs is not None and crt in w.changed:
         _check_bundle(w, crt, certs)
-        old_paths = _check_chain(w, crt, certs)
-        _check_trust(w, crt, certs, old_paths)
+        _check_chain(w, crt, certs)
+        _check_trust(w, crt, certs)
     if keys is not None and key in w.changed:
         for i, k in enumerate(keys, 1):
             problem = key_type_problem(k.public_key())
@@ -437,22 +436,21 @@ def _current_certs(w: _Work, rel: str) -> list[x509.Certificate]:
         return []
 
 
-def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> list[Chain]:
-    """The new CA's paths to the current roots (a leaf it signs must verify with only the
-    current CA file); a CHAIN problem when there is none."""
+def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> None:
+    """A leaf the new CA signs must verify with only the current CA file: CHAIN otherwise."""
     name = w.name(rel)
     try:
         old = load_bundle(w.current[rel], f"{rel} (current data)")
     except KeyError:
         w.problem(Check.CHAIN, rel, f"{name}: there is no current CA to chain to")
-        return []
+        return
     except PKIError as exc:
         w.problem(Check.CHAIN, rel, f"{name}: the chain cannot be checked: {exc}")
-        return []
+        return
     roots = [c for c in old if is_root_like(c)]
     intermediates = [c for c in old if not is_root_like(c)] + certs[1:]
     try:
-        return verify_chain(certs[0], roots, intermediates, w.now, signs_leaves=True)
+        verify_chain(certs[0], roots, intermediates, w.now, signs_leaves=True)
     except ChainError as exc:
         w.problem(
             Check.CHAIN,
@@ -462,10 +460,9 @@ def _check_chain(w: _Work, rel: str, certs: list[x509.Certificate]) -> list[Chai
             "root or cross-signed by the current CA (ca stage-rotation), or use --force for a "
             "new root (disruptive: every node needs the new token)",
         )
-        return []
 
 
-def _check_trust(w: _Work, rel: str, certs: list[x509.Certificate], old_paths: list[Chain]) -> None:
+def _check_trust(w: _Work, rel: str, certs: list[x509.Certificate]) -> None:
     """What the bundle may hold (module doc): ROOT, PATH, UNRELATED, BUNDLE_SIZE."""
     name = w.name(rel)
     if len(certs) > MAX_BUNDLE_CERTS:
@@ -499,16 +496,28 @@ def _check_trust(w: _Work, rel: str, certs: list[x509.Certificate], old_paths: l
             "does) rejects every certificate the new CA signs: drop that certificate or "
             "reissue it without the constraint",
         )
-    _check_unrelated(w, rel, certs, [*paths.chains, *old_paths])
+    _check_unrelated(w, rel, certs, roots, others)
 
 
 def _check_unrelated(
-    w: _Work, rel: str, certs: list[x509.Certificate], chains: list[Chain]
+    w: _Work,
+    rel: str,
+    certs: list[x509.Certificate],
+    roots: list[x509.Certificate],
+    others: list[x509.Certificate],
 ) -> None:
+    """UNRELATED: a certificate on no path from the new CA, to a root of the bundle or to a
+    current root, and not a current CA certificate. Paths here ignore time, so the link to an
+    expired current CA still counts (a --force rotation away from it must stay possible)."""
+    old = _current_certs(w, rel)
+    old_roots = [c for c in old if is_root_like(c)]
+    old_others = [c for c in old if not is_root_like(c)] + certs[1:]
+    chains = [
+        *find_paths(certs[0], roots, others, signs_leaves=True).chains,
+        *find_paths(certs[0], old_roots, old_others, signs_leaves=True).chains,
+    ]
     on_path = {der(c) for chain in chains for c in chain}
-    current = {
-        (c.subject.public_bytes(), public_der(c.public_key())) for c in _current_certs(w, rel)
-    }
+    current = {(c.subject.public_bytes(), public_der(c.public_key())) for c in old}
     stray = [
         f"#{i} {describe_cert(c)}"
         for i, c in enumerate(certs, 1)

@@ -31,6 +31,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import PKIError
@@ -38,7 +40,7 @@ from rke2certd.ops.generate import stage_rotation
 from rke2certd.ops.staged_read import current_files, read_staged_dir
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem, load_bundle
-from rke2certd.pki.keys import new_ec_key
+from rke2certd.pki.keys import key_to_pem, load_keys, new_ec_key
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.staged_set import StagedSetResult, validate_staged_set
 from tests.conftest import run_cli, write_node_config
@@ -506,3 +508,23 @@ def test_rotate_ca_cli_saves_nothing_of_a_hostile_set(
     # Control: the set as staged is accepted.
     res = run_cli("-c", cfg, "certificate", "rotate-ca", "--path", good, "--dry-run")
     assert res.returncode == 0, res.stderr
+
+
+def test_force_still_rotates_away_from_an_expired_ca(node: Layout, tmp_path: Path) -> None:
+    """The rules do not trap a cluster whose CA expired: a cross-signed set made then fails the
+    chain check (forceable) only; the cross-signed root is still related to the current CA."""
+    later = datetime.now(UTC) + timedelta(days=4000)  # the upstream-like CA lasts 3650 days
+    old_cert = load_bundle(node.ca_cert("server-ca").read_bytes(), "old")[0]
+    old_key = load_keys(node.ca_key("server-ca").read_bytes(), "old key")[0]
+    root_key, inter_key = new_ec_key(), new_ec_key()
+    root = build.self_signed_ca("after-expiry-root", root_key, later)
+    cross = build.signed_ca(root.subject, root_key.public_key(), old_cert, old_key, later, 3650)
+    inter = build.signed_ca(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "after-expiry-ca")]),
+        inter_key.public_key(), root, root_key, later, 3650,
+    )  # fmt: skip
+    staged = stage(tmp_path / "staged", bundle_pem([inter, cross, root, old_cert]),
+                   key_to_pem(inter_key))  # fmt: skip
+    result = check(node, staged, later)
+    assert checks(result) == {"chain"}, result.problems
+    assert result.accepted(force=True) and not result.accepted(force=False)
