@@ -51,6 +51,7 @@ from rke2certd.pki.keys import (
 from rke2certd.pki.layout import CA_NAMES, Layout
 from rke2certd.pki.token import AGENT_USER, SERVER_USER, ca_hash, format_token
 from rke2certd.plan.staged_set import (
+    MAX_BUNDLE_CERTS,
     ROTATABLE,
     SERVICE_KEY,
     StagedFile,
@@ -409,7 +410,46 @@ def _rotate_ca(
     seen = {der(c) for c in new}
     kept = [c for c in old_certs if der(c) not in seen and c.not_valid_after_utc > now]
     kept = _without_broken_steps(ca, new, kept, now, notes)
+    kept = _within_limit(ca, new, kept, old_certs, notes)
     return bundle_pem(new + kept), key_to_pem(int_key) + key_to_pem(root_key)
+
+
+def _within_limit(
+    ca: str,
+    new: list[x509.Certificate],
+    kept: list[x509.Certificate],
+    old_certs: list[x509.Certificate],
+    notes: list[str],
+) -> list[x509.Certificate]:
+    """Many rotations fill a bundle (each adds three certificates). Over the limit, keep the
+    current certificates on the shortest paths from the current CA to a current root, as many
+    paths as fit: the nearest generations. An older generation's CA is not needed there: its
+    leaves were replaced by the last rollout, and a peer still holding one sends it along."""
+    room = MAX_BUNDLE_CERTS - len(new)
+    if len(kept) <= room:
+        return kept
+    roots = [c for c in old_certs if is_root_like(c)]
+    others = [c for c in old_certs if not is_root_like(c)]
+    chains = sorted(find_paths(old_certs[0], roots, others, signs_leaves=True).chains, key=len)
+    kept_ders = {der(c) for c in kept}
+    needed: set[bytes] = set()
+    for chain in chains:
+        wanted = needed | {der(c) for c in chain if der(c) in kept_ders}
+        if len(wanted) > room:
+            break
+        needed = wanted
+    if not needed:
+        raise PKIError(
+            f"the current {ca_cert_file(ca)} has no path from its CA to a root that fits "
+            f"rotate-ca's limit of {MAX_BUNDLE_CERTS} certificates with the new ones: rotate "
+            "to a new root with `certificate rotate-ca --force`"
+        )
+    pruned = [c for c in kept if der(c) in needed]
+    notes.append(
+        f"{ca}: left out {len(kept) - len(pruned)} certificate(s) of older CA generations "
+        f"(the bundle would hold more than {MAX_BUNDLE_CERTS})"
+    )
+    return pruned
 
 
 def _require_room(

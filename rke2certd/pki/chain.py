@@ -84,6 +84,15 @@ class _Search:
     chains: list[Chain] = field(default_factory=list)
     broken: list[str] = field(default_factory=list)
     broken_issuers: list[x509.Certificate] = field(default_factory=list)
+    # (subject DER, public key DER) by id(): a search compares each many times
+    _ids: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+
+    def identity(self, cert: x509.Certificate) -> tuple[bytes, bytes]:
+        found = self._ids.get(id(cert))
+        if found is None:
+            found = (cert.subject.public_bytes(), public_der(cert.public_key()))
+            self._ids[id(cert)] = found
+        return found
 
     def note(self, reason: str) -> None:
         if reason not in self.reasons:
@@ -175,7 +184,7 @@ def _issuer_text(cert: x509.Certificate) -> str:
 def _extend(search: _Search, chain: Chain) -> None:
     child = chain[-1]
     for is_root, candidate in _candidates(search, child):
-        if _already_in_chain(candidate, chain):
+        if _already_in_chain(search, candidate, chain):
             continue
         if search.checks >= MAX_SIGNATURE_CHECKS:
             search.note("too many candidate issuers (signature-check limit reached)")
@@ -210,7 +219,7 @@ def _candidates(search: _Search, child: x509.Certificate) -> list[tuple[bool, x5
     child_aki = aki(child)
     out: list[tuple[bool, x509.Certificate]] = []
     for is_root, pool in ((True, search.roots), (False, search.intermediates)):
-        named = [c for c in pool if c.subject.public_bytes() == issuer]
+        named = [c for c in pool if search.identity(c)[0] == issuer]
         named.sort(key=lambda c: _key_id_rank(child_aki, ski(c)))
         out += [(is_root, c) for c in named]
     return out
@@ -224,12 +233,10 @@ def _key_id_rank(child_aki: bytes | None, parent_ski: bytes | None) -> int:
     return 2  # a mismatch is still tried: the signature decides
 
 
-def _already_in_chain(candidate: x509.Certificate, chain: Chain) -> bool:
+def _already_in_chain(search: _Search, candidate: x509.Certificate, chain: Chain) -> bool:
     """Same subject and same key as a certificate already in the chain (Go's loop rule)."""
-    subject, key = candidate.subject.public_bytes(), public_der(candidate.public_key())
-    return any(
-        c.subject.public_bytes() == subject and public_der(c.public_key()) == key for c in chain
-    )
+    this = search.identity(candidate)
+    return any(search.identity(c) == this for c in chain)
 
 
 def _signature_problem(child: x509.Certificate, issuer: x509.Certificate) -> str | None:

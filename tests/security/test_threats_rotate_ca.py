@@ -45,6 +45,7 @@ from rke2certd.pki.layout import Layout
 from rke2certd.plan.staged_set import StagedSetResult, validate_staged_set
 from tests.conftest import run_cli, write_node_config
 from tests.rotation.support import (
+    install,
     issue_leaf,
     make_upstream_node,
     openssl,
@@ -528,3 +529,28 @@ def test_force_still_rotates_away_from_an_expired_ca(node: Layout, tmp_path: Pat
     result = check(node, staged, later)
     assert checks(result) == {"chain"}, result.problems
     assert result.accepted(force=True) and not result.accepted(force=False)
+
+
+def test_stage_rotation_stays_within_the_bundle_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the limit at 10, the fourth rotation would hold 13 certificates: stage-rotation
+    leaves out older generations, and the set passes and verifies against the current CA."""
+    monkeypatch.setattr("rke2certd.plan.staged_set.MAX_BUNDLE_CERTS", 10)
+    monkeypatch.setattr("rke2certd.ops.generate.MAX_BUNDLE_CERTS", 10)
+    layout = make_upstream_node(tmp_path / "data")
+    start = datetime.now(UTC) + timedelta(minutes=1)
+    for i in range(4):
+        at = start + timedelta(seconds=i)
+        current = layout.ca_cert("server-ca").read_bytes()
+        result = stage_rotation(layout.data_dir, tmp_path / f"r{i}", at, "pw")
+        staged = tmp_path / f"r{i}"
+        checked = check(layout, staged, at)
+        assert checked.problems == (), checked.problems
+        bundle = (staged / CRT).read_bytes()
+        assert len(load_bundle(bundle, "staged")) <= 10
+        chain, _ = issue_leaf(tmp_path / f"leaf{i}", bundle, (staged / KEY).read_bytes(), at)
+        assert ": OK" in verify(bundle, chain, tmp_path)
+        assert ": OK" in verify(current, chain, tmp_path)
+        install(staged / "tls", layout)
+    assert any("left out" in m and "older CA generations" in m for m in result.messages)
