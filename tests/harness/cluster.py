@@ -212,6 +212,7 @@ class SimCluster:
             "rescan-interval": 3600,
             "restart-command": [sys.executable, str(RESTART_SCRIPT), str(d)],
             "health-kubelet-endpoint": f"https://127.0.0.1:{ports['kubelet']}",
+            "node-password-file": str(d / "node-password"),  # RKE2's /etc/rancher/node/password
             **base,
             **spec.config,
         }
