@@ -490,15 +490,25 @@ class _Server(ThreadingHTTPServer):
         conn: socket.socket | None = None
         try:
             request.settimeout(IO_TIMEOUT)
+            # The TLS socket takes over the fd: the gate must hold it before the handshake,
+            # which the deadline covers too.
+            conn = self.current().context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+            if not self.gate.rebind(ticket, conn):
+                return
             try:
-                conn = self.current().context.wrap_socket(request, server_side=True)
+                conn.do_handshake()
             except (ssl.SSLError, OSError) as exc:
                 log.debug("tls_handshake_failed", remote_addr=str(client_address[0]),
                           reason=str(exc))  # fmt: skip
                 return
-            if self.gate.rebind(ticket, conn):
-                self._local.ticket = ticket
-                _Handler(conn, client_address, self)
+            self._local.ticket = ticket
+            _Handler(conn, client_address, self)
+        except OSError as exc:  # the client went away, or was cut (ticket.why, logged below)
+            if not ticket.why:
+                log.debug("connection_lost", remote_addr=str(client_address[0]),
+                          reason=f"{type(exc).__name__}: {exc}")  # fmt: skip
         except Exception:
             self.handle_error(request, client_address)
         finally:
@@ -509,6 +519,11 @@ class _Server(ThreadingHTTPServer):
             if conn is not None:
                 conn.close()
             self.shutdown_request(request)
+
+    def was_cut(self) -> bool:
+        """This thread's connection was cut (its deadline passed, or it made room)."""
+        ticket = getattr(self._local, "ticket", None)
+        return ticket is not None and bool(ticket.why)
 
     def promote(self) -> None:
         """This thread's connection showed a valid credential (see limits.py)."""
@@ -554,6 +569,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         self.close_connection = True  # one request per connection: each gets its own deadline
+        if self.server.was_cut():
+            return  # what was read before the cut is no request: nothing to answer
         try:
             route, caller, length = self._admit()
             body = self._read_body(length) if length else b""
