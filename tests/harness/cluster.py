@@ -194,6 +194,7 @@ class SimCluster:
         }
         cfg = d / "rke2certd.yaml"
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cfg.chmod(0o600)  # it may hold the token: as an operator keeps it
         spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
         return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
 
@@ -218,6 +219,7 @@ class SimCluster:
         }
         cfg = d / "rke2certd.yaml"
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cfg.chmod(0o600)  # it may hold the token: as an operator keeps it
         spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
         return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
 
