@@ -72,6 +72,7 @@ from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import LeafSpec, NodeIdentity, SanSet, server_sans, wanted_sans
 from rke2certd.pki.token import parse_token
 from rke2certd.store.atomic import read_optional
+from rke2certd.store.exposure import warn_if_exposed
 from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,
@@ -103,6 +104,7 @@ TLS_REISSUE_BEFORE = timedelta(days=30)  # a daemon up for a year gets a fresh s
 IO_TIMEOUT = 15.0  # per socket operation: a stalled client must not hold a thread forever
 MAX_NODE_IPS = 16
 LINGER_SECONDS = 1.0
+FLOOD_LOG_SECONDS = 1.0
 PEM_TYPE = "application/x-pem-file"
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="rke2"'}
 # Kubernetes node names are RFC 1123 subdomains.
@@ -228,6 +230,8 @@ def _load_material(node: Node, now: datetime) -> _Material:
 
 def _token_password(node: Node, name: str) -> str | None:
     saved = read_optional(node.layout.server / name)
+    if saved:
+        warn_if_exposed(node.layout.server / name, f"the {name} file")
     text = saved.decode().strip() if saved else configured_token(node.cfg, node.layout)
     return parse_token(text).password if text else None
 
@@ -383,6 +387,7 @@ class _Server(ThreadingHTTPServer):
         self.san_policy = _san_policy(node)
         self.gate = gate
         self._local = threading.local()  # the connection's ticket, for its handler
+        self._flood: dict[str, tuple[float, int]] = {}  # event -> (last logged, not logged since)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -474,7 +479,7 @@ class _Server(ThreadingHTTPServer):
         address = str(client_address[0])
         ticket = self.gate.admit(address, request)
         if isinstance(ticket, Refusal):
-            log.warning("connection_refused", remote_addr=address, reason=ticket.reason)
+            self._flood_log("connection_refused", address, ticket.reason)
             self.shutdown_request(request)
             return
         thread = threading.Thread(
@@ -513,12 +518,24 @@ class _Server(ThreadingHTTPServer):
             self.handle_error(request, client_address)
         finally:
             if ticket.why:
-                log.info("connection_cut", remote_addr=str(client_address[0]), reason=ticket.why)
+                self._flood_log("connection_cut", str(client_address[0]), ticket.why)
             self.gate.release(ticket)  # before the fd is closed (see ConnectionGate.release)
             self._local.ticket = None
             if conn is not None:
                 conn.close()
             self.shutdown_request(request)
+
+    def _flood_log(self, event: str, address: str, reason: str) -> None:
+        """At most one warning per event a second: a flood of connections is one line a second
+        (with how many more there were), not one per connection."""
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._flood.get(event, (-FLOOD_LOG_SECONDS, 0))
+            if now - last < FLOOD_LOG_SECONDS:
+                self._flood[event] = (last, skipped + 1)
+                return
+            self._flood[event] = (now, 0)
+        log.warning(event, remote_addr=address, reason=reason, not_logged_before=skipped)
 
     def was_cut(self) -> bool:
         """This thread's connection was cut (its deadline passed, or it made room)."""

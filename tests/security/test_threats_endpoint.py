@@ -452,6 +452,8 @@ def split_tokens(server: ServerNode) -> tuple[str, str]:
     (server.layout.server / "token").write_text(format_token(ca_hash, "server", "srv-pass") + "\n")
     agent_token = format_token(ca_hash, "node", "agent-pass")
     (server.layout.server / "agent-token").write_text(agent_token + "\n")
+    for name in ("token", "agent-token"):
+        (server.layout.server / name).chmod(0o600)
     return "srv-pass", "agent-pass"
 
 
