@@ -60,7 +60,6 @@ class ConnectionGate:
         self.per_address, self.deadline = per_address, deadline
         self._now = monotonic
         self._cond = threading.Condition()
-        self._open = 0  # tickets not yet released (cut ones included until their thread ends)
         self._live = 0  # tickets not cut and not released
         self._pending: OrderedDict[Ticket, None] = OrderedDict()  # oldest first
         self._by_address: dict[str, int] = {}
@@ -88,7 +87,6 @@ class ConnectionGate:
             ticket = Ticket(address, sock, self._now() + self.deadline, seq=next(self._seq))
             self._pending[ticket] = None
             self._by_address[address] = self._by_address.get(address, 0) + 1
-            self._open += 1
             self._live += 1
             heapq.heappush(self._heap, (ticket.deadline, ticket.seq, ticket))
             self._cond.notify()
@@ -120,7 +118,6 @@ class ConnectionGate:
                 self._live -= 1
                 ticket.cut = True
             ticket.sock = None
-            self._open -= 1
 
     def counts(self) -> tuple[int, int]:
         """(live, pending) connections (tests and metrics)."""
