@@ -96,6 +96,9 @@ class NodePasswords:
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
+        # One scrypt at a time: requests with wrong passwords (a token holder can send many)
+        # cost one core at most, never all of them.
+        self._hashing = threading.Lock()
         self._verified: dict[str, tuple[bytes, bytes]] = {}  # name -> (record, fingerprint)
 
     def check(self, name: str, password: str | None) -> None:
@@ -111,7 +114,8 @@ class NodePasswords:
         key = rec.node_password_key(name)
         kv = self.ds.get(key)
         if kv is None:
-            record = hash_record(password)
+            with self._hashing:
+                record = hash_record(password)
             if self.ds.create(key, record):
                 self._remember(name, record, password)
                 return
@@ -123,9 +127,12 @@ class NodePasswords:
         if known is not None and known[0] == kv.value:
             if hmac.compare_digest(known[1], _fingerprint(password)):
                 return
-        elif matches(kv.value, password):
-            self._remember(name, kv.value, password)
-            return
+        else:
+            with self._hashing:
+                ok = matches(kv.value, password)
+            if ok:
+                self._remember(name, kv.value, password)
+                return
         raise NodeRefused(
             403, f"node {name} is already registered with another node password; another "
             "node uses this name, or this agent's /etc/rancher/node/password changed (remove "
