@@ -68,6 +68,7 @@ class Config:
     token: str | None = field(repr=False)
     token_file: Path | None
     server: str | None
+    node_password_file: Path
     datastore_endpoint: str
     datastore_cafile: Path | None
     datastore_certfile: Path | None
@@ -137,6 +138,7 @@ _PATH_FIELDS = frozenset(
     {
         "data_dir",
         "token_file",
+        "node_password_file",
         "datastore_cafile",
         "datastore_certfile",
         "datastore_keyfile",

@@ -44,6 +44,8 @@ class ConfigModel(BaseModel):
     token: str | None = Field(None, alias="token", repr=False)
     token_file: Path | None = Field(None, alias="token-file")
     server: str | None = Field(None, alias="server")
+    # An agent's node password (RKE2's file; created at first need, mode 0600).
+    node_password_file: Path = Field(Path("/etc/rancher/node/password"), alias="node-password-file")
     datastore_endpoint: str = Field("", alias="datastore-endpoint")
     datastore_cafile: Path | None = Field(None, alias="datastore-cafile")
     datastore_certfile: Path | None = Field(None, alias="datastore-certfile")

@@ -15,6 +15,7 @@ the profile the planner wants (so a misbehaving server cannot plant a wrong cert
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -37,7 +38,15 @@ from rke2certd.pki import certs, keys
 from rke2certd.pki.chain import verify_chain
 from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_service
 from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, decide, plan
-from rke2certd.store.atomic import FileWrite, ensure_dir, read_optional, recover, write_files
+from rke2certd.store.atomic import (
+    FileWrite,
+    create_file,
+    ensure_dir,
+    read_optional,
+    recover,
+    write_files,
+)
+from rke2certd.store.exposure import warn_if_exposed
 from rke2certd.supervisor import cert_route
 from rke2certd.supervisor.client import (
     SupervisorError,
@@ -88,6 +97,35 @@ def agent_token(node: Node) -> str:
              "(<data>/server/agent-token on a server)"],
         )  # fmt: skip
     return token
+
+
+def node_password(node: Node) -> str:
+    """This agent's node password (`node-password-file`, RKE2's `/etc/rancher/node/password`):
+    read, or created at first need as RKE2's agent does (128 random bits as hex, mode 0600). It
+    proves the node's name to the servers, which refuse another password for a name they know,
+    so an existing file is never replaced, and of two processes creating it at once one wins."""
+    path = node.cfg.node_password_file
+    try:
+        existing = read_optional(path)
+        if existing is None:
+            ensure_dir(path.parent, 0o755)  # as RKE2: the file itself is 0600
+            create_file(path, (secrets.token_hex(16) + "\n").encode(), 0o600)
+            existing = path.read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            "cannot read this node's password",
+            [f"node-password-file {path}: {getattr(exc, 'strerror', None) or exc}"],
+        ) from exc
+    warn_if_exposed(path, "the node password file (node-password-file)")
+    password = existing.decode(errors="replace").strip()
+    if not password or not password.isprintable():
+        raise ConfigError(
+            "this node's password file is unusable",
+            [f"node-password-file {path}: empty or not text; restore it from a backup (the "
+             "servers know this node by it) or remove the node with `rke2certd node remove` "
+             "and the file, to register afresh"],
+        )  # fmt: skip
+    return password
 
 
 def _ca_chain(data: bytes, name: str) -> list[x509.Certificate]:
@@ -156,7 +194,7 @@ def _obtain(
     want = _wanted(spec, node, up)
     answer = request_cert(
         up.urls, up.token, up.bundles["server-ca"], cert_route(spec.name), _csr(key, want.cn),
-        node.ident.node_name, node.ident.node_ips,
+        node.ident.node_name, node.ident.node_ips, node_password=node_password(node),
     )  # fmt: skip
     cert = _check_answer(spec, answer, key, want, up, now)
     chain = certs.bundle_pem([cert]) + up.bundles[spec.signer]

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from rke2certd.errors import Rke2certdError, TokenError
 from rke2certd.log import log
-from rke2certd.ops.agent import supervisor_urls
+from rke2certd.ops.agent import node_password, supervisor_urls
 from rke2certd.ops.node import Node
 from rke2certd.ops.tokens import rewrite_config_tokens
 from rke2certd.pki.token import format_token, parse_token
@@ -41,8 +41,9 @@ def trusted_bundle(node: Node) -> bytes:
 
 def remote_store(node: Node, token: Callable[[], str]) -> RemoteDatastore:
     return RemoteDatastore(
-        supervisor_urls(node.cfg), token, lambda: trusted_bundle(node), node.cfg.node
-    )
+        supervisor_urls(node.cfg), token, lambda: trusted_bundle(node), node.cfg.node,
+        node_password=lambda: node_password(node),
+    )  # fmt: skip
 
 
 def adopt_rotated_ca(node: Node, token: str, *, dry_run: bool = False) -> str | None:

@@ -45,6 +45,7 @@ from rke2certd.store.atomic import (
     write_files,
     write_if_changed,
 )
+from rke2certd.store.exposure import exposed_mode, mentions_token, warn_if_exposed
 
 CREATION_LOCK_TTL = 60  # seconds a dead creator can hold the others up
 WAIT_FOR_CREATOR = 120.0
@@ -82,10 +83,13 @@ def open_for(node: Node, timeout: float = 5.0) -> Datastore:
 
 
 def configured_token(cfg: Config, layout: Layout) -> str | None:
-    """The server token: `token`, then `token-file`, then `<data>/server/token`."""
+    """The server token: `token`, then `token-file`, then `<data>/server/token`. A file that
+    holds it and that others may read is warned about (store/exposure.py)."""
     if cfg.token:
+        _warn_exposed_configs(cfg)
         return cfg.token.strip()
     if cfg.token_file:
+        warn_if_exposed(cfg.token_file, "the token file (token-file)")
         try:
             return cfg.token_file.read_text().strip() or None
         except OSError as exc:
@@ -93,7 +97,20 @@ def configured_token(cfg: Config, layout: Layout) -> str | None:
                 "cannot read the token file", [f"token-file {cfg.token_file}: {exc.strerror}"]
             ) from exc
     saved = read_optional(layout.server / "token")
+    if saved:
+        warn_if_exposed(layout.server / "token", "the server token file")
     return saved.decode().strip() if saved else None
+
+
+def _warn_exposed_configs(cfg: Config) -> None:
+    for path in cfg.sources:
+        if exposed_mode(path) is None:
+            continue
+        try:
+            if mentions_token(path.read_bytes()):
+                warn_if_exposed(path, "a config file that holds the join token")
+        except OSError:
+            continue
 
 
 def read_disk(layout: Layout) -> dict[str, DiskFile | None]:

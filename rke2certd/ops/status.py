@@ -173,6 +173,7 @@ def remove_node(ds: Datastore, name: str, *, force: bool) -> str:
             ds.revoke_lease(reg.lease)
         ds.delete(rec.node_key(name))
     store.remove_member(name)
+    ds.delete(rec.node_password_key(name))  # the name is free again, for a new node password
     log.info("node_removed", node=name, reason="rke2certd node remove", force=force)
     return f"removed node {name} from the registry; rollouts no longer wait for it\n"
 

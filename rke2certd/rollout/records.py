@@ -21,6 +21,14 @@ that frees a slot or reports writes the wake keys of the few nodes that may go o
 (plan/rollout.py `to_wake`), so a write reaches O(1) nodes, not all N. That is also why a
 registration is written once (presence) and its updates go to another key.
 An earlier version's statuses, /rke2certd/rollouts/<id>/status/<node>, are still read.
+
+One family lives outside the prefix on purpose:
+
+    /rke2certd-node-passwords/<node>             a hash of the node password an agent
+                                                 proved that name with (supervisor/node_auth.py)
+
+Agents may read everything under /rke2certd/ through a server's endpoint; these hashes are for
+the servers only, and they are no part of the rollout snapshot.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ SLOTS = PREFIX + "slots/"
 STATUSES = PREFIX + "status/"
 UPDATES = PREFIX + "updates/"
 WAKE = PREFIX + "wake/"
+NODE_PASSWORDS = "/rke2certd-node-passwords/"  # outside PREFIX: see the module doc
 # [STRUCTURE, STRUCTURE_END): members, registrations (presence), rollout records
 STRUCTURE = MEMBERS
 STRUCTURE_END = ROLLOUTS[:-1] + chr(ord("/") + 1)
@@ -85,6 +94,10 @@ def update_key(name: str) -> str:
 
 def wake_key(name: str) -> str:
     return WAKE + check_name(name)
+
+
+def node_password_key(name: str) -> str:
+    return NODE_PASSWORDS + check_name(name)
 
 
 def status_key(rollout_id: str, node: str) -> str:

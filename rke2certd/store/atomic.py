@@ -257,3 +257,20 @@ def move(src: Path, dest: Path) -> None:
             _fsync_dir(src.parent)
     except OSError as exc:
         raise _explain(exc, dest) from exc
+
+
+def create_file(path: Path, data: bytes, mode: int = 0o600) -> bool:
+    """Create `path` with `data` unless it exists (False then; the existing file is kept). The
+    file appears whole or not at all, and of two processes creating it at once one wins."""
+    tmp = _write_temp(path, data, mode)
+    try:
+        os.link(tmp, path)
+        _fsync_dir(path.parent)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        raise _explain(exc, path) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()

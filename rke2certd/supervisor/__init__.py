@@ -18,10 +18,22 @@ ROLLOUT_PATH = f"{ROUTE_PREFIX}/rollout"
 CLUSTER_PATH = f"{ROUTE_PREFIX}/cluster"  # coordination keys for agents (cluster_api.py)
 NODE_NAME_HEADER = "rke2-Node-Name"
 NODE_IP_HEADER = "rke2-Node-IP"
+# The agent's per-node password (RKE2's `/etc/rancher/node/password`): the server records a hash
+# of it for the node name at first use and refuses another one later (supervisor/node_auth.py).
+NODE_PASSWORD_HEADER = "rke2-Node-Password"  # noqa: S105 (a header name)
 AGENT_USER = "node"
 SERVER_USER = "server"
 MAX_CSR_BYTES = 64 * 1024  # a CSR is < 2 KiB; anything near this is not a CSR
 MAX_CONNECTIONS = 128  # the endpoint's connections at once; beyond, new ones are closed at once
+# Connections that have not shown a valid credential yet (handshake, headers, `/cacerts`): at
+# most this many at once, so that the rest always stay free for authenticated agents.
+MAX_UNAUTHENTICATED = MAX_CONNECTIONS // 2
+MAX_PER_ADDRESS = 16  # unauthenticated connections from one source address at once
+# TLS handshake + request line + headers + body, in total (not per socket operation): a client
+# that trickles bytes is cut off at this deadline, however slowly it sends.
+REQUEST_DEADLINE = 10.0
+LISTEN_BACKLOG = 256  # the kernel's queue of accepted-but-not-yet-taken connections
+MAX_JSON_DEPTH = 32  # the cluster route's documents nest 3 deep; deeper is refused unparsed
 
 
 def cert_route(name: str) -> str:

@@ -36,10 +36,13 @@ from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,
     CLIENT_CA_PATH,
+    MAX_JSON_DEPTH,
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
+    NODE_PASSWORD_HEADER,
     ROLLOUT_PATH,
     cert_route,
+    wire,
 )
 
 DEFAULT_PORT = 9346
@@ -173,7 +176,13 @@ def _expect_ok(url: str, answer: _Answer, what: str) -> bytes:
     detail = text[0][:200] if text else answer.reason
     if answer.status >= 500:
         raise _Skip(f"it answered {answer.status} to {what}: {detail}")
-    if answer.status == 401:
+    if answer.status == 403 and "node password" in detail:
+        message = (
+            f"the server at {url} refused this node's name for {what} (403: {detail}); "
+            "the node password file (node-password-file) does not match the one this node "
+            "name was first registered with"
+        )
+    elif answer.status == 401:
         message = (
             f"the server at {url} refused the token for {what} (401: {detail}); the token's "
             "password is not this cluster's: set `token` to the server's current agent token "
@@ -210,6 +219,10 @@ def _auth_headers(token: Token) -> dict[str, str]:
     user = token.username or AGENT_USER  # a bare password is the node user's, as in RKE2
     raw = f"{user}:{token.password}".encode()
     return {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+
+
+def _password_header(node_password: str | None) -> dict[str, str]:
+    return {NODE_PASSWORD_HEADER: node_password} if node_password else {}
 
 
 # Public API --------------------------------------------------------------------------------
@@ -304,11 +317,13 @@ def request_cert(
     node_name: str,
     node_ips: Sequence[str],
     *,
+    node_password: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> bytes:
     """POST a DER CSR; returns the server's answer: the leaf PEM followed by its CA bundle.
 
     `route` is a path (`/v1-rke2/client-kubelet.crt`) or a leaf name (`client-kubelet`).
+    `node_password` proves `node_name` (the kubelet routes need it).
     """
     path = route if route.startswith("/") else cert_route(route.removesuffix(".crt"))
     headers = {
@@ -316,6 +331,7 @@ def request_cert(
         "Content-Type": "application/octet-stream",
         NODE_NAME_HEADER: node_name,
         NODE_IP_HEADER: ",".join(node_ips),
+        **_password_header(node_password),
     }
     context = pinned_context(cacerts)
 
@@ -334,14 +350,17 @@ def post_json(
     doc: Mapping[str, Any],
     node_name: str,
     *,
+    node_password: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
-    """POST a JSON document over the pinned channel; the JSON object answered."""
+    """POST a JSON document over the pinned channel, as `node_name` proved by `node_password`;
+    the JSON object answered (nesting bounded: a server's answer is not trusted to be sane)."""
     body = json.dumps(doc).encode()
     headers = {
         **_auth_headers(parse_token(token)),
         "Content-Type": "application/json",
         NODE_NAME_HEADER: node_name,
+        **_password_header(node_password),
     }
     context = pinned_context(cacerts)
 
@@ -349,9 +368,9 @@ def post_json(
         answer = _exchange(url, context, "POST", path, timeout, body=body, headers=headers)
         data = _expect_ok(url, answer, f"POST {path}")
         try:
-            out = json.loads(data)
-        except ValueError:
-            raise _Skip(f"its answer to POST {path} is not JSON") from None
+            out = wire.loads(data, MAX_JSON_DEPTH)
+        except wire.WireError as exc:
+            raise _Skip(f"its answer to POST {path} is not usable JSON: {exc}") from None
         if not isinstance(out, dict):
             raise _Skip(f"its answer to POST {path} is not a JSON object")
         return out

@@ -1,7 +1,8 @@
 """The coordination keys for agent-only nodes, which hold no datastore credentials: the
 endpoint's `POST /v1-rke2/cluster` runs one datastore operation for them on the server's store.
 
-What an agent may do (its name is the `rke2-Node-Name` header of an agent-token request):
+What an agent may do (its name is the `rke2-Node-Name` header of an agent-token request, proved
+by its node password before this module sees it, and never a server's: `node_auth.py`):
 - read every key under /rke2certd/ (registrations, rollouts, statuses, slots: nothing secret,
   and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll);
 - write only its own records, each checked to be what it claims: its registration and

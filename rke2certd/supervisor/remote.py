@@ -2,9 +2,10 @@
 `POST /v1-rke2/cluster` to a server's endpoint (see cluster_api.py for what it may do there).
 
 With it, an agent runs the same rollout code as a server (registry, slots, statuses, watch):
-only the transport differs. Calls go over the pinned channel with the agent token; the trusted
-CAs are read at each call (`trust()`), so that an agent that has just taken a rotated CA set
-keeps talking to servers that already serve the new one, and to those that do not yet.
+only the transport differs. Calls go over the pinned channel with the agent token and the node
+password that proves this node's name; the trusted CAs are read at each call (`trust()`), so
+that an agent that has just taken a rotated CA set keeps talking to servers that already serve
+the new one, and to those that do not yet.
 
 Errors map onto the contract: no server answered -> DatastoreUnavailable (retried by the
 rollout code), 404 on a lease -> LeaseNotFound, a compacted watch -> WatchCompacted, any other
@@ -51,10 +52,12 @@ class RemoteDatastore(Datastore):
         trust: Callable[[], bytes],
         node_name: str,
         *,
+        node_password: Callable[[], str],
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.urls = list(urls)
         self._token = token
+        self._node_password = node_password
         self._trust = trust
         self.node_name = node_name
         self.timeout = timeout
@@ -66,7 +69,7 @@ class RemoteDatastore(Datastore):
         try:
             answer = post_json(
                 self.urls, self._token(), self._trust(), CLUSTER_PATH, doc, self.node_name,
-                timeout=timeout or self.timeout,
+                node_password=self._node_password(), timeout=timeout or self.timeout,
             )  # fmt: skip
         except UnreachableError as exc:
             raise DatastoreUnavailable(str(exc)) from exc

@@ -12,16 +12,25 @@ Signing. Only the CSR's public key is used, after its signature verifies; its su
 extension it asks for are ignored. CN, O, EKU and SANs come from the route (RKE2-PKI.md §3) and
 the node headers, and `build.leaf` never makes a CA. The reply is the leaf then the CA bundle.
 
-Authentication is basic auth `node:<password>` (or `server:<password>`), compared in constant
-time with the password of `<data>/server/agent-token` (else the configured token), read at each
-request so that a token change takes effect at once. Checks run in order route (404), method
-(405), credentials (401/403), headers, body length (411/413), CSR (400); the first three and the
-length also answer `Expect: 100-continue`, so a refused client never sends its body. Every
-refusal is logged (`request_refused`) without credentials; every signature is logged
+Authentication is basic auth, compared in constant time with the passwords of the server's
+tokens, read at each request so that a token change takes effect at once. The agent token's
+password (`<data>/server/agent-token`, else the configured token) grants the agent routes, as
+user `node` or `server`; the server token's password (`<data>/server/token`, else the configured
+token) with user `server` also grants RKE2's server-only routes (which answer 501: RKE2's own
+supervisor serves them). A valid agent credential on a server-only route is 403. Requests that
+act as a node (the kubelet CSR routes, the cluster route) must also prove the node's name with
+its node password (`node_auth.py`), and a server's name is never an agent's.
+
+Checks run in order route (404), method (405), credentials (401/403), headers, body length
+(411/413), then the body is read; the first four also answer `Expect: 100-continue`, so a
+refused client never sends its body. Then the node (400/403), the CSR and its names (400/403).
+Every refusal is logged (`request_refused`) without credentials; every signature is logged
 (`cert_signed`).
 
-Not done (needs the Kubernetes API, which rke2certd does not use): RKE2's node-password check,
-which stops one agent from asking for another node's kubelet certs.
+Limits (`limits.py`, constants in `rke2certd.supervisor`): a deadline for handshake, headers and
+body together; unauthenticated connections capped in total and per source address, so that
+authenticated agents keep places of their own; JSON nesting bounded before parsing; one request
+per connection.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from rke2certd.clock import Clock, system_clock
+from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token
@@ -62,28 +72,39 @@ from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import LeafSpec, NodeIdentity, SanSet, server_sans, wanted_sans
 from rke2certd.pki.token import parse_token
 from rke2certd.store.atomic import read_optional
+from rke2certd.store.exposure import warn_if_exposed
 from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,
     CERT_ROUTES,
     CLIENT_CA_PATH,
     CLUSTER_PATH,
+    LISTEN_BACKLOG,
     MAX_CONNECTIONS,
     MAX_CSR_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_PER_ADDRESS,
+    MAX_UNAUTHENTICATED,
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
+    NODE_PASSWORD_HEADER,
+    REQUEST_DEADLINE,
     ROLLOUT_PATH,
     ROUTE_PREFIX,
     SERVER_CA_PATH,
     SERVER_USER,
+    wire,
 )
 from rke2certd.supervisor.cluster_api import ClusterAPI, ClusterRefused
+from rke2certd.supervisor.limits import ConnectionGate, Refusal, Ticket
+from rke2certd.supervisor.node_auth import NodePasswords, NodeRefused, SanPolicy, refused_sans
 
 TLS_DAYS = 365
 TLS_REISSUE_BEFORE = timedelta(days=30)  # a daemon up for a year gets a fresh serving cert
 IO_TIMEOUT = 15.0  # per socket operation: a stalled client must not hold a thread forever
 MAX_NODE_IPS = 16
 LINGER_SECONDS = 1.0
+FLOOD_LOG_SECONDS = 1.0
 PEM_TYPE = "application/x-pem-file"
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="rke2"'}
 # Kubernetes node names are RFC 1123 subdomains.
@@ -207,14 +228,34 @@ def _load_material(node: Node, now: datetime) -> _Material:
     return _Material(stamp, cas, context, certs.not_after(cert))
 
 
-def agent_password(node: Node) -> str | None:
-    """The password agents must send: `server/agent-token`'s, else the configured token's."""
-    saved = read_optional(node.layout.server / "agent-token")
+def _token_password(node: Node, name: str) -> str | None:
+    saved = read_optional(node.layout.server / name)
+    if saved:
+        warn_if_exposed(node.layout.server / name, f"the {name} file")
     text = saved.decode().strip() if saved else configured_token(node.cfg, node.layout)
     return parse_token(text).password if text else None
 
 
+def agent_password(node: Node) -> str | None:
+    """The password agents must send: `server/agent-token`'s, else the configured token's."""
+    return _token_password(node, "agent-token")
+
+
+def server_password(node: Node) -> str | None:
+    """The server token's password: `server/token`'s, else the configured token's."""
+    return _token_password(node, "token")
+
+
+def _san_policy(node: Node) -> SanPolicy:
+    cfg = node.cfg
+    return SanPolicy(cfg.cluster_domain, tuple(cfg.service_cidr), server_sans(node.ident))
+
+
 # Request parsing (pure helpers) ------------------------------------------------------------
+
+
+def _same(given: str, expected: str | None) -> bool:
+    return expected is not None and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def _basic_credentials(header: str | None) -> tuple[str, str]:
@@ -284,11 +325,15 @@ def _subject(
     spec: LeafSpec, node_name: str | None, ips: tuple[str, ...]
 ) -> tuple[str, tuple[str, ...]]:
     """CN and SANs for a leaf, from the route's profile and the node headers only."""
-    needs_name = "{node}" in spec.cn or spec.sans is SanSet.KUBELET
-    if needs_name and not node_name:
+    if _names_node(spec) and not node_name:
         raise _Refused(400, f"the {NODE_NAME_HEADER} header is required for {spec.name}")
     ident = NodeIdentity(node_name=node_name or "", node_ips=ips)
     return spec.common_name(node_name or ""), wanted_sans(spec, ident)
+
+
+def _names_node(spec: LeafSpec) -> bool:
+    """The leaf is a node's own (its name in the CN or SANs): the kubelet's two certs."""
+    return "{node}" in spec.cn or spec.sans is SanSet.KUBELET
 
 
 def _clip(text: str, limit: int = 120) -> str:
@@ -319,6 +364,7 @@ def _linger_close(conn: socket.socket) -> None:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(
         self,
@@ -327,6 +373,8 @@ class _Server(ThreadingHTTPServer):
         rollout: RolloutProvider,
         clock: Clock,
         cluster: ClusterAPI | None,
+        passwords: NodePasswords | None,
+        gate: ConnectionGate,
     ) -> None:
         self.node, self.rollout, self.clock, self.cluster = node, rollout, clock, cluster
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -334,8 +382,12 @@ class _Server(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._material = _load_material(node, clock())
         self._failed_stamp: Stamp | None = None
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._signed = 0
+        self.passwords = passwords
+        self.san_policy = _san_policy(node)
+        self.gate = gate
+        self._local = threading.local()  # the connection's ticket, for its handler
+        self._flood: dict[str, tuple[float, int]] = {}  # event -> (last logged, not logged since)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
@@ -375,6 +427,7 @@ class _Server(ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self.gate.stop()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -420,34 +473,80 @@ class _Server(ThreadingHTTPServer):
         with self._lock:
             return self._signed
 
-    # connections: TLS handshake in the worker thread, bounded concurrency
+    # connections: a thread each, TLS handshake in it, admitted and timed by the gate
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
-            log.warning("request_refused", remote_addr=str(client_address[0]),
-                        reason=f"more than {MAX_CONNECTIONS} connections at once")  # fmt: skip
+        address = str(client_address[0])
+        ticket = self.gate.admit(address, request)
+        if isinstance(ticket, Refusal):
+            self._flood_log("connection_refused", address, ticket.reason)
             self.shutdown_request(request)
             return
-        super().process_request(request, client_address)
+        thread = threading.Thread(
+            target=self._connection, args=(request, client_address, ticket), daemon=True
+        )
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: drop this one, keep serving
+            self.gate.release(ticket)
+            self.shutdown_request(request)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def _connection(self, request: socket.socket, client_address: Any, ticket: Ticket) -> None:
+        conn: socket.socket | None = None
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        context = self.current().context
-        request.settimeout(IO_TIMEOUT)
-        try:
-            conn = context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            log.debug("tls_handshake_failed", remote_addr=str(client_address[0]), reason=str(exc))
-            return
-        try:
+            request.settimeout(IO_TIMEOUT)
+            # The TLS socket takes over the fd: the gate must hold it before the handshake,
+            # which the deadline covers too.
+            conn = self.current().context.wrap_socket(
+                request, server_side=True, do_handshake_on_connect=False
+            )
+            if not self.gate.rebind(ticket, conn):
+                return
+            try:
+                conn.do_handshake()
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("tls_handshake_failed", remote_addr=str(client_address[0]),
+                          reason=str(exc))  # fmt: skip
+                return
+            self._local.ticket = ticket
             _Handler(conn, client_address, self)
+        except OSError as exc:  # the client went away, or was cut (ticket.why, logged below)
+            if not ticket.why:
+                log.debug("connection_lost", remote_addr=str(client_address[0]),
+                          reason=f"{type(exc).__name__}: {exc}")  # fmt: skip
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
-            conn.close()
+            if ticket.why:
+                self._flood_log("connection_cut", str(client_address[0]), ticket.why)
+            self.gate.release(ticket)  # before the fd is closed (see ConnectionGate.release)
+            self._local.ticket = None
+            if conn is not None:
+                conn.close()
+            self.shutdown_request(request)
+
+    def _flood_log(self, event: str, address: str, reason: str) -> None:
+        """At most one warning per event a second: a flood of connections is one line a second
+        (with how many more there were), not one per connection."""
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._flood.get(event, (-FLOOD_LOG_SECONDS, 0))
+            if now - last < FLOOD_LOG_SECONDS:
+                self._flood[event] = (last, skipped + 1)
+                return
+            self._flood[event] = (now, 0)
+        log.warning(event, remote_addr=address, reason=reason, not_logged_before=skipped)
+
+    def was_cut(self) -> bool:
+        """This thread's connection was cut (its deadline passed, or it made room)."""
+        ticket = getattr(self._local, "ticket", None)
+        return ticket is not None and bool(ticket.why)
+
+    def promote(self) -> None:
+        """This thread's connection showed a valid credential (see limits.py)."""
+        ticket = getattr(self._local, "ticket", None)
+        if ticket is not None:
+            self.gate.promote(ticket)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
@@ -486,9 +585,15 @@ class _Handler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def _dispatch(self) -> None:
+        self.close_connection = True  # one request per connection: each gets its own deadline
+        if self.server.was_cut():
+            return  # what was read before the cut is no request: nothing to answer
         try:
             route, caller, length = self._admit()
-            self._serve(route, caller, length)
+            body = self._read_body(length) if length else b""
+            if caller is not None:
+                self.server.promote()  # a valid credential and a whole request: no deadline
+            self._serve(route, caller, body)
         except _Refused as refusal:
             self._refuse(refusal)
 
@@ -511,19 +616,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _authenticate(self, route: _Route) -> Caller:
         user, password = _basic_credentials(self.headers.get("Authorization"))
         try:
-            expected = agent_password(self.server.node)
+            agent, server = agent_password(self.server.node), server_password(self.server.node)
         except (Rke2certdError, OSError, UnicodeDecodeError) as exc:
-            raise _Refused(503, f"this server cannot read its agent token: {exc}") from None
-        if expected is None:
+            raise _Refused(503, f"this server cannot read its tokens: {exc}") from None
+        if agent is None and server is None:
             raise _Refused(503, "this server has no agent token yet (run rke2certd renew)")
-        if not hmac.compare_digest(password.encode(), expected.encode()):
+        # Which pair grants what: the server token's password with user server is a server;
+        # the agent token's password (with either user) or the server token's with user node
+        # is an agent. Both compared, always, so that timing says nothing about which matched.
+        is_server = _same(password, server) & (user == SERVER_USER)
+        is_agent = _same(password, agent) | _same(password, server)
+        if not (is_server or is_agent):
             raise _Refused(401, "wrong credentials", CHALLENGE)
         if user not in (AGENT_USER, SERVER_USER):
             raise _Refused(403, "only the users node and server may use this endpoint")
-        if route.role == SERVER_USER and user != SERVER_USER:
+        role = SERVER_USER if is_server else AGENT_USER
+        if route.role == SERVER_USER and role != SERVER_USER:
             raise _Refused(403, "this route is for servers only (the agent token cannot use it)")
         node_name = _node_name(self.headers.get(NODE_NAME_HEADER))
-        return Caller(user, node_name, str(self.client_address[0]))
+        return Caller(role, node_name, str(self.client_address[0]))
 
     def _body_length(self) -> int:
         if self.headers.get("Transfer-Encoding"):
@@ -542,16 +653,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # answers
 
-    def _serve(self, route: _Route, caller: Caller | None, length: int) -> None:
+    def _serve(self, route: _Route, caller: Caller | None, body: bytes) -> None:
         if route.kind == "sign" and caller is not None:
-            self._sign(CERT_ROUTES[self._path], caller, length)
+            self._sign(CERT_ROUTES[self._path], caller, body)
         elif route.kind in ("server-ca", "client-ca"):
             bundle = self.server.current().cas[route.kind].bundle
             self._send(200, bundle, PEM_TYPE)
         elif route.kind == "rollout" and caller is not None:
             self._send(200, self._rollout(caller), "application/json")
         elif route.kind == "cluster" and caller is not None:
-            self._send(200, self._cluster(caller, length), "application/json")
+            self._send(200, self._cluster(caller, body), "application/json")
         else:
             raise _Refused(501, "rke2certd does not serve this route; RKE2's supervisor does")
 
@@ -562,16 +673,29 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # the daemon's callback must not take the endpoint down
             raise _Refused(500, f"the rollout state is unavailable ({type(exc).__name__})") from exc
 
-    def _cluster(self, caller: Caller, length: int) -> bytes:
+    def _prove_node(self, node_name: str) -> None:
+        """The caller is `node_name`: its node password, recorded at first use, proves it."""
+        passwords = self.server.passwords
+        if passwords is None:
+            raise _Refused(503, "this server has no datastore to check node passwords with")
+        try:
+            passwords.check(node_name, self.headers.get(NODE_PASSWORD_HEADER))
+        except NodeRefused as exc:
+            raise _Refused(exc.status, exc.reason) from None
+        except Rke2certdError as exc:  # the datastore: the agent retries (or another server)
+            raise _Refused(503, f"the datastore did not answer: {str(exc)[:300]}") from None
+
+    def _cluster(self, caller: Caller, body: bytes) -> bytes:
         api = self.server.cluster
         if api is None:
             raise _Refused(503, "this server has no datastore to coordinate rollouts with")
         if caller.node_name is None:
             raise _Refused(400, f"the {NODE_NAME_HEADER} header is required")
         try:
-            doc = json.loads(self._read_body(length))
-        except ValueError:
-            raise _Refused(400, "the body is not JSON") from None
+            doc = wire.loads(body, MAX_JSON_DEPTH)
+        except wire.WireError as exc:
+            raise _Refused(400, str(exc)) from None
+        self._prove_node(caller.node_name)
         try:
             answer = api.handle(caller.node_name, doc)
         except ClusterRefused as exc:
@@ -585,14 +709,22 @@ class _Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)  # length <= MAX_CSR_BYTES, checked in _admit
         except TimeoutError:
             raise _Refused(408, "timed out reading the body") from None
+        except OSError:
+            raise _Refused(400, "the connection ended before the body") from None
         if len(body) != length:
             raise _Refused(400, "the body is shorter than its Content-Length")
         return body
 
-    def _sign(self, spec: LeafSpec, caller: Caller, length: int) -> None:
-        csr = _parse_csr(self._read_body(length))
+    def _sign(self, spec: LeafSpec, caller: Caller, body: bytes) -> None:
+        csr = _parse_csr(body)
         public_key = _signable_key(csr)
-        cn, sans = _subject(spec, caller.node_name, _node_ips(self.headers.get(NODE_IP_HEADER)))
+        ips = _node_ips(self.headers.get(NODE_IP_HEADER))
+        cn, sans = _subject(spec, caller.node_name, ips)
+        if caller.node_name is not None and _names_node(spec):
+            names = [caller.node_name, *(s for s in sans if s != "localhost")]
+            if problems := refused_sans(names, (), self.server.san_policy):
+                raise _Refused(403, "this server never signs for an agent: " + "; ".join(problems))
+            self._prove_node(caller.node_name)
         ca = self.server.current().cas[spec.signer]
         now = self.server.clock()
         cert = build.leaf(cn, spec.orgs, spec.usage, sans, public_key, ca.cert, ca.key, now)
@@ -610,6 +742,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
@@ -642,6 +775,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 # Public API --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The endpoint's connection limits (the defaults are the constants of the package)."""
+
+    max_connections: int = MAX_CONNECTIONS
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
+    per_address: int = MAX_PER_ADDRESS
+    deadline: float = REQUEST_DEADLINE
 
 
 @dataclass
@@ -688,16 +831,30 @@ def start(
     rollout: RolloutProvider | None = None,
     clock: Clock = system_clock,
     cluster: ClusterAPI | None = None,
+    passwords: Datastore | None = None,
+    limits: Limits | None = None,
 ) -> SupervisorHandle:
     """Serve agents on host:port (port None: `supervisor-port`; 0: any free port).
 
+    Node passwords are recorded in `passwords`, else in the cluster's datastore; with neither,
+    the routes that act as a node answer 503. `limits`: the connection limits (tests).
     Needs the server's CA files (run renew first); raises Rke2certdError when they are unusable
     or the port cannot be bound.
     """
     wanted_port = node.cfg.supervisor_port if port is None else port
+    store = passwords if passwords is not None else (cluster.ds if cluster else None)
+    node_passwords = NodePasswords(store, node.cfg.node) if store is not None else None
+    lim = limits or Limits()
+    gate = ConnectionGate(
+        max_total=lim.max_connections, max_pending=lim.max_unauthenticated,
+        per_address=lim.per_address, deadline=lim.deadline,
+    )  # fmt: skip
     try:
-        server = _Server((host, wanted_port), node, rollout or _no_rollout, clock, cluster)
+        server = _Server(
+            (host, wanted_port), node, rollout or _no_rollout, clock, cluster, node_passwords, gate
+        )
     except OSError as exc:
+        gate.stop()
         raise Rke2certdError(
             f"cannot listen on {host}:{wanted_port} for agents: {exc.strerror or exc}; "
             "free the port or set supervisor-port"

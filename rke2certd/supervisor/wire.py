@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 from rke2certd.datastore.base import KV, Event, EventType, Snapshot, key_bytes, key_str
@@ -22,6 +23,40 @@ BUSY_RETRY_SECONDS = 10.0
 
 class WireError(ValueError):
     """A malformed document (the server answers 400; the client treats it as unreachable)."""
+
+
+def nesting_depth(data: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, brackets inside strings aside. A
+    linear scan without recursion: run before parsing, since the parser recurses per level and
+    a few thousand `[` exhaust Python's stack."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return deepest
+
+
+def loads(data: bytes, max_depth: int) -> Any:
+    """JSON from an untrusted peer: too deep a document is a WireError, never a RecursionError."""
+    if nesting_depth(data) > max_depth:
+        raise WireError(f"the JSON nests deeper than {max_depth} levels")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"the body is not JSON ({str(exc)[:100]})") from None
 
 
 def b64(data: bytes) -> str:

@@ -15,6 +15,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
 from .helpers import ServerNode, make_agent_node, make_server_node
@@ -35,10 +36,12 @@ def server(tmp_path: Path) -> ServerNode:
 
 
 @pytest.fixture
-def endpoint(server: ServerNode) -> Iterator[SupervisorHandle]:
-    handle = start(server.node, host="127.0.0.1", port=0)
-    yield handle
-    handle.stop()
+def endpoint(server: ServerNode, tmp_path: Path) -> Iterator[SupervisorHandle]:
+    """The endpoint without a cluster datastore; node passwords go to a real SQLite store."""
+    with SQLiteDatastore(tmp_path / "node-passwords.sqlite") as passwords:
+        handle = start(server.node, host="127.0.0.1", port=0, passwords=passwords)
+        yield handle
+        handle.stop()
 
 
 @pytest.fixture

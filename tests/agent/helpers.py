@@ -75,6 +75,8 @@ def make_agent_node(data: Path, token: str, name: str = "agent-1", **config: Any
         "node-ip": ["10.0.0.21"],
         "server": "https://127.0.0.1:9345",
         "token": token,
+        # beside the data dir (never the host's /etc/rancher), out of the dir's snapshots
+        "node-password-file": str(data.parent / f"{data.name}.node-password"),
     }
     doc.update({k.replace("_", "-"): v for k, v in config.items()})
     return Node.from_config(Config.from_mapping(doc))

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.supervisor.server import start
 from tests.daemon.support import CapturedLogs, DaemonProcess, NotifySocket
 
@@ -24,6 +25,7 @@ def _agent_config(root: Path, server: ServerNode, port: int, name: str) -> Path:
             "node-ip": ["127.0.0.1"], "server": "https://127.0.0.1:9345",
             "supervisor-port": port, "token": server.agent_token, "log-format": "json",
             "rescan-interval": 1,  # the retry while the servers are away: every second here
+            "node-password-file": str(root / "node-password"),
         })
     )  # fmt: skip
     cfg.chmod(0o600)
@@ -40,7 +42,9 @@ def logs(tmp_path_factory: pytest.TempPathFactory, server: ServerNode) -> Captur
 def test_agent_daemon_starts_on_its_certs_while_the_server_is_away(
     tmp_path: Path, server: ServerNode, logs: CapturedLogs
 ) -> None:
-    handle = start(server.node, host=HOST, port=0)  # no datastore: the agent cannot join yet
+    # No cluster datastore: the agent cannot join yet (its node password goes to a local store).
+    passwords = SQLiteDatastore(tmp_path / "node-passwords.sqlite")
+    handle = start(server.node, host=HOST, port=0, passwords=passwords)
     port = handle.port
     cfg = _agent_config(tmp_path / "agent", server, port, "agent-7")
     agent_dir = tmp_path / "agent" / "data" / "agent"
@@ -65,7 +69,7 @@ def test_agent_daemon_starts_on_its_certs_while_the_server_is_away(
         deferred = d.wait_event("renew_deferred")
         assert "cannot reach the server" in deferred["reason"]
         # the server is back on its port: the next attempt renews again
-        with start(server.node, host=HOST, port=port):
+        with start(server.node, host=HOST, port=port, passwords=passwords):
             d.wait_event("renew_resumed", timeout=30)
             status = notify.expect("STATUS", None)
             assert "servers unreachable" not in status.fields["STATUS"]
@@ -73,6 +77,7 @@ def test_agent_daemon_starts_on_its_certs_while_the_server_is_away(
     finally:
         d.kill()
         notify.close()
+        passwords.close()
     assert not d.stray_lines()
 
 

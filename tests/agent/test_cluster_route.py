@@ -17,6 +17,7 @@ import pytest
 from rke2certd.datastore.base import EventType, LeaseNotFound
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import DatastoreError
+from rke2certd.ops.agent import node_password
 from rke2certd.ops.agent_rollout import agent_generation, remote_store
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.ops.node import Node
@@ -34,7 +35,7 @@ from rke2certd.plan.rollout import (
 )
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.store import ClusterStore
-from rke2certd.supervisor import CLUSTER_PATH, wire
+from rke2certd.supervisor import CLUSTER_PATH, NODE_PASSWORD_HEADER, wire
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
@@ -269,11 +270,17 @@ def test_housekeeping_and_generation_are_the_servers(
 
 
 def _raw(
-    endpoint: SupervisorHandle, server: ServerNode, doc: object, node: str | None = "agent-1"
+    endpoint: SupervisorHandle,
+    server: ServerNode,
+    doc: object,
+    node: str | None = "agent-1",
+    password: str | None = None,
 ) -> tuple[int, str]:
     headers = {**basic("node", server.password), "Content-Type": "application/json"}
     if node is not None:
         headers["rke2-Node-Name"] = node
+    if password is not None:
+        headers[NODE_PASSWORD_HEADER] = password
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     reply = call(endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, body, headers)
     return reply.status, reply.body.decode(errors="replace")
@@ -289,8 +296,9 @@ def test_refusals_change_nothing(
     cluster_endpoint: SupervisorHandle,
     server: ServerNode,
 ) -> None:
-    _node, remote = remote_for("agent-1")
+    agent_node, remote = remote_for("agent-1")
     cs, lease = _register(remote, "agent-1")
+    own_password = node_password(agent_node)
     other = ClusterStore(store)
     server_lease = store.grant_lease(30)
     other.register(Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)
@@ -359,7 +367,7 @@ def test_refusals_change_nothing(
         ({"op": "get", "key": _b64("/rke2certd/nodes/e1")}, None, 400, "rke2-Node-Name"),
     ]
     for doc, node, status, text in bad:
-        got, body = _raw(cluster_endpoint, server, doc, node)
+        got, body = _raw(cluster_endpoint, server, doc, node, own_password)
         assert got == status and text in body, (doc, got, body)
     # wrong credentials: 401 before anything is read
     reply = call(

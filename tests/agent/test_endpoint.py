@@ -19,11 +19,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.ops.bootstrap import write_tokens
 from rke2certd.pki import build
 from rke2certd.pki.profiles import server_sans
 from rke2certd.pki.token import format_token, parse_token
-from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER
+from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER, NODE_PASSWORD_HEADER
 from rke2certd.supervisor.client import fetch_rollout
 from rke2certd.supervisor.server import Caller, SupervisorHandle, start
 
@@ -55,10 +56,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> ServerNode:
 
 
 @pytest.fixture(scope="module")
-def endpoint(server: ServerNode) -> Iterator[SupervisorHandle]:
-    handle = start(server.node, host=HOST, port=0)
-    yield handle
-    handle.stop()
+def endpoint(
+    server: ServerNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SupervisorHandle]:
+    store = tmp_path_factory.mktemp("endpoint-passwords") / "node-passwords.sqlite"
+    with SQLiteDatastore(store) as passwords:
+        handle = start(server.node, host=HOST, port=0, passwords=passwords)
+        yield handle
+        handle.stop()
 
 
 @pytest.fixture
@@ -67,7 +72,8 @@ def signed_before(endpoint: SupervisorHandle) -> int:
 
 
 def _node(name: str = "agent-1", ips: str = "10.0.0.21") -> dict[str, str]:
-    return {NODE_NAME_HEADER: name, NODE_IP_HEADER: ips}
+    """The node headers, with the node's password (each name has its own, fixed here)."""
+    return {NODE_NAME_HEADER: name, NODE_IP_HEADER: ips, NODE_PASSWORD_HEADER: f"pw-of-{name}"}
 
 
 def _post(
@@ -486,7 +492,8 @@ def test_expect_continue_refused_before_body(endpoint: SupervisorHandle, server:
 
 def test_token_change_takes_effect_without_restart(tmp_path: Path):
     own = make_server_node(tmp_path / "server")  # its token is changed: not the shared one
-    with start(own.node, host=HOST, port=0) as handle:
+    passwords = SQLiteDatastore(tmp_path / "node-passwords.sqlite")
+    with passwords, start(own.node, host=HOST, port=0, passwords=passwords) as handle:
         write_tokens(own.layout, "new-password-123")
         assert _post(handle, own, KUBELET, make_csr()).status == 401
         new = _post(handle, own, KUBELET, make_csr(), **basic("node", "new-password-123"))

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import ConfigError, TokenError
 from rke2certd.ops.agent import supervisor_urls
 from rke2certd.pki.token import ca_hash, parse_token
@@ -115,7 +116,8 @@ def test_failover_skips_dead_and_foreign_servers(
 ):
     """`server` lists three servers on one port: nothing listens on .1, .2 is another cluster,
     .3 is ours (reached by an address missing from its SANs: the host name is not checked)."""
-    with start(server.node, host="127.0.0.3", port=0) as ours:
+    passwords = SQLiteDatastore(tmp_path / "node-passwords.sqlite")
+    with passwords, start(server.node, host="127.0.0.3", port=0, passwords=passwords) as ours:
         rogue = recorder(host="127.0.0.2", port=ours.port)
         servers = ",".join(f"https://127.0.0.{i}:9345" for i in (1, 2, 3))
         node = make_agent_node(
@@ -182,8 +184,9 @@ def test_mid_rotation_the_agent_asks_the_server_its_token_pins(
     the first is listed first, but signs nothing and gets no credential."""
     rotated = make_server_node(tmp_path / "rotated", name="server-2", ip="10.0.0.12")
     with (
-        start(server.node, host="127.0.0.3", port=0) as ours,
-        start(rotated.node, host="127.0.0.2", port=ours.port) as other,
+        SQLiteDatastore(tmp_path / "node-passwords.sqlite") as passwords,
+        start(server.node, host="127.0.0.3", port=0, passwords=passwords) as ours,
+        start(rotated.node, host="127.0.0.2", port=ours.port, passwords=passwords) as other,
     ):
         servers = "https://127.0.0.2:9345,https://127.0.0.3:9345"
         node = make_agent_node(

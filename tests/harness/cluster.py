@@ -194,6 +194,7 @@ class SimCluster:
         }
         cfg = d / "rke2certd.yaml"
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cfg.chmod(0o600)  # it may hold the token: as an operator keeps it
         spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
         return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
 
@@ -212,11 +213,13 @@ class SimCluster:
             "rescan-interval": 3600,
             "restart-command": [sys.executable, str(RESTART_SCRIPT), str(d)],
             "health-kubelet-endpoint": f"https://127.0.0.1:{ports['kubelet']}",
+            "node-password-file": str(d / "node-password"),  # RKE2's /etc/rancher/node/password
             **base,
             **spec.config,
         }
         cfg = d / "rke2certd.yaml"
         cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+        cfg.chmod(0o600)  # it may hold the token: as an operator keeps it
         spec.env.setdefault("SIM_RESTART_DELAY", str(delay))
         return SimNode(spec, d, cfg, data, ports, d / "notify.sock")
 
