@@ -25,15 +25,16 @@ class _LinkedDir(Exception):
     """A directory on the way to a staged file is a symlink."""
 
 
-def read_staged_dir(path: Path, limit: int = SIZE_LIMIT) -> StagedSet:
-    """The 11 rotatable files of the staged dir `path`, as the input of validate_staged_set."""
+def read_staged_dir(path: Path, limit: int = SIZE_LIMIT, label: str | None = None) -> StagedSet:
+    """The 11 rotatable files of the staged dir `path`, as the input of validate_staged_set;
+    messages name the set `label` (default: `path`)."""
     root = path.resolve()
     if not root.is_dir():
         raise StorageError(
             f"{path} is not a directory; --path takes the dir that holds tls/ (the server layout)"
         )
     files = {rel: _read_one(root, rel, limit) for rel in ROTATABLE}
-    return StagedSet(files, str(path))
+    return StagedSet(files, label or str(path))
 
 
 def _read_one(root: Path, rel: str, limit: int) -> StagedFile:
