@@ -12,9 +12,10 @@ a saved CA is always rolled out:
    `.applied/<name>-<ts>/` or `.rejected/<name>-<ts>/` holding `result.json` and `result.txt`
    (what was done, or every reason it was refused) and `set/` (an applied set: the copy that was
    applied; a refused one: the set as found, unless it is too big to keep). Everything is put
-   together in a private dir (`.work/`) and renamed into place, so the set's content cannot
-   collide with the result files, and its name (any bytes, up to 255) is never part of a path
-   longer than one component allows. The original is removed last.
+   together in a private dir (`.work/`), the original included, and renamed into place in one
+   step, so the set's content cannot collide with the result files, the set leaves the staging
+   dir as its result appears, and its name (any bytes, up to 255) is never part of a path
+   component longer than allowed. The original of an applied set is removed after that.
 
 Nothing about a set raises: an unexpected error rejects it with that reason, a set that vanished
 is ignored with a logged reason. A crash between saving and filing leaves the original in the
@@ -277,7 +278,7 @@ def file_set(staging: Path, out: StagingOutcome, now: datetime) -> None:
     try:
         _file(staging, out, now)
     except Exception as exc:  # no set may stop the daemon
-        remove_tree(out.work)
+        _put_back(staging, out)
         log.error(
             "staged_set_ignored",
             staged_set=out.shown,
@@ -296,22 +297,26 @@ def file_set(staging: Path, out: StagingOutcome, now: datetime) -> None:
     )
 
 
+_GONE = ".original"  # the original of a set, inside its filed dir until removed
+
+
 def _file(staging: Path, out: StagingOutcome, now: datetime) -> None:
+    """Everything is put together in out.work, the original set included (so it leaves the
+    staging dir before its result shows up), then renamed into the bucket in one step."""
     bucket = REJECTED if out.status == "rejected" else APPLIED
     original = staging / out.name
+    keep = out.status == "rejected" and out.keep_original and _small_enough(original)
     if out.status == "rejected":
         remove_tree(out.work / SET_DIR)  # a refused set is kept as found, not as copied
-        kept = out.keep_original and _small_enough(original)
-        if kept:
-            try:
-                move(original, out.work / SET_DIR)
-            except Rke2certdError:
-                kept = False
-        if not kept:
-            out.reasons.append(
-                f"the set's content was not kept (over {KEEP_SET_BYTES >> 20} MiB, too many "
-                "entries, or gone); only this result is"
-            )
+    try:
+        os.rename(original, out.work / (SET_DIR if keep else _GONE))
+    except FileNotFoundError:
+        keep = False  # renamed away meanwhile
+    if out.status == "rejected" and not keep:
+        out.reasons.append(
+            f"the set's content was not kept (over {KEEP_SET_BYTES >> 20} MiB, too many "
+            "entries, or gone); only this result is"
+        )
     doc = _result_doc(out, now)
     write_files(
         out.work,
@@ -324,8 +329,24 @@ def _file(staging: Path, out: StagingOutcome, now: datetime) -> None:
     dest = _unique(staging / bucket / filed_name(out.name, now.strftime("%Y%m%dT%H%M%SZ")))
     move(out.work, dest)
     out.filed_as = dest
-    _remove_original(original)
+    if not remove_tree(dest / _GONE):
+        log.warning("staged_set_not_removed", cert_path=str(dest / _GONE), reason="changing")
     prune(staging / bucket, KEEP_SETS[bucket], KEEP_BYTES[bucket])
+
+
+def _put_back(staging: Path, out: StagingOutcome) -> None:
+    """Filing failed: the original goes back where it was (taken again after it changes, or
+    at the next start), the rest of the work dir is removed."""
+    for part in (_GONE, SET_DIR):
+        held = out.work / part
+        if part == SET_DIR and out.status != "rejected":
+            continue  # an applied set's copy, not the original
+        try:
+            os.rename(held, staging / out.name)
+            break
+        except OSError:
+            continue
+    remove_tree(out.work)
 
 
 def _small_enough(path: Path) -> bool:
@@ -335,17 +356,6 @@ def _small_enough(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISDIR(st.st_mode) or st.st_size <= KEEP_SET_BYTES
-
-
-def _remove_original(original: Path) -> None:
-    """Out of the staging dir at once (renamed into .work/), then removed."""
-    trash = original.parent / WORK / f"gone-{secrets.token_hex(6)}"
-    try:
-        os.rename(original, trash)
-    except FileNotFoundError:
-        return  # filed already (a refused set) or renamed away
-    if not remove_tree(trash):
-        log.warning("staged_set_not_removed", cert_path=str(trash), reason="still changing")
 
 
 def clean_work(staging: Path) -> None:
