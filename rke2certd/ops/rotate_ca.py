@@ -12,15 +12,16 @@ from pathlib import Path
 
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, bootstrap_key_name, passphrase_from_token
-from rke2certd.errors import TokenError
+from rke2certd.errors import TokenError, ValidationError
 from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token, load_value, save_rotation
 from rke2certd.ops.ca_material import ca_generation
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import NeedsServerError
-from rke2certd.ops.staged_read import read_staged_dir
+from rke2certd.ops.staged_read import read_staged_dir, staged_file_names
 from rke2certd.pki import token as tokens
 from rke2certd.pki.layout import CA_NAMES
+from rke2certd.plan.staged_layout import layout_problems
 from rke2certd.plan.staged_set import ROTATABLE, SERVICE_KEY, ca_cert_file, validate_staged_set
 
 FIELD_OF = {rel: name for name, rel in BOOTSTRAP_FIELDS.items()}
@@ -72,6 +73,10 @@ def rotate_ca(
     password = passphrase_from_token(token)
     staged = read_staged_dir(path, label=label)
     shown = label or str(path)
+    layout = layout_problems(staged_file_names(path), shown)
+    if layout:  # else every file would fall back to the current data: "nothing to do"
+        log.error("rotate_ca_rejected", staged_set=shown, reason="; ".join(layout))
+        raise ValidationError("the staged CA set was rejected, nothing changed", layout)
     kv = datastore.get(bootstrap_key_name(password))
     if kv is None or not kv.value:
         raise TokenError(

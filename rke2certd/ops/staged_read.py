@@ -131,6 +131,24 @@ def _read_at_most(fd: int, count: int) -> bytes:
     return b"".join(chunks)
 
 
+def staged_file_names(path: Path, limit: int = 256) -> list[str]:
+    """Relative paths of the regular files in the staged dir (links not followed), looking at
+    `limit` entries at most: what the layout check (plan/staged_layout.py) needs."""
+    out: list[str] = []
+    seen = 0
+    for root, dirs, files in os.walk(path.resolve()):
+        seen += len(dirs) + len(files)
+        rel = Path(root).relative_to(path.resolve())
+        out += [
+            (rel / f).as_posix()
+            for f in files
+            if not os.path.islink(os.path.join(root, f)) and os.path.isfile(os.path.join(root, f))
+        ]
+        if seen > limit:
+            break
+    return sorted(out)
+
+
 def current_files(tls_dir: Path) -> dict[str, bytes]:
     """The current bytes of the rotatable files under a live `server/tls` (missing: left out).
 

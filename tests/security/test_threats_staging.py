@@ -36,6 +36,7 @@ from rke2certd.datastore.base import Datastore
 from rke2certd.ops import staging
 from rke2certd.ops.bootstrap import open_for
 from rke2certd.ops.node import Node
+from tests.conftest import run_cli
 from tests.daemon.support import DaemonNode, DaemonProcess, age_tree
 
 NOBODY = 65534
@@ -399,6 +400,17 @@ def test_ca_files_outside_tls_are_refused_as_a_wrong_layout(
         assert "nothing to do" not in text and "equals" not in text
         assert server_ca(node) == before
         assert d.stop() == 0
+
+
+def test_rotate_ca_on_a_set_without_tls_says_the_layout_is_wrong(node: DaemonNode) -> None:
+    """The same rule where the operator runs the check by hand: `rotate-ca --path`."""
+    started(node)
+    src = node.stage_rotation("flat-cli")
+    _flatten(src)
+    r = run_cli("-c", node.config, "certificate", "rotate-ca", "--dry-run", "--path", src)
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "wrong layout" in r.stderr and "<set>/tls/" in r.stderr, r.stderr
+    assert "nothing to do" not in r.stdout
 
 
 # --- 8. what .rejected/ keeps ---------------------------------------------------------------------
