@@ -240,6 +240,16 @@ def mutate(rng: random.Random, base: Path, root: Path, n: int) -> Case:
     fns, weights = zip(*MUTATIONS, strict=True)
     for fn in rng.choices(fns, weights, k=rng.choice([0, 1, 1, 2, 2, 3])):
         fn(rng, c)
+    if rng.random() < 0.04:  # not a set at all: a file, a FIFO or a link in its place
+        shutil.rmtree(root)
+        kind = rng.choice(["file", "fifo", "link"])
+        if kind == "file":
+            root.write_text("not a set\n")
+        elif kind == "fifo":
+            os.mkfifo(root, 0o600)
+        else:
+            root.symlink_to(base)
+        c.done.append(f"set is a {kind}")
     c.must_refuse = must_refuse(root)
     return c
 
@@ -249,6 +259,8 @@ def must_refuse(root: Path) -> bool:
     others, a link, a FIFO, a file over the size limit, dirs nested too deep, or a file with a
     rotatable name out of its place: the set must be refused whatever else it holds."""
     names = {rel.rsplit("/", 1)[-1] for rel in ROTATABLE}
+    if root.is_symlink() or not root.is_dir():
+        return True
     todo = [(root, 0)]
     while todo:
         d, depth = todo.pop()

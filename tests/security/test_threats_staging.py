@@ -313,6 +313,17 @@ def test_no_set_name_stops_the_daemon_or_keeps_it_from_ready(node: DaemonNode, n
         assert d.stop() == 0
 
 
+def test_an_error_no_one_foresaw_in_a_daemon_task_is_logged_and_the_loop_goes_on() -> None:
+    """The loop's guard around each task (staging, rescan, rollout ticks) catches every error,
+    not only the project's own: the daemon, and the agents' endpoint with it, stay up."""
+    from rke2certd.daemon.loop import Daemon
+
+    def boom() -> None:
+        raise UnicodeEncodeError("utf-8", "\udcff", 0, 1, "surrogates not allowed")
+
+    Daemon._safe(Daemon.__new__(Daemon), boom)  # no instance state is involved
+
+
 # --- 5. renamed away while it is read ------------------------------------------------------------
 
 
