@@ -24,10 +24,16 @@ class ValidationError(Rke2certdError):
         super().__init__(f"{summary}:\n{body}" if self.problems else summary)
 
 
+# EX_CONFIG of sysexits.h, kept for configuration errors alone: the unit's
+# RestartPreventExitStatus= names it, so a config that cannot load ends in a failed unit that
+# says why, instead of a restart every few seconds that never succeeds.
+EX_CONFIG = 78
+
+
 class ConfigError(ValidationError):
     """The configuration file or command line is invalid."""
 
-    exit_code = 2
+    exit_code = EX_CONFIG
 
 
 class UsageError(Rke2certdError):

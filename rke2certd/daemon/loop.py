@@ -31,7 +31,7 @@ from rke2certd.ops.ca_material import disk_generation
 from rke2certd.ops.check import check
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import RenewResult, renew
-from rke2certd.ops.staging import apply_set, prepare
+from rke2certd.ops.staging import StagingOutcome, prepare, process_set
 from rke2certd.plan.rollout import Rollout, phase_of
 from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
@@ -335,21 +335,30 @@ class Daemon:
         log.info("staging_watched", cert_path=str(staging))
 
     def _process_staging(self) -> None:
+        """Each finished set, one at a time (ops/staging.py: no set stops the daemon, a saved
+        set is rolled out before it is filed)."""
         if self.watcher is None or self.ds is None:
             return
         for name in ready_sets(self.watcher.states(), time.monotonic(), self.quiet):
             self._ping_if_due()
-            outcome = apply_set(self.node, self.cfg.staging, name, self.clock(), self.ds)
-            self.watcher.forget(name)
-            if outcome.status == "applied":
-                if outcome.result is not None:
-                    why = f"staged set {name} applied on {self.cfg.node}"
-                    try:
-                        after_rotation(self.ds, self.cfg.node, outcome.result, why, self.clock())
-                    except Rke2certdError as exc:  # the renew below starts it, or a rescan
-                        log.error("rollout_start_failed", staged_set=name, reason=str(exc))
-                self._renew(f"staged set {name} applied")
+            try:
+                process_set(
+                    self.node, self.cfg.staging, name, self.clock(), self.ds,
+                    roll_out=self._roll_out,
+                )  # fmt: skip
+            finally:
+                self.watcher.forget(name)
             self._status()
+
+    def _roll_out(self, outcome: StagingOutcome) -> None:
+        """A staged set was saved: start its CA rollout, then take the new CAs here."""
+        assert self.ds is not None and outcome.result is not None
+        why = f"staged set {outcome.shown} applied on {self.cfg.node}"
+        try:
+            after_rotation(self.ds, self.cfg.node, outcome.result, why, self.clock())
+        except Rke2certdError as exc:  # the renew below starts it, or a rescan
+            log.error("rollout_start_failed", staged_set=outcome.shown, reason=str(exc))
+        self._renew(f"staged set {outcome.shown} applied")
 
     def _tick_rollouts(self) -> None:
         if self.runner is not None:
@@ -415,7 +424,7 @@ class Daemon:
         self._safe(lambda: self._renew("reload"))
         self._start_supervisor()
         self._start_staging()
-        self._process_staging()
+        self._safe(self._process_staging)
         self.next_rescan = time.monotonic() + self._rescan_interval()
         self._sent_status = self._status_text()
         self.notifier.ready(self._sent_status)
@@ -431,11 +440,14 @@ class Daemon:
         self._start_rollouts()
 
     def _safe(self, fn: Callable[[], object]) -> None:
-        """Run a periodic task; an error is logged and retried at the next occasion."""
+        """Run a periodic task; an error is logged and retried at the next occasion. Any error:
+        one the code did not foresee must not stop the daemon (and the endpoint with it)."""
         try:
             fn()
         except Rke2certdError as exc:
             log.error("task_failed", reason=str(exc))
+        except Exception as exc:  # logged with its traceback, for a bug report
+            log.error("task_failed", reason=f"{type(exc).__name__}: {exc}", exc_info=True)
 
     def _timeout(self) -> float:
         now = time.monotonic()
@@ -461,7 +473,7 @@ class Daemon:
             self._start_supervisor()
             self._start_rollouts()
             self._start_staging()
-            self._process_staging()
+            self._safe(self._process_staging)  # no staged set keeps the daemon from READY
         except Rke2certdError as exc:
             log.error("startup_failed", reason=str(exc))
             self.notifier.status(f"failed to start: {str(exc).splitlines()[0]}")

@@ -39,12 +39,22 @@ warnings.filterwarnings(
 )
 
 
-def _newest_mtime(path: Path) -> float:
-    newest = path.lstat().st_mtime
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            with contextlib.suppress(FileNotFoundError):
-                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+def _newest_mtime(path: Path, limit: int = 1000) -> float:
+    """The newest mtime in a tree, looking at `limit` entries at most (a hostile set may be
+    thousands of dirs deep: no recursion, and a bound on the work done at start)."""
+    newest, todo, seen = path.lstat().st_mtime, [str(path)], 0
+    while todo and seen < limit:
+        try:
+            entries = list(os.scandir(todo.pop()))
+        except OSError:
+            continue
+        for e in entries:
+            seen += 1
+            with contextlib.suppress(OSError):
+                st = e.stat(follow_symlinks=False)
+                newest = max(newest, st.st_mtime)
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
     return newest
 
 

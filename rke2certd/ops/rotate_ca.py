@@ -12,15 +12,16 @@ from pathlib import Path
 
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, bootstrap_key_name, passphrase_from_token
-from rke2certd.errors import TokenError
+from rke2certd.errors import TokenError, ValidationError
 from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token, load_value, save_rotation
 from rke2certd.ops.ca_material import ca_generation
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import NeedsServerError
-from rke2certd.ops.staged_read import read_staged_dir
+from rke2certd.ops.staged_read import read_staged_dir, staged_file_names
 from rke2certd.pki import token as tokens
 from rke2certd.pki.layout import CA_NAMES
+from rke2certd.plan.staged_layout import layout_problems
 from rke2certd.plan.staged_set import ROTATABLE, SERVICE_KEY, ca_cert_file, validate_staged_set
 
 FIELD_OF = {rel: name for name, rel in BOOTSTRAP_FIELDS.items()}
@@ -50,8 +51,17 @@ def _generation(files: dict[str, bytes]) -> str:
 
 
 def rotate_ca(
-    node: Node, path: Path, *, force: bool, dry_run: bool, now: datetime, datastore: Datastore
+    node: Node,
+    path: Path,
+    *,
+    force: bool,
+    dry_run: bool,
+    now: datetime,
+    datastore: Datastore,
+    label: str | None = None,
 ) -> RotateCAResult:
+    """`label` names the set in messages and logs instead of `path` (the daemon checks a private
+    copy of a staged set, but the operator knows the set by its place in the staging dir)."""
     if not node.cfg.is_server:
         raise NeedsServerError("rotate-ca runs on a server (etcd or control-plane role)")
     token = configured_token(node.cfg, node.layout)
@@ -61,7 +71,12 @@ def rotate_ca(
             f"{node.layout.server / 'token'}"
         )
     password = passphrase_from_token(token)
-    staged = read_staged_dir(path)
+    staged = read_staged_dir(path, label=label)
+    shown = label or str(path)
+    layout = layout_problems(staged_file_names(path), shown)
+    if layout:  # else every file would fall back to the current data: "nothing to do"
+        log.error("rotate_ca_rejected", staged_set=shown, reason="; ".join(layout))
+        raise ValidationError("the staged CA set was rejected, nothing changed", layout)
     kv = datastore.get(bootstrap_key_name(password))
     if kv is None or not kv.value:
         raise TokenError(
@@ -73,23 +88,21 @@ def rotate_ca(
     check = validate_staged_set(staged, current, now)
     result = RotateCAResult(path, dry_run, force, warnings=list(check.warnings))
     for w in check.warnings:
-        log.warning("rotate_ca_warning", staged_set=str(path), reason=w)
+        log.warning("rotate_ca_warning", staged_set=shown, reason=w)
     result.old_generation = _generation(dict(current))
     result.old_hash = tokens.ca_hash(current[ca_cert_file("server-ca")])
     if check.nothing_to_do:
         result.nothing_to_do = True
         result.new_generation, result.new_hash = result.old_generation, result.old_hash
-        log.info(
-            "rotate_ca_nothing_to_do", staged_set=str(path), ca_generation=result.old_generation
-        )
+        log.info("rotate_ca_nothing_to_do", staged_set=shown, ca_generation=result.old_generation)
         return result
     error = check.error(force)
     if error is not None:
-        log.error("rotate_ca_rejected", staged_set=str(path), reason="; ".join(error.problems))
+        log.error("rotate_ca_rejected", staged_set=shown, reason="; ".join(error.problems))
         raise error
     result.forced = [p.message for p in check.problems]
     for message in result.forced:
-        log.warning("rotate_ca_forced", staged_set=str(path), reason=message)
+        log.warning("rotate_ca_forced", staged_set=shown, reason=message)
     result.changed = list(check.changed)
     new_files = dict(check.files)
     result.new_generation = _generation(new_files)
@@ -105,7 +118,7 @@ def rotate_ca(
     result.saved = True
     log.info(
         "ca_rotated",
-        staged_set=str(path),
+        staged_set=shown,
         ca_generation=result.new_generation,
         old_generation=result.old_generation,
         changed=",".join(result.changed),

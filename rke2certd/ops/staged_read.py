@@ -25,15 +25,16 @@ class _LinkedDir(Exception):
     """A directory on the way to a staged file is a symlink."""
 
 
-def read_staged_dir(path: Path, limit: int = SIZE_LIMIT) -> StagedSet:
-    """The 11 rotatable files of the staged dir `path`, as the input of validate_staged_set."""
+def read_staged_dir(path: Path, limit: int = SIZE_LIMIT, label: str | None = None) -> StagedSet:
+    """The 11 rotatable files of the staged dir `path`, as the input of validate_staged_set;
+    messages name the set `label` (default: `path`)."""
     root = path.resolve()
     if not root.is_dir():
         raise StorageError(
             f"{path} is not a directory; --path takes the dir that holds tls/ (the server layout)"
         )
     files = {rel: _read_one(root, rel, limit) for rel in ROTATABLE}
-    return StagedSet(files, str(path))
+    return StagedSet(files, label or str(path))
 
 
 def _read_one(root: Path, rel: str, limit: int) -> StagedFile:
@@ -128,6 +129,24 @@ def _read_at_most(fd: int, count: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def staged_file_names(path: Path, limit: int = 256) -> list[str]:
+    """Relative paths of the regular files in the staged dir (links not followed), looking at
+    `limit` entries at most: what the layout check (plan/staged_layout.py) needs."""
+    out: list[str] = []
+    seen = 0
+    for root, dirs, files in os.walk(path.resolve()):
+        seen += len(dirs) + len(files)
+        rel = Path(root).relative_to(path.resolve())
+        out += [
+            (rel / f).as_posix()
+            for f in files
+            if not os.path.islink(os.path.join(root, f)) and os.path.isfile(os.path.join(root, f))
+        ]
+        if seen > limit:
+            break
+    return sorted(out)
 
 
 def current_files(tls_dir: Path) -> dict[str, bytes]:

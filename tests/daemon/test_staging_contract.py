@@ -225,7 +225,7 @@ def test_a_symlink_inside_a_set_gets_it_rejected_with_that_reason(node: DaemonNo
         assert "symbolic link" in (path.parent / "result.txt").read_text()
         rejected = d.wait_event("staged_set_rejected", staged_set="linked")
         assert rejected["level"] == "error" and "symbolic link" in rejected["reason"]
-        assert (path.parent / "tls/server-ca.key").is_symlink()  # filed as found
+        assert (path.parent / "set/tls/server-ca.key").is_symlink()  # filed as found, in set/
         assert (node.data / "server/tls/server-ca.crt").read_bytes() == ca_before
         assert d.stop() == 0
 

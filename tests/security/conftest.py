@@ -1,5 +1,7 @@
 """Fixtures of the threat tests: a real server node, its endpoint on loopback over real TLS with a
-real SQLite datastore behind the cluster route, and every structlog event of the test."""
+real SQLite datastore behind the cluster route, and every structlog event of the test; the daemon
+tests' fixtures (a node per test, the session's captured logs), so that the staging threats run the
+same real daemon and their logs are grepped for secrets like the others'."""
 
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.server import SupervisorHandle, start
 from tests.agent.helpers import ServerNode, make_server_node
+from tests.daemon.conftest import captured_logs_dir, node
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+__all__ = ["captured_logs_dir", "node"]
 
 
 @pytest.fixture(autouse=True)

@@ -385,3 +385,32 @@ def test_the_dropin_runs_renew_before_a_standin_rke2_server(ct: Container) -> No
     assert {KUBELET, f"{TLS}/serving-kube-apiserver.crt"} <= paths
     assert all(unit[i]["SYSLOG_IDENTIFIER"] == "rke2certd" for i in renewed)
     assert journal(ct, "-u", "rke2-server", "-t", "rke2certd", "EVENT=cert_renewed")
+
+
+def test_a_config_error_ends_in_a_failed_unit_that_says_why(ct: Container, password: str) -> None:
+    """A bad key in the config: `rke2certd run` exits 78 (EX_CONFIG), which the unit's
+    RestartPreventExitStatus= names, so the unit is "failed" at once with the reason in the
+    journal, not "activating (auto-restart)" every RestartSec for ever."""
+    ensure_running(ct)
+    before = int(show(ct, "rke2certd", "NRestarts")["NRestarts"])
+    write_config(ct, password, no_such_key=1)
+    try:
+        r = ct.exec(["systemctl", "restart", "rke2certd"], timeout=120)
+        assert r.returncode != 0  # the start job failed
+
+        def failed() -> dict[str, str] | None:
+            props = show(
+                ct, "rke2certd", "ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts"
+            )
+            return props if props["ActiveState"] == "failed" else None
+
+        props = wait_for(failed, 30, "the unit to be failed")
+        assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "78"), props
+        assert int(props["NRestarts"]) == before, props  # not restarted
+        said = ct.journal("-u", "rke2certd", "-o", "cat")
+        assert "invalid configuration" in said and "no-such-key" in said, said[-2000:]
+    finally:
+        write_config(ct, password)
+        ct.exec(["systemctl", "reset-failed", "rke2certd"])
+        ensure_running(ct)
+    assert show(ct, "rke2certd", "ActiveState")["ActiveState"] == "active"

@@ -73,6 +73,7 @@ def test_service_settings_in_force(ct: Container) -> None:
         "Type",
         "NotifyAccess",
         "Restart",
+        "RestartPreventExitStatus",
         "ExecReload",
         "ProtectSystem",
         "ReadWritePaths",
@@ -92,6 +93,7 @@ def test_service_settings_in_force(ct: Container) -> None:
     assert got["Type"] == "notify" and got["NotifyAccess"] == "main"
     # WatchdogUSec reads "infinity" until the unit runs (systemd 252): the probe test checks it
     assert got["Restart"] == "on-failure"
+    assert got["RestartPreventExitStatus"] == "78"  # EX_CONFIG: a config error is not retried
     assert "argv[]=/bin/kill -HUP $MAINPID" in got["ExecReload"]
     assert got["ProtectSystem"] == "strict" and got["ProtectHome"] == "yes"
     assert got["ReadWritePaths"].split() == [
