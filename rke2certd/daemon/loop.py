@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
+from rke2certd.daemon.monitor import Monitor
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
 from rke2certd.datastore.base import Datastore
@@ -107,6 +108,7 @@ class Daemon:
         self.next_ping = 0.0
         self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
         self._sent_status = ""
+        self.monitor = Monitor(clock)  # all-OK signal, metrics endpoint, textfile
 
     @property
     def agent_only(self) -> bool:
@@ -193,6 +195,7 @@ class Daemon:
 
         try:
             self._renew("start")
+            self.monitor.rescanned()
         except UnreachableError as exc:
             if not self.agent_only or not self._certs_usable():
                 raise
@@ -218,6 +221,7 @@ class Daemon:
         if self.deferred:
             log.info("renew_resumed", reason="the server answered again")
         self.deferred = None
+        self.monitor.rescanned()
         if self.runner is None and self.remote is not None:
             self._start_rollouts()
 
@@ -357,7 +361,9 @@ class Daemon:
 
     def _certs_summary(self) -> str:
         if self._certs_text is None:
-            rows = [r for r in check(self.node, [], self.clock()).rows if r.index == 0]
+            result = check(self.node, [], self.clock())
+            self.monitor.certs(self.node, result)
+            rows = [r for r in result.rows if r.index == 0]
             self._certs_text = ""
             if rows:
                 first = min(rows, key=lambda r: r.not_after)
@@ -381,6 +387,8 @@ class Daemon:
             parts.append("NOT serving agents (see the journal)")
         if self._certs_summary():
             parts.append(self._certs_summary())
+        if self.monitor.status_text():
+            parts.append(self.monitor.status_text())
         if self.runner is not None:
             parts.append(self.runner.status_text())
         return "; ".join(parts) or "running"
@@ -412,6 +420,7 @@ class Daemon:
             if self.ds is None and self.runner is not None:  # no datastore: out until the next
                 self.runner.close()
                 self.runner = None
+        self.monitor.configure(self.cfg)
         self._safe(lambda: self._renew("reload"))
         self._start_supervisor()
         self._start_staging()
@@ -456,6 +465,7 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         try:
+            self.monitor.configure(self.cfg)
             self._open_datastore()
             self._start_renew()
             self._start_supervisor()
@@ -473,6 +483,7 @@ class Daemon:
         self.notifier.ready(self._sent_status)
         log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
         self._ping_if_due()
+        self.monitor.tick(self)
         while not self.flags.stop:
             self.wake.wait(self._timeout())
             self._ping_if_due()
@@ -486,9 +497,11 @@ class Daemon:
             if time.monotonic() >= self.next_rescan:
                 self._safe(self._rescan)
                 self._start_supervisor()
+                self.monitor.retry()
                 self.next_rescan = time.monotonic() + self._rescan_interval()
             self._safe(self._tick_rollouts)
             self._status()
+            self.monitor.tick(self)
         return self._shutdown()
 
     def _shutdown(self) -> int:
@@ -500,6 +513,7 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
+        self.monitor.close()
         self._stop_supervisor()
         if self.watcher is not None:
             self.watcher.stop()

@@ -41,6 +41,10 @@ class Row:
     serial: str
     status: Status
     residual: timedelta
+    # a kubeconfig's certificate: `user` and the YAML key it came from (x509-certificate-
+    # exporter's embedded_kind / embedded_key); empty for PEM files
+    embedded_kind: str = ""
+    embedded_key: str = ""
 
     @property
     def expiry(self) -> datetime:
