@@ -209,9 +209,19 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
         else:
             with node_lock(cfg.data_dir, cfg.lock_timeout):
                 result = renew(node, system_clock(), datastore=ds)
+                _node_files(node)
             _warm_check_cache(node)
     sys.stdout.write(render_renew(result, args.output))
     return 0
+
+
+def _node_files(node: Node) -> None:
+    """The startup hook's part for the files RKE2 writes itself: the admin kubeconfig brought
+    up to date, and dynamiclistener's cert regenerated at RKE2's start when it must be."""
+    from rke2certd.ops.node_files import refresh_admin_kubeconfig, request_dynamic_regenerate
+
+    refresh_admin_kubeconfig(node)
+    request_dynamic_regenerate(node, system_clock())
 
 
 def _warm_check_cache(node: Node) -> None:

@@ -168,6 +168,9 @@ class Daemon:
                 result = agent_renew(self.node, self.clock(), token=self._token)
             else:
                 result = renew(self.node, self.clock(), datastore=self.ds)
+                from rke2certd.ops.node_files import refresh_admin_kubeconfig
+
+                refresh_admin_kubeconfig(self.node)  # kubectl needs no RKE2 restart for it
         self._certs_text = None
         after = disk_generation(self.node.layout)
         if result.changes or result.extracted:

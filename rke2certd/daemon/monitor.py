@@ -75,7 +75,7 @@ class Monitor:
         if new.level is Level.OK and old is not None and old.level is not Level.OK:
             log.info("all_certificates_ok", reason=new.text, previous=old.level.name)
         elif new.level is not Level.OK and (old is None or old.text != new.text):
-            log.warning("certificates_not_ok", level=new.level.name, reason=new.text)
+            log.warning("certificates_not_ok", verdict=new.level.name, reason=new.text)
         if self.metrics is None:
             return
         from rke2certd.daemon.metrics import overdue_rows

@@ -34,7 +34,7 @@ from rke2certd.errors import PKIError
 from rke2certd.log import log
 from rke2certd.ops.cert_facts import FactsCache
 from rke2certd.ops.node import Node
-from rke2certd.plan.inventory import Row, Status, rows_for
+from rke2certd.plan.inventory import Row, Status, rows_for, status
 from rke2certd.store.atomic import read_optional
 
 # kubeconfig name -> service (`certificate check -s`)
@@ -275,34 +275,33 @@ def refresh_admin_kubeconfig(node: Node) -> bool:
 
 
 def dynamic_cert_problem(node: Node, now: datetime) -> str | None:
-    """Why RKE2 should regenerate its dynamiclistener cert at its next start (None: keep it)."""
-    data = read_optional(dynamic_cert(node))
+    """Why RKE2 should regenerate its dynamiclistener cert at its next start (None: keep it).
+    Facts come from the facts cache (no X.509 parsing on an unchanged node: this runs before
+    every RKE2 start); the issuer is compared by name with the server CA's subject, which
+    carries the CA's creation time in RKE2's CNs."""
+    path = dynamic_cert(node)
+    data = read_optional(path)
     ca_data = read_optional(node.layout.ca_cert("server-ca"))
     if data is None or ca_data is None:
         return None
+    cache = FactsCache.for_data_dir(node.layout.data_dir)
     try:
-        pem = dynamic_cert_pem(data, dynamic_cert(node))
-    except PKIError as exc:
-        return str(exc)
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-
-    try:
-        cert = x509.load_pem_x509_certificate(pem)
-        ca = x509.load_pem_x509_certificates(ca_data)[0]
-    except ValueError as exc:
+        leaf = cache.facts(dynamic_cert_pem(data, path), path)[0]
+        ca = cache.facts(ca_data, node.layout.ca_cert("server-ca"))[0]
+    except (PKIError, IndexError) as exc:
         return f"unreadable: {exc}"
-    not_after = cert.not_valid_after_utc
-    if now > not_after:
-        return f"expired at {not_after.isoformat()}"
-    if now < cert.not_valid_before_utc:
-        return "not yet valid"
-    if not_after - now <= timedelta(days=node.cfg.renew_before_days):
-        return f"expires within {node.cfg.renew_before_days} days"
-    try:
-        cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, InvalidSignature):
-        return "not signed by the current server CA"
+    finally:
+        cache.save()
+    window = timedelta(days=node.cfg.renew_before_days)
+    match status(leaf, now, window):
+        case Status.EXPIRED:
+            return f"expired at {leaf.not_after.isoformat()}"
+        case Status.NOT_YET_VALID:
+            return "not yet valid"
+        case Status.WARNING:
+            return f"expires within {node.cfg.renew_before_days} days"
+    if leaf.issuer != ca.subject:
+        return f"issued by {leaf.issuer}, not the current server CA {ca.subject}"
     return None
 
 
