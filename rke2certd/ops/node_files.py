@@ -213,25 +213,31 @@ def _wanted_admin(node: Node) -> dict[bytes, bytes] | None:
     return {k: base64.b64encode(v) for k, v in files.items() if v is not None}
 
 
+_STALE = {
+    b"client-certificate-data": "its client certificate is not client-admin.crt",
+    b"client-key-data": "its client key is not client-admin.key",
+    b"certificate-authority-data": "its certificate-authority-data is not server-ca.crt (old CA)",
+}
+
+
 def admin_kubeconfig_stale(node: Node, text: bytes) -> str | None:
-    """Why the admin kubeconfig's embedded cert or CA is not the one on disk (None: it is)."""
+    """Why the admin kubeconfig's embedded cert, key or CA is not the one on disk (None: they
+    are); every difference, in a fixed order."""
     wanted = _wanted_admin(node)
     if wanted is None:
         return None
+    found: set[bytes] = set()
     for m in _LINE.finditer(text):
         key = m["key"]
         if key in wanted and m["value"] != wanted[key]:
             try:
-                decoded = base64.b64decode(m["value"])
+                same = base64.b64decode(m["value"]) == base64.b64decode(wanted[key])
             except (binascii.Error, ValueError):
-                return f"{key.decode()} is not base64"
-            if decoded != base64.b64decode(wanted[key]):
-                if key == b"client-certificate-data":
-                    return "its client certificate is not client-admin.crt (stale)"
-                if key == b"certificate-authority-data":
-                    return "its certificate-authority-data is not server-ca.crt (old CA)"
-                return "its client key is not client-admin.key (stale)"
-    return None
+                same = False
+            if not same:
+                found.add(key)
+    reasons = [why for key, why in _STALE.items() if key in found]
+    return "; ".join(reasons) or None
 
 
 def refresh_admin_kubeconfig(node: Node) -> bool:
