@@ -24,6 +24,7 @@ def _agent_config(root: Path, server: ServerNode, port: int, name: str) -> Path:
             "node-ip": ["127.0.0.1"], "server": "https://127.0.0.1:9345",
             "supervisor-port": port, "token": server.agent_token, "log-format": "json",
             "rescan-interval": 1,  # the retry while the servers are away: every second here
+            "metrics-address": "",  # not the shared default port
         })
     )  # fmt: skip
     cfg.chmod(0o600)
