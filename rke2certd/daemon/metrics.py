@@ -200,6 +200,8 @@ def _cert_families(snap: Snapshot, now: datetime) -> Iterator[Any]:
         after.add_metric(labels, row.not_after.timestamp())
         before.add_metric(labels, row.not_before.timestamp())
         expired.add_metric(labels, 1.0 if now > row.not_after else 0.0)
+        if row.index > 0 and row.service != CA_SERVICE:
+            continue  # a chain's CA: its x509 series are there; its status is the CA file's
         current = status(_facts(row), now, snap.window)
         short = [str(row.path), labels[2], row.subject, row.issuer, row.service]
         for s, name in STATUS_NAMES.items():
@@ -336,12 +338,14 @@ class Metrics:
         self.thread: threading.Thread | None = None
         self.address: tuple[str, int] | None = None
         self._last_text: bytes | None = None
+        self.dirty = True  # something changed since the textfile was written
         self._step_event: str | None = None
         add_observer(self.observe)
 
     # events -> counters (any thread)
 
     def observe(self, event: str, fields: dict[str, Any]) -> None:
+        self.dirty = True
         reason = str(fields.get("reason") or "")
         if event == "cert_renewed" and not fields.get("dry_run"):
             self.renewals.labels(str(fields.get("cert_service", "")), reason_category(reason)).inc()
@@ -374,7 +378,9 @@ class Metrics:
     def update(self, **changes: Any) -> None:
         with self.lock:
             for key, value in changes.items():
-                setattr(self.snap, key, value)
+                if getattr(self.snap, key) != value:
+                    setattr(self.snap, key, value)
+                    self.dirty = True
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
@@ -411,8 +417,9 @@ class Metrics:
 
     def write_textfile(self, directory: Path | None) -> bool:
         """`<dir>/rke2certd.prom`, atomically, when its bytes changed; node_exporter reads it."""
-        if directory is None:
+        if directory is None or not self.dirty:
             return False
+        self.dirty = False
         data = self.text()
         if data == self._last_text:
             return False
@@ -425,6 +432,7 @@ class Metrics:
             write_file(directory / TEXTFILE, data, 0o644)
         except (Rke2certdError, OSError) as exc:
             log.error("metrics_textfile_failed", cert_path=str(directory), reason=str(exc))
+            self.dirty = True  # tried again at the next turn
             return False
         self._last_text = data
         return True

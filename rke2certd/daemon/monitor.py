@@ -92,6 +92,7 @@ class Monitor:
     def rescanned(self) -> None:
         if self.metrics is not None:
             self.metrics.update(last_rescan=self.clock().timestamp())
+            self.metrics.dirty = True  # statuses move with time: the textfile at least per rescan
 
     def tick(self, daemon: Daemon) -> None:
         if self.metrics is None:
