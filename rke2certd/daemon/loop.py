@@ -214,9 +214,11 @@ class Daemon:
         return min(AGENT_RETRY, self.cfg.rescan_interval) if waiting else self.cfg.rescan_interval
 
     def _certs_usable(self) -> bool:
+        from rke2certd.ops.node_files import WATCHED
         from rke2certd.plan.inventory import failing
 
-        rows = check(self.node, [], self.clock()).rows
+        # the node's own certificates: an operator's watched file does not stop the start
+        rows = [r for r in check(self.node, [], self.clock()).rows if r.service != WATCHED]
         return bool(rows) and not failing(rows)
 
     def _rescan(self) -> None:
