@@ -85,7 +85,7 @@ def reason_category(reason: str) -> str:
     """A renewal's first reason as a bounded label value (the text is in the journal)."""
     first = reason.split(";", 1)[0].strip()
     for prefix, name in _REASONS:
-        if first.startswith(prefix) or (prefix == "key" and "key" in first):
+        if first.startswith(prefix):
             return name
     return "other" if first else "unknown"
 

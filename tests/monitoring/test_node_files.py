@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -222,3 +223,20 @@ def test_status_with_plugin_exit_codes(node: DaemonNode, tmp_path: Path) -> None
     node.write_config(datastore_endpoint="https://127.0.0.1:1")  # nothing answers there
     r = node.cli("status", "--exit-codes=nagios", check=False)
     assert r.returncode == 3 and r.stdout.startswith("RKE2CERTD UNKNOWN - "), r.stdout
+
+
+def test_the_daemon_brings_a_stale_rke2_yaml_up_to_date_at_a_renewal(rke2_node: DaemonNode) -> None:
+    node = rke2_node
+    rke2_yaml = Path(node.settings["write-kubeconfig"])
+    tls = node.data / "server/tls"
+    current = rke2_yaml.read_text()
+    with node.daemon() as d:
+        d.notify.expect("READY", timeout=60)
+        old_cert, old_key = make_cert("system:admin", days(-30), days(30), _ca(node, "client-ca"))
+        stale = admin_kubeconfig((tls / "server-ca.crt").read_bytes(), old_cert, old_key)
+        rke2_yaml.write_text(stale)
+        d.signal(signal.SIGHUP)  # a reload renews: the kubeconfig follows
+        event = d.wait_event("kubeconfig_rewritten", cert_path=str(rke2_yaml))
+        assert "client-admin.crt" in event["reason"]
+        assert rke2_yaml.read_text() == current
+        assert d.stop() == 0
