@@ -512,7 +512,9 @@ class RolloutRunner:
             running.status, state=state, message=message, finished=now,
             restart_seconds=res.restart_seconds, health_seconds=res.health_seconds,
         )  # fmt: skip
-        durations = {"restart_seconds": res.restart_seconds, "health_seconds": res.health_seconds}
+        durations = {"restart_seconds": res.restart_seconds}  # for the metrics' histograms
+        if res.step == "health":  # the gate ran
+            durations["health_seconds"] = res.health_seconds
         try:
             written = self.store.set_status(r, status, seen=running.seen)
             if res.ok:
