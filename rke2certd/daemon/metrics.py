@@ -349,6 +349,8 @@ class Metrics:
         reason = str(fields.get("reason") or "")
         if event == "cert_renewed" and not fields.get("dry_run"):
             self.renewals.labels(str(fields.get("cert_service", "")), reason_category(reason)).inc()
+        elif event == "kubeconfig_rewritten":
+            self.renewals.labels("admin", "kubeconfig").inc()
         elif event in ("staged_set_applied", "staged_set_rejected"):
             applied = event.endswith("applied")
             why = "ok" if applied else rejection_category(reason)

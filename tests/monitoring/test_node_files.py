@@ -11,11 +11,12 @@ import json
 import signal
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.daemon.support import DaemonNode, read_events
+from tests.daemon.support import ENV_BASE, DaemonNode, read_events
 from tests.monitoring.support import admin_kubeconfig, days, dynamic_cert_json, make_cert
 
 
@@ -240,3 +241,18 @@ def test_the_daemon_brings_a_stale_rke2_yaml_up_to_date_at_a_renewal(rke2_node: 
         assert "client-admin.crt" in event["reason"]
         assert rke2_yaml.read_text() == current
         assert d.stop() == 0
+
+
+@pytest.mark.parametrize("command", [("renew",), ("certificate", "check")])
+def test_the_hot_paths_do_not_import_prometheus_client(
+    rke2_node: DaemonNode, command: tuple[str, ...]
+) -> None:
+    """`renew` runs before every RKE2 start, `check` from scripts: the metrics stay out."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "rke2certd", "-c", str(rke2_node.config),
+         *command],
+        env=ENV_BASE, capture_output=True, text=True, check=False, cwd="/",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rke2certd.ops.node_files" in r.stderr, "the import profile is there"
+    assert "prometheus_client" not in r.stderr

@@ -227,3 +227,14 @@ def test_an_admin_kubeconfig_with_two_users_is_reported_not_rewritten(tmp_path: 
     assert refresh_admin_kubeconfig(node) is False
     assert path.read_text() == text
     assert admin_kubeconfig_stale(node, text.encode()) is not None
+
+
+def test_the_admin_kubeconfig_path_follows_rke2s_config_dir(tmp_path: Path) -> None:
+    default = Config.from_mapping({})
+    assert default.kubeconfig_file == Path("/etc/rancher/rke2/rke2.yaml")
+    beside = Config.from_mapping({"rke2-config": str(tmp_path / "rke2" / "config.yaml")})
+    assert beside.kubeconfig_file == tmp_path / "rke2" / "rke2.yaml"
+    named = Config.from_mapping(
+        {"rke2-config": str(tmp_path / "config.yaml"), "write-kubeconfig": "/root/kube.yaml"}
+    )
+    assert named.kubeconfig_file == Path("/root/kube.yaml")
