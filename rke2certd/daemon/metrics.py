@@ -339,6 +339,7 @@ class Metrics:
         self.address: tuple[str, int] | None = None
         self._last_text: bytes | None = None
         self.dirty = True  # something changed since the textfile was written
+        self._textfile_error: str | None = None
         self._step_event: str | None = None
         add_observer(self.observe)
 
@@ -433,9 +434,14 @@ class Metrics:
                 ensure_dir(directory, 0o755)
             write_file(directory / TEXTFILE, data, 0o644)
         except (Rke2certdError, OSError) as exc:
-            log.error("metrics_textfile_failed", cert_path=str(directory), reason=str(exc))
+            if str(exc) != self._textfile_error:  # once per problem, not at every turn
+                log.error("metrics_textfile_failed", cert_path=str(directory), reason=str(exc))
+            self._textfile_error = str(exc)
             self.dirty = True  # tried again at the next turn
             return False
+        if self._textfile_error is not None:
+            log.info("metrics_textfile_written", cert_path=str(directory), reason="works again")
+            self._textfile_error = None
         self._last_text = data
         return True
 

@@ -149,6 +149,15 @@ def test_events_feed_the_counters_histograms_and_datastore_gauge(tmp_path: Path)
         prom = tmp_path / "tf" / "rke2certd.prom"
         assert stat.S_IMODE(prom.stat().st_mode) == 0o644
         assert "rke2certd_datastore_reachable 0.0" in prom.read_text()
+        # a dir it cannot write: said once, tried again at each turn, said when it works
+        blocked = tmp_path / "blocked"
+        blocked.write_text("a file where the dir should be")
+        m.update(datastore_up=True)
+        assert m.write_textfile(blocked) is False
+        assert m.dirty, "tried again at the next turn"
+        blocked.unlink()
+        assert m.write_textfile(blocked) is True
+        assert (blocked / "rke2certd.prom").exists()
     finally:
         m.close()
 
