@@ -6,7 +6,8 @@
 #   $TMPFILESDIR/rke2certd.conf
 #   /etc/rke2certd/config.yaml            from config.example.yaml (a conffile, mode 0600:
 #                                         it may hold a token)
-#   /usr/share/doc/rke2certd/             README.md, config.example.yaml
+#   /usr/share/doc/rke2certd/             README.md, config.example.yaml, the Prometheus alert
+#                                         rules (prometheus/) and Grafana dashboard (grafana/)
 #
 # A venv is not relocatable (absolute paths in its scripts, pyvenv.cfg, compiled .pyc), so it is
 # built AT /opt/rke2certd: in a private mount namespace, /opt becomes an overlay whose upper
@@ -86,4 +87,8 @@ fi
 install -m 0600 "$config" "$destroot/etc/rke2certd/config.yaml"
 install -m 0644 "$config" "$destroot/usr/share/doc/rke2certd/config.example.yaml"
 [[ -f $repo/README.md ]] && install -m 0644 "$repo/README.md" "$destroot/usr/share/doc/rke2certd/"
+install -D -m 0644 "$repo/packaging/prometheus/rke2certd.rules.yml" \
+  "$destroot/usr/share/doc/rke2certd/prometheus/rke2certd.rules.yml"
+install -D -m 0644 "$repo/packaging/grafana/rke2certd.json" \
+  "$destroot/usr/share/doc/rke2certd/grafana/rke2certd.json"
 echo "staged rke2certd into $destroot (venv on $python)"

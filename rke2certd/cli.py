@@ -42,6 +42,12 @@ def _services_arg(p: argparse.ArgumentParser) -> None:
                    help="limit to these services (repeatable, comma lists)")  # fmt: skip
 
 
+def _exit_codes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--exit-codes", choices=["default", "nagios"], default="default",
+                   help="nagios: exit 0 OK, 1 warning, 2 critical, 3 unknown (monitoring "
+                   "plugins); default: today's codes")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -65,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = csub.add_parser("check", parents=[common], help="show every certificate and its status")
     _services_arg(p)
     p.add_argument("--output", "-o", choices=["text", "table", "json", "yaml"], default="text")
+    _exit_codes_arg(p)
     p.set_defaults(handler=cmd_check)
     p = csub.add_parser("rotate", parents=[common], help="new keys and certificates now")
     _services_arg(p)
@@ -108,6 +115,7 @@ def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """`status`, `node remove`, `rollout resume`: the cluster-wide rollout (ops/status.py)."""
     p = sub.add_parser("status", parents=[common], help="the cluster's rollouts and nodes")
     p.add_argument("--output", "-o", choices=["table", "json"], default="table")
+    _exit_codes_arg(p)
     p.set_defaults(handler=cmd_status)
     node = sub.add_parser("node", parents=[common], help="the node registry")
     nsub = node.add_subparsers(dest="node_command", required=True, metavar="ACTION")
@@ -134,6 +142,10 @@ def _cluster_datastore(cfg: Config) -> Datastore:
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
+    if args.exit_codes == "nagios":
+        from rke2certd.ops.monitoring import status_plugin
+
+        return status_plugin(cfg, args.output)
     from rke2certd.ops.status import render_status
 
     if not cfg.is_server:  # an agent reads the rollout keys through a server's endpoint
@@ -197,9 +209,19 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
         else:
             with node_lock(cfg.data_dir, cfg.lock_timeout):
                 result = renew(node, system_clock(), datastore=ds)
+                _node_files(node)
             _warm_check_cache(node)
     sys.stdout.write(render_renew(result, args.output))
     return 0
+
+
+def _node_files(node: Node) -> None:
+    """The startup hook's part for the files RKE2 writes itself: the admin kubeconfig brought
+    up to date, and dynamiclistener's cert regenerated at RKE2's start when it must be."""
+    from rke2certd.ops.node_files import refresh_admin_kubeconfig, request_dynamic_regenerate
+
+    refresh_admin_kubeconfig(node)
+    request_dynamic_regenerate(node, system_clock())
 
 
 def _warm_check_cache(node: Node) -> None:
@@ -355,6 +377,10 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
     services = parse_services(args.service)
     result = check(Node.from_config(cfg), services, system_clock())
     sys.stdout.write(RENDERERS[args.output](result))
+    if args.exit_codes == "nagios":
+        from rke2certd.plan.verdict import verdict
+
+        return int(verdict(result.rows, result.errors, result.warnings).level)
     return 1 if failing(result.rows) or result.errors else 0
 
 
@@ -388,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args, cfg)
     except Rke2certdError as exc:
         print(f"rke2certd: error: {exc}", file=sys.stderr)
+        if getattr(args, "exit_codes", "default") == "nagios":
+            return 3  # UNKNOWN: the check itself could not run
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

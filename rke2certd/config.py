@@ -23,6 +23,7 @@ from rke2certd.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/rke2certd/config.yaml")
 DEFAULT_DATA_DIR = Path("/var/lib/rancher/rke2")
+DEFAULT_RKE2_CONFIG_DIR = Path("/etc/rancher/rke2")
 
 # Keys that mean the same in RKE2's config.yaml and ours; only these are taken from it.
 SHARED_KEYS = (
@@ -40,6 +41,7 @@ SHARED_KEYS = (
     "datastore-cafile",
     "datastore-certfile",
     "datastore-keyfile",
+    "write-kubeconfig",
 )
 
 
@@ -94,6 +96,11 @@ class Config:
     health_apiserver_endpoint: str
     health_kubelet_endpoint: str
     staging_quiet: float
+    # Monitoring: "" = no metrics endpoint; None = no node_exporter textfile.
+    metrics_address: str
+    textfile_dir: Path | None
+    watch_files: list[str]
+    write_kubeconfig: Path | None
 
     # The config files that were read, lowest precedence first (RKE2's config, its drop-ins in
     # order, ours); the last one that sets a key wins. Not part of the configuration's value.
@@ -130,6 +137,15 @@ class Config:
         return self.renew_before_days
 
     @property
+    def kubeconfig_file(self) -> Path:
+        """The admin kubeconfig RKE2 writes (`write-kubeconfig`; default rke2.yaml beside
+        RKE2's config.yaml)."""
+        if self.write_kubeconfig is not None:
+            return self.write_kubeconfig
+        base = self.rke2_config.parent if self.rke2_config else DEFAULT_RKE2_CONFIG_DIR
+        return base / "rke2.yaml"
+
+    @property
     def staging(self) -> Path:
         return self.staging_dir or self.data_dir / "server" / "rotate-ca" / "incoming"
 
@@ -144,6 +160,8 @@ _PATH_FIELDS = frozenset(
         "datastore_keyfile",
         "rke2_config",
         "staging_dir",
+        "textfile_dir",
+        "write_kubeconfig",
     }
 )
 

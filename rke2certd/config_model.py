@@ -73,6 +73,29 @@ class ConfigModel(BaseModel):
     )
     health_kubelet_endpoint: str = Field("https://127.0.0.1:10250", alias="health-kubelet-endpoint")
     staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
+    # Monitoring (rke2certd/daemon/metrics.py, ops/node_files.py).
+    metrics_address: str = Field("127.0.0.1:9347", alias="metrics-address")
+    textfile_dir: Path | None = Field(None, alias="textfile-dir")
+    watch_files: StrList = Field(default_factory=list, alias="watch-files")
+    write_kubeconfig: Path | None = Field(None, alias="write-kubeconfig")
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        from rke2certd.plan.listen import parse_listen
+
+        parse_listen(v)  # ValueError says what is wrong
+        return v.strip()
+
+    @field_validator("watch_files")
+    @classmethod
+    def _globs(cls, v: list[str]) -> list[str]:
+        relative = [g for g in v if g and not g.startswith("/")]
+        if relative:
+            raise ValueError(
+                f"absolute paths or globs only (e.g. /root/ci/*.kubeconfig): {relative}"
+            )
+        return [g for g in v if g]
 
     @field_validator("node_ip", "tls_san")
     @classmethod

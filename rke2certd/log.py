@@ -7,12 +7,36 @@ should not pay for the logging stack.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 _settings: dict[str, str] = {}
+
+# Called with (event, fields) for every event, whatever the log level: the daemon's metrics
+# count what happened from the events the code logs anyway (rke2certd/daemon/metrics.py).
+Observer = Callable[[str, dict[str, Any]], None]
+_observers: list[Observer] = []
+_EMITTERS = frozenset({"debug", "info", "warning", "warn", "error", "exception", "critical"})
+
+
+def add_observer(fn: Observer) -> None:
+    _observers.append(fn)
+
+
+def remove_observer(fn: Observer) -> None:
+    with contextlib.suppress(ValueError):
+        _observers.remove(fn)
+
+
+def notify(event: str, **fields: Any) -> None:
+    """Tell the observers about an event that is not logged (one per request, say)."""
+    for fn in list(_observers):
+        with contextlib.suppress(Exception):  # a metric must never break the work it counts
+            fn(event, fields)
 
 
 def setup(fmt: str, level: str) -> None:
@@ -33,7 +57,22 @@ class _Lazy:
 
                 logs.configure(_settings["fmt"], _settings["level"])  # type: ignore[arg-type]
             _Lazy.real = structlog.get_logger("rke2certd")
-        return getattr(_Lazy.real, name)
+        method = getattr(_Lazy.real, name)
+        if not _observers or (name not in _EMITTERS and name != "log"):
+            return method
+        if name == "log":  # log.log(level, event, ...)
+
+            def emit_at(level: int, event: str, *args: Any, **fields: Any) -> Any:
+                notify(event, **fields)
+                return method(level, event, *args, **fields)
+
+            return emit_at
+
+        def emit(event: str, *args: Any, **fields: Any) -> Any:
+            notify(event, **fields)
+            return method(event, *args, **fields)
+
+        return emit
 
 
 log = cast("FilteringBoundLogger", _Lazy())

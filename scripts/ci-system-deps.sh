@@ -9,9 +9,11 @@
 #   rpm                rpmbuild, to build packaging/rke2certd.spec in a test
 #   openssl            an independent check of certificates in tests
 #   procps             pgrep/ps for the harnesses
+#   prometheus         promtool (tests of the shipped alert rules) and a real Prometheus that
+#                      scrapes the daemon in tests/monitoring
 set -euo pipefail
 
-packages=(systemd systemd-container util-linux dpkg-dev python3 python3-venv rpm openssl procps curl)
+packages=(systemd systemd-container util-linux dpkg-dev python3 python3-venv rpm openssl procps curl prometheus)
 
 missing=()
 for p in "${packages[@]}"; do

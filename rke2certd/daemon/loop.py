@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
+from rke2certd.daemon.monitor import Monitor
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
 from rke2certd.datastore.base import Datastore
@@ -107,6 +108,7 @@ class Daemon:
         self.next_ping = 0.0
         self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
         self._sent_status = ""
+        self.monitor = Monitor(clock)  # all-OK signal, metrics endpoint, textfile
 
     @property
     def agent_only(self) -> bool:
@@ -166,6 +168,9 @@ class Daemon:
                 result = agent_renew(self.node, self.clock(), token=self._token)
             else:
                 result = renew(self.node, self.clock(), datastore=self.ds)
+                from rke2certd.ops.node_files import refresh_admin_kubeconfig
+
+                refresh_admin_kubeconfig(self.node)  # kubectl needs no RKE2 restart for it
         self._certs_text = None
         after = disk_generation(self.node.layout)
         if result.changes or result.extracted:
@@ -193,6 +198,7 @@ class Daemon:
 
         try:
             self._renew("start")
+            self.monitor.rescanned()
         except UnreachableError as exc:
             if not self.agent_only or not self._certs_usable():
                 raise
@@ -208,9 +214,11 @@ class Daemon:
         return min(AGENT_RETRY, self.cfg.rescan_interval) if waiting else self.cfg.rescan_interval
 
     def _certs_usable(self) -> bool:
+        from rke2certd.ops.node_files import WATCHED
         from rke2certd.plan.inventory import failing
 
-        rows = check(self.node, [], self.clock()).rows
+        # the node's own certificates: an operator's watched file does not stop the start
+        rows = [r for r in check(self.node, [], self.clock()).rows if r.service != WATCHED]
         return bool(rows) and not failing(rows)
 
     def _rescan(self) -> None:
@@ -218,6 +226,7 @@ class Daemon:
         if self.deferred:
             log.info("renew_resumed", reason="the server answered again")
         self.deferred = None
+        self.monitor.rescanned()
         if self.runner is None and self.remote is not None:
             self._start_rollouts()
 
@@ -366,7 +375,9 @@ class Daemon:
 
     def _certs_summary(self) -> str:
         if self._certs_text is None:
-            rows = [r for r in check(self.node, [], self.clock()).rows if r.index == 0]
+            result = check(self.node, [], self.clock())
+            self.monitor.certs(self.node, result)
+            rows = [r for r in result.rows if r.index == 0]
             self._certs_text = ""
             if rows:
                 first = min(rows, key=lambda r: r.not_after)
@@ -390,6 +401,8 @@ class Daemon:
             parts.append("NOT serving agents (see the journal)")
         if self._certs_summary():
             parts.append(self._certs_summary())
+        if self.monitor.status_text():
+            parts.append(self.monitor.status_text())
         if self.runner is not None:
             parts.append(self.runner.status_text())
         return "; ".join(parts) or "running"
@@ -421,6 +434,7 @@ class Daemon:
             if self.ds is None and self.runner is not None:  # no datastore: out until the next
                 self.runner.close()
                 self.runner = None
+        self.monitor.configure(self.cfg)
         self._safe(lambda: self._renew("reload"))
         self._start_supervisor()
         self._start_staging()
@@ -468,6 +482,7 @@ class Daemon:
     def run(self) -> int:
         self._install_signals()
         try:
+            self.monitor.configure(self.cfg)
             self._open_datastore()
             self._start_renew()
             self._start_supervisor()
@@ -485,6 +500,7 @@ class Daemon:
         self.notifier.ready(self._sent_status)
         log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
         self._ping_if_due()
+        self.monitor.tick(self)
         while not self.flags.stop:
             self.wake.wait(self._timeout())
             self._ping_if_due()
@@ -498,9 +514,11 @@ class Daemon:
             if time.monotonic() >= self.next_rescan:
                 self._safe(self._rescan)
                 self._start_supervisor()
+                self.monitor.retry()
                 self.next_rescan = time.monotonic() + self._rescan_interval()
             self._safe(self._tick_rollouts)
             self._status()
+            self.monitor.tick(self)
         return self._shutdown()
 
     def _shutdown(self) -> int:
@@ -512,6 +530,7 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
+        self.monitor.close()
         self._stop_supervisor()
         if self.watcher is not None:
             self.watcher.stop()

@@ -32,6 +32,8 @@ class CheckResult:
     window_days: int
     rows: list[Row] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # stale copies (ops/node_files.py): an admin kubeconfig whose cert is not client-admin.crt
+    warnings: list[str] = field(default_factory=list)
 
 
 def check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
@@ -65,6 +67,14 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
             continue
         chain = _chain(cache, node, spec, data, path, ca_files)
         result.rows += rows_for(path, spec.service, bundle, now, window, chain)
+    # kubeconfigs, dynamic-cert.json, watch-files
+    from rke2certd.ops.node_files import read_extra
+
+    listed = frozenset(spec.cert_path(node.layout) for spec in specs)
+    extra = read_extra(node, services, now, cache, listed)
+    result.rows += extra.rows
+    result.errors += extra.errors
+    result.warnings += extra.warnings
     cache.save()
     return result
 
@@ -190,6 +200,8 @@ def render_json(result: CheckResult) -> str:
     }
     if result.errors:
         doc["Errors"] = result.errors
+    if result.warnings:
+        doc["Warnings"] = result.warnings
     return json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
 
 
@@ -217,6 +229,8 @@ def render_yaml(result: CheckResult) -> str:
     }
     if result.errors:
         doc["errors"] = result.errors
+    if result.warnings:
+        doc["warnings"] = result.warnings
     import yaml  # only this format needs it (~13 ms to import)
 
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
@@ -242,6 +256,7 @@ def render_text(result: CheckResult) -> str:
             tail += f"; its chain {r.chain}"
         lines.append(f"{r.status.value}: {r.path}: certificate {r.subject} ({usages}) {tail}")
     lines += [f"ERROR: {e}" for e in result.errors]
+    lines += [f"WARNING: {w}" for w in result.warnings]
     return "\n".join(lines) + ("\n" if lines else "")
 
 
@@ -266,6 +281,7 @@ def render_table(result: CheckResult) -> str:
     ]
     out += [f"CHAIN BROKEN: {r.path}: {r.chain}" for r in result.rows if r.chain]
     out += [f"ERROR: {e}" for e in result.errors]
+    out += [f"WARNING: {w}" for w in result.warnings]
     return "\n".join(out) + "\n"
 
 

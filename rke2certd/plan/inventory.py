@@ -43,6 +43,10 @@ class Row:
     status: Status
     residual: timedelta
     chain: str = ""  # on the leaf row: why its chain does not verify, else empty
+    # a kubeconfig's certificate: `user` and the YAML key it came from (x509-certificate-
+    # exporter's embedded_kind / embedded_key); empty for PEM files
+    embedded_kind: str = ""
+    embedded_key: str = ""
 
     @property
     def expiry(self) -> datetime:

@@ -124,6 +124,7 @@ class RolloutRunner:
         # its own: every write is an event every node's watch receives)
         self.summary = "starting"
         self.waiting: str | None = None
+        self.view: ClusterView | None = None  # the last read, for the daemon's metrics
         self.next_check = 0.0
         self.gen = generation()
         # set when this node freed a slot or reported: the next read says whom to wake; and
@@ -282,6 +283,7 @@ class RolloutRunner:
         for problem in parsed.problems:
             log.warning("rollout_record_unreadable", reason=problem)
         parsed = self._housekeeping(parsed)
+        self.view = parsed.view
         self._wake_others(parsed)
         step: Step = Idle()
         for _ in range(STEPS_PER_TICK):
@@ -510,14 +512,17 @@ class RolloutRunner:
             running.status, state=state, message=message, finished=now,
             restart_seconds=res.restart_seconds, health_seconds=res.health_seconds,
         )  # fmt: skip
+        durations = {"restart_seconds": res.restart_seconds}  # for the metrics' histograms
+        if res.step == "health":  # the gate ran
+            durations["health_seconds"] = res.health_seconds
         try:
             written = self.store.set_status(r, status, seen=running.seen)
             if res.ok:
                 self.health = "ok"
-                log.info("rollout_node_done", **self._fields(r), reason=message)
+                log.info("rollout_node_done", **self._fields(r), reason=message, **durations)
             else:
                 self.health = f"failed: {message}"[:200]
-                log.error("rollout_failed", **self._fields(r), reason=message)
+                log.error("rollout_failed", **self._fields(r), reason=message, **durations)
                 reason = f"{self.phase} node {self.me} failed: {message}"
                 if self._housekeep is not None:
                     self._housekeep()  # a server stops the rollout (it sees the failed status)

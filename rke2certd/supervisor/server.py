@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rke2certd.clock import Clock, system_clock
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError
-from rke2certd.log import log
+from rke2certd.log import log, notify
 from rke2certd.ops.bootstrap import configured_token
 from rke2certd.ops.ca_material import CA, load_ca_set
 from rke2certd.ops.node import Node
@@ -151,6 +151,7 @@ _ROUTES: dict[str, _Route] = {
     f"{ROUTE_PREFIX}/encrypt/status": _Route("GET", SERVER_USER, "not-served"),
     f"{ROUTE_PREFIX}/encrypt/config": _Route("PUT", SERVER_USER, "not-served"),
 }
+ROUTES = frozenset(_ROUTES)  # the metrics' route label: these, or `other`
 
 
 class _Refused(Exception):
@@ -738,6 +739,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, certs.bundle_pem([cert]) + ca.bundle, PEM_TYPE)
 
     def _send(self, status: int, body: bytes, content_type: str) -> None:
+        notify("request_served", http_path=self._path, http_status=status)  # the metrics
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

@@ -26,6 +26,7 @@ def _agent_config(root: Path, server: ServerNode, port: int, name: str) -> Path:
             "supervisor-port": port, "token": server.agent_token, "log-format": "json",
             "rescan-interval": 1,  # the retry while the servers are away: every second here
             "node-password-file": str(root / "node-password"),
+            "metrics-address": "",  # not the shared default port
         })
     )  # fmt: skip
     cfg.chmod(0o600)

@@ -306,6 +306,7 @@ class DaemonNode:
             "log-format": "json",
             "staging-quiet": 0.3,
             "supervisor-port": free_port(),  # the endpoint for agents: not 9346, shared
+            "metrics-address": "",  # not 9347, shared too (tests/monitoring turn it on)
             **{k.replace("_", "-"): v for k, v in settings.items()},
         }
         node.write_config()

@@ -137,6 +137,7 @@ class SimCluster:
             "staging-quiet": 0.3,
             "lock-timeout": 30,
             "log-format": "json",
+            "metrics-address": "",  # not the shared default port (tests/monitoring test it)
             **(config or {}),
         }
         ports = iter(free_ports(4 * len(specs)))
