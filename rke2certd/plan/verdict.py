@@ -11,7 +11,6 @@ from enum import IntEnum
 
 from rke2certd.plan.inventory import Row, Status
 
-
 CRITICAL = (Status.EXPIRED, Status.NOT_YET_VALID, Status.CHAIN_BROKEN)
 
 
@@ -31,8 +30,9 @@ class Verdict:
 
 
 def verdict(rows: Sequence[Row], errors: Sequence[str], warnings: Sequence[str] = ()) -> Verdict:
-    """CRITICAL: a certificate expired, not yet valid or with a broken chain; UNKNOWN: a file could not be read
-    (or none at all); WARNING: inside the renewal window, or a stale copy (`warnings`)."""
+    """CRITICAL: a certificate expired, not yet valid or with a broken chain; UNKNOWN: a file
+    could not be read (or none at all); WARNING: inside the renewal window, or a stale copy
+    (`warnings`)."""
     bad = [r for r in rows if r.status in CRITICAL]
     soon = [r for r in rows if r.status is Status.WARNING]
     if bad:

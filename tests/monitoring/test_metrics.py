@@ -60,7 +60,13 @@ def test_scrape_has_the_x509_exporter_schema_and_rke2certds_families(node: Daemo
             for lab, v in samples(text, "rke2certd_cert_status")
             if lab["filepath"] == str(admin) and lab["subject_CN"] == "system:admin"
         }
-        assert status == {"ok": 1.0, "warning": 0.0, "expired": 0.0, "not_yet_valid": 0.0}
+        assert status == {
+            "ok": 1.0,
+            "warning": 0.0,
+            "expired": 0.0,
+            "not_yet_valid": 0.0,
+            "chain_broken": 0.0,
+        }
         services = {lab["service"] for lab, _ in samples(text, "rke2certd_cert_status")}
         assert {"admin", "kubelet", "etcd", "api-server", "ca"} <= services
         assert samples(text, "rke2certd_certificates_ok") == [({}, 1.0)]
