@@ -33,10 +33,23 @@ def load_bundle(data: bytes, source: str | Path) -> list[x509.Certificate]:
             with warnings.catch_warnings():
                 # Upstream CAs have serial 0, which cryptography warns about on load.
                 warnings.simplefilter("ignore")
-                certs.append(x509.load_pem_x509_certificate(block))
-        except ValueError as exc:
-            raise PKIError(f"{source}: certificate #{i} cannot be parsed: {exc}") from exc
+                cert = x509.load_pem_x509_certificate(block)
+                _parse_all(cert)
+        except Exception as exc:  # hostile bytes raise more kinds than ValueError
+            raise PKIError(
+                f"{source}: certificate #{i} cannot be parsed: {type(exc).__name__}: {exc}"
+            ) from exc
+        certs.append(cert)
     return certs
+
+
+def _parse_all(cert: x509.Certificate) -> None:
+    """cryptography parses names, extensions and the key only when asked, and a damaged one
+    then raises ValueError, KeyError, InvalidVersion or UnsupportedAlgorithm deep inside a
+    check: ask for each here, so that a bad certificate is one clear error where it is read."""
+    _ = (cert.subject, cert.issuer, cert.extensions, cert.signature_hash_algorithm)
+    _ = (cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc)
+    cert.public_key()
 
 
 def bundle_pem(certs: list[x509.Certificate]) -> bytes:
