@@ -23,7 +23,7 @@ thread (a thread that sleeps and wakes switches out voluntarily; involuntary swi
 preemptions by other load, reported apart), per thread with the system call it sleeps in (which
 tells the threads apart: the main loop in pselect6, the staging watcher's inotify reader and
 the SQLite watch in poll, the lease keep-alive and watchdog's dispatch threads in futex).
-Targets (issue 5): no measurable CPU (0 ticks), RSS under 60 MiB.
+Targets: no measurable CPU (0 ticks), RSS under 60 MiB.
 
 The daemon and CLI processes run this tree's code with the unit's environment (UNIT_ENV, as in
 systemd/rke2certd.service's Environment=).

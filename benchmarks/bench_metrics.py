@@ -9,7 +9,7 @@ and a textfile dir, alternating, each started afresh; once READY (and the textfi
 RSS from /proc/<pid>/status (VmRSS, the median of 5 readings 0.2 s apart). Then M scrapes of
 the running daemon's endpoint, each timed from connect to the last byte. Baseline in the same
 run: `rke2certd certificate check -o json` (a process per call: what a cron job would run to
-learn the same). Target (issue 15): RSS with metrics at most 5 MiB over the daemon without.
+learn the same). Target: RSS with metrics at most 5 MiB over the daemon without.
 """
 
 from __future__ import annotations

@@ -83,7 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="check and report, save nothing")
     p.set_defaults(handler=cmd_rotate_ca)
 
-    ca = sub.add_parser("ca", parents=[common], help="make CA sets (the seed's example scripts)")
+    ca = sub.add_parser(
+        "ca",
+        parents=[common],
+        help="make CA sets, as the CA scripts in RKE2's documentation do",
+        description="Build CA sets as the example scripts in RKE2's documentation do: "
+        "generate-custom as generate-custom-ca-certs.sh (custom root + intermediate), "
+        "stage-rotation as rotate-default-ca-certs.sh (cross-signed rotation of the "
+        "self-signed CAs), stage-service-key as the documented service-account key rotation. "
+        "Load a staged set with `certificate rotate-ca`.",
+    )
     casub = ca.add_subparsers(dest="ca_command", required=True, metavar="ACTION")
     p = casub.add_parser("generate-custom", parents=[common],
                          help="custom root+intermediate CA set")  # fmt: skip

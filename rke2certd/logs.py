@@ -81,7 +81,7 @@ _HARMLESS_SUFFIX = re.compile(
 _PEM_KEY = re.compile(
     r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----.*?(?:-----END \1PRIVATE KEY-----|\Z)", re.DOTALL
 )
-# Join tokens, RKE2-PKI.md §6: K10<64 hex>::<user>:<password>.
+# Join tokens, docs/RKE2-COMPATIBILITY.md §7: K10<64 hex>::<user>:<password>.
 _JOIN_TOKEN = re.compile(r"K10[0-9a-fA-F]{64}::[^\s:]+:\S+")
 _PEM_MASK = "[REDACTED PRIVATE KEY]"
 _TOKEN_MASK = "K10[REDACTED TOKEN]"  # noqa: S105 - the mask, not a secret

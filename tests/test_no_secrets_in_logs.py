@@ -1,4 +1,4 @@
-"""No private key, join token or password in any log the test suite captured (issue 5).
+"""No private key, join token or password in any log the test suite captured.
 
 The daemon tests (tests/daemon/, tests/systemd/test_daemon_systemd.py, and the stand-in units
 of tests/systemd/test_systemd_package.py) file every stderr (and stdout) of `rke2certd run` and

@@ -1,4 +1,4 @@
-"""RKE2/K3s bootstrap data, bit-compatible with upstream (RKE2-PKI.md §5). Pure: no I/O.
+"""RKE2/K3s bootstrap data, bit-compatible (docs/RKE2-COMPATIBILITY.md §6). Pure: no I/O.
 
 - key:   `/bootstrap/` + first 12 hex of SHA-256(passphrase)
 - value: `<salt: 16 hex chars>:<base64(nonce ‖ AES-256-GCM ciphertext ‖ tag)>`, the key being

@@ -1,10 +1,10 @@
 """The CA authority in the datastore: create, or extract and reconcile, the bootstrap key.
 
-The datastore holds the authoritative CA set (RKE2-PKI.md §5). A server with no bootstrap key
-takes the empty-value creation lock, builds the set (custom files on disk, or new self-signed
-CAs) and saves it; every other server, including those that start at the same moment, waits for
-the value and extracts it. The lock is bound to a short lease so that a creator that dies does
-not block the cluster forever.
+The datastore holds the authoritative CA set (docs/RKE2-COMPATIBILITY.md §6). A server with no
+bootstrap key takes the empty-value creation lock, builds the set (custom files on disk, or new
+self-signed CAs) and saves it; every other server, including those that start at the same moment,
+waits for the value and extracts it. The lock is bound to a short lease so that a creator that dies
+does not block the cluster forever.
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePl
 
 
 def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> list[str]:
-    """Write the datastore's copy to disk by the rules of §5, as one all-or-nothing change."""
+    """Write the datastore's copy to disk (docs/RKE2-COMPATIBILITY.md §6), all or nothing."""
     plan = plan_extract(layout, files)
     if plan.conflicts:
         raise ValidationError(
@@ -345,7 +345,7 @@ def _swap(ds: Datastore, key: str, value: bytes, expected_mod_revision: int) -> 
 
 
 def write_tokens(layout: Layout, password: str) -> list[Path]:
-    """`server/token` and `server/agent-token` with the current CA hash (RKE2-PKI.md §6)."""
+    """`server/token`, `server/agent-token` with the CA hash (docs/RKE2-COMPATIBILITY.md §7)."""
     bundle = read_optional(layout.ca_cert("server-ca"))
     if not bundle:
         return []

@@ -1,9 +1,9 @@
 """`ca generate-custom`, `ca stage-rotation`, `ca stage-service-key`: build CA sets to load.
 
-Facts follow upstream's example scripts (RKE2-PKI.md §8: k3s contrib/util
-generate-custom-ca-certs.sh and rotate-default-ca-certs.sh); the code is ours. Two upstream
-flaws are not copied: the rotation bundle puts the cross-signed root before the self-signed one
-(OpenSSL-based clients that trust only the old CA need that order), and the printed token hash
+Facts follow the example scripts RKE2 documents (docs/RKE2-COMPATIBILITY.md §9: K3s's
+contrib/util/generate-custom-ca-certs.sh and rotate-default-ca-certs.sh); the code is ours. Two
+upstream flaws are not copied: the rotation bundle puts the cross-signed root before the self-signed
+one (OpenSSL-based clients that trust only the old CA need that order), and the printed token hash
 follows RKE2's CA-hash rule instead of being the new intermediate's fingerprint.
 
 Every set is written with `write_files` (all or nothing); keys 0600, certs 0644, dirs 0700.

@@ -1,8 +1,8 @@
 """Rewrite the CA hash of the join tokens in the node's config files after a CA rotation.
 
-A full token (`K10<ca-hash>::<user>:<password>`, RKE2-PKI.md §6) pins the cluster CA; once the
-CA has rotated, RKE2 refuses to start with "token CA hash does not match" until the token in
-its config carries the new hash. This module edits that hash in place and nothing else:
+A full token (`K10<ca-hash>::<user>:<password>`, docs/RKE2-COMPATIBILITY.md §7) pins the cluster
+CA; once the CA has rotated, RKE2 refuses to start with "token CA hash does not match" until the
+token in its config carries the new hash. This module edits that hash in place and nothing else:
 
 - YAML files (ours, RKE2's config.yaml, its config.yaml.d drop-ins): the top-level `token` and
   `agent-token` keys. Only the 64 hash characters inside the scalar are replaced, so comments,

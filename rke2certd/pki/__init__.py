@@ -1,1 +1,1 @@
-"""X.509 and key work, following RKE2's profiles (RKE2-PKI.md §1-§3)."""
+"""X.509 and key work, following RKE2's profiles (docs/RKE2-COMPATIBILITY.md §2-§4)."""

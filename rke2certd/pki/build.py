@@ -1,4 +1,4 @@
-"""Building certificates in RKE2's profiles (RKE2-PKI.md §1).
+"""Building certificates in RKE2's profiles (docs/RKE2-COMPATIBILITY.md §2).
 
 Every function takes `now`; none reads the clock. Serial numbers are random and positive
 (upstream self-signed CAs use serial 0, which `cryptography` refuses to build).

@@ -1,4 +1,4 @@
-"""Every path rke2certd touches under the data dir (RKE2-PKI.md §2, §3)."""
+"""Every path rke2certd touches under the data dir (docs/RKE2-COMPATIBILITY.md §3, §4)."""
 
 from __future__ import annotations
 

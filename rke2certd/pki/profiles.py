@@ -1,4 +1,4 @@
-"""RKE2's leaf certificates as data (RKE2-PKI.md §2, §3) and the SANs each one wants."""
+"""RKE2's leaf certificates as data and the SANs each wants (docs/RKE2-COMPATIBILITY.md §3, §4)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ AGENT_LEAVES: tuple[LeafSpec, ...] = (
 )
 # fmt: on
 
-# Services an operator may name (RKE2-PKI.md §4); `supervisor` is accepted too (internal).
+# Services an operator may name (docs/RKE2-COMPATIBILITY.md §5); `supervisor` too (internal).
 SERVICES = (
     "admin",
     "api-server",

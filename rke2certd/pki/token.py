@@ -1,4 +1,4 @@
-"""Join tokens and the CA hash that pins them to the cluster CA (RKE2-PKI.md §6).
+"""Join tokens and the CA hash that pins them to the cluster CA (docs/RKE2-COMPATIBILITY.md §7).
 
 A token is a secret: nothing here logs it, and no error message quotes it.
 """

@@ -1,4 +1,4 @@
-"""PURE: the rows of `certificate check` (RKE2-PKI.md §4), one per certificate in each file."""
+"""PURE: `certificate check` rows, one per certificate of a file (docs/RKE2-COMPATIBILITY.md §5)."""
 
 from __future__ import annotations
 

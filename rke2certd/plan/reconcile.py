@@ -1,4 +1,4 @@
-"""PURE: the datastore's bootstrap data vs the files on disk (RKE2-PKI.md §5).
+"""PURE: the datastore's bootstrap data vs the files on disk (docs/RKE2-COMPATIBILITY.md §6).
 
 The datastore wins, except where a file on disk is different AND at least 3 s newer than the
 stored Timestamp: then start-up stops, because someone changed a CA file by hand and

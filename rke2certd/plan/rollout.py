@@ -1,7 +1,7 @@
 """PURE: the rollout rules. Given what the datastore holds (members, live registrations,
 rollouts, per-node statuses, restart slots), what should this node do next, and why not yet?
 
-The order (the seed's rule, which upstream leaves to whoever reads its docs):
+The order (docs/RKE2-COMPATIBILITY.md §10: RKE2 documents it and leaves it to the operator):
 
 - A node's phase is its earliest role: etcd < control-plane < agent.
 - Rollouts are handled one at a time, oldest first: once a node has applied a rollout (new files

@@ -1,4 +1,4 @@
-"""PURE: is a staged CA set safe to load with `rotate-ca`? (RKE2-PKI.md §7; issue 4)
+"""PURE: is a staged CA set safe to load with `rotate-ca`? (docs/RKE2-COMPATIBILITY.md §8)
 
 Input: the staged files as read (bytes plus what lstat said) and the current bytes of the 11
 rotatable files; no disk, no clock. Output: every problem, each naming its file and saying what
@@ -25,7 +25,7 @@ SIZE_LIMIT; parse errors name the file.
 Decisions:
   - A slot whose cert and key both fall back to current data (or are byte-identical, or hold
     the same certificates/keys in other bytes) is not checked: it is what the cluster runs on
-    today. So a service.key-only rotation (the seed's procedure) passes even when a current CA
+    today. So a service.key-only rotation (RKE2's documented procedure) passes even when a CA
     is old; a warning says when a current CA has less than a year left.
   - "More than one certificate" applies only to a changed bundle (upstream also rejects the
     unchanged single-cert default CA in some versions; that is a bug we do not copy).

@@ -25,7 +25,7 @@ from rke2certd.rollout.store import ClusterStore
 
 # Agents trust server-ca and hold certs signed by client-ca; nothing else of the CA set
 # reaches them. A change elsewhere (the etcd CAs, request-header, service.key) restarts servers
-# only: the seed says a service-key-only rotation needs no agent restart.
+# only: a service-key-only rotation needs no agent restart (docs/RKE2-COMPATIBILITY.md §10).
 AGENT_FILES = frozenset(
     {"tls/server-ca.crt", "tls/server-ca.key", "tls/client-ca.crt", "tls/client-ca.key"}
 )

@@ -1,9 +1,9 @@
 """The agent-facing HTTPS endpoint on servers (`server`) and its client on agents (`client`).
 
-Shape-compatible with RKE2's supervisor (RKE2-PKI.md §3, §6): `GET /cacerts` unauthenticated,
-CSR routes under `/v1-rke2/` with basic auth `node:<password>` and the node's name/IPs in the
-`rke2-Node-Name` / `rke2-Node-IP` headers. It listens on `supervisor-port` (9346), beside RKE2's
-own supervisor on 9345, so both can run on one server.
+Shape-compatible with RKE2's supervisor (docs/RKE2-COMPATIBILITY.md §4, §7): `GET /cacerts`
+unauthenticated, CSR routes under `/v1-rke2/` with basic auth `node:<password>` and the node's
+name/IPs in the `rke2-Node-Name` / `rke2-Node-IP` headers. It listens on `supervisor-port` (9346),
+beside RKE2's own supervisor on 9345, so both can run on one server.
 """
 
 from __future__ import annotations
@@ -41,5 +41,5 @@ def cert_route(name: str) -> str:
     return f"{ROUTE_PREFIX}/{name}.crt"
 
 
-# route -> the agent leaf it signs (RKE2-PKI.md §3)
+# route -> the agent leaf it signs (docs/RKE2-COMPATIBILITY.md §4)
 CERT_ROUTES: dict[str, LeafSpec] = {cert_route(spec.name): spec for spec in AGENT_LEAVES}

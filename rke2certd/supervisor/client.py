@@ -1,8 +1,8 @@
 """The agent side of the endpoint: fetch `/cacerts` pinned by the join token, then ask for certs.
 
-Pinning (RKE2-PKI.md §6). The first request is an unauthenticated `GET /cacerts` over TLS with
-verification off, as RKE2 agents do (the CA is not known yet); it carries no credential. The
-bundle's CA hash must equal the token's. Only then is a credential sent, and only on
+Pinning (docs/RKE2-COMPATIBILITY.md §7). The first request is an unauthenticated `GET /cacerts`
+over TLS with verification off, as RKE2 agents do (the CA is not known yet); it carries no
+credential. The bundle's CA hash must equal the token's. Only then is a credential sent, and only on
 connections whose server certificate verifies against that bundle.
 
 Verification after pinning: the chain must end in the pinned bundle (each of its certs is a

@@ -9,8 +9,9 @@ them, the next connection gets a cert, a bundle and a signer from the new files,
 (a set caught half-renamed fails to load and the previous snapshot stays until it is whole).
 
 Signing. Only the CSR's public key is used, after its signature verifies; its subject and every
-extension it asks for are ignored. CN, O, EKU and SANs come from the route (RKE2-PKI.md §3) and
-the node headers, and `build.leaf` never makes a CA. The reply is the leaf then the CA bundle.
+extension it asks for are ignored. CN, O, EKU and SANs come from the route
+(docs/RKE2-COMPATIBILITY.md §4) and the node headers, and `build.leaf` never makes a CA. The reply
+is the leaf then the CA bundle.
 
 Authentication is basic auth, compared in constant time with the passwords of the server's
 tokens, read at each request so that a token change takes effect at once. The agent token's

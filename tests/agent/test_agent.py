@@ -49,7 +49,7 @@ def _eku(cert: x509.Certificate) -> list[x509.ObjectIdentifier]:
     return list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
 
 
-# (CN, subject in RFC 4514, EKU, SANs, signer) per RKE2-PKI.md §3, for agent-1 / 10.0.0.21
+# (CN, subject in RFC 4514, EKU, SANs, signer) per docs/RKE2-COMPATIBILITY.md §4, agent-1/10.0.0.21
 PROFILE: dict[str, tuple[str, list[x509.ObjectIdentifier], set[str], str]] = {
     "client-kubelet": (
         "CN=system:node:agent-1,O=system:nodes",

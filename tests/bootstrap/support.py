@@ -29,8 +29,8 @@ from rke2certd.store.lock import LOCK_NAME, node_lock
 from tests.conftest import clean_env, write_node_config
 from tests.harness.etcd import EtcdCluster, TLSFiles
 
-# The bootstrap data's files under <data>/server (RKE2-PKI.md §5), written here by hand rather
-# than taken from rke2certd's own table.
+# The bootstrap data's files under <data>/server (docs/RKE2-COMPATIBILITY.md §6), written here by
+# hand rather than taken from rke2certd's own table.
 CA_FILES = (
     "tls/server-ca.crt", "tls/server-ca.key", "tls/client-ca.crt", "tls/client-ca.key",
     "tls/request-header-ca.crt", "tls/request-header-ca.key",
@@ -353,7 +353,7 @@ def go_json(fields: dict[str, tuple[str, bytes | None]]) -> bytes:
     return ("{" + ",".join(parts) + "}\n").encode()
 
 
-# Node's crypto: PBKDF2-HMAC-SHA1 over the ASCII salt string, AES-256-GCM, as RKE2-PKI.md §5.
+# Node's crypto: PBKDF2-HMAC-SHA1 over the ASCII salt, AES-256-GCM (docs/RKE2-COMPATIBILITY.md §6).
 _NODE_ENCRYPT = """
 const c = require("crypto");
 const inp = JSON.parse(require("fs").readFileSync(0, "utf8"));

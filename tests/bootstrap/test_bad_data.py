@@ -1,4 +1,4 @@
-"""Bad data and an unreachable datastore at `rke2certd renew` (issue 3, items 1 and 5): a clear
+"""Bad data and an unreachable datastore at `rke2certd renew`: a clear
 error, and nothing changed on disk or in the store. `--offline-ok` renews leaves from a complete
 CA set on disk when etcd is down, and only then."""
 

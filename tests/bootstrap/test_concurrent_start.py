@@ -1,4 +1,4 @@
-"""Servers that start together on one datastore agree on one CA set (issue 3, item 4).
+"""Servers that start together on one datastore agree on one CA set.
 
 Each server has its own data dir and the same token; their `rke2certd renew` processes are
 released at the same instant. With three etcd members, the member every server talks to first

@@ -1,4 +1,4 @@
-"""The datastore lost in the middle of a save (issue 3, items 4 and 5): while the first server
+"""The datastore lost in the middle of a save: while the first server
 creates the bootstrap data, and while `save_rotation` replaces it. Each test loops over attempts
 with the fault at a random moment: etcd's members are all killed (SIGKILL) — for the SQLite
 default, which cannot be lost, the writing process itself is killed. After each attempt the

@@ -1,4 +1,4 @@
-"""Bit-compatibility with RKE2's bootstrap data (RKE2-PKI.md §5; issue 3, item 1) through
+"""Bit-compatibility with RKE2's bootstrap data (docs/RKE2-COMPATIBILITY.md §6) through
 `rke2certd renew`, against implementations independent of rke2certd: the CA set is made with
 the openssl CLI (serial 0, as upstream), the plaintext is encoded here in Go's JSON form, and
 the value is encrypted and decrypted with Node's crypto."""

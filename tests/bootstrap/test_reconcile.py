@@ -1,5 +1,5 @@
-"""Disk vs datastore at `renew` (RKE2-PKI.md §5; issue 3, item 4): a missing file is written
-back, an equal one is left alone, a different one takes the datastore's copy unless it is at
+"""Disk vs datastore at `renew` (docs/RKE2-COMPATIBILITY.md §6): a missing file is written back,
+an equal one is left alone, a different one takes the datastore's copy unless it is at
 least 3 s newer than the stored Timestamp, which stops with an error and writes nothing; an
 empty tls/ or tls/etcd/ gets everything back.
 

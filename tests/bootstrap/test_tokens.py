@@ -1,4 +1,4 @@
-"""Join tokens (issue 3, item 3; RKE2-PKI.md §6): generated on the very first server, written
+"""Join tokens (docs/RKE2-COMPATIBILITY.md §7): generated on the very first server, written
 with the CA hash, rewritten when the CAs change in the datastore, printed by `rke2certd token`.
 
 The CA hash is computed here with the openssl CLI and sha256sum, not with rke2certd's code.
@@ -64,7 +64,7 @@ def test_first_server_without_a_token_generates_one_and_writes_both_token_files(
         assert (data / "server" / name).stat().st_mode & 0o7777 == 0o600
     assert password not in res.stderr + res.stdout  # never logged
 
-    # §6, one certificate: SHA-256 of the file's raw bytes (not of the certificate's DER).
+    # RKE2-COMPATIBILITY.md §7, one certificate: SHA-256 of the file's raw bytes (not the DER).
     server_ca = data / "server" / "tls" / "server-ca.crt"
     assert len(pem_blocks(server_ca.read_bytes())) == 1
     assert ca_hash == sha256sum(server_ca)
@@ -100,7 +100,7 @@ def test_token_show_and_token_hash_print_the_token_files_and_the_ca_hash(
 
 
 def expected_bundle_hash(bundle: bytes) -> str:
-    """§6 for several certificates, by hand: the self-signed root that issued the first cert."""
+    """RKE2-COMPATIBILITY.md §7, several certificates, by hand: the root that issued the first."""
     blocks = pem_blocks(bundle)
     _, first_issuer = openssl_names(blocks[0])
     roots = [b for b in blocks[1:] if openssl_names(b) == (first_issuer, first_issuer)]

@@ -13,7 +13,7 @@ import time
 
 from tests.daemon.support import DaemonNode
 
-# A few of the files a server node must have before it says READY (RKE2-PKI.md §2, §3).
+# A few files a server node must have before it says READY (docs/RKE2-COMPATIBILITY.md §3, §4).
 NODE_FILES = (
     "server/tls/server-ca.crt",
     "server/tls/client-ca.crt",

@@ -1,7 +1,7 @@
 """The watched staging dir, end to end through a running `rke2certd run` (real inotify, real
 `rotate-ca` checks, the embedded SQLite datastore): what is applied, when, and what is refused.
 
-The contract (issue 5): a set is applied when it was renamed in whole and nothing changed in it
+The contract: a set is applied when it was renamed in whole and nothing changed in it
 for the quiet period, or when its READY marker exists; a directory made in place and still being
 written is never applied without the marker; sets go one at a time in name order; sets staged
 while the daemon was down are handled at start; an unsafe staging dir is refused loudly; a

@@ -46,7 +46,7 @@ def assert_clean_failure(res: subprocess.CompletedProcess[str], *needles: str) -
 
 # -- broken PEM ------------------------------------------------------------------------------
 # These run the CLI on a node built in-process, whose embedded datastore is still empty: the
-# CA files on disk are then read and checked as a custom CA set (RKE2-PKI.md §5).
+# CA files on disk are then read and checked as a custom CA set (docs/RKE2-COMPATIBILITY.md §6).
 
 
 def test_garbage_in_a_ca_file_is_a_clear_error_naming_the_file_and_changes_nothing(

@@ -4,7 +4,7 @@ started at once on one fresh data dir.
 After every kill: each cert on disk pairs with its key and chains to its CA (old or new, never a
 mix); once the journal of an interrupted multi-file write has been replayed (which every command
 does first, under the node lock), that holds for every cert. Then a new `renew` completes the
-node and leaves no temp or journal file anywhere. The seed and the number of runs can be set with
+node and leaves no temp or journal file anywhere. The random seed and the number of runs are set by
 RKE2CERTD_FAULT_SEED and RKE2CERTD_FAULT_RUNS to reproduce or extend a run.
 """
 

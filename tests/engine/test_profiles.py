@@ -1,4 +1,4 @@
-"""Every file a first `rke2certd renew` writes, checked against RKE2-PKI.md §1-§3.
+"""Every file a first `rke2certd renew` writes, checked against docs/RKE2-COMPATIBILITY.md §2-§4.
 
 The expected values are written out here from the spec (not taken from rke2certd.pki.profiles),
 and certificates are verified by the openssl CLI, so the product is not its own oracle.
@@ -30,7 +30,7 @@ from .helpers import load_cert, load_certs, openssl_verify
 NODE = "node-a"
 NODE_IP = "192.0.2.10"
 TLS_SANS = ["rke2.example.test", "203.0.113.7"]
-# RKE2-PKI.md §2 "Server SANs": configured SANs, loopbacks, node name, node IPs, 10.43.0.1.
+# docs/RKE2-COMPATIBILITY.md §3 "Server SANs": tls-san, loopbacks, node name, node IPs, 10.43.0.1.
 SERVER_SANS = {*TLS_SANS, "127.0.0.1", "::1", "localhost", NODE, NODE_IP, "10.43.0.1"}
 APISERVER_SANS = {
     "kubernetes",
@@ -67,7 +67,7 @@ def _e(
 
 M = ("system:masters",)
 T = "server/tls/"
-# RKE2-PKI.md §2 and §3, row by row.
+# docs/RKE2-COMPATIBILITY.md §3 and §4, row by row.
 LEAVES = [
     _e(T + "client-admin", "system:admin", M, (CLIENT,), "client-ca"),
     _e(T + "client-supervisor", "system:rke2-supervisor", M, (CLIENT,), "client-ca"),

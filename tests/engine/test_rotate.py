@@ -22,7 +22,7 @@ from .helpers import (
     snapshot,
 )
 
-# RKE2-PKI.md §2/§3: the leaf files (under <data>, no extension) of each service name.
+# docs/RKE2-COMPATIBILITY.md §3/§4: the leaf files (under <data>, no extension) of each service.
 SERVICE_FILES = {
     "admin": ["server/tls/client-admin"],
     "supervisor": ["server/tls/client-supervisor"],

@@ -1,4 +1,4 @@
-"""Join tokens and the CA hash (RKE2-PKI.md §6), the hash checked against openssl + sha256."""
+"""Join tokens and the CA hash (docs/RKE2-COMPATIBILITY.md §7), checked with openssl + sha256."""
 
 from __future__ import annotations
 

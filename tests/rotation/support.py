@@ -16,8 +16,8 @@ from rke2certd.pki.keys import key_to_pem, load_keys, new_ec_key
 from rke2certd.pki.layout import CA_NAMES, Layout
 from rke2certd.plan.staged_set import ROTATABLE
 
-# RKE2's self-signed CA profile (RKE2-PKI.md §1), serial 0 included, made by openssl so the
-# "current" CAs do not come from the code under test.
+# RKE2's self-signed CA profile (docs/RKE2-COMPATIBILITY.md §2), serial 0 included, made by openssl
+# so the "current" CAs do not come from the code under test.
 _CA_CONFIG = """\
 [req]
 distinguished_name = dn

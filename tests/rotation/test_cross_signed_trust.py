@@ -54,7 +54,7 @@ def test_bundle_order_and_key_order(rotated: tuple[Layout, Path]) -> None:
 def test_upstream_order_fails_openssl_ours_does_not(
     rotated: tuple[Layout, Path], tmp_path: Path, now: datetime
 ) -> None:
-    """Why our bundle order differs from upstream's (issue 4): same certs, other order."""
+    """Why our bundle order differs from upstream's: same certs, other order."""
     layout, staged = rotated
     bundle, key = _pair(staged, "server-ca")
     inter, cross, root, old = load_bundle(bundle, "new")

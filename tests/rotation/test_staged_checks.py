@@ -92,7 +92,7 @@ def test_key_order_swapped_is_explained(layout: Layout, staged: Path, now: datet
 
 def test_single_cert_bundle(layout: Layout, staged: Path, now: datetime) -> None:
     """The new intermediate alone: no chain to the current CA, and no root either, so a client
-    given only this file could verify nothing: --force cannot save it (issue 13)."""
+    given only this file could verify nothing: --force cannot save it."""
     bundle = load_bundle((staged / CRT).read_bytes(), "new")
     (staged / CRT).write_bytes(bundle_pem(bundle[:1]))
     result = check(layout, staged, now)

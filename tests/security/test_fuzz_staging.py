@@ -10,7 +10,7 @@ the real daemon. For every case:
     (another owner, a writable entry, a link, a FIFO, a huge file, the CA files out of place)
     is refused; the node's files change only after an applied set (the daemon's renew).
 
-The seed is fixed (printed with the number of cases); RKE2CERTD_FUZZ_SEED=N replays one,
+The random seed is fixed (printed with the number of cases); RKE2CERTD_FUZZ_SEED=N replays one,
 RKE2CERTD_FUZZ_RANDOM=1 picks a new one, RKE2CERTD_FUZZ_CASES=N changes how many run.
 """
 

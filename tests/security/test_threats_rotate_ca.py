@@ -1,6 +1,6 @@
 """Threats against `certificate rotate-ca`: hostile CA bundles, each made with the openssl CLI.
 
-The threat list (issue 13, items 7-9); every bundle here was accepted before, and each set is
+The threat list (docs/SECURITY.md); every bundle here was accepted before, and each set is
 read from disk the way rotate-ca reads it:
 
   T7a  a new root cross-signed by the current CA with pathlen:0, signing the new intermediate:
