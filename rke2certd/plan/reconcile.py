@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 NEWER_SLACK = timedelta(seconds=3)
-_NEWER_SLACK_NS = NEWER_SLACK // timedelta(microseconds=1) * 1000
+_NEWER_SLACK_S = int(NEWER_SLACK.total_seconds())
+_NS = 1_000_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -24,7 +25,7 @@ def from_unix_ns(unix_ns: int) -> datetime:
 @dataclass(frozen=True)
 class DiskFile:
     data: bytes
-    mtime_ns: int  # the file's st_mtime_ns: compared at full precision
+    mtime_ns: int  # the file's st_mtime_ns
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,14 @@ class ReconcilePlan:
     full_restore: bool = False
 
 
+def newer_on_disk(mtime_ns: int, timestamp_ns: int) -> bool:
+    """RKE2's test, to the second: it compares whole Unix seconds (Go's `Time.Unix()`, a floor),
+    so a file 2.1 s newer whose times straddle a second boundary (stored 10.9 s, file 13.0 s)
+    counts as 3 s newer. rke2certd must stop exactly where RKE2 would, or it would overwrite a
+    file that RKE2 treats as the operator's newer copy."""
+    return mtime_ns // _NS - timestamp_ns // _NS >= _NEWER_SLACK_S
+
+
 def reconcile(
     stored: Mapping[str, Stored],
     disk: Mapping[str, DiskFile | None],
@@ -65,7 +74,7 @@ def reconcile(
             plan.writes[name] = entry.content
         elif current.data == entry.content:
             plan.unchanged.append(name)
-        elif current.mtime_ns - entry.timestamp_ns >= _NEWER_SLACK_NS:
+        elif newer_on_disk(current.mtime_ns, entry.timestamp_ns):
             plan.conflicts.append(
                 Conflict(
                     name,

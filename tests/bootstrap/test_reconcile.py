@@ -119,14 +119,16 @@ def test_equal_files_are_left_untouched_with_their_mtimes(seeded: Seeded) -> Non
     assert seeded.snapshot() == (disk, store)
 
 
-@pytest.mark.parametrize("offset_ns", [-60 * 10**9, SLACK_NS - 1], ids=["older", "newer-by-<3s"])
-def test_different_file_not_3s_newer_takes_the_datastore_copy(
-    seeded: Seeded, offset_ns: int
-) -> None:
+@pytest.mark.parametrize("newer", ["older", "newer-by-<3s"])
+def test_different_file_not_3s_newer_takes_the_datastore_copy(seeded: Seeded, newer: str) -> None:
+    """Not 3 s newer as RKE2 counts (whole Unix seconds): the last nanosecond of the second
+    two seconds after the stored one."""
     rel = "tls/request-header-ca.crt"
     path = seeded.path(rel)
     path.write_bytes(original(seeded, "tls/server-ca.crt"))  # a CA file, but the wrong one
-    stamp = seeded.template.stamps[rel] + offset_ns
+    stored = seeded.template.stamps[rel]
+    second = 10**9
+    stamp = stored - 60 * second if newer == "older" else stored // second * second + SLACK_NS - 1
     os.utime(path, ns=(stamp, stamp))
     result = renew_in_process(seeded.cfg)
     assert result.extracted == ["RequestHeaderCA"]
@@ -193,17 +195,29 @@ def test_empty_tls_etcd_dir_restores_everything_and_leaves_other_ca_files_alone(
     assert {"client.crt", "server-client.crt", "peer-server-client.crt"} <= reissued
 
 
-def test_reconcile_compares_disk_mtime_and_stored_timestamp_to_the_nanosecond(
-    tmp_path: Path,
-) -> None:
-    """The pure rule, at the 3 s limit; and `read_disk` keeps st_mtime_ns whole (no float)."""
-    stored = 1_700_000_000_123_456_789
+def test_reconcile_compares_whole_seconds_as_rke2_does(tmp_path: Path) -> None:
+    """The pure rule at the 3 s limit, as RKE2 judges it: whole Unix seconds of the file's mtime
+    and of the stored Timestamp (Go's `Time.Unix()`), so what counts is which seconds the two
+    fall in, not the nanoseconds between them; and `read_disk` keeps st_mtime_ns whole."""
+    s = 1_000_000_000
+    stored = 1_700_000_000 * s + 900_000_000  # x.9 s
     entry = {"ServerCA": Stored(b"new", stored)}
     paths = {"ServerCA": "tls/server-ca.crt"}
-    under = reconcile(entry, {"ServerCA": DiskFile(b"old", stored + SLACK_NS - 1)}, paths, False)
-    assert under.writes == {"ServerCA": b"new"} and not under.conflicts
-    at = reconcile(entry, {"ServerCA": DiskFile(b"old", stored + SLACK_NS)}, paths, False)
-    assert not at.writes and [c.path for c in at.conflicts] == ["tls/server-ca.crt"]
+
+    def judged(mtime_ns: int) -> str:
+        plan = reconcile(entry, {"ServerCA": DiskFile(b"old", mtime_ns)}, paths, False)
+        assert bool(plan.writes) != bool(plan.conflicts)
+        return "write" if plan.writes else "stop"
+
+    second = stored // s * s
+    assert judged(second + 3 * s - 1) == "write"  # 2.1 s newer, but only 2 whole seconds on
+    assert judged(second + 3 * s) == "stop"  # 2.1 s newer and 3 whole seconds on: RKE2 stops
+    assert judged(stored + SLACK_NS) == "stop"
+    assert judged(second) == "write"  # 0.9 s older
+    from_round = 1_700_000_000 * s  # x.0 s
+    entry["ServerCA"] = Stored(b"new", from_round)
+    assert judged(from_round + 3 * s - 1) == "write"  # 2.999999999 s newer
+    assert judged(from_round + 3 * s) == "stop"
 
     layout = Layout(tmp_path)
     path = layout.server / "tls" / "server-ca.crt"
