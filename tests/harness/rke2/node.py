@@ -238,6 +238,12 @@ class NodeBase:
     def log(self, line: str) -> None:
         self.events.append(line)
 
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
     # -- the hook ------------------------------------------------------------------------------
 
     def hook_env(self) -> dict[str, str]:
