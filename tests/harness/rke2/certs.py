@@ -86,10 +86,12 @@ class Identity:
     service_cidr: str = "10.43.0.0/16"
 
     def server_sans(self) -> list[str]:
-        """RKE2's server SANs (config.SANs): tls-san, loopbacks, localhost, name, IPs, advertise."""
+        """RKE2's server SANs (config.SANs): tls-san, loopbacks, localhost, name, IPs, the
+        advertise address and the first service IP (the server command adds each)."""
         out = [*self.tls_sans, "127.0.0.1", "::1", "localhost", self.node_name, *self.node_ips]
         if self.advertise_address:
             out.append(self.advertise_address)
+        out.append(self.first_service_ip())
         return out
 
     def first_service_ip(self) -> str:
@@ -100,9 +102,9 @@ def wanted_sans(leaf: Leaf, ident: Identity) -> tuple[list[str], list[str]]:
     """(DNS names, IPs) deps.go gives a leaf."""
     names: list[str] = []
     if leaf.sans == "apiserver":
+        domain = ident.cluster_domain
         names = ["kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 f"kubernetes.default.svc.{ident.cluster_domain}", ident.first_service_ip(),
-                 *ident.server_sans()]  # fmt: skip
+                 f"kubernetes.default.svc.{domain}", *ident.server_sans()]  # fmt: skip
     elif leaf.sans == "etcd":
         names = ["kine.sock", *ident.server_sans()]
     dns: list[str] = []

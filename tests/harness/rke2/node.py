@@ -483,8 +483,7 @@ class RKE2Server(NodeBase):
 
     def save_bootstrap(self, timeout: float = 30) -> None:
         """Create the bootstrap key from the files on disk (kept when it exists already)."""
-        token = self.token()
-        assert token
+        token = self.token() or self.passwords()["server"]
         value = bs.encrypt(token, bs.encode_files(bs.read_from_disk(self.server_dir)))
         client = self.etcd_client()
         deadline = time.monotonic() + timeout
