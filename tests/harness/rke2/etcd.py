@@ -10,6 +10,7 @@ import base64
 import json
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -88,7 +89,14 @@ class EtcdClient:
     def member_add(self, peer_url: str, learner: bool = True) -> str:
         """Add a member (a learner, as upstream joins); returns its ID."""
         body: dict[str, Any] = {"peerURLs": [peer_url], "isLearner": learner}
-        return str(self._post("/v3/cluster/member/add", body)["member"]["ID"])
+        deadline = time.monotonic() + 30
+        while True:  # etcd refuses while a member added before has not caught up yet
+            try:
+                return str(self._post("/v3/cluster/member/add", body)["member"]["ID"])
+            except ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def promote(self, member_id: str, timeout: float = 30) -> None:
         """Promote a learner once it has caught up (etcd refuses until then)."""
@@ -181,6 +189,21 @@ class EtcdMember:
                     raise RuntimeError(
                         f"etcd {self.name} not serving:\n{self.log_tail()}"
                     ) from None
+                time.sleep(0.05)
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        """Until the member's client port accepts connections. A member restarted while the
+        others are down serves nothing before it has quorum; RKE2 goes on starting then."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"etcd {self.name} exited:\n{self.log_tail()}")
+            try:
+                socket.create_connection((self.host, self.client_port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"etcd {self.name} not listening") from None
                 time.sleep(0.05)
 
     def stop(self) -> None:

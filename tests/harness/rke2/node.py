@@ -430,6 +430,8 @@ class RKE2Server(NodeBase):
         member = self.etcd
         if member.initialized():
             member.start()
+            member.wait_listening()
+            return
         elif joining:
             token = self.token() or ""
             ctx = pinned_context(self.config["server"], token)
