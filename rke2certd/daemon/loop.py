@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
+from rke2certd.daemon.bootstrap_watch import BootstrapWatch
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
 from rke2certd.datastore.base import Datastore
@@ -95,6 +96,7 @@ class Daemon:
         self.ds: Datastore | None = None
         self.watcher: StagingWatcher | None = None
         self.runner: RolloutRunner | None = None
+        self.bootstrap_watch: BootstrapWatch | None = None  # servers: RKE2's CA set
         # servers: the endpoint agents use; agent-only nodes: the coordination keys through it
         self.supervisor: SupervisorHandle | None = None
         self.supervisor_error: str | None = None
@@ -133,6 +135,7 @@ class Daemon:
     # -- work -----------------------------------------------------------------------------
 
     def _open_datastore(self) -> None:
+        self._stop_bootstrap_watch()
         if self.ds is not None:
             if self.runner is not None:
                 self.runner.stop_link()  # its threads may share the connection closed here
@@ -147,6 +150,31 @@ class Daemon:
             from rke2certd.ops.agent_rollout import remote_store
 
             self.remote = remote_store(self.node, self._agent_token)
+
+    def _start_bootstrap_watch(self) -> None:
+        """Follow RKE2's bootstrap key: a rotation saved anywhere (upstream's `rke2 certificate
+        rotate-ca` included) is taken and rolled out as one staged here (see the module)."""
+        self._stop_bootstrap_watch()
+        ds = self.ds
+        if ds is None:
+            return
+        shared = isinstance(ds, SQLiteDatastore)  # see _own_connection
+
+        def connection() -> Datastore:
+            return ds if shared else self._own_connection()
+
+        watch = BootstrapWatch(connection, self.wake.poke, owns_connection=not shared)
+        self.bootstrap_watch = watch
+        watch.start()
+
+    def _stop_bootstrap_watch(self) -> None:
+        if self.bootstrap_watch is not None:
+            self.bootstrap_watch.stop()
+            self.bootstrap_watch = None
+
+    def _bootstrap_changed(self) -> None:
+        if self.bootstrap_watch is not None and self.bootstrap_watch.take_changed():
+            self._renew("RKE2's bootstrap data changed")
 
     def _remote(self) -> RemoteDatastore:
         assert self.remote is not None, "agent-only nodes have a remote store"
@@ -406,6 +434,7 @@ class Daemon:
             self._token = None  # the config now holds the adopted token, if any
             self._stop_supervisor()
             self._open_datastore()
+            self._start_bootstrap_watch()
             self._reload_runner()
         except Rke2certdError as exc:
             log.error("reload_failed", reason=str(exc))
@@ -457,6 +486,7 @@ class Daemon:
         self._install_signals()
         try:
             self._open_datastore()
+            self._start_bootstrap_watch()
             self._start_renew()
             self._start_supervisor()
             self._start_rollouts()
@@ -483,6 +513,7 @@ class Daemon:
                 self._reload()
                 continue
             self._safe(self._process_staging)
+            self._safe(self._bootstrap_changed)
             if time.monotonic() >= self.next_rescan:
                 self._safe(self._rescan)
                 self._start_supervisor()
@@ -500,6 +531,7 @@ class Daemon:
         return 0
 
     def _close(self) -> None:
+        self._stop_bootstrap_watch()
         self._stop_supervisor()
         if self.watcher is not None:
             self.watcher.stop()

@@ -17,8 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from rke2certd.config import Config
-from rke2certd.datastore import open_datastore
-from rke2certd.datastore.base import Datastore, OutcomeUnknown
+from rke2certd.datastore.base import KV, Datastore, OutcomeUnknown
 from rke2certd.datastore.codec import (
     BOOTSTRAP_FIELDS,
     BOOTSTRAP_PREFIX,
@@ -62,23 +61,14 @@ def _mode(rel: str) -> int:
     return 0o644 if rel.endswith(".crt") else 0o600
 
 
-def default_sqlite(layout: Layout) -> str:
-    return f"sqlite://{layout.server / 'db' / 'rke2certd.sqlite'}"
-
-
 def open_for(node: Node, timeout: float = 5.0) -> Datastore:
-    """The node's datastore, with RKE2's defaults for etcd client certs."""
-    cfg, layout = node.cfg, node.layout
-    endpoint = cfg.datastore_endpoint or default_sqlite(layout)
-    etcd_tls = layout.tls / "etcd"
-    return open_datastore(
-        endpoint,
-        data_dir=cfg.data_dir,
-        cafile=cfg.datastore_cafile or etcd_tls / "server-ca.crt",
-        certfile=cfg.datastore_certfile or etcd_tls / "client.crt",
-        keyfile=cfg.datastore_keyfile or etcd_tls / "client.key",
-        timeout=timeout,
-    )
+    """The node's datastore: RKE2's on a node with an RKE2 config, else rke2certd's own
+    (ops/rke2_datastore.py says which and why)."""
+    from rke2certd.ops.rke2_datastore import open_planned, plan_datastore
+
+    plan = plan_datastore(node.cfg, node.layout)
+    token = configured_token(node.cfg, node.layout) if plan.kind == "etcd-members" else None
+    return open_planned(plan, node.cfg, token, node.ident.node_ips, timeout)
 
 
 def configured_token(cfg: Config, layout: Layout) -> str | None:
@@ -133,7 +123,11 @@ def _tls_empty(layout: Layout) -> bool:
 
 
 def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePlan:
-    stored = {name: Stored(f.content, f.unix_ns) for name, f in files.items()}
+    # Only the fields that are files here: a field a later RKE2 added has no path to compare
+    # (it is kept in the datastore, never written, never a change of this node).
+    stored = {
+        name: Stored(f.content, f.unix_ns) for name, f in files.items() if name in BOOTSTRAP_FIELDS
+    }
     paths = {name: str(layout.server / rel) for name, rel in BOOTSTRAP_FIELDS.items()}
     return reconcile(stored, read_disk(layout), paths, _tls_empty(layout))
 
@@ -153,8 +147,15 @@ def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> l
                 for c in plan.conflicts
             ],
         )
+    # Each file gets its field's Timestamp as mtime, as RKE2 writes them: a file rke2certd
+    # wrote is then never "newer than the datastore" to RKE2's reconcile, whatever the delay.
     writes = [
-        FileWrite(layout.server / BOOTSTRAP_FIELDS[name], data, _mode(BOOTSTRAP_FIELDS[name]))
+        FileWrite(
+            layout.server / BOOTSTRAP_FIELDS[name],
+            data,
+            _mode(BOOTSTRAP_FIELDS[name]),
+            files[name].unix_ns,
+        )
         for name, data in plan.writes.items()
         if name in BOOTSTRAP_FIELDS
     ]
@@ -201,11 +202,20 @@ def ensure_bootstrap(
     create_cas: Callable[[], object],
     *,
     dry_run: bool = False,
+    may_create: bool = True,
 ) -> BootstrapOutcome:
-    """Make disk and datastore agree on one CA set; `create_cas` builds it on disk if needed."""
+    """Make disk and datastore agree on one CA set; `create_cas` builds it on disk if needed.
+
+    Without `may_create` (RKE2's datastore: RKE2 creates and saves the set) an absent key is
+    left alone: nothing is created, nothing taken."""
     layout = node.layout
     outcome = BootstrapOutcome()
     token = configured_token(node.cfg, layout)
+    if token is None and not may_create:
+        raise TokenError(
+            f"no server token on this node: RKE2 writes {layout.server / 'token'} at its start; "
+            "set `token` in RKE2's config (or rke2certd's) to the cluster's server token"
+        )
     if token is None:
         if ds.get_prefix(BOOTSTRAP_PREFIX):
             raise TokenError(
@@ -229,6 +239,12 @@ def ensure_bootstrap(
             _wait_for_value(ds, key, deadline)
             continue
         _refuse_other_keys(ds, key)
+        if not may_create:
+            log.warning(
+                "bootstrap_not_saved", datastore=ds.location,
+                reason="RKE2 has not saved its bootstrap data yet; the CA set on disk is used",
+            )  # fmt: skip
+            return outcome
         if dry_run:
             create_cas()  # the dry-run callback only reports
             outcome.created = True
@@ -344,15 +360,22 @@ def write_tokens(layout: Layout, password: str) -> list[Path]:
 
 
 def save_rotation(
-    ds: Datastore, password: str, new_files: dict[str, bytes], now: datetime
+    ds: Datastore,
+    password: str,
+    new_files: dict[str, bytes],
+    now: datetime,
+    read: KV | None = None,
 ) -> tuple[int, dict[str, BootstrapFile]]:
     """Replace rotatable fields in the stored set with compare-and-swap; other fields are kept.
 
-    Changed fields get `now` as their Timestamp so that every server takes them at its next
-    start (the datastore wins over an older file). Returns the new revision and the stored set.
+    `read` is the value the new files were checked against: the swap succeeds only if the key
+    still holds it, so a rotation saved meanwhile (upstream's `rotate-ca`, another server) is
+    never overwritten by one checked against the older CAs. Changed fields get `now` as their
+    Timestamp so that every server takes them at its next start (the datastore wins over an
+    older file). Returns the new revision and the stored set.
     """
     key = bootstrap_key_name(password)
-    kv = ds.get(key)
+    kv = read if read is not None else ds.get(key)
     if kv is None or not kv.value:
         raise DatastoreError(
             "no CA data in the datastore for this token; run `rke2certd renew` on a server first"
