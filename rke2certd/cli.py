@@ -183,22 +183,10 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.render import render_renew
     from rke2certd.ops.renew import RenewResult, renew
-    from rke2certd.ops.rke2_datastore import UnsupportedDatastoreError
     from rke2certd.store.lock import node_lock
 
     node = Node.from_config(cfg)
     result: RenewResult
-    if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
-        from rke2certd.ops.agent import agent_renew
-
-        if args.dry_run:
-            result = agent_renew(node, system_clock(), dry_run=True)
-        else:
-            with node_lock(cfg.data_dir, cfg.lock_timeout):
-                result = agent_renew(node, system_clock())
-            _warm_check_cache(node)
-        sys.stdout.write(render_renew(result, args.output))
-        return 0
     if cfg.rke2_config is not None:
         from rke2certd.ops.renew import before_first_start
 
@@ -206,6 +194,31 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
         if skipped is not None:  # no lock taken, no dir made: RKE2's first start does it all
             sys.stdout.write(render_renew(skipped, args.output))
             return 0
+    if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
+        from rke2certd.ops.agent import agent_renew
+        from rke2certd.supervisor.client import UnreachableError
+
+        try:
+            if args.dry_run:
+                result = agent_renew(node, system_clock(), dry_run=True)
+            else:
+                with node_lock(cfg.data_dir, cfg.lock_timeout):
+                    result = agent_renew(node, system_clock())
+                _warm_check_cache(node)
+        except UnreachableError as exc:
+            # A full restart: the servers may come up after this agent. With valid certificates
+            # on disk, rke2-agent starts on them; the daemon renews once a server answers.
+            if not args.offline_ok or not _certs_usable(node):
+                raise
+            from rke2certd.log import log
+
+            why = f"{exc}; going on with the certificates on disk (--offline-ok)"
+            log.warning("renew_deferred", reason=why)
+            result = RenewResult(dry_run=args.dry_run, unit=_unit_of(node), skipped=why)
+        sys.stdout.write(render_renew(result, args.output))
+        return 0
+    from rke2certd.ops.rke2_datastore import UnsupportedDatastoreError
+
     with ExitStack() as stack:
         try:
             ds = stack.enter_context(_datastore(node, offline_ok=args.offline_ok))
@@ -224,6 +237,24 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
             _warm_check_cache(node)
     sys.stdout.write(render_renew(result, args.output))
     return 0
+
+
+def _certs_usable(node: Node) -> bool:
+    """Every certificate of the node is there and none is expired or not yet valid."""
+    from rke2certd.ops.check import check
+    from rke2certd.plan.inventory import failing
+
+    try:
+        result = check(node, [], system_clock())
+    except Rke2certdError:
+        return False
+    return bool(result.rows) and not failing(result.rows) and not result.errors
+
+
+def _unit_of(node: Node) -> str:
+    from rke2certd.pki.profiles import AGENT_UNIT, SERVER_UNIT
+
+    return SERVER_UNIT if node.cfg.is_server else AGENT_UNIT
 
 
 def _warm_check_cache(node: Node) -> None:

@@ -254,10 +254,30 @@ def rke2_has_run(layout: Layout) -> bool:
 def before_first_start(node: Node, *, dry_run: bool) -> RenewResult | None:
     """The result of a renew on an RKE2 node RKE2 never ran on (None: it has run, or the node
     is standalone): nothing to do, said once in the journal."""
-    if node.cfg.rke2_config is None or rke2_has_run(node.layout):
+    if node.cfg.rke2_config is None:
         return None
-    log.info("renew_skipped", reason=BEFORE_FIRST_START, dry_run=dry_run)
-    return RenewResult(dry_run=dry_run, unit=_unit(node), skipped=BEFORE_FIRST_START)
+    if node.cfg.is_server:
+        if rke2_has_run(node.layout):
+            return None
+        why = BEFORE_FIRST_START
+    else:
+        if rke2_agent_has_run(node.layout):
+            return None
+        why = AGENT_BEFORE_FIRST_START
+    log.info("renew_skipped", reason=why, dry_run=dry_run)
+    return RenewResult(dry_run=dry_run, unit=_unit(node), skipped=why)
+
+
+def rke2_agent_has_run(layout: Layout) -> bool:
+    """rke2-agent (or rke2certd) has put the agent's certificates and kubeconfig in place."""
+    agent = layout.agent
+    return (agent / "client-kubelet.crt").is_file() or (agent / "kubelet.kubeconfig").is_file()
+
+
+AGENT_BEFORE_FIRST_START = (
+    "rke2-agent has not started on this node yet: at its first start it gets the CA and its "
+    "certificates from `server`; rke2certd renews from then on"
+)
 
 
 BEFORE_FIRST_START = (

@@ -20,7 +20,6 @@ A node with no RKE2 config (the demo, the tests) keeps the embedded SQLite file.
 from __future__ import annotations
 
 import json
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,6 +177,8 @@ def lookup_members(cfg: Config, token: str, self_ips: tuple[str, ...], timeout: 
 def _listening(url: str, timeout: float) -> bool:
     """A quick TCP connect: while RKE2 is down its embedded etcd is too, and saying so costs
     no etcd client (requests, ~85 ms to import) on the startup hook's path."""
+    import socket  # only here: ~4 ms to import, and only an RKE2 etcd node needs it
+
     parts = urlsplit(url)
     try:
         with socket.create_connection((parts.hostname or "", parts.port or 2379), timeout):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import ssl
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 
 from rke2certd.pki.token import ca_hash, format_token
 from tests.bootstrap.support import tree
+from tests.conftest import run_cli
 from tests.harness.etcd import EtcdCluster, free_ports
 
 from .conftest import etcd_client, make_rke2_node, wipe
@@ -256,3 +258,43 @@ def test_control_plane_only_node_uses_the_members_from_db_info(
     res = node.cli("renew", "--offline-ok")
     assert res.returncode == 0, res.stderr
     assert "is not an etcd member list" in res.stderr
+
+
+def test_agent_hook_before_rke2_agent_first_start(tmp_path: Path) -> None:
+    """An agent-only node (only rke2-agent installed): before rke2-agent's first start it gets
+    its certificates itself; the hook has nothing to do and must not need a server."""
+    units = tmp_path / "units"
+    units.mkdir()
+    (units / "rke2-agent.service").write_text("[Service]\n")
+    node = make_rke2_node(tmp_path / "n", seed=None, rke2={"server": "https://127.0.0.1:9"})
+    env = {"RKE2CERTD_UNIT_DIRS": str(units)}
+    res = run_cli("-c", node.config, "renew", env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("nothing to renew: rke2-agent has not started on this node")
+    assert not node.data.exists()
+    # once it has run, the hook renews through a server: none answers here, and it says so
+    (node.layout.agent).mkdir(parents=True)
+    (node.layout.agent / "kubelet.kubeconfig").write_text("apiVersion: v1\n")
+    res = run_cli("-c", node.config, "renew", env=env)
+    assert res.returncode != 0 and "cannot reach the server" in res.stderr
+
+
+def test_agent_hook_with_no_server_up_starts_on_valid_certificates(
+    tmp_path: Path, seed: Path
+) -> None:
+    """A full restart: the agent comes up before any server answers. With valid certificates
+    on disk the hook lets rke2-agent start on them (--offline-ok); without, it says why not."""
+    node = make_rke2_node(
+        tmp_path / "n", seed=None, rke2={"server": "https://127.0.0.1:9"}, roles=["agent"]
+    )
+    shutil.copytree(seed / "agent", node.layout.agent)
+    before = tree(node.data)
+    res = node.cli("renew", "--offline-ok")
+    assert res.returncode == 0, res.stderr
+    assert "renew_deferred" in res.stderr and "certificates on disk" in res.stdout
+    assert tree(node.data) == before
+    plain = node.cli("renew")
+    assert plain.returncode != 0 and "cannot reach the server" in plain.stderr
+    (node.layout.agent / "client-kubelet.crt").write_text("garbage\n")
+    broken = node.cli("renew", "--offline-ok")
+    assert broken.returncode != 0 and "cannot reach the server" in broken.stderr
