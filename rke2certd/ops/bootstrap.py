@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from rke2certd.config import Config
@@ -132,8 +133,21 @@ def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePl
     return reconcile(stored, read_disk(layout), paths, _tls_empty(layout))
 
 
-def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> list[str]:
-    """Write the datastore's copy to disk by the rules of §5, as one all-or-nothing change."""
+class _Superseded(Exception):
+    """The bootstrap key changed between the read an extract was planned on and its write."""
+
+
+def extract(
+    layout: Layout,
+    files: dict[str, BootstrapFile],
+    dry_run: bool,
+    still_current: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Write the datastore's copy to disk by the rules of §5, as one all-or-nothing change.
+
+    `still_current` is asked right before anything is written: False (a rotation was saved
+    since the read) raises _Superseded, so an older CA set is never written over the newer
+    one RKE2 may be writing at its start; the caller reads the key again."""
     plan = plan_extract(layout, files)
     if plan.conflicts:
         raise ValidationError(
@@ -160,6 +174,8 @@ def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> l
         if name in BOOTSTRAP_FIELDS
     ]
     if writes and not dry_run:
+        if still_current is not None and not still_current():
+            raise _Superseded
         write_files(layout.data_dir, writes)
     for name in plan.writes:
         log.info(
@@ -233,7 +249,13 @@ def ensure_bootstrap(
     while True:
         kv = ds.get(key)
         if kv is not None and kv.value:
-            outcome.extracted = extract(layout, load_value(password, kv.value), dry_run)
+            try:
+                files = load_value(password, kv.value)
+                unchanged = partial(_unchanged, ds, key, kv.mod_revision)
+                outcome.extracted = extract(layout, files, dry_run, unchanged)
+            except _Superseded:
+                log.info("bootstrap_superseded", reason="a newer CA set was saved meanwhile")
+                continue
             break
         if kv is not None:
             _wait_for_value(ds, key, deadline)
@@ -255,6 +277,11 @@ def ensure_bootstrap(
     if not dry_run:
         outcome.token_files = write_tokens(layout, password)
     return outcome
+
+
+def _unchanged(ds: Datastore, key: str, mod_revision: int) -> bool:
+    kv = ds.get(key)
+    return kv is not None and kv.mod_revision == mod_revision
 
 
 def _refuse_other_keys(ds: Datastore, key: str) -> None:

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from rke2certd.config import load_config
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, BootstrapFile, bootstrap_key_name
 from rke2certd.errors import DatastoreError
 from rke2certd.ops.bootstrap import load_value, plan_extract, save_rotation, save_value
+from rke2certd.ops.node import Node
+from rke2certd.ops.renew import renew
+from rke2certd.store.lock import node_lock
 from tests.harness.etcd import EtcdCluster
 
 from .conftest import CRED_FILES, Rke2Node, etcd_client, make_rke2_node, wipe
@@ -105,3 +110,41 @@ def test_a_rotation_checked_against_an_older_key_is_never_saved(
         with pytest.raises(DatastoreError, match="changed in the datastore while"):
             save_rotation(ds, node.token, {"ClientCA": b"ours\n"}, datetime.now(UTC), checked)
         assert ds.get(key) == newer
+
+
+class _RotatedOnSecondRead:
+    """The real etcd client, with one interleaving forced: a rotation saved by someone else
+    (upstream's `rotate-ca`) lands right after rke2certd's first read of the bootstrap key,
+    before it writes to disk. No real run hits that moment on demand, hence the wrapper."""
+
+    def __init__(self, ds: Any, key: str, rotated: bytes) -> None:
+        self.ds, self.key, self.rotated, self.reads = ds, key, rotated, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.ds, name)
+
+    def get(self, key: str) -> Any:
+        if key == self.key:
+            self.reads += 1
+            if self.reads == 2:
+                kv = self.ds.get(key)
+                assert self.ds.compare_and_swap(key, self.rotated, kv.mod_revision)
+        return self.ds.get(key)
+
+
+def test_an_older_ca_set_is_never_written_over_a_newer_one(
+    node: Rke2Node, etcd_https: EtcdCluster
+) -> None:
+    key = bootstrap_key_name(node.token)
+    for rel in BOOTSTRAP_FIELDS.values():
+        if not rel.startswith("tls/etcd/"):
+            (node.layout.server / rel).unlink()  # everything is to be written from the key
+    newer = _stored(node, etcd_https)
+    newer["ServerCA"] = BootstrapFile(datetime.now(UTC), newer["ServerCA"].content + b"\n")
+    loaded = Node.from_config(load_config(node.config))
+    with etcd_client(etcd_https, node.data) as ds, node_lock(node.data, 30):
+        racing = _RotatedOnSecondRead(ds, key, save_value(node.token, newer))
+        renew(loaded, datetime.now(UTC), datastore=racing)
+        assert racing.reads >= 3, "the key was read again after the rotation"
+    _assert_disk_is_the_key(node, _stored(node, etcd_https))
+    assert (node.layout.tls / "server-ca.crt").read_bytes() == newer["ServerCA"].content
