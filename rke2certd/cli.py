@@ -292,12 +292,15 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
     except (DatastoreUnavailable, DatastoreFilesMissing) as exc:
         if not offline_ok or (not rke2 and disk_generation(node.layout) is None):
             raise
-        from rke2certd.log import log
+        from rke2certd.ops.rke2_datastore import EmbeddedEtcdDown
 
-        log.warning(
-            "datastore_unreachable",
-            reason=f"{exc}; going on with the CA set on disk (--offline-ok)".replace("\n", " "),
-        )
+        if not isinstance(exc, EmbeddedEtcdDown):  # that one is RKE2 being down: as expected
+            from rke2certd.log import log
+
+            log.warning(
+                "datastore_unreachable",
+                reason=f"{exc}; going on with the CA set on disk (--offline-ok)".replace("\n", " "),
+            )
         yield None
         return
     try:

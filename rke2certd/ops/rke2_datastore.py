@@ -41,6 +41,11 @@ class UnsupportedDatastoreError(ConfigError):
     """RKE2 uses a datastore rke2certd cannot share (SQL through kine)."""
 
 
+class EmbeddedEtcdDown(DatastoreUnavailable):
+    """This node's member of RKE2's embedded etcd is not running: RKE2 is down (the normal
+    state when rke2-server's ExecStartPre= runs), nothing to report."""
+
+
 @dataclass(frozen=True)
 class DatastorePlan:
     kind: str  # sqlite | etcd | etcd-members (the endpoints come from /db/info)
@@ -210,7 +215,7 @@ def open_planned(
             )
         endpoint = lookup_members(cfg, token, self_ips, timeout)
     elif plan.embedded and not _listening(endpoint, min(timeout, 1.0)):
-        raise DatastoreUnavailable(f"RKE2's embedded etcd at {endpoint} is not running")
+        raise EmbeddedEtcdDown(f"RKE2's embedded etcd at {endpoint} is not running")
     return open_datastore(
         endpoint,
         data_dir=cfg.data_dir,
