@@ -128,11 +128,24 @@ def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cluster_datastore(cfg: Config) -> Datastore:
     from rke2certd.ops.bootstrap import open_for
-    from rke2certd.ops.renew import NeedsServerError
+    from rke2certd.ops.renew import NeedsServerError, rke2_has_run
 
     if not cfg.is_server:
         raise NeedsServerError("this command reads the datastore: run it on a server")
-    return open_for(Node.from_config(cfg))
+    node = Node.from_config(cfg)
+    if cfg.rke2_config is not None and not rke2_has_run(node.layout):
+        raise _before_rke2()
+    return open_for(node)
+
+
+def _before_rke2() -> Rke2certdError:
+    from rke2certd.errors import UsageError
+
+    return UsageError(
+        "RKE2 has not started on this node yet: it creates (first server) or fetches (joining "
+        "server) the CA set and every certificate at its first start, and runs the datastore; "
+        "run this once rke2-server has started"
+    )
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -285,8 +298,7 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
 
     rke2 = node.cfg.rke2_config is not None
     if rke2 and not rke2_has_run(node.layout):
-        yield None  # renew says so; nothing may be created before RKE2 does it
-        return
+        raise _before_rke2()
     try:
         ds = open_for(node)
     except (DatastoreUnavailable, DatastoreFilesMissing) as exc:

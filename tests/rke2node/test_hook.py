@@ -300,3 +300,18 @@ def test_agent_hook_with_no_server_up_starts_on_valid_certificates(
     (node.layout.agent / "client-kubelet.crt").write_text("garbage\n")
     broken = node.cli("renew", "--offline-ok")
     assert broken.returncode != 0 and "cannot reach the server" in broken.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("certificate", "rotate"), ("certificate", "rotate-ca", "--path", "/nonexistent"),
+     ("status",)],
+)  # fmt: skip
+def test_other_commands_before_rke2_first_start_say_so(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    node = make_rke2_node(tmp_path / "n", seed=None)
+    res = node.cli(*args)
+    assert res.returncode == 2
+    assert "RKE2 has not started on this node yet" in res.stderr
+    assert not node.data.exists()
