@@ -106,19 +106,66 @@ def exec_start_pre(unit: str) -> list[tuple[bool, list[str]]]:
 
 
 def ca_hash(bundle: bytes) -> str:
-    """The token's CA hash of a server-ca.crt (one cert: its file bytes; else the root's DER)."""
+    """The token's CA hash of a server-ca.crt, as upstream's clientaccess computes it: one cert,
+    the file's bytes; more, the DER of the root ending the first chain Go's x509 Verify finds
+    from the first cert, where the roots are the later certs without an AKI or with AKI = SKI
+    and the rest are intermediates. Go tries root parents before intermediate ones, so a
+    cross-signed bundle (new intermediate, new root cross-signed by the old CA, new root, old
+    root) hashes to the new self-signed root, not to the old one through the cross-signed
+    cert; bytes of the file when no chain verifies."""
     certs = x509.load_pem_x509_certificates(bundle)
     if len(certs) > 1:
-        roots = [c for c in certs if c.issuer == c.subject and _signed_by(c, c)]
-        cur, seen = certs[0], 0
-        while seen < 10:
-            if any(cur == r for r in roots):
-                return hashlib.sha256(cur.public_bytes(serialization.Encoding.DER)).hexdigest()
-            parent = next((c for c in certs if c != cur and _signed_by(cur, c)), None)
-            if parent is None:
-                break
-            cur, seen = parent, seen + 1
+        roots = [c for c in certs[1:] if _is_root_for_hash(c)]
+        inters = [c for c in certs[1:] if not _is_root_for_hash(c)]
+        root = _first_root(certs[0], roots, inters, [certs[0]])
+        if root is not None:
+            return hashlib.sha256(root.public_bytes(serialization.Encoding.DER)).hexdigest()
     return hashlib.sha256(bundle).hexdigest()
+
+
+def _ski_aki(cert: x509.Certificate) -> tuple[bytes | None, bytes | None]:
+    try:
+        ski: bytes | None = cert.extensions.get_extension_for_class(
+            x509.SubjectKeyIdentifier
+        ).value.digest
+    except x509.ExtensionNotFound:
+        ski = None
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        return ski, aki.key_identifier
+    except x509.ExtensionNotFound:
+        return ski, None
+
+
+def _is_root_for_hash(cert: x509.Certificate) -> bool:
+    ski, aki = _ski_aki(cert)
+    return not aki or aki == ski
+
+
+def _first_root(
+    cert: x509.Certificate,
+    roots: list[x509.Certificate],
+    inters: list[x509.Certificate],
+    chain: list[x509.Certificate],
+) -> x509.Certificate | None:
+    """Depth first as Go's buildChains: root parents, then intermediate ones (each list with
+    the parents whose SKI matches the cert's AKI first)."""
+    if len(chain) > 10:
+        return None
+    _, aki = _ski_aki(cert)
+
+    def ordered(pool: list[x509.Certificate]) -> list[x509.Certificate]:
+        return sorted(pool, key=lambda p: 0 if aki and _ski_aki(p)[0] == aki else 1)
+
+    for root in ordered(roots):
+        if _signed_by(cert, root):
+            return root
+    for parent in ordered(inters):
+        if parent not in chain and _signed_by(cert, parent):
+            found = _first_root(parent, roots, inters, [*chain, parent])
+            if found is not None:
+                return found
+    return None
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
@@ -234,6 +281,14 @@ class NodeBase:
     def write_config(self) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
+
+    def read_config(self) -> None:
+        """RKE2 reads its config file when its process starts (after ExecStartPre=, which may
+        have changed it, e.g. the CA hash of `token` after a CA rotation)."""
+        doc = yaml.safe_load(self.config_path.read_text()) or {}
+        if not isinstance(doc, dict):
+            raise RuntimeError(f"{self.config_path}: not a mapping")
+        self.config = doc
 
     def log(self, line: str) -> None:
         self.events.append(line)
@@ -351,6 +406,7 @@ class RKE2Server(NodeBase):
             raise RuntimeError(f"{self.name} already running")
         if self.run_hook:
             self.run_exec_start_pre()
+        self.read_config()
         try:
             self.boot()
         except BaseException:
@@ -568,6 +624,7 @@ class RKE2Agent(NodeBase):
     def start(self) -> None:
         if self.run_hook:
             self.run_exec_start_pre()
+        self.read_config()
         token = str(self.config["token"])
         server = str(self.config["server"]).rstrip("/")
         ctx = pinned_context(server, token)
