@@ -41,11 +41,18 @@ class Cluster:
         self.nodes[name] = node
         return node
 
-    def agent(self, name: str, join: RKE2Server, hook: bool = True, **config: Any) -> RKE2Agent:
+    def agent(
+        self,
+        name: str,
+        join: RKE2Server,
+        hook: bool = True,
+        rke2certd: dict[str, Any] | None = None,
+        **config: Any,
+    ) -> RKE2Agent:
         cfg = {k.replace("_", "-"): v for k, v in config.items()}
         cfg.setdefault("server", join.url)
         cfg.setdefault("token", (join.server_dir / "agent-token").read_text().strip())
-        node = RKE2Agent(self.root / name, name, cfg, {}, hook)
+        node = RKE2Agent(self.root / name, name, cfg, rke2certd or {}, hook)
         self.nodes[name] = node
         return node
 
