@@ -291,14 +291,19 @@ def unit_dirs() -> tuple[Path, ...]:
 
 
 def installed_units(inputs: Inputs | None = None) -> frozenset[str]:
-    """Which of rke2-server / rke2-agent has a unit file installed (recorded in `inputs`, so
-    that installing or removing one invalidates the cached config)."""
-    found = set()
+    """Which of rke2-server / rke2-agent this node runs: the enabled one(s) (RKE2's tarball
+    installs both unit files, `systemctl enable` picks one), else the installed one(s) (the
+    RPMs install one each). Every file looked at is recorded in `inputs`, so that enabling,
+    installing or removing a unit invalidates the cached config."""
+    enabled, installed = set(), set()
     for unit in ("rke2-server", "rke2-agent"):
         for d in unit_dirs():
+            wants = d / "multi-user.target.wants" / f"{unit}.service"
+            if read_input(wants, "systemd unit", inputs) is not None:
+                enabled.add(unit)
             if read_input(d / f"{unit}.service", "systemd unit", inputs) is not None:
-                found.add(unit)
-    return frozenset(found)
+                installed.add(unit)
+    return frozenset(enabled or installed)
 
 
 def _flag(value: Any) -> bool:
@@ -308,9 +313,9 @@ def _flag(value: Any) -> bool:
 
 
 def rke2_roles(flags: Mapping[str, Any], units: frozenset[str], where: Path) -> list[str]:
-    """This node's roles as RKE2 runs it: an agent-only node when only rke2-agent is installed;
-    a server otherwise (it runs a kubelet too), with etcd unless `disable-etcd`, and the
-    control plane unless every one of its components is disabled."""
+    """This node's roles as RKE2 runs it: an agent-only node when rke2-agent is its only unit
+    (see installed_units); a server otherwise (it runs a kubelet too), with etcd unless
+    `disable-etcd`, and the control plane unless every one of its components is disabled."""
     if "rke2-agent" in units and "rke2-server" not in units:
         return [Role.AGENT.value]
     roles = []

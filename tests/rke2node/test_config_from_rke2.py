@@ -105,3 +105,18 @@ def test_role_keys_are_not_ours(tmp_path: Path) -> None:
     """RKE2's disable-* keys are read from RKE2's config only; in ours they are unknown."""
     with pytest.raises(ConfigError, match="disable-etcd: unknown key"):
         load_config(_node(tmp_path, None, **{"disable-etcd": True}))
+
+
+def test_the_enabled_unit_decides_when_both_are_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RKE2's tarball installs both unit files; `systemctl enable rke2-agent` makes an agent."""
+    units = _units(tmp_path, monkeypatch, "rke2-server", "rke2-agent")
+    path = _node(tmp_path, {"server": "https://10.0.0.1:9345"})
+    assert load_config(path).roles == ALL
+    wants = units / "multi-user.target.wants"
+    wants.mkdir()
+    (wants / "rke2-agent.service").symlink_to(units / "rke2-agent.service")
+    assert load_config(path).roles == [Role.AGENT]
+    (wants / "rke2-server.service").symlink_to(units / "rke2-server.service")
+    assert load_config(path).roles == ALL
