@@ -113,7 +113,13 @@ class EtcdClient:
 
 @dataclass
 class EtcdMember:
-    """One node's etcd member on the node's IP (client 2379, peer 2380 as RKE2)."""
+    """One node's etcd member on the node's IP (client 2379, peer 2380 as RKE2).
+
+    RKE2 listens for clients on https://127.0.0.1:2379 too (upstream's listenClientURLs: the
+    loopback address, then the node's client URL; it advertises the node's URL only). The
+    stand-in's nodes share one host, so only one could have that loopback port: each member
+    listens on its node IP only, and a client of the node's own member (rke2certd on an etcd
+    node) must also try https://<node-ip>:2379 to reach it here."""
 
     name: str
     host: str
