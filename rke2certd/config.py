@@ -189,10 +189,15 @@ class Inputs:
     files: list[tuple[str, str | None]] = field(default_factory=list)
     listings: list[tuple[str, list[str] | None]] = field(default_factory=list)
     relative: bool = False  # a relative path was resolved against the working directory
+    # Files read for a fact, not as configuration (RKE2's unit files): cache inputs, never
+    # `sources` (which the token rewrite after a CA rotation edits).
+    facts: set[str] = field(default_factory=set)
 
     @property
     def sources(self) -> tuple[Path, ...]:
-        return tuple(Path(p) for p, digest in self.files if digest is not None)
+        return tuple(
+            Path(p) for p, digest in self.files if digest is not None and p not in self.facts
+        )
 
 
 def digest(data: bytes) -> str:
@@ -295,14 +300,16 @@ def installed_units(inputs: Inputs | None = None) -> frozenset[str]:
     installs both unit files, `systemctl enable` picks one), else the installed one(s) (the
     RPMs install one each). Every file looked at is recorded in `inputs`, so that enabling,
     installing or removing a unit invalidates the cached config."""
-    enabled, installed = set(), set()
+    enabled: set[str] = set()
+    installed: set[str] = set()
     for unit in ("rke2-server", "rke2-agent"):
         for d in unit_dirs():
             wants = d / "multi-user.target.wants" / f"{unit}.service"
-            if read_input(wants, "systemd unit", inputs) is not None:
-                enabled.add(unit)
-            if read_input(d / f"{unit}.service", "systemd unit", inputs) is not None:
-                installed.add(unit)
+            for path, found in ((wants, enabled), (d / f"{unit}.service", installed)):
+                if inputs is not None:
+                    inputs.facts.add(os.path.abspath(path))
+                if read_input(path, "systemd unit", inputs) is not None:
+                    found.add(unit)
     return frozenset(enabled or installed)
 
 
@@ -379,7 +386,7 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
     values = validate(raw, str(path))
     # Lowest precedence first: RKE2's config and drop-ins were read before ours.
     files = inputs.files[1:] + inputs.files[:1]
-    sources = Inputs(files=files).sources
+    sources = Inputs(files=files, facts=inputs.facts).sources
     if cache is not None:
         cache.store(inputs, values, sources)
     return _from_values(values, sources)

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
 
 DB_INFO_PATH = "/db/info"
+LOCAL_ETCD = "https://127.0.0.1:2379"  # where RKE2's etcd listens (health-etcd-endpoint's default)
 
 
 class UnsupportedDatastoreError(ConfigError):
@@ -179,6 +180,19 @@ def lookup_members(cfg: Config, token: str, self_ips: tuple[str, ...], timeout: 
     return ",".join(urls)
 
 
+def local_member_urls(endpoint: str, self_ips: tuple[str, ...]) -> list[str]:
+    """Where this node's etcd member answers: RKE2's listens on 127.0.0.1 and on the node's
+    IPs, so with the default endpoint each of those is a candidate too (first: loopback)."""
+    if endpoint.rstrip("/") != LOCAL_ETCD:
+        return [endpoint]
+    out = [endpoint]
+    for ip in self_ips:
+        url = f"https://[{ip}]:2379" if ":" in ip else f"https://{ip}:2379"
+        if url not in out:
+            out.append(url)
+    return out
+
+
 def _listening(url: str, timeout: float) -> bool:
     """A quick TCP connect: while RKE2 is down its embedded etcd is too, and saying so costs
     no etcd client (requests, ~85 ms to import) on the startup hook's path."""
@@ -214,8 +228,13 @@ def open_planned(
                 "RKE2's config) to ask its server for the etcd members"
             )
         endpoint = lookup_members(cfg, token, self_ips, timeout)
-    elif plan.embedded and not _listening(endpoint, min(timeout, 1.0)):
-        raise EmbeddedEtcdDown(f"RKE2's embedded etcd at {endpoint} is not running")
+    elif plan.embedded:
+        candidates = local_member_urls(endpoint, self_ips)
+        up = [url for url in candidates if _listening(url, min(timeout, 1.0))]
+        if not up:
+            where = ", ".join(candidates)
+            raise EmbeddedEtcdDown(f"RKE2's embedded etcd at {where} is not running")
+        endpoint = ",".join(up)
     return open_datastore(
         endpoint,
         data_dir=cfg.data_dir,

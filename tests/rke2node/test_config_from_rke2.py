@@ -60,7 +60,11 @@ def test_server_roles_from_rke2_config(
 def test_node_kind_from_the_installed_unit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     units = _units(tmp_path, monkeypatch, "rke2-agent")
     path = _node(tmp_path, {"server": "https://10.0.0.1:9345", "disable-etcd": True})
-    assert load_config(path).roles == [Role.AGENT]
+    cfg = load_config(path)
+    assert cfg.roles == [Role.AGENT]
+    # a unit file is a fact, not configuration: the token rewrite edits `sources` only
+    assert cfg.sources == (tmp_path / "rke2" / "config.yaml", path)
+    assert load_config(path).sources == cfg.sources, "the cached load too"
     (units / "rke2-server.service").write_text("[Service]\n")  # both: a server (it runs both)
     assert load_config(path).roles == [Role.CONTROL_PLANE, Role.AGENT], "the cache saw the unit"
     (units / "rke2-agent.service").unlink()

@@ -124,3 +124,16 @@ def test_member_list_of_db_info() -> None:
 def test_bad_member_lists_are_refused(doc: Any) -> None:
     with pytest.raises(ValueError, match="not"):
         member_client_urls(doc, ())
+
+
+def test_local_member_candidates() -> None:
+    from rke2certd.ops.rke2_datastore import local_member_urls
+
+    assert local_member_urls("https://127.0.0.1:2379", ("10.0.0.5", "fd00::5", "127.0.0.1")) == [
+        "https://127.0.0.1:2379",
+        "https://10.0.0.5:2379",
+        "https://[fd00::5]:2379",
+    ]
+    assert local_member_urls("https://127.0.0.1:12379", ("10.0.0.5",)) == [
+        "https://127.0.0.1:12379"
+    ], "a configured endpoint is used alone"
