@@ -275,7 +275,7 @@ def ensure_bootstrap(
             outcome.created = True
             break
     if not dry_run:
-        outcome.token_files = write_tokens(layout, password)
+        outcome.token_files = write_tokens(layout, password, rke2_owned=not may_create)
     return outcome
 
 
@@ -370,8 +370,12 @@ def _swap(ds: Datastore, key: str, value: bytes, expected_mod_revision: int) -> 
         raise
 
 
-def write_tokens(layout: Layout, password: str) -> list[Path]:
-    """`server/token` and `server/agent-token` with the current CA hash (RKE2-PKI.md §6)."""
+def write_tokens(layout: Layout, password: str, rke2_owned: bool = False) -> list[Path]:
+    """`server/token` and `server/agent-token` with the current CA hash (RKE2-PKI.md §6).
+
+    On an RKE2 node (`rke2_owned`) `agent-token` stays as RKE2 keeps it: a link to `token` is
+    left alone (it follows it), a file of its own (a separate agent token) keeps its user and
+    password with the new CA hash, and a missing one is left to RKE2's next start."""
     bundle = read_optional(layout.ca_cert("server-ca"))
     if not bundle:
         return []
@@ -379,7 +383,18 @@ def write_tokens(layout: Layout, password: str) -> list[Path]:
     changed = []
     for name, user in (("token", "server"), ("agent-token", "node")):
         path = layout.server / name
-        data = (tokens.format_token(ca_hash, user, password) + "\n").encode()
+        secret = password
+        if name == "agent-token" and rke2_owned:
+            current = read_optional(path)
+            if path.is_symlink() or current is None:
+                continue
+            try:
+                parsed = tokens.parse_token(current.decode())
+            except (TokenError, UnicodeDecodeError):
+                parsed = None
+            if parsed is not None and parsed.username:
+                user, secret = parsed.username, parsed.password
+        data = (tokens.format_token(ca_hash, user, secret) + "\n").encode()
         if write_if_changed(path, data, 0o600):
             changed.append(path)
             log.info("token_written", cert_path=str(path), reason="CA hash or password changed")

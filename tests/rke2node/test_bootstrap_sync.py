@@ -17,6 +17,7 @@ from rke2certd.errors import DatastoreError
 from rke2certd.ops.bootstrap import load_value, plan_extract, save_rotation, save_value
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import renew
+from rke2certd.pki.token import ca_hash
 from rke2certd.store.lock import node_lock
 from tests.harness.etcd import EtcdCluster
 
@@ -148,3 +149,30 @@ def test_an_older_ca_set_is_never_written_over_a_newer_one(
         assert racing.reads >= 3, "the key was read again after the rotation"
     _assert_disk_is_the_key(node, _stored(node, etcd_https))
     assert (node.layout.tls / "server-ca.crt").read_bytes() == newer["ServerCA"].content
+
+
+@pytest.mark.parametrize("agent_token", ["link", "own", "none"])
+def test_tokens_after_a_rotation_stay_as_rke2_keeps_them(
+    node: Rke2Node, etcd_https: EtcdCluster, tmp_path: Path, agent_token: str
+) -> None:
+    """`server/token` gets the new CA hash; `agent-token`, RKE2's link to `token`, stays a
+    link; a separate agent token keeps its own password; a missing one is left to RKE2."""
+    server = node.layout.server
+    agent = server / "agent-token"
+    if agent_token == "link":
+        agent.symlink_to("token")
+    elif agent_token == "own":
+        agent.write_text("K10" + "0" * 64 + "::node:separate-agent-pw\n")
+    staged = tmp_path / "staged"
+    assert node.cli("ca", "stage-rotation", "--out", staged).returncode == 0
+    assert node.cli("certificate", "rotate-ca", "--path", staged).returncode == 0
+    res = node.cli("renew")
+    assert res.returncode == 0, res.stderr
+    new_hash = ca_hash((staged / "tls" / "server-ca.crt").read_bytes())
+    assert (server / "token").read_text() == f"K10{new_hash}::server:{node.token}\n"
+    if agent_token == "link":
+        assert agent.is_symlink() and agent.read_text() == (server / "token").read_text()
+    elif agent_token == "own":
+        assert agent.read_text() == f"K10{new_hash}::node:separate-agent-pw\n"
+    else:
+        assert not agent.exists()
