@@ -18,6 +18,7 @@ Run: python3 -m pytest -q -p no:cacheprovider tests/rke2/test_daemon_rollout.py
 from __future__ import annotations
 
 import json
+import os
 import socket
 import ssl
 import subprocess
@@ -260,9 +261,13 @@ def test_a_restart_out_of_turn_in_the_middle_of_a_rollout(
     _uses_rke2_etcd(daemons, [s1], rollout["id"])
 
 
+@pytest.mark.parametrize("stamped", ["now", "within-3s-of-the-ca"])
 def test_upstream_rotate_ca_while_the_daemons_run(
-    cluster: Cluster, daemons: Daemons, tmp_path: Path
+    cluster: Cluster, daemons: Daemons, tmp_path: Path, stamped: str
 ) -> None:
+    """`stamped`: the new files' mtimes (upstream saves them as the Timestamps): now, or 1 s
+    after the CA's creation (a rotation that comes within RKE2's 3 s of it, where rke2certd
+    once wrote its old CA back)."""
     s1 = cluster.server("s1", token="upstream-secret", rke2certd=daemons.config_for("s1"))
     s1.start()
     c1 = cluster.server("c1", join=s1, disable_etcd=True, rke2certd=daemons.config_for("c1"))
@@ -273,8 +278,15 @@ def test_upstream_rotate_ca_while_the_daemons_run(
     old_server_ca = (s1.tls / "server-ca.crt").read_bytes()
 
     cross_signed_set(s1.tls, tmp_path / "rotate-ca" / "tls")
+    created = (s1.tls / "server-ca.crt").stat().st_mtime_ns
+    if stamped != "now":
+        for path in (tmp_path / "rotate-ca" / "tls").rglob("*"):
+            if path.is_file():
+                os.utime(path, ns=(created + 10**9, created + 10**9))
     before = etcd_revision(s1)
     s1.rotate_ca(tmp_path / "rotate-ca")  # upstream: straight into the bootstrap key
+    if stamped != "now":
+        assert s1.stored_bootstrap()["ServerCA"][0] - created < 3 * 10**9
     new_server_ca = (tmp_path / "rotate-ca" / "tls" / "server-ca.crt").read_bytes()
     rollout = _wait_ca_rollout_done(daemons, "s1")
 
