@@ -94,6 +94,10 @@ class Config:
     log_format: LogFormat
     log_level: LogLevel
     rescan_interval: float
+    # The daemon's pauses between attempts while its datastore does not answer: the first,
+    # doubled up to the longest.
+    datastore_retry_min: float
+    datastore_retry_max: float
     max_unavailable: int
     restart_command: list[str] | None
     health_command: list[str] | None
