@@ -612,11 +612,15 @@ class Daemon:
         self._safe(lambda: self._renew("renew from disk while the datastore does not answer"))
 
     def _fail(self, exc: Rke2certdError) -> int:
+        """The start failed for good. A configuration error exits with its own status (the
+        unit's RestartPreventExitStatus= names it: restarting cannot cure it); others 1."""
+        from rke2certd.errors import ConfigError
+
         log.error("startup_failed", reason=str(exc))
         self.notifier.status(f"failed to start: {_first_line(exc)}")
         self._close()
         signal.set_wakeup_fd(-1)
-        return 1
+        return exc.exit_code if isinstance(exc, ConfigError) else 1
 
     def _waiting_tick(self) -> None:
         """The loop's work while waiting: a retry when due, else a rescan from disk."""

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from rke2certd.daemon.loop import FIRST_START
+from rke2certd.errors import ConfigError
 from tests.daemon.support import (
     CapturedLogs,
     DaemonNode,
@@ -218,7 +219,7 @@ def test_a_configuration_error_still_exits(
     (dn.data / "server").mkdir(parents=True)
     (dn.data / "server" / "token").write_text(dn.settings["token"] + "\n")  # RKE2 ran here
     with dn.daemon() as d:
-        assert d.proc.wait(timeout=60) != 0
+        assert d.proc.wait(timeout=60) == ConfigError.exit_code  # EX_CONFIG: no restart
         failed = d.events("startup_failed")
         assert failed and "no `server` to join" in failed[0]["reason"], d.tail()
         assert d.events("datastore_waiting") == []
