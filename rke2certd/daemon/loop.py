@@ -256,11 +256,14 @@ class Daemon:
             self._start_rollouts()
 
     def _rescan_or_wait(self) -> None:
-        """A rescan; a datastore gone meanwhile (RKE2 stopped) is waited for as at start."""
+        """A rescan; a datastore gone meanwhile (RKE2 stopped) is waited for as at start, unless
+        this node's rollout restart is running: RKE2's etcd is down during it, and the runner
+        reports the restart once the datastore is back (closing it would kill the restart)."""
         try:
             self._rescan()
         except Rke2certdError as exc:
-            if self.ds is None or not self._datastore_down(exc):
+            restarting = self.runner is not None and self.runner.running is not None
+            if self.ds is None or restarting or not self._datastore_down(exc):
                 raise
             self._wait_for_datastore(self._waiting_text(exc))
             self.next_rescan = time.monotonic() + self._rescan_interval()

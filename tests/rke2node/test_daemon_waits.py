@@ -92,6 +92,8 @@ def test_before_rke2s_first_start_it_waits_then_starts(
         assert ready.fields["STATUS"] == FIRST_START
         assert d.wait_event("datastore_waiting")["reason"] == FIRST_START
         _wait_count(d, "datastore_retry_failed", 3)  # retried in place, never exited
+        pauses = [e["retry_in"] for e in d.events() if e["event"].startswith("datastore_")]
+        assert pauses[:4] == [0.1, 0.2, 0.3, 0.3]  # doubling from -min, bounded by -max
         d.notify.expect("WATCHDOG")
         assert len(d.events("datastore_waiting")) == 1  # one event when the wait starts
         assert not dn.data.exists(), "nothing is created before RKE2's first start"
