@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
 FIRST_START = "waiting for RKE2's first start"
+AGENT_FIRST_START = "waiting for rke2-agent's first start"
 
 
 class Wakeup:
@@ -418,7 +419,7 @@ class Daemon:
         parts = []
         if self.waiting is not None:
             parts.append(self.waiting)
-            if self.waiting != FIRST_START:
+            if self.waiting not in (FIRST_START, AGENT_FIRST_START):
                 parts.append("renewing from the certificates on disk; NOT serving agents")
         if self.watcher is not None:
             parts.append(f"watching {self.watcher.staging}")
@@ -537,16 +538,18 @@ class Daemon:
         self._start_staging()
         self._process_staging()
 
-    def _not_started(self) -> bool:
-        """An RKE2 server RKE2 never started on: it creates or fetches the CA set and every
-        certificate at its first start; until then there is nothing here to use or create."""
-        from rke2certd.ops.renew import rke2_has_run
+    def _not_started(self) -> str | None:
+        """What to wait for on an RKE2 node RKE2 never started on (None: it has, or the node is
+        standalone). RKE2 creates or fetches the CA set and every certificate at its first
+        start (rke2-agent: the CAs and its certificates from `server`); until then there is
+        nothing here to use, and nothing rke2certd may create."""
+        from rke2certd.ops.renew import rke2_agent_has_run, rke2_has_run
 
-        return (
-            self.cfg.rke2_config is not None
-            and self.cfg.is_server
-            and not rke2_has_run(self.node.layout)
-        )
+        if self.cfg.rke2_config is None:
+            return None
+        if self.cfg.is_server:
+            return None if rke2_has_run(self.node.layout) else FIRST_START
+        return None if rke2_agent_has_run(self.node.layout) else AGENT_FIRST_START
 
     def _datastore_down(self, exc: Rke2certdError) -> bool:
         """An error that waiting cures: a server's datastore not answering (RKE2 not up: its
@@ -573,8 +576,9 @@ class Daemon:
     def _try_connect(self, trigger: str) -> bool:
         """Do the start's work, or wait (again) for what it needs. True: connected. Raises
         what waiting does not cure."""
-        if self._not_started():
-            self._wait_for_datastore(FIRST_START)
+        first_start = self._not_started()
+        if first_start is not None:
+            self._wait_for_datastore(first_start)
             return False
         try:
             self._start()
@@ -603,7 +607,7 @@ class Daemon:
         else:
             log.debug("datastore_retry_failed", reason=why, retry_in=self._retry_delay)
         self.waiting = why
-        if first_wait and why != FIRST_START:
+        if first_wait and why not in (FIRST_START, AGENT_FIRST_START):
             self._renew_from_disk()
 
     def _renew_from_disk(self) -> None:
@@ -631,7 +635,7 @@ class Daemon:
         if now >= self.next_retry:
             self._ping_if_due()
             self._try_connect("retry")
-        elif now >= self.next_rescan and self.waiting != FIRST_START:
+        elif now >= self.next_rescan and self.waiting not in (FIRST_START, AGENT_FIRST_START):
             self._renew_from_disk()
         if now >= self.next_rescan:
             self.next_rescan = now + self._rescan_interval()

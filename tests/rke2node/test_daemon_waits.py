@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 import yaml
 
-from rke2certd.daemon.loop import FIRST_START
+from rke2certd.daemon.loop import AGENT_FIRST_START, FIRST_START
 from rke2certd.errors import ConfigError
 from tests.daemon.support import (
     CapturedLogs,
     DaemonNode,
     DaemonProcess,
     cert_serial,
+    free_port,
     label_of,
     reissue_shorter,
 )
@@ -225,3 +226,27 @@ def test_a_configuration_error_still_exits(
         failed = d.events("startup_failed")
         assert failed and "no `server` to join" in failed[0]["reason"], d.tail()
         assert d.events("datastore_waiting") == []
+
+
+def test_an_agent_waits_for_rke2_agents_first_start(
+    tmp_path: Path, captured_logs_dir: CapturedLogs, request: pytest.FixtureRequest
+) -> None:
+    """An agent-only RKE2 node rke2-agent never ran on: rke2-agent fetches the CAs and its
+    certificates from `server` at its first start; the daemon neither exits nor makes them."""
+    rke2_config = tmp_path / "etc-rke2" / "config.yaml"
+    dn = DaemonNode.create(
+        tmp_path / "n", captured_logs_dir, label_of(request),
+        rke2_config=str(rke2_config), node_ip=["127.0.0.1"], roles=["agent"],
+        datastore_retry_min=0.1, datastore_retry_max=0.2, log_level="debug",
+    )  # fmt: skip
+    rke2_config.parent.mkdir(mode=0o700)
+    server = f"https://127.0.0.1:{free_port()}"  # nothing listens: rke2-agent never got in
+    rke2_config.write_text(yaml.safe_dump({"token": dn.settings["token"], "server": server}))
+    with dn.daemon() as d:
+        assert d.notify.expect("READY").fields["STATUS"] == AGENT_FIRST_START
+        _wait_count(d, "datastore_retry_failed", 2)
+        assert not dn.data.exists()
+        assert d.stop() == 0
+    assert len(d.events("datastore_waiting")) == 1
+    assert d.events("startup_failed") == []
+    assert not d.stray_lines()
