@@ -111,8 +111,8 @@ class Daemon:
         self.next_ping = 0.0
         self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
         self._sent_status = ""
-        # Servers: what the daemon waits for while RKE2 has not started or its datastore does
-        # not answer (None: connected). It stays up meanwhile: READY, the reason in STATUS=.
+        # What the daemon waits for while RKE2 has not started (any node) or a server's
+        # datastore does not answer (None: started). It stays up: READY, the reason in STATUS=.
         self.waiting: str | None = None
         self._retry_delay = 0.0
         self.next_retry = 0.0
