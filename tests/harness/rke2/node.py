@@ -532,7 +532,7 @@ class RKE2Server(NodeBase):
         return EtcdClient(urls, ClientTLS(t / "server-ca.crt", t / "client.crt", t / "client.key"))
 
     def etcd_members(self) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         for m in self.etcd_client().members():
             if not m.get("name"):
                 continue  # added, not started yet
@@ -643,7 +643,7 @@ class RKE2Agent(NodeBase):
                 key = serialization.load_pem_private_key(key_path.read_bytes(), None)
             else:
                 key = new_ec_key()
-                write_file(key_path, ec_pem(key), 0o600)  # type: ignore[arg-type]
+                write_file(key_path, ec_pem(key), 0o600)
             csr = (
                 x509.CertificateSigningRequestBuilder()
                 .subject_name(x509.Name([]))
