@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -102,11 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_generate_custom)
     p = casub.add_parser("stage-rotation", parents=[common],
                          help="cross-signed rotation of the self-signed CAs")  # fmt: skip
-    p.add_argument("--out", type=Path, help="staging dir (default <data>/server/rotate-ca)")
+    p.add_argument("--out", type=Path, help="dir to make (default: a new dir beside the "
+                   "staging dir, to be renamed into it)")  # fmt: skip
     p.set_defaults(handler=cmd_stage_rotation)
     p = casub.add_parser("stage-service-key", parents=[common],
                          help="a new service-account key, the current ones kept")  # fmt: skip
-    p.add_argument("--out", type=Path, help="staging dir (default <data>/server/rotate-ca)")
+    p.add_argument("--out", type=Path, help="dir to make (default: a new dir beside the "
+                   "staging dir, to be renamed into it)")  # fmt: skip
     p.set_defaults(handler=cmd_stage_service_key)
 
     p = sub.add_parser("run", parents=[common], help="the daemon (systemd Type=notify)")
@@ -143,11 +145,24 @@ def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _cluster_datastore(cfg: Config) -> Datastore:
     from rke2certd.ops.bootstrap import open_for
-    from rke2certd.ops.renew import NeedsServerError
+    from rke2certd.ops.renew import NeedsServerError, rke2_has_run
 
     if not cfg.is_server:
         raise NeedsServerError("this command reads the datastore: run it on a server")
-    return open_for(Node.from_config(cfg))
+    node = Node.from_config(cfg)
+    if cfg.rke2_config is not None and not rke2_has_run(node.layout):
+        raise _before_rke2()
+    return open_for(node)
+
+
+def _before_rke2() -> Rke2certdError:
+    from rke2certd.errors import UsageError
+
+    return UsageError(
+        "RKE2 has not started on this node yet: it creates (first server) or fetches (joining "
+        "server) the CA set and every certificate at its first start, and runs the datastore; "
+        "run this once rke2-server has started"
+    )
 
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
@@ -162,10 +177,15 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         from rke2certd.ops.agent_rollout import remote_store
 
         node = Node.from_config(cfg)
-        sys.stdout.write(render_status(remote_store(node, lambda: agent_token(node)), args.output))
+        store = remote_store(node, lambda: agent_token(node))
+        where = "none on this agent-only node (read through a server's endpoint)"
+        sys.stdout.write(render_status(store, args.output, where))
         return 0
+    from rke2certd.ops.rke2_datastore import plan_datastore
+
+    where = plan_datastore(cfg, Node.from_config(cfg).layout).description
     with _cluster_datastore(cfg) as ds:
-        sys.stdout.write(render_status(ds, args.output))
+        sys.stdout.write(render_status(ds, args.output, where))
     return 0
 
 
@@ -201,18 +221,48 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
 
     node = Node.from_config(cfg)
     result: RenewResult
+    if cfg.rke2_config is not None:
+        from rke2certd.ops.renew import before_first_start
+
+        skipped = before_first_start(node, dry_run=args.dry_run)
+        if skipped is not None:  # no lock taken, no dir made: RKE2's first start does it all
+            sys.stdout.write(render_renew(skipped, args.output))
+            return 0
     if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
         from rke2certd.ops.agent import agent_renew
+        from rke2certd.supervisor.client import UnreachableError
 
-        if args.dry_run:
-            result = agent_renew(node, system_clock(), dry_run=True)
-        else:
-            with node_lock(cfg.data_dir, cfg.lock_timeout):
-                result = agent_renew(node, system_clock())
-            _warm_check_cache(node)
+        try:
+            if args.dry_run:
+                result = agent_renew(node, system_clock(), dry_run=True)
+            else:
+                with node_lock(cfg.data_dir, cfg.lock_timeout):
+                    result = agent_renew(node, system_clock())
+                _warm_check_cache(node)
+        except UnreachableError as exc:
+            # A full restart: the servers may come up after this agent. With valid certificates
+            # on disk, rke2-agent starts on them; the daemon renews once a server answers.
+            if not args.offline_ok or not _certs_usable(node):
+                raise
+            from rke2certd.log import log
+
+            why = f"{exc}; going on with the certificates on disk (--offline-ok)"
+            log.warning("renew_deferred", reason=why)
+            result = RenewResult(dry_run=args.dry_run, unit=_unit_of(node), skipped=why)
         sys.stdout.write(render_renew(result, args.output))
         return 0
-    with _datastore(node, offline_ok=args.offline_ok) as ds:
+    from rke2certd.ops.rke2_datastore import UnsupportedDatastoreError
+
+    with ExitStack() as stack:
+        try:
+            ds = stack.enter_context(_datastore(node, offline_ok=args.offline_ok))
+        except UnsupportedDatastoreError as exc:
+            if not args.offline_ok:
+                raise
+            # The hook must not keep RKE2 from starting for what only disables rke2certd.
+            print(f"rke2certd: error: {exc}", file=sys.stderr)
+            print("rke2certd: RKE2 starts without rke2certd's renewal", file=sys.stderr)
+            return 0
         if args.dry_run:
             result = renew(node, system_clock(), dry_run=True, datastore=ds)
         else:
@@ -233,6 +283,24 @@ def _node_files(node: Node) -> None:
     request_dynamic_regenerate(node, system_clock())
 
 
+def _certs_usable(node: Node) -> bool:
+    """Every certificate of the node is there and none is expired or not yet valid."""
+    from rke2certd.ops.check import check
+    from rke2certd.plan.inventory import failing
+
+    try:
+        result = check(node, [], system_clock())
+    except Rke2certdError:
+        return False
+    return bool(result.rows) and not failing(result.rows) and not result.errors
+
+
+def _unit_of(node: Node) -> str:
+    from rke2certd.pki.profiles import AGENT_UNIT, SERVER_UNIT
+
+    return SERVER_UNIT if node.cfg.is_server else AGENT_UNIT
+
+
 def _warm_check_cache(node: Node) -> None:
     """Record the facts of the certs renew just wrote or kept (ops/cert_facts.py), so that the
     next `certificate check` reads no X.509. Costs ~1 ms when nothing changed; a cache only."""
@@ -246,26 +314,36 @@ def _warm_check_cache(node: Node) -> None:
 @contextmanager
 def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | None]:
     """The node's datastore on a server (opened before any change, so an unreachable one fails
-    fast and changes nothing); None on an agent-only node, or when `offline_ok` allows working
-    from a complete CA set on disk (embedded etcd is down until rke2-server starts)."""
+    fast and changes nothing); None on an agent-only node, on an RKE2 node before RKE2's first
+    start (there is nothing to renew), or when `offline_ok` (the startup hook) allows going on
+    without it: RKE2's embedded etcd is down until rke2-server starts, so the hook renews from
+    a complete CA set on disk, or (RKE2 node) leaves a missing one to RKE2."""
     if not node.cfg.is_server:
         yield None
         return
     from rke2certd.datastore.base import DatastoreUnavailable
+    from rke2certd.errors import DatastoreFilesMissing
     from rke2certd.ops.bootstrap import open_for
     from rke2certd.ops.ca_material import disk_generation
+    from rke2certd.ops.renew import rke2_has_run
 
+    rke2 = node.cfg.rke2_config is not None
+    if rke2 and not rke2_has_run(node.layout):
+        raise _before_rke2()
     try:
         ds = open_for(node)
-    except DatastoreUnavailable as exc:
-        if not offline_ok or disk_generation(node.layout) is None:
+    except (DatastoreUnavailable, DatastoreFilesMissing) as exc:
+        if not offline_ok or (not rke2 and disk_generation(node.layout) is None):
             raise
-        from rke2certd.log import log
+        from rke2certd.ops.rke2_datastore import EmbeddedEtcdDown
 
-        log.warning(
-            "datastore_unreachable",
-            reason=f"{exc}; renewing from the CA set on disk (--offline-ok)",
-        )
+        if not isinstance(exc, EmbeddedEtcdDown):  # that one is RKE2 being down: as expected
+            from rke2certd.log import log
+
+            log.warning(
+                "datastore_unreachable",
+                reason=f"{exc}; going on with the CA set on disk (--offline-ok)".replace("\n", " "),
+            )
         yield None
         return
     try:
@@ -321,9 +399,14 @@ def cmd_generate_custom(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _staging_out(args: argparse.Namespace, cfg: Config) -> Path:
-    out: Path = args.out or cfg.data_dir / "server" / "rotate-ca"
-    return out
+def _staging_out(args: argparse.Namespace, cfg: Config, what: str) -> Path:
+    """`--out`, or a new dir beside the staging dir (same file system: a rename hands it to
+    the daemon as it is)."""
+    if args.out:
+        out: Path = args.out
+        return out
+    stamp = system_clock().strftime("%Y%m%dT%H%M%SZ")
+    return cfg.staging.parent / f"{what}-{stamp}"
 
 
 def cmd_stage_rotation(args: argparse.Namespace, cfg: Config) -> int:
@@ -338,8 +421,10 @@ def cmd_stage_rotation(args: argparse.Namespace, cfg: Config) -> int:
         from rke2certd.errors import TokenError
 
         raise TokenError("no server token on this node (token, token-file or server/token)")
-    out = _staging_out(args, cfg)
-    result = stage_rotation(cfg.data_dir, out, system_clock(), passphrase_from_token(token))
+    out = _staging_out(args, cfg, "ca-rotation")
+    result = stage_rotation(
+        cfg.data_dir, out, system_clock(), passphrase_from_token(token), staging=cfg.staging
+    )
     sys.stdout.write(render_generate(result))
     return 0
 
@@ -348,7 +433,8 @@ def cmd_stage_service_key(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.ops.generate import stage_service_key
     from rke2certd.ops.render import render_generate
 
-    result = stage_service_key(cfg.data_dir, _staging_out(args, cfg))
+    out = _staging_out(args, cfg, "service-key")
+    result = stage_service_key(cfg.data_dir, out, staging=cfg.staging)
     sys.stdout.write(render_generate(result))
     return 0
 

@@ -24,6 +24,18 @@ from rke2certd.errors import ConfigError
 DEFAULT_CONFIG = Path("/etc/rke2certd/config.yaml")
 DEFAULT_DATA_DIR = Path("/var/lib/rancher/rke2")
 DEFAULT_RKE2_CONFIG_DIR = Path("/etc/rancher/rke2")
+# RKE2's own config: used when it exists, unless `rke2-config` says otherwise ("" = none).
+# RKE2CERTD_RKE2_CONFIG replaces this default (tests; a node with RKE2 elsewhere).
+DEFAULT_RKE2_CONFIG = DEFAULT_RKE2_CONFIG_DIR / "config.yaml"
+RKE2_CONFIG_ENV = "RKE2CERTD_RKE2_CONFIG"
+# Where systemd unit files are installed; RKE2CERTD_UNIT_DIRS (a `:` list) replaces it.
+UNIT_DIRS = (
+    Path("/etc/systemd/system"),
+    Path("/usr/local/lib/systemd/system"),
+    Path("/usr/lib/systemd/system"),
+    Path("/lib/systemd/system"),
+)
+UNIT_DIRS_ENV = "RKE2CERTD_UNIT_DIRS"
 
 # Keys that mean the same in RKE2's config.yaml and ours; only these are taken from it.
 SHARED_KEYS = (
@@ -43,6 +55,8 @@ SHARED_KEYS = (
     "datastore-keyfile",
     "write-kubeconfig",
 )
+# RKE2 keys that decide this node's roles (when our config sets no `roles`).
+ROLE_KEYS = ("disable-etcd", "disable-apiserver", "disable-controller-manager", "disable-scheduler")
 
 
 class Role(StrEnum):
@@ -83,6 +97,10 @@ class Config:
     log_format: LogFormat
     log_level: LogLevel
     rescan_interval: float
+    # The daemon's pauses between attempts while its datastore does not answer: the first,
+    # doubled up to the longest.
+    datastore_retry_min: float
+    datastore_retry_max: float
     max_unavailable: int
     restart_command: list[str] | None
     health_command: list[str] | None
@@ -195,10 +213,15 @@ class Inputs:
     files: list[tuple[str, str | None]] = field(default_factory=list)
     listings: list[tuple[str, list[str] | None]] = field(default_factory=list)
     relative: bool = False  # a relative path was resolved against the working directory
+    # Files read for a fact, not as configuration (RKE2's unit files): cache inputs, never
+    # `sources` (which the token rewrite after a CA rotation edits).
+    facts: set[str] = field(default_factory=set)
 
     @property
     def sources(self) -> tuple[Path, ...]:
-        return tuple(Path(p) for p, digest in self.files if digest is not None)
+        return tuple(
+            Path(p) for p, digest in self.files if digest is not None and p not in self.facts
+        )
 
 
 def digest(data: bytes) -> str:
@@ -274,7 +297,73 @@ def read_rke2_config(path: Path, inputs: Inputs | None = None) -> dict[str, Any]
         inputs.listings.append((os.path.abspath(dropins), names))
     for f in files or ():
         merged = _merge(merged, _read_yaml(f, "RKE2 config drop-in", inputs))
-    return {k: v for k, v in merged.items() if k in SHARED_KEYS}
+    return {k: v for k, v in merged.items() if k in SHARED_KEYS or k in ROLE_KEYS}
+
+
+def rke2_config_path(ours: Mapping[str, Any]) -> Path | None:
+    """Where RKE2's config is: our `rke2-config` key (empty: none), else RKE2CERTD_RKE2_CONFIG
+    (empty: none), else /etc/rancher/rke2/config.yaml. Used only if it (or a drop-in) exists."""
+    if "rke2-config" in ours:
+        value = ours["rke2-config"]
+        return Path(str(value)) if value else None
+    env = os.environ.get(RKE2_CONFIG_ENV)
+    if env is not None:
+        return Path(env) if env else None
+    return DEFAULT_RKE2_CONFIG
+
+
+def unit_dirs() -> tuple[Path, ...]:
+    env = os.environ.get(UNIT_DIRS_ENV)
+    if env is None:
+        return UNIT_DIRS
+    return tuple(Path(p) for p in env.split(":") if p)
+
+
+def installed_units(inputs: Inputs | None = None) -> frozenset[str]:
+    """Which of rke2-server / rke2-agent this node runs: the enabled one(s) (RKE2's tarball
+    installs both unit files, `systemctl enable` picks one), else the installed one(s) (the
+    RPMs install one each). Every file looked at is recorded in `inputs`, so that enabling,
+    installing or removing a unit invalidates the cached config."""
+    enabled: set[str] = set()
+    installed: set[str] = set()
+    for unit in ("rke2-server", "rke2-agent"):
+        for d in unit_dirs():
+            wants = d / "multi-user.target.wants" / f"{unit}.service"
+            for path, found in ((wants, enabled), (d / f"{unit}.service", installed)):
+                if inputs is not None:
+                    inputs.facts.add(os.path.abspath(path))
+                if read_input(path, "systemd unit", inputs) is not None:
+                    found.add(unit)
+    return frozenset(enabled or installed)
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes", "on")
+    return bool(value)
+
+
+def rke2_roles(flags: Mapping[str, Any], units: frozenset[str], where: Path) -> list[str]:
+    """This node's roles as RKE2 runs it: an agent-only node when rke2-agent is its only unit
+    (see installed_units); a server otherwise (it runs a kubelet too), with etcd unless
+    `disable-etcd`, and the control plane unless every one of its components is disabled."""
+    if "rke2-agent" in units and "rke2-server" not in units:
+        return [Role.AGENT.value]
+    roles = []
+    if not _flag(flags.get("disable-etcd")):
+        roles.append(Role.ETCD.value)
+    cp = ("disable-apiserver", "disable-controller-manager", "disable-scheduler")
+    if not all(_flag(flags.get(k)) for k in cp):
+        roles.append(Role.CONTROL_PLANE.value)
+    if not roles:
+        raise ConfigError(
+            f"RKE2 config {where} disables etcd and every control-plane component",
+            [
+                "a server needs etcd or a control-plane component; fix RKE2's config, or set "
+                "`roles` in rke2certd's config"
+            ],
+        )
+    return [*roles, Role.AGENT.value]
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -302,19 +391,26 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
     ours = _parse_yaml(ours_data, path, "config file")
     raw: dict[str, Any] = {}
-    rke2_path = ours.get("rke2-config")
-    if rke2_path:
-        rke2 = Path(str(rke2_path))
+    role_flags: dict[str, Any] = {}
+    rke2 = rke2_config_path(ours)
+    if rke2 is not None:
         inputs.relative = inputs.relative or not rke2.is_absolute()
-        raw = read_rke2_config(rke2, inputs)
+        rke2_doc = read_rke2_config(rke2, inputs)
+        if not rke2.is_file() and not dropin_files(rke2.parent / f"{rke2.name}.d"):
+            rke2 = None  # no RKE2 config there: a standalone node
+        raw = {k: v for k, v in rke2_doc.items() if k in SHARED_KEYS}
+        role_flags = {k: v for k, v in rke2_doc.items() if k in ROLE_KEYS}
     raw = _merge(raw, ours)
     raw.update(given)
+    raw["rke2-config"] = str(rke2) if rke2 is not None else None
+    if rke2 is not None and "roles" not in raw:
+        raw["roles"] = rke2_roles(role_flags, installed_units(inputs), rke2)
     from rke2certd.config_model import validate
 
     values = validate(raw, str(path))
     # Lowest precedence first: RKE2's config and drop-ins were read before ours.
     files = inputs.files[1:] + inputs.files[:1]
-    sources = Inputs(files=files).sources
+    sources = Inputs(files=files, facts=inputs.facts).sources
     if cache is not None:
         cache.store(inputs, values, sources)
     return _from_values(values, sources)

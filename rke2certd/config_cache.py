@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from rke2certd import __version__
-from rke2certd.config import Inputs, digest, dropin_files, read_input
+from rke2certd.config import (
+    RKE2_CONFIG_ENV,
+    UNIT_DIRS_ENV,
+    Inputs,
+    digest,
+    dropin_files,
+    read_input,
+)
 from rke2certd.errors import ConfigError
 from rke2certd.store.private_cache import cache_dir, read_private, write_private
 
@@ -53,6 +60,9 @@ class ConfigCache:
             "code": code,
             "config": os.path.abspath(config),
             "env": env,
+            # the defaults of RKE2's config and of the unit dirs (see config.py)
+            "rke2_env": os.environ.get(RKE2_CONFIG_ENV),
+            "units_env": os.environ.get(UNIT_DIRS_ENV),
             "overrides": {k: str(v) for k, v in sorted(overrides.items())},
         }
         name = digest(json.dumps(key, sort_keys=True).encode())[:32]

@@ -58,6 +58,8 @@ class ConfigModel(BaseModel):
     log_format: Literal["auto", "journald", "json", "console"] = Field("auto", alias="log-format")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="log-level")
     rescan_interval: float = Field(3600, alias="rescan-interval", gt=0)
+    datastore_retry_min: float = Field(2, alias="datastore-retry-min", gt=0)
+    datastore_retry_max: float = Field(30, alias="datastore-retry-max", gt=0)
     max_unavailable: int = Field(1, alias="max-unavailable", ge=1)
     restart_command: list[str] | None = Field(None, alias="restart-command")
     health_command: list[str] | None = Field(None, alias="health-command")

@@ -36,6 +36,11 @@ class ConfigError(ValidationError):
     exit_code = EX_CONFIG
 
 
+class DatastoreFilesMissing(ConfigError):
+    """The datastore's TLS files are not there (yet: RKE2 writes its etcd client files at its
+    start); the startup hook may go on without the datastore."""
+
+
 class UsageError(Rke2certdError):
     """A command was called with arguments it cannot accept."""
 

@@ -33,6 +33,10 @@ if str(ROOT) not in sys.path:  # `tests.harness...` imports work however pytest 
 RUNTIME_DIR = tempfile.mkdtemp(prefix="rke2certd-test-run-")
 atexit.register(shutil.rmtree, RUNTIME_DIR, True)
 os.environ["RKE2CERTD_CACHE_DIR"] = RUNTIME_DIR
+# Nothing of the machine's RKE2 (its /etc/rancher/rke2/config.yaml, installed units) is read:
+# a test that wants an RKE2 config names it (`rke2-config`), or sets these itself.
+os.environ["RKE2CERTD_RKE2_CONFIG"] = ""
+os.environ["RKE2CERTD_UNIT_DIRS"] = ""
 
 # A node whose every SAN source is set, so profile tests can name each expected SAN.
 DEFAULT_NODE: dict[str, Any] = {
@@ -77,6 +81,8 @@ def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "HOME": "/",
         "RKE2CERTD_CACHE_DIR": RUNTIME_DIR,
+        "RKE2CERTD_RKE2_CONFIG": "",
+        "RKE2CERTD_UNIT_DIRS": "",
         # This checkout's code, not whichever tree the package is installed (editable) from.
         "PYTHONPATH": str(ROOT),
     }

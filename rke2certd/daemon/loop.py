@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
+from rke2certd.daemon.bootstrap_watch import BootstrapWatch
 from rke2certd.daemon.monitor import Monitor
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 
 AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
+FIRST_START = "waiting for RKE2's first start"
+AGENT_FIRST_START = "waiting for rke2-agent's first start"
 
 
 class Wakeup:
@@ -96,6 +99,7 @@ class Daemon:
         self.ds: Datastore | None = None
         self.watcher: StagingWatcher | None = None
         self.runner: RolloutRunner | None = None
+        self.bootstrap_watch: BootstrapWatch | None = None  # servers: RKE2's CA set
         # servers: the endpoint agents use; agent-only nodes: the coordination keys through it
         self.supervisor: SupervisorHandle | None = None
         self.supervisor_error: str | None = None
@@ -109,6 +113,11 @@ class Daemon:
         self._certs_text: str | None = None  # cached: reading every cert per status is wasteful
         self._sent_status = ""
         self.monitor = Monitor(clock)  # all-OK signal, metrics endpoint, textfile
+        # What the daemon waits for while RKE2 has not started (any node) or a server's
+        # datastore does not answer (None: started). It stays up: READY, the reason in STATUS=.
+        self.waiting: str | None = None
+        self._retry_delay = 0.0
+        self.next_retry = 0.0
 
     @property
     def agent_only(self) -> bool:
@@ -135,6 +144,7 @@ class Daemon:
     # -- work -----------------------------------------------------------------------------
 
     def _open_datastore(self) -> None:
+        self._stop_bootstrap_watch()
         if self.ds is not None:
             if self.runner is not None:
                 self.runner.stop_link()  # its threads may share the connection closed here
@@ -149,6 +159,31 @@ class Daemon:
             from rke2certd.ops.agent_rollout import remote_store
 
             self.remote = remote_store(self.node, self._agent_token)
+
+    def _start_bootstrap_watch(self) -> None:
+        """Follow RKE2's bootstrap key: a rotation saved anywhere (upstream's `rke2 certificate
+        rotate-ca` included) is taken and rolled out as one staged here (see the module)."""
+        self._stop_bootstrap_watch()
+        ds = self.ds
+        if ds is None:
+            return
+        shared = isinstance(ds, SQLiteDatastore)  # see _own_connection
+
+        def connection() -> Datastore:
+            return ds if shared else self._own_connection()
+
+        watch = BootstrapWatch(connection, self.wake.poke, owns_connection=not shared)
+        self.bootstrap_watch = watch
+        watch.start()
+
+    def _stop_bootstrap_watch(self) -> None:
+        if self.bootstrap_watch is not None:
+            self.bootstrap_watch.stop()
+            self.bootstrap_watch = None
+
+    def _bootstrap_changed(self) -> None:
+        if self.bootstrap_watch is not None and self.bootstrap_watch.take_changed():
+            self._renew("RKE2's bootstrap data changed")
 
     def _remote(self) -> RemoteDatastore:
         assert self.remote is not None, "agent-only nodes have a remote store"
@@ -229,6 +264,19 @@ class Daemon:
         self.monitor.rescanned()
         if self.runner is None and self.remote is not None:
             self._start_rollouts()
+
+    def _rescan_or_wait(self) -> None:
+        """A rescan; a datastore gone meanwhile (RKE2 stopped) is waited for as at start, unless
+        this node's rollout restart is running: RKE2's etcd is down during it, and the runner
+        reports the restart once the datastore is back (closing it would kill the restart)."""
+        try:
+            self._rescan()
+        except Rke2certdError as exc:
+            restarting = self.runner is not None and self.runner.running is not None
+            if self.ds is None or restarting or not self._datastore_down(exc):
+                raise
+            self._wait_for_datastore(self._waiting_text(exc))
+            self.next_rescan = time.monotonic() + self._rescan_interval()
 
     def _apply_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """A rollout's apply step: the same renew (extract, re-issue, tokens) under the lock."""
@@ -389,6 +437,10 @@ class Daemon:
 
     def _status_text(self) -> str:
         parts = []
+        if self.waiting is not None:
+            parts.append(self.waiting)
+            if self.waiting not in (FIRST_START, AGENT_FIRST_START):
+                parts.append("renewing from the certificates on disk; NOT serving agents")
         if self.watcher is not None:
             parts.append(f"watching {self.watcher.staging}")
         elif self.staging_refused:
@@ -422,14 +474,33 @@ class Daemon:
     def _reload(self) -> None:
         self.notifier.reloading()
         log.info("reloading", reason="SIGHUP")
+        if self.waiting is not None:  # SIGHUP while waiting: the new config, and a retry now
+            try:
+                self.cfg = self._load()
+                self.node = Node.from_config(self.cfg)
+                self._token = None
+            except Rke2certdError as exc:
+                log.error("reload_failed", reason=str(exc))
+            self._retry_delay = 0.0
+            self._try_connect("SIGHUP")
+            self.next_rescan = time.monotonic() + self._rescan_interval()
+            self._sent_status = self._status_text()
+            self.notifier.ready(self._sent_status)
+            return
         try:
             self.cfg = self._load()
             self.node = Node.from_config(self.cfg)
             self._token = None  # the config now holds the adopted token, if any
             self._stop_supervisor()
             self._open_datastore()
+            self._start_bootstrap_watch()
             self._reload_runner()
         except Rke2certdError as exc:
+            if self._datastore_down(exc):  # wait for it, as at start
+                self._wait_for_datastore(self._waiting_text(exc))
+                self._sent_status = self._status_text()
+                self.notifier.ready(self._sent_status)
+                return
             log.error("reload_failed", reason=str(exc))
             if self.ds is None and self.runner is not None:  # no datastore: out until the next
                 self.runner.close()
@@ -475,30 +546,141 @@ class Daemon:
                 deadlines.append(d)
         if self.runner is not None:
             deadlines.append(self.runner.deadline())
+        if self.waiting is not None:
+            deadlines.append(self.next_retry)
         return max(0.0, min(deadlines) - now)
 
     # -- main -----------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """The start's work: the datastore, the start's renew, the endpoint, rollouts, the
+        staging dir. Raises what stops it; a datastore that does not answer is one of those
+        (`_try_connect` turns it into waiting)."""
+        self._open_datastore()
+        self._start_bootstrap_watch()
+        self._start_renew()
+        self._start_supervisor()
+        self._start_rollouts()
+        self._start_staging()
+        self._safe(self._process_staging)  # no staged set keeps the daemon from READY
+
+    def _not_started(self) -> str | None:
+        """What to wait for on an RKE2 node RKE2 never started on (None: it has, or the node is
+        standalone). RKE2 creates or fetches the CA set and every certificate at its first
+        start (rke2-agent: the CAs and its certificates from `server`); until then there is
+        nothing here to use, and nothing rke2certd may create."""
+        from rke2certd.ops.renew import rke2_agent_has_run, rke2_has_run
+
+        if self.cfg.rke2_config is None:
+            return None
+        if self.cfg.is_server:
+            return None if rke2_has_run(self.node.layout) else FIRST_START
+        return None if rke2_agent_has_run(self.node.layout) else AGENT_FIRST_START
+
+    def _datastore_down(self, exc: Rke2certdError) -> bool:
+        """An error that waiting cures: a server's datastore not answering (RKE2 not up: its
+        etcd, or the etcd client files it writes at its start). Configuration errors are not."""
+        from rke2certd.errors import DatastoreError, DatastoreFilesMissing
+
+        if not self.cfg.is_server:
+            return False
+        if isinstance(exc, DatastoreFilesMissing):
+            return self.cfg.rke2_config is not None
+        return isinstance(exc, DatastoreError)
+
+    def _waiting_text(self, exc: Rke2certdError) -> str:
+        from rke2certd.ops.rke2_datastore import DB_INFO_PATH, plan_datastore
+
+        try:
+            plan = plan_datastore(self.cfg, self.node.layout)
+        except Rke2certdError:
+            return f"waiting for the datastore: {_first_line(exc)}"
+        whose = "RKE2's datastore" if plan.shared_with_rke2 else "the datastore"
+        where = plan.endpoint or f"{self.cfg.server}{DB_INFO_PATH}"
+        return f"waiting for {whose} at {where}: {_first_line(exc)}"
+
+    def _try_connect(self, trigger: str) -> bool:
+        """Do the start's work, or wait (again) for what it needs. True: connected. Raises
+        what waiting does not cure."""
+        first_start = self._not_started()
+        if first_start is not None:
+            self._wait_for_datastore(first_start)
+            return False
+        try:
+            self._start()
+        except Rke2certdError as exc:
+            if not self._datastore_down(exc):
+                raise
+            self._wait_for_datastore(self._waiting_text(exc))
+            return False
+        if self.waiting is not None:
+            log.info("datastore_answered", reason=f"no longer {self.waiting}", trigger=trigger)
+            self.waiting = None
+            self._retry_delay = 0.0
+        return True
+
+    def _wait_for_datastore(self, why: str) -> None:
+        """Stay up without the datastore: one event when the wait starts (or its reason
+        changes), a retry after a pause doubling from datastore-retry-min up to -max, and meanwhile
+        renewing from a complete CA set on disk (as `renew --offline-ok`)."""
+        self._close()
+        first_wait = self.waiting is None
+        first, cap = self.cfg.datastore_retry_min, self.cfg.datastore_retry_max
+        self._retry_delay = min(cap, self._retry_delay * 2 or first)
+        self.next_retry = time.monotonic() + self._retry_delay
+        if first_wait or why != self.waiting:
+            log.warning("datastore_waiting", reason=why, retry_in=self._retry_delay)
+        else:
+            log.debug("datastore_retry_failed", reason=why, retry_in=self._retry_delay)
+        self.waiting = why
+        if first_wait and why not in (FIRST_START, AGENT_FIRST_START):
+            self._renew_from_disk()
+
+    def _renew_from_disk(self) -> None:
+        """While the datastore does not answer: what the startup hook does without it (leaves
+        on a complete CA set on disk are renewed; a missing set is left to RKE2, and nothing is
+        created without the datastore)."""
+        if disk_generation(self.node.layout) is None:
+            return
+        self._safe(lambda: self._renew("renew from disk while the datastore does not answer"))
+
+    def _fail(self, exc: Rke2certdError) -> int:
+        """The start failed for good. A configuration error exits with its own status (the
+        unit's RestartPreventExitStatus= names it: restarting cannot cure it); others 1."""
+        from rke2certd.errors import ConfigError
+
+        log.error("startup_failed", reason=str(exc))
+        self.notifier.status(f"failed to start: {_first_line(exc)}")
+        self._close()
+        self.monitor.close()
+        signal.set_wakeup_fd(-1)
+        return exc.exit_code if isinstance(exc, ConfigError) else 1
+
+    def _waiting_tick(self) -> None:
+        """The loop's work while waiting: a retry when due, else a rescan from disk."""
+        now = time.monotonic()
+        if now >= self.next_retry:
+            self._ping_if_due()
+            self._try_connect("retry")
+        elif now >= self.next_rescan and self.waiting not in (FIRST_START, AGENT_FIRST_START):
+            self._renew_from_disk()
+        if now >= self.next_rescan:
+            self.next_rescan = now + self._rescan_interval()
 
     def run(self) -> int:
         self._install_signals()
         try:
             self.monitor.configure(self.cfg)
-            self._open_datastore()
-            self._start_renew()
-            self._start_supervisor()
-            self._start_rollouts()
-            self._start_staging()
-            self._safe(self._process_staging)  # no staged set keeps the daemon from READY
+            self._try_connect("start")
         except Rke2certdError as exc:
-            log.error("startup_failed", reason=str(exc))
-            self.notifier.status(f"failed to start: {str(exc).splitlines()[0]}")
-            self._close()
-            signal.set_wakeup_fd(-1)
-            return 1
+            return self._fail(exc)
         self.next_rescan = time.monotonic() + self._rescan_interval()
         self._sent_status = self._status_text()
         self.notifier.ready(self._sent_status)
-        log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
+        if self.waiting is None:
+            log.info("ready", reason="certificates are valid", staging=str(self.cfg.staging))
+        else:
+            log.info("ready", reason=self.waiting, staging=str(self.cfg.staging))
         self._ping_if_due()
         self.monitor.tick(self)
         while not self.flags.stop:
@@ -508,11 +690,26 @@ class Daemon:
                 break
             if self.flags.reload:
                 self.flags.reload = False
-                self._reload()
+                try:
+                    self._reload()
+                except Rke2certdError as exc:  # a retry's start failed for good
+                    return self._fail(exc)
+                continue
+            if self.waiting is not None:
+                try:
+                    self._waiting_tick()
+                except Rke2certdError as exc:
+                    return self._fail(exc)
+                self._status()
+                self.monitor.tick(self)
                 continue
             self._safe(self._process_staging)
+            self._safe(self._bootstrap_changed)
             if time.monotonic() >= self.next_rescan:
-                self._safe(self._rescan)
+                self._safe(self._rescan_or_wait)
+                if self.waiting is not None:
+                    self._status()
+                    continue
                 self._start_supervisor()
                 self.monitor.retry()
                 self.next_rescan = time.monotonic() + self._rescan_interval()
@@ -525,12 +722,13 @@ class Daemon:
         self.notifier.stopping("stopping")
         log.info("stopping", reason="SIGTERM")
         self._close()
+        self.monitor.close()
         signal.set_wakeup_fd(-1)
         self.wake.close()
         return 0
 
     def _close(self) -> None:
-        self.monitor.close()
+        self._stop_bootstrap_watch()
         self._stop_supervisor()
         if self.watcher is not None:
             self.watcher.stop()
@@ -541,3 +739,7 @@ class Daemon:
         if self.ds is not None:
             self.ds.close()
             self.ds = None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

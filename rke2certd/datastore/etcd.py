@@ -48,7 +48,7 @@ from rke2certd.datastore.base import (
     prefix_end,
 )
 from rke2certd.datastore.retry import retry
-from rke2certd.errors import ConfigError, DatastoreError
+from rke2certd.errors import ConfigError, DatastoreError, DatastoreFilesMissing
 
 T = TypeVar("T")
 DEFAULT_PORT = 2379
@@ -112,7 +112,7 @@ def _session(cafile: Path | None, certfile: Path | None, keyfile: Path | None) -
         if path is not None and not path.is_file()
     ]
     if missing:
-        raise ConfigError("datastore TLS files are missing", missing)
+        raise DatastoreFilesMissing("datastore TLS files are missing", missing)
     session = requests.Session()
     session.trust_env = False  # see the module doc: the environment must not override verify
     session.verify = str(cafile) if cafile else True

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from rke2certd.config import Config
-from rke2certd.datastore import open_datastore
-from rke2certd.datastore.base import Datastore, OutcomeUnknown
+from rke2certd.datastore.base import KV, Datastore, OutcomeUnknown
 from rke2certd.datastore.codec import (
     BOOTSTRAP_FIELDS,
     BOOTSTRAP_PREFIX,
@@ -63,23 +63,14 @@ def _mode(rel: str) -> int:
     return 0o644 if rel.endswith(".crt") else 0o600
 
 
-def default_sqlite(layout: Layout) -> str:
-    return f"sqlite://{layout.server / 'db' / 'rke2certd.sqlite'}"
-
-
 def open_for(node: Node, timeout: float = 5.0) -> Datastore:
-    """The node's datastore, with RKE2's defaults for etcd client certs."""
-    cfg, layout = node.cfg, node.layout
-    endpoint = cfg.datastore_endpoint or default_sqlite(layout)
-    etcd_tls = layout.tls / "etcd"
-    return open_datastore(
-        endpoint,
-        data_dir=cfg.data_dir,
-        cafile=cfg.datastore_cafile or etcd_tls / "server-ca.crt",
-        certfile=cfg.datastore_certfile or etcd_tls / "client.crt",
-        keyfile=cfg.datastore_keyfile or etcd_tls / "client.key",
-        timeout=timeout,
-    )
+    """The node's datastore: RKE2's on a node with an RKE2 config, else rke2certd's own
+    (ops/rke2_datastore.py says which and why)."""
+    from rke2certd.ops.rke2_datastore import open_planned, plan_datastore
+
+    plan = plan_datastore(node.cfg, node.layout)
+    token = configured_token(node.cfg, node.layout) if plan.kind == "etcd-members" else None
+    return open_planned(plan, node.cfg, token, node.ident.node_ips, timeout)
 
 
 def configured_token(cfg: Config, layout: Layout) -> str | None:
@@ -150,13 +141,31 @@ def _tls_empty(layout: Layout) -> bool:
 
 
 def plan_extract(layout: Layout, files: dict[str, BootstrapFile]) -> ReconcilePlan:
-    stored = {name: Stored(f.content, f.unix_ns) for name, f in files.items()}
+    # Only the fields that are files here: a field a later RKE2 added has no path to compare
+    # (it is kept in the datastore, never written, never a change of this node).
+    stored = {
+        name: Stored(f.content, f.unix_ns) for name, f in files.items() if name in BOOTSTRAP_FIELDS
+    }
     paths = {name: str(layout.server / rel) for name, rel in BOOTSTRAP_FIELDS.items()}
     return reconcile(stored, read_disk(layout), paths, _tls_empty(layout))
 
 
-def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> list[str]:
-    """Write the datastore's copy to disk (docs/RKE2-COMPATIBILITY.md §6), all or nothing."""
+class _Superseded(Exception):
+    """The bootstrap key changed between the read an extract was planned on and its write."""
+
+
+def extract(
+    layout: Layout,
+    files: dict[str, BootstrapFile],
+    dry_run: bool,
+    still_current: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Write the datastore's copy to disk by the rules of docs/RKE2-COMPATIBILITY.md §6, as one
+    all-or-nothing change.
+
+    `still_current` is asked right before anything is written: False (a rotation was saved
+    since the read) raises _Superseded, so an older CA set is never written over the newer
+    one RKE2 may be writing at its start; the caller reads the key again."""
     plan = plan_extract(layout, files)
     if plan.conflicts:
         raise ValidationError(
@@ -170,12 +179,21 @@ def extract(layout: Layout, files: dict[str, BootstrapFile], dry_run: bool) -> l
                 for c in plan.conflicts
             ],
         )
+    # Each file gets its field's Timestamp as mtime, as RKE2 writes them: a file rke2certd
+    # wrote is then never "newer than the datastore" to RKE2's reconcile, whatever the delay.
     writes = [
-        FileWrite(layout.server / BOOTSTRAP_FIELDS[name], data, _mode(BOOTSTRAP_FIELDS[name]))
+        FileWrite(
+            layout.server / BOOTSTRAP_FIELDS[name],
+            data,
+            _mode(BOOTSTRAP_FIELDS[name]),
+            files[name].unix_ns,
+        )
         for name, data in plan.writes.items()
         if name in BOOTSTRAP_FIELDS
     ]
     if writes and not dry_run:
+        if still_current is not None and not still_current():
+            raise _Superseded
         write_files(layout.data_dir, writes)
     for name in plan.writes:
         log.info(
@@ -218,11 +236,20 @@ def ensure_bootstrap(
     create_cas: Callable[[], object],
     *,
     dry_run: bool = False,
+    may_create: bool = True,
 ) -> BootstrapOutcome:
-    """Make disk and datastore agree on one CA set; `create_cas` builds it on disk if needed."""
+    """Make disk and datastore agree on one CA set; `create_cas` builds it on disk if needed.
+
+    Without `may_create` (RKE2's datastore: RKE2 creates and saves the set) an absent key is
+    left alone: nothing is created, nothing taken."""
     layout = node.layout
     outcome = BootstrapOutcome()
     token = configured_token(node.cfg, layout)
+    if token is None and not may_create:
+        raise TokenError(
+            f"no server token on this node: RKE2 writes {layout.server / 'token'} at its start; "
+            "set `token` in RKE2's config (or rke2certd's) to the cluster's server token"
+        )
     if token is None:
         if ds.get_prefix(BOOTSTRAP_PREFIX):
             raise TokenError(
@@ -240,12 +267,24 @@ def ensure_bootstrap(
     while True:
         kv = ds.get(key)
         if kv is not None and kv.value:
-            outcome.extracted = extract(layout, load_value(password, kv.value), dry_run)
+            try:
+                files = load_value(password, kv.value)
+                unchanged = partial(_unchanged, ds, key, kv.mod_revision)
+                outcome.extracted = extract(layout, files, dry_run, unchanged)
+            except _Superseded:
+                log.info("bootstrap_superseded", reason="a newer CA set was saved meanwhile")
+                continue
             break
         if kv is not None:
             _wait_for_value(ds, key, deadline)
             continue
         _refuse_other_keys(ds, key)
+        if not may_create:
+            log.warning(
+                "bootstrap_not_saved", datastore=ds.location,
+                reason="RKE2 has not saved its bootstrap data yet; the CA set on disk is used",
+            )  # fmt: skip
+            return outcome
         if dry_run:
             create_cas()  # the dry-run callback only reports
             outcome.created = True
@@ -254,8 +293,13 @@ def ensure_bootstrap(
             outcome.created = True
             break
     if not dry_run:
-        outcome.token_files = write_tokens(layout, password)
+        outcome.token_files = write_tokens(layout, password, rke2_owned=not may_create)
     return outcome
+
+
+def _unchanged(ds: Datastore, key: str, mod_revision: int) -> bool:
+    kv = ds.get(key)
+    return kv is not None and kv.mod_revision == mod_revision
 
 
 def _refuse_other_keys(ds: Datastore, key: str) -> None:
@@ -344,8 +388,13 @@ def _swap(ds: Datastore, key: str, value: bytes, expected_mod_revision: int) -> 
         raise
 
 
-def write_tokens(layout: Layout, password: str) -> list[Path]:
-    """`server/token`, `server/agent-token` with the CA hash (docs/RKE2-COMPATIBILITY.md §7)."""
+def write_tokens(layout: Layout, password: str, rke2_owned: bool = False) -> list[Path]:
+    """`server/token` and `server/agent-token` with the current CA hash
+    (docs/RKE2-COMPATIBILITY.md §7).
+
+    On an RKE2 node (`rke2_owned`) `agent-token` stays as RKE2 keeps it: a link to `token` is
+    left alone (it follows it), a file of its own (a separate agent token) keeps its user and
+    password with the new CA hash, and a missing one is left to RKE2's next start."""
     bundle = read_optional(layout.ca_cert("server-ca"))
     if not bundle:
         return []
@@ -353,7 +402,18 @@ def write_tokens(layout: Layout, password: str) -> list[Path]:
     changed = []
     for name, user in (("token", "server"), ("agent-token", "node")):
         path = layout.server / name
-        data = (tokens.format_token(ca_hash, user, password) + "\n").encode()
+        secret = password
+        if name == "agent-token" and rke2_owned:
+            current = read_optional(path)
+            if path.is_symlink() or current is None:
+                continue
+            try:
+                parsed = tokens.parse_token(current.decode())
+            except (TokenError, UnicodeDecodeError):
+                parsed = None
+            if parsed is not None and parsed.username:
+                user, secret = parsed.username, parsed.password
+        data = (tokens.format_token(ca_hash, user, secret) + "\n").encode()
         if write_if_changed(path, data, 0o600):
             changed.append(path)
             log.info("token_written", cert_path=str(path), reason="CA hash or password changed")
@@ -361,15 +421,22 @@ def write_tokens(layout: Layout, password: str) -> list[Path]:
 
 
 def save_rotation(
-    ds: Datastore, password: str, new_files: dict[str, bytes], now: datetime
+    ds: Datastore,
+    password: str,
+    new_files: dict[str, bytes],
+    now: datetime,
+    read: KV | None = None,
 ) -> tuple[int, dict[str, BootstrapFile]]:
     """Replace rotatable fields in the stored set with compare-and-swap; other fields are kept.
 
-    Changed fields get `now` as their Timestamp so that every server takes them at its next
-    start (the datastore wins over an older file). Returns the new revision and the stored set.
+    `read` is the value the new files were checked against: the swap succeeds only if the key
+    still holds it, so a rotation saved meanwhile (upstream's `rotate-ca`, another server) is
+    never overwritten by one checked against the older CAs. Changed fields get `now` as their
+    Timestamp so that every server takes them at its next start (the datastore wins over an
+    older file). Returns the new revision and the stored set.
     """
     key = bootstrap_key_name(password)
-    kv = ds.get(key)
+    kv = read if read is not None else ds.get(key)
     if kv is None or not kv.value:
         raise DatastoreError(
             "no CA data in the datastore for this token; run `rke2certd renew` on a server first"

@@ -338,8 +338,10 @@ def stage_rotation(
     *,
     product: str = "rke2",
     lock: bool = True,
+    staging: Path | None = None,
 ) -> GenerateResult:
-    """Upstream's rotate-default-ca-certs.sh: a cross-signed CA set in `out_dir/tls/`.
+    """Upstream's rotate-default-ca-certs.sh: a cross-signed CA set in `out_dir/tls/`, ready
+    to be renamed into the daemon's staging dir (`staging`, default the config's default).
 
     Per CA: a new P-256 root (self-signed), the same root cross-signed by the current CA, a new
     intermediate signed by the new root. Bundle: intermediate, cross-signed root, self-signed
@@ -366,15 +368,17 @@ def stage_rotation(
     digest = ca_hash(files[ca_cert_file("server-ca")], now)
     server_token = format_token(digest, SERVER_USER, server_password)
     agent_token = format_token(digest, AGENT_USER, agent_password or server_password)
-    next_command = f"rke2certd certificate rotate-ca --path {out_dir}"
+    next_command = hand_over(out_dir, staging or layout.server / "rotate-ca" / "incoming")
     messages = (
         f"Cross-signed CA certificates and keys are in {out_tls}",
         "Each CA: intermediate, new root cross-signed by the current CA, new self-signed root, "
         "then the current CA certificates",
         *notes,
         f"Token CA hash: {digest} (the server and agent tokens below use it)",
-        f"Next: {next_command}; then restart RKE2 on every node, servers first, after giving "
-        "the new token to every node that was joined with the full token",
+        f"Next: {next_command}  (the daemon checks the set, saves it to the datastore and "
+        "restarts RKE2 node by node: etcd, control plane, agents; `rke2certd status` follows "
+        "it). Nodes joined with the full token get the new one written by their daemon; give "
+        "it to any other place that holds it",
     )
     log.info("ca_rotation_staged", staged_set=str(out_dir), ca_hash=digest)
     return GenerateResult(
@@ -536,7 +540,9 @@ def _unique_cn(cn: str, taken: set[str]) -> str:
 # -- stage-service-key -----------------------------------------------------------------------
 
 
-def stage_service_key(data_dir: Path, out_dir: Path, *, lock: bool = True) -> GenerateResult:
+def stage_service_key(
+    data_dir: Path, out_dir: Path, *, lock: bool = True, staging: Path | None = None
+) -> GenerateResult:
     """A new RSA 2048 service-account key followed by the current keys, in out_dir/tls/."""
     layout = Layout(data_dir)
     out_tls = _staging_tls(layout, out_dir)
@@ -546,10 +552,11 @@ def stage_service_key(data_dir: Path, out_dir: Path, *, lock: bool = True) -> Ge
             raise PKIError(f"{layout.service_key} does not exist: is this an RKE2 server?")
         files = {SERVICE_KEY: _prepend_service_key(current, str(layout.service_key))}
         written = _write_staged(out_dir, files)
-    next_command = f"rke2certd certificate rotate-ca --path {out_dir}"
+    next_command = hand_over(out_dir, staging or layout.server / "rotate-ca" / "incoming")
     messages = (
         f"New service-account key staged in {out_tls / 'service.key'} (current keys kept)",
-        f"Next: {next_command}; then restart RKE2 on every server (agents and pods need not)",
+        f"Next: {next_command}  (the daemon checks the set, saves it to the datastore and "
+        "restarts RKE2 on every server in turn; agents and pods need not restart)",
     )
     log.info("service_key_staged", staged_set=str(out_dir))
     return GenerateResult(tuple(written), messages, next_command=next_command)
@@ -583,6 +590,28 @@ def _key_words(key_type: str) -> str:
 
 def _cn_name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def hand_over(out_dir: Path, staging: Path) -> str:
+    """The command that gives a finished set to the daemon: a rename into its staging dir
+    (the daemon takes a renamed-in dir as it is). Across file systems `mv` copies file by
+    file, which the daemon must not take half-way: copy, then mark it READY last."""
+    dest = staging / out_dir.name
+    if _same_fs(out_dir, staging):
+        return f"mv {out_dir} {dest}"
+    return f"cp -a {out_dir} {dest} && touch {dest}/READY"
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    def dev(p: Path) -> int | None:
+        for q in (p, *p.parents):
+            try:
+                return q.stat().st_dev
+            except OSError:
+                continue
+        return None
+
+    return dev(a) == dev(b)
 
 
 def _staging_tls(layout: Layout, out_dir: Path) -> Path:

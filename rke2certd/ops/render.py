@@ -38,6 +38,7 @@ def renew_doc(result: RenewResult) -> dict[str, Any]:
         "derived": [str(p) for p in result.derived],
         "repaired": result.repaired,
         "restart": result.restart_units,
+        "skipped": result.skipped,
     }
 
 
@@ -45,6 +46,8 @@ def render_renew(result: RenewResult, fmt: str) -> str:
     if fmt == "json":
         return json.dumps(renew_doc(result), indent=2) + "\n"
     verb = "would " if result.dry_run else ""
+    if result.skipped:
+        return f"nothing to renew: {result.skipped}\n"
     lines = []
     if result.created_cas:
         lines.append(f"{verb}create the self-signed CA set and service.key")

@@ -67,6 +67,8 @@ class RenewResult:
     derived: list[Path] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
     unit: str = SERVER_UNIT  # this node's RKE2 unit
+    # Why nothing was looked at (RKE2 has not started yet, or holds the CA set alone now).
+    skipped: str | None = None
 
     @property
     def restart_units(self) -> list[str]:
@@ -204,12 +206,18 @@ def _iso(t: datetime | None) -> str | None:
     return t.isoformat() if t else None
 
 
-def ensure_cas(node: Node, now: datetime, dry_run: bool) -> tuple[CASet | None, bool]:
-    """Use the CA files on disk, or create RKE2's self-signed set when there are none."""
+def ensure_cas(
+    node: Node, now: datetime, dry_run: bool, may_create: bool = True
+) -> tuple[CASet | None, bool]:
+    """Use the CA files on disk, or create RKE2's self-signed set when there are none (only
+    when `may_create`: a standalone node; on an RKE2 node RKE2 makes and owns the set, and a
+    missing or partial set is (None, False): RKE2 restores it from its datastore at start)."""
     layout = node.layout
     present, missing = missing_ca_files(layout)
     created = False
 
+    if not may_create and (missing or read_optional(layout.service_key) is None):
+        return None, False
     if present and missing:
         raise ValidationError(
             f"incomplete custom CA set in {layout.tls}: these files are missing or empty; "
@@ -229,6 +237,58 @@ def ensure_cas(node: Node, now: datetime, dry_run: bool) -> tuple[CASet | None, 
         log.info("service_key_created", cert_path=str(layout.service_key), reason="missing")
         write_files(layout.data_dir, [FileWrite(layout.service_key, new_service_key_pem(), 0o600)])
     return load_ca_set(layout), created
+
+
+def rke2_has_run(layout: Layout) -> bool:
+    """RKE2 has started on this node at least once: it wrote its token (every server) or its
+    etcd member's data. Before that it creates (first server) or fetches (joining server)
+    the CA set itself, with every certificate: there is nothing for rke2certd to do."""
+    server = layout.server
+    return (
+        (server / "token").is_file()
+        or (server / "cred" / "passwd").is_file()
+        or (server / "db" / "etcd").is_dir()
+    )
+
+
+def before_first_start(node: Node, *, dry_run: bool) -> RenewResult | None:
+    """The result of a renew on an RKE2 node RKE2 never ran on (None: it has run, or the node
+    is standalone): nothing to do, said once in the journal."""
+    if node.cfg.rke2_config is None:
+        return None
+    if node.cfg.is_server:
+        if rke2_has_run(node.layout):
+            return None
+        why = BEFORE_FIRST_START
+    else:
+        if rke2_agent_has_run(node.layout):
+            return None
+        why = AGENT_BEFORE_FIRST_START
+    log.info("renew_skipped", reason=why, dry_run=dry_run)
+    return RenewResult(dry_run=dry_run, unit=_unit(node), skipped=why)
+
+
+def rke2_agent_has_run(layout: Layout) -> bool:
+    """rke2-agent (or rke2certd) has put the agent's certificates and kubeconfig in place."""
+    agent = layout.agent
+    return (agent / "client-kubelet.crt").is_file() or (agent / "kubelet.kubeconfig").is_file()
+
+
+AGENT_BEFORE_FIRST_START = (
+    "rke2-agent has not started on this node yet: at its first start it gets the CA and its "
+    "certificates from `server`; rke2certd renews from then on"
+)
+
+
+BEFORE_FIRST_START = (
+    "RKE2 has not started on this node yet: at its first start it creates the CA set (a first "
+    "server) or fetches it from `server` (a joining server), with every certificate; "
+    "rke2certd renews from then on"
+)
+NO_CA_SET = (
+    "the CA set on disk is missing or incomplete and RKE2's datastore did not provide it: "
+    "RKE2 restores it from its datastore at its start; rke2certd renews once it is there"
+)
 
 
 def derived_files(node: Node, ca_set: CASet) -> list[FileWrite]:
@@ -302,8 +362,12 @@ def renew(
             "run `rke2certd renew` on a server (etcd or control-plane role), or add a server "
             "role in `roles`"
         )
-    check_dir_safety(node.key_dirs())
+    rke2 = cfg.rke2_config is not None  # RKE2 owns the CA set: never create one here
+    skipped = before_first_start(node, dry_run=dry_run)
+    if skipped is not None:
+        return skipped
     result = RenewResult(dry_run=dry_run, unit=_unit(node))
+    check_dir_safety(node.key_dirs())
     if not dry_run:
         result.repaired = recover(layout.data_dir, node.write_dirs())
         for what in result.repaired:
@@ -312,15 +376,20 @@ def renew(
         from rke2certd.ops.bootstrap import ensure_bootstrap
 
         outcome = ensure_bootstrap(
-            node, datastore, now, lambda: ensure_cas(node, now, dry_run), dry_run=dry_run
-        )
+            node, datastore, now, lambda: ensure_cas(node, now, dry_run), dry_run=dry_run,
+            may_create=not rke2,
+        )  # fmt: skip
         result.extracted, result.token_files = outcome.extracted, outcome.token_files
         result.created_cas = outcome.created
     if dry_run and result.extracted:
         ca_set = None  # the CAs would change: every leaf would be re-issued
     else:
-        ca_set, created = ensure_cas(node, now, dry_run)
+        ca_set, created = ensure_cas(node, now, dry_run, may_create=not rke2)
         result.created_cas = result.created_cas or created
+        if ca_set is None and rke2:
+            result.skipped = NO_CA_SET
+            log.warning("renew_skipped", reason=NO_CA_SET, dry_run=dry_run)
+            return result
     all_specs = specs if specs is not None else leaves_for(cfg.is_server, cfg.has_agent)
     if ca_set is None:  # dry run on an empty node: everything would be created
         result.changes = [

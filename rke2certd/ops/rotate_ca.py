@@ -112,9 +112,8 @@ def rotate_ca(
         result.agent_token = tokens.format_token(result.new_hash, "node", password)
     if dry_run:
         return result
-    save_rotation(
-        datastore, password, {FIELD_OF[rel]: new_files[rel] for rel in check.changed}, now
-    )
+    changed = {FIELD_OF[rel]: new_files[rel] for rel in check.changed}
+    save_rotation(datastore, password, changed, now, read=kv)  # only over what was checked
     result.saved = True
     log.info(
         "ca_rotated",

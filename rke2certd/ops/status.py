@@ -103,7 +103,8 @@ def _table(header: list[str], rows: list[list[str]], indent: str = "") -> list[s
 
 
 def render_table(doc: dict[str, Any]) -> str:
-    lines = ["NODES"]
+    lines = [f"DATASTORE: {doc['datastore']}", ""] if doc.get("datastore") else []
+    lines.append("NODES")
     rows = []
     for n in doc["nodes"]:
         since = datetime.fromisoformat(n["downSince"]) if n["downSince"] else None
@@ -146,8 +147,11 @@ def render_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(ds: Datastore, output: str) -> str:
+def render_status(ds: Datastore, output: str, datastore: str | None = None) -> str:
+    """`datastore` says which store this node uses (RKE2's, or the standalone SQLite file)."""
     doc = status_doc(ClusterStore(ds).read(everything=True))
+    if datastore:
+        doc = {"datastore": datastore, **doc}
     if output == "json":
         return json.dumps(doc, indent=2) + "\n"
     return render_table(doc)

@@ -185,10 +185,10 @@ def wanted_sans(spec: LeafSpec, node: NodeIdentity) -> tuple[str, ...]:
                     *server_sans(node),
                 ]
             )
-        case SanSet.ETCD_SERVER:
+        case SanSet.ETCD_SERVER | SanSet.ETCD_PEER:
+            # RKE2 gives both etcd serving certs the same names (kine.sock too): a peer cert
+            # without it is re-made, with a new key, at RKE2's next start.
             return _dedupe(["localhost", "kine.sock", *server_sans(node)])
-        case SanSet.ETCD_PEER:
-            return _dedupe(["localhost", *server_sans(node)])
         case SanSet.LOOPBACK:
             return ("localhost", "127.0.0.1", "::1")
         case SanSet.KUBELET:

@@ -38,6 +38,9 @@ class FileWrite:
     path: Path
     data: bytes
     mode: int = 0o644
+    # The file's mtime (Unix ns) instead of the write's time: a file taken from RKE2's
+    # bootstrap data carries its Timestamp, as RKE2 writes it (its reconcile compares them).
+    mtime_ns: int | None = None
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -81,8 +84,9 @@ def ensure_dir(path: Path, mode: int = 0o700) -> None:
         raise _explain(exc, path) from exc
 
 
-def _write_temp(target: Path, data: bytes, mode: int) -> Path:
-    """Write `data` to a fsynced temp file beside `target`, created with `mode`."""
+def _write_temp(target: Path, data: bytes, mode: int, mtime_ns: int | None = None) -> Path:
+    """Write `data` to a fsynced temp file beside `target`, created with `mode` (and the
+    mtime `mtime_ns`, when given; a rename keeps it)."""
     ensure_dir(target.parent)
     tmp = target.parent / f"{TEMP_MARK}{target.name}.{secrets.token_hex(4)}"
     try:
@@ -93,6 +97,8 @@ def _write_temp(target: Path, data: bytes, mode: int) -> Path:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -103,9 +109,9 @@ def _write_temp(target: Path, data: bytes, mode: int) -> Path:
     return tmp
 
 
-def write_file(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_file(path: Path, data: bytes, mode: int = 0o644, mtime_ns: int | None = None) -> None:
     """Atomically replace `path` with `data` (mode set at creation, never looser)."""
-    tmp = _write_temp(path, data, mode)
+    tmp = _write_temp(path, data, mode, mtime_ns)
     try:
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -156,13 +162,13 @@ def write_files(root: Path, files: Iterable[FileWrite], *, anywhere: bool = Fals
     if not wanted:
         return []
     if len(wanted) == 1:
-        write_file(wanted[0].path, wanted[0].data, wanted[0].mode)
+        write_file(wanted[0].path, wanted[0].data, wanted[0].mode, wanted[0].mtime_ns)
         return [wanted[0].path]
 
     temps: list[tuple[Path, Path]] = []
     try:
         for fw in wanted:
-            temps.append((_write_temp(fw.path, fw.data, fw.mode), fw.path))
+            temps.append((_write_temp(fw.path, fw.data, fw.mode, fw.mtime_ns), fw.path))
     except StorageError:
         for tmp, _ in temps:
             with contextlib.suppress(OSError):

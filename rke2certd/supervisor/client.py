@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from rke2certd.errors import PKIError, Rke2certdError, TokenError
 from rke2certd.log import log
-from rke2certd.pki.token import Token, ca_hash, parse_token
+from rke2certd.pki.token import SERVER_USER, Token, ca_hash, parse_token
 from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,
@@ -403,3 +403,20 @@ def fetch_rollout(
     if not isinstance(doc, dict):
         raise SupervisorError("the rollout state is not a JSON object")
     return doc
+
+
+def get_as_server(urls: Urls, token: str, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> bytes:
+    """GET `path` from a server's RKE2 supervisor as a joining server does: `/cacerts` pinned
+    by the token's CA hash first, then the request with `server:<password>` over a channel
+    verified against that bundle (RKE2's server-only routes: `/db/info`, server-bootstrap)."""
+    parsed = parse_token(token)
+    server, bundle = locate_cacerts(urls, token, timeout=timeout)
+    raw = f"{SERVER_USER}:{parsed.password}".encode()
+    headers = {"Authorization": "Basic " + base64.b64encode(raw).decode()}
+    context = pinned_context(bundle)
+
+    def attempt(url: str) -> bytes:
+        answer = _exchange(url, context, "GET", path, timeout, headers=headers)
+        return _expect_ok(url, answer, f"GET {path}")
+
+    return _failover([server], attempt, f"GET {path}")

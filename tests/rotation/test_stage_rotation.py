@@ -48,7 +48,8 @@ def test_modes_tokens_and_hash(rotated: tuple[Layout, Path], tmp_path: Path, now
     assert (server.ca_hash, server.username, server.password) == (digest, "server", "serverpw")
     assert (agent.ca_hash, agent.username, agent.password) == (digest, "node", "agentpw")
     assert "serverpw" not in repr(result) and all("serverpw" not in m for m in result.messages)
-    assert result.next_command == f"rke2certd certificate rotate-ca --path {out}"
+    # handed to the daemon by a rename into its staging dir (same file system here)
+    assert result.next_command == f"mv {out} {layout.server / 'rotate-ca' / 'incoming' / out.name}"
 
 
 def test_upstream_ordered_sets_pass_and_rotate_again(tmp_path: Path, now: datetime) -> None:

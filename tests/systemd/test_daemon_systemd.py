@@ -414,3 +414,33 @@ def test_a_config_error_ends_in_a_failed_unit_that_says_why(ct: Container, passw
         ct.exec(["systemctl", "reset-failed", "rke2certd"])
         ensure_running(ct)
     assert show(ct, "rke2certd", "ActiveState")["ActiveState"] == "active"
+
+
+def test_on_an_rke2_node_the_daemon_waits_for_rke2_active(ct: Container, password: str) -> None:
+    """With RKE2's config and no RKE2 datastore (RKE2 never started, or its etcd down: nothing
+    listens on 127.0.0.1:2379 here) the unit is active and says what it waits for in its status;
+    systemd never restarts it ("activating (auto-restart)" looks like a failure)."""
+    rke2_config = "/etc/rancher/rke2/config.yaml"
+    ct.exec(["mkdir", "-p", "-m", "0700", "/etc/rancher/rke2"], check=True)
+    ct.write(rke2_config, yaml.safe_dump({"token": password}), mode=0o600)
+    write_config(ct, password, log_level="debug")  # the retries are debug events
+    try:
+        ct.exec(["systemctl", "restart", "rke2certd"], check=True, timeout=120)  # READY
+        props = show(ct, "rke2certd", "MainPID", "NRestarts")
+        pid, restarts = props["MainPID"], props["NRestarts"]
+        wait_for(
+            lambda: len(events(ct, "datastore_retry_failed", f"_PID={pid}")) >= 2,
+            90, "two retries",
+        )  # fmt: skip
+        now = show(ct, "rke2certd", "MainPID", "NRestarts", "ActiveState", "SubState", "StatusText")
+        assert now["StatusText"].startswith("waiting for RKE2's"), now
+        assert {k: now[k] for k in ("MainPID", "NRestarts", "ActiveState", "SubState")} == {
+            "MainPID": pid, "NRestarts": restarts, "ActiveState": "active", "SubState": "running",
+        }  # fmt: skip
+        assert len(events(ct, "datastore_waiting", f"_PID={pid}")) == 1
+        if now["StatusText"] == "waiting for RKE2's first start":  # this test alone: fresh node
+            assert ct.exec(["test", "-e", TLS]).returncode != 0
+    finally:
+        ct.exec(["rm", "-f", rke2_config])
+        write_config(ct, password)
+        ct.exec(["systemctl", "restart", "rke2certd"], timeout=120)
