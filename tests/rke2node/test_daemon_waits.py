@@ -59,8 +59,7 @@ def _node(
 
 def _rke2_started(dn: DaemonNode, seed: Path, etcd: EtcdCluster, into: Path) -> None:
     """What RKE2's first start leaves at `into`: the CA set and every certificate
-    (the `seed` node's,
-    made for this etcd), its bootstrap key in its etcd, server/token."""
+    (the `seed` node's, made for this etcd), its bootstrap key in its etcd, server/token."""
     shutil.copytree(seed, into, symlinks=True)
     rke2 = Rke2Node(dn.root, {}, {"data-dir": str(into)}, dn.settings["token"])
     with etcd_client(etcd, into) as ds:
