@@ -141,10 +141,11 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         from rke2certd.ops.agent_rollout import remote_store
 
         node = Node.from_config(cfg)
-        sys.stdout.write(render_status(remote_store(node, lambda: agent_token(node)), args.output))
+        remote = remote_store(node, lambda: agent_token(node))
+        sys.stdout.write(render_status(remote, args.output, system_clock(), cfg.availability))
         return 0
     with _cluster_datastore(cfg) as ds:
-        sys.stdout.write(render_status(ds, args.output))
+        sys.stdout.write(render_status(ds, args.output, system_clock(), cfg.availability))
     return 0
 
 
@@ -181,13 +182,13 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
     node = Node.from_config(cfg)
     result: RenewResult
     if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
-        from rke2certd.ops.agent import agent_renew
+        from rke2certd.ops.agent_rollout import rejoin_renew
 
         if args.dry_run:
-            result = agent_renew(node, system_clock(), dry_run=True)
+            result, _ = rejoin_renew(node, system_clock(), dry_run=True)
         else:
             with node_lock(cfg.data_dir, cfg.lock_timeout):
-                result = agent_renew(node, system_clock())
+                result, _ = rejoin_renew(node, system_clock())
             _warm_check_cache(node)
         sys.stdout.write(render_renew(result, args.output))
         return 0

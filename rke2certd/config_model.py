@@ -65,6 +65,8 @@ class ConfigModel(BaseModel):
     registry_ttl: int = Field(30, alias="registry-ttl", ge=2, le=600)
     restart_timeout: float = Field(600, alias="restart-timeout", gt=0)
     health_timeout: float = Field(300, alias="health-timeout", gt=0)
+    agent_unavailable_grace: float = Field(600, alias="agent-unavailable-grace", ge=0)
+    agent_unavailable: Literal["skip", "wait"] = Field("skip", alias="agent-unavailable")
     health_etcd_endpoint: str = Field("https://127.0.0.1:2379", alias="health-etcd-endpoint")
     health_apiserver_endpoint: str = Field(
         "https://127.0.0.1:6443", alias="health-apiserver-endpoint"

@@ -161,9 +161,10 @@ class Daemon:
         before = disk_generation(self.node.layout)
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
             if self.agent_only:
-                from rke2certd.ops.agent import agent_renew
+                from rke2certd.ops.agent_rollout import rejoin_renew
 
-                result = agent_renew(self.node, self.clock(), token=self._token)
+                result, adopted = rejoin_renew(self.node, self.clock(), token=self._token)
+                self._token = adopted or self._token
             else:
                 result = renew(self.node, self.clock(), datastore=self.ds)
         self._certs_text = None
@@ -286,8 +287,9 @@ class Daemon:
             if self._endpoint_ds is None:
                 self._endpoint_ds = self._own_connection()
             api = ClusterAPI(
-                self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout)
-            )
+                self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout),
+                availability=self.cfg.availability,
+            )  # fmt: skip
         try:
             self.supervisor = server.start(self.node, cluster=api, clock=self.clock)
             self.supervisor_error = None

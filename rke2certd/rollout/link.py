@@ -281,6 +281,9 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
         slots, ahead = f"{rec.SLOTS}{phase.value}/", step.blocker
     elif isinstance(step, Wait) and step.on == "slot":
         slots = f"{rec.SLOTS}{phase.value}/"
+    elif isinstance(step, Wait) and step.on == "down" and step.blocker:
+        # a server skips the down node (a status write) once its grace is over
+        statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
     opens = bool(barrier)  # only when all of them are done (a queue: at any change)
     depth = rec.ROLLOUTS.count("/")
 

@@ -46,6 +46,7 @@ from rke2certd.plan.rollout import (
     TakeSlot,
     Wait,
     current_phase,
+    next_blocking,
     next_step,
     over_limit,
     phase_of,
@@ -316,10 +317,22 @@ class RolloutRunner:
             self.store.ensure_member(Member(self.me, self.roles, self.phase))
             wrote = True
         if self._housekeep is None:
-            wrote = housekeep(self.store, parsed, self.clock()) or wrote
+            policy = self.node.cfg.availability
+            wrote = housekeep(self.store, parsed, self.clock(), policy) or wrote
         else:
             wrote = self._housekeep() or wrote
-        return self.store.read() if wrote else parsed
+        parsed = self.store.read() if wrote else parsed
+        self._look_again_at_grace(parsed)
+        return parsed
+
+    def _look_again_at_grace(self, parsed: rec.Parsed) -> None:
+        """A member down in its turn is blocked when its grace ends, and nothing writes then:
+        tick again at that time (an agent asks a server's housekeeping then)."""
+        now = self.clock()
+        due = next_blocking(parsed.view, now, self.node.cfg.availability)
+        if due is not None:
+            at = time.monotonic() + (due - now).total_seconds() + 0.5
+            self.next_check = min(self.next_check, at)
 
     def _fields(self, r: Rollout) -> dict[str, str]:
         return {
@@ -388,7 +401,8 @@ class RolloutRunner:
         slot = Slot(step.phase, step.index, self.me, step.rollout.id, self.clock())
         taken = self.store.take_slot(slot, lease)
         parsed = self.store.reread_slots(parsed)
-        if taken and over_limit(parsed.view, step.phase, self.node.cfg.max_unavailable):
+        limit = self.node.cfg.max_unavailable
+        if taken and over_limit(parsed.view, step.phase, limit, step.rollout):
             self.store.release_slot(slot)  # raced on a stale view: give it back, wait
             log.info("restart_slot_returned", **self._fields(step.rollout), reason="over limit")
             self._freed = True

@@ -30,7 +30,7 @@ from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacte
 from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
-from rke2certd.plan.rollout import Phase
+from rke2certd.plan.rollout import Availability, Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
@@ -73,6 +73,7 @@ class ClusterAPI:
     clock: Callable[[], datetime]
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
+    availability: Availability = field(default_factory=Availability)  # the config's policy
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
@@ -278,7 +279,8 @@ class ClusterAPI:
     # the server's own work ----------------------------------------------------------------
 
     def _op_housekeep(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
-        return {"wrote": housekeep(self._store, self._store.read(), self.clock())}
+        policy = self.availability
+        return {"wrote": housekeep(self._store, self._store.read(), self.clock(), policy)}
 
     def _op_generation(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
         served = self.served()
