@@ -15,7 +15,7 @@ from rke2certd.pki import certs
 from rke2certd.pki.token import ca_hash, parse_token
 from tests.harness.cluster import NodeSpec, SimCluster
 
-from .checks import statuses, view, wait_rollout
+from .checks import assert_order, statuses, view, wait_rollout
 from .conftest import ClusterFactory
 
 pytestmark = pytest.mark.timeout(300)
@@ -43,47 +43,67 @@ def _verify_new(cluster: SimCluster, agent: str, tmp_path: Path) -> None:
     assert res.returncode == 0 and ": OK" in res.stdout, res.stdout + res.stderr
 
 
-def test_a_down_agent_is_skipped_and_catches_up_when_it_returns(
+def test_down_agents_are_skipped_and_catch_up_when_they_return(
     sim_sqlite: ClusterFactory, tmp_path: Path
 ) -> None:
+    """a2 and a3 are down during a CA rollout: it finishes without them. a2 returns the way a
+    rebooted machine does (rke2-agent's `ExecStartPre=` renew first, then the daemon), a3 with
+    its daemon alone; both rejoin through the chain to the CA they hold and catch up."""
     cluster = sim_sqlite(_specs(), config={"agent-unavailable-grace": 1})
     cluster.wait_for(lambda: set(AGENTS) <= set(view(cluster).live), 30, "agents registered")
     old_hash = parse_token(_token(cluster, "a3")).ca_hash
 
-    # a3's daemon stops before the rotation (its RKE2 stand-ins stay up, on the old certs)
-    cluster.kill_node("a3", signal.SIGTERM)
-    cluster.wait_for(lambda: view(cluster).members["a3"].down_since, 30, "a3 recorded down")
+    # their daemons stop before the rotation (their RKE2 stand-ins stay up, on the old certs)
+    for a in ("a2", "a3"):
+        cluster.kill_node(a, signal.SIGTERM)
+    cluster.wait_for(
+        lambda: all(view(cluster).members[a].down_since for a in ("a2", "a3")), 30, "down"
+    )
 
     cluster.stage_rotation("e1")
     r = wait_rollout(cluster, "done", timeout=180)
     rid, gen = r["id"], r["caGeneration"]
     nodes = {n["name"]: n for n in r["nodes"]}
     assert {n: nodes[n]["state"] for n in nodes} == {
-        "e1": "done", "c1": "done", "a1": "done", "a2": "done", "a3": "skipped",
+        "e1": "done", "c1": "done", "a1": "done", "a2": "skipped", "a3": "skipped",
     }  # fmt: skip
     assert "into its turn" in nodes["a3"]["message"] and not nodes["a3"]["live"]
-    assert "1 skipped" in r["stateReason"] and "a3" in r["stateReason"]
+    assert "2 skipped" in r["stateReason"] and "a2, a3" in r["stateReason"]
     blocked = [e for n in ("e1", "c1") for e in cluster.nodes[n].log_events("rollout_blocked")]
-    assert blocked and {(e["node"], e["action"], e["rollout_id"]) for e in blocked} == {
-        ("a3", "skip", rid)
-    }
-    assert not [x for x in cluster.restarts(rid) if x["node"] == "a3"]
+    assert {(e["node"], e["action"], e["rollout_id"]) for e in blocked} == {
+        ("a2", "skip", rid), ("a3", "skip", rid),
+    }  # fmt: skip
+    assert len(blocked) == 2  # once each, by the server that skipped it
+    assert not [x for x in cluster.restarts(rid) if x["node"] in ("a2", "a3")]
 
-    # a3 returns: its token pins the old CA; it proves the servers by the chain to the CA it
-    # holds, takes the new CA and token, and restarts in a slot for the rollout it missed
-    cluster.start_node("a3")
-    cluster.wait_for(
-        lambda: (st := statuses(cluster, rid).get("a3")) is not None and st.state.value == "done",
-        120,
-        "a3 caught up",
-    )
-    assert cluster.nodes["a3"].log_events("agent_rejoined")
-    assert view(cluster).live["a3"].ca_generation == gen
+    # a2: the startup hook alone, as before rke2-agent starts; its token pins the old CA
+    res = cluster.cli("a2", "renew")
+    assert res.returncode == 0, res.stdout + res.stderr
     new_hash = ca_hash((cluster.nodes["c1"].layout.tls / "server-ca.crt").read_bytes())
-    assert new_hash != old_hash and parse_token(_token(cluster, "a3")).ca_hash == new_hash
+    assert new_hash != old_hash and parse_token(_token(cluster, "a2")).ca_hash == new_hash
+    _verify_new(cluster, "a2", tmp_path)
+
+    # both daemons return: each restarts in a slot of the rollout it missed
+    for a in ("a2", "a3"):
+        cluster.start_node(a, wait=False)
+    for a in ("a2", "a3"):
+        cluster.wait_ready(a)
+
+    def caught_up() -> bool:
+        sts = statuses(cluster, rid)
+        return all((st := sts.get(a)) is not None and st.state.value == "done" for a in AGENTS)
+
+    cluster.wait_for(caught_up, 120, "a2 and a3 caught up")
+    assert cluster.nodes["a3"].log_events("agent_rejoined")  # a3 rejoined at its daemon's start
+    assert not cluster.nodes["a2"].log_events("agent_rejoined")  # a2's token fitted already
+    live = view(cluster).live
+    assert {live[a].ca_generation for a in AGENTS} == {gen}
+    assert parse_token(_token(cluster, "a3")).ca_hash == new_hash
     _verify_new(cluster, "a3", tmp_path)
-    [catch_up] = [x for x in cluster.restarts(rid) if x["node"] == "a3"]
-    assert catch_up["phase"] == "agent" and catch_up["ca_generation"] == gen
+    late = [x for x in cluster.restarts(rid) if x["node"] in ("a2", "a3")]
+    assert sorted(x["node"] for x in late) == ["a2", "a3"]
+    assert {(x["phase"], x["ca_generation"]) for x in late} == {("agent", gen)}
+    assert_order(cluster, rid)  # one agent restart at a time, the catch-ups too
     assert wait_rollout(cluster, "done")["id"] == rid  # still done; nothing else started
 
 
