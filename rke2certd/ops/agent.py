@@ -39,6 +39,7 @@ from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_servic
 from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, decide, plan
 from rke2certd.store.atomic import FileWrite, ensure_dir, read_optional, recover, write_files
 from rke2certd.supervisor import cert_route
+from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
     SupervisorError,
     fetch_client_ca,
@@ -60,7 +61,8 @@ class Upstream:
 
 
 def supervisor_urls(cfg: Config) -> list[str]:
-    """`server` URLs, each with the port set to `supervisor-port`."""
+    """`server` URLs, each with the port set to `supervisor-port`, ranked for this node: its
+    preferred server first, then its fail-over order (supervisor/choice.py spreads the fleet)."""
     if not cfg.server:
         raise ConfigError(
             "this agent-only node does not know its servers",
@@ -76,7 +78,7 @@ def supervisor_urls(cfg: Config) -> list[str]:
         urls.append(f"https://{host}:{cfg.supervisor_port}")
     if problems or not urls:
         raise ConfigError("invalid server URL", problems or ["server: no URL given"])
-    return urls
+    return preferred_order(urls, cfg.node)
 
 
 def agent_token(node: Node) -> str:

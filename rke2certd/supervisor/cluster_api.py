@@ -34,7 +34,7 @@ from rke2certd.plan.rollout import Availability, Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
-from rke2certd.supervisor import MAX_CONNECTIONS, wire
+from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
 
 MIN_TTL, MAX_TTL = 2, 600
 MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
@@ -211,12 +211,18 @@ class ClusterAPI:
         return lease
 
     def _own_lease(self, node: str, lease: int, status: int = 403) -> None:
-        """Granted here to `node` (this server's memory), or its registration is on it (after a
-        server restart). For refresh/revoke a foreign lease is "not found" (404): an agent
-        whose lease expired while it was cut off learns so and takes a new one."""
+        """Granted to `node` here or by any other server (agent_leases: the owner lives in the
+        datastore, so an agent's lease survives the server that granted it), or its
+        registration is on it (a lease granted by an older server). For refresh/revoke a
+        foreign lease is "not found" (404): an agent whose lease expired while it was cut off
+        learns so and takes a new one."""
         with self._lock:
             if self._leases.get(lease) == node:
                 return
+        if agent_leases.owner(self.ds, lease) == node:  # granted by another server
+            with self._lock:
+                self._leases[lease] = node
+            return
         reg = self.ds.get(rec.node_key(node))
         if reg is None or reg.lease != lease:
             raise ClusterRefused(status, f"lease {lease} is not this agent's")
@@ -259,6 +265,7 @@ class ClusterAPI:
                 oldest = next(k for k, n in self._leases.items() if n == node)
                 del self._leases[oldest]
         lease = self.ds.grant_lease(ttl)
+        agent_leases.record(self.ds, lease, node)  # any server accepts it from `node`
         with self._lock:
             self._leases[lease] = node
         return {"lease": lease}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,7 +29,9 @@ from rke2certd.datastore.base import (
     WatchCompacted,
 )
 from rke2certd.errors import DatastoreError, TokenError
+from rke2certd.log import log
 from rke2certd.supervisor import CLUSTER_PATH, wire
+from rke2certd.supervisor.choice import ServerChoice
 from rke2certd.supervisor.client import (
     DEFAULT_TIMEOUT,
     RefusedError,
@@ -53,7 +56,8 @@ class RemoteDatastore(Datastore):
         *,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.urls = list(urls)
+        self.urls = list(urls)  # ranked for this node (supervisor_urls)
+        self.choice = ServerChoice(self.urls)
         self._token = token
         self._trust = trust
         self.node_name = node_name
@@ -62,12 +66,37 @@ class RemoteDatastore(Datastore):
         self._old_server = False  # a server answered that it has no "put"
         self._closed = threading.Event()
 
+    def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request, to the servers in the choice's order; the first answer counts."""
+        problems: list[str] = []
+        mismatch: TokenError | None = None
+        token, trust = self._token(), self._trust()
+        for url in self.choice.order(time.monotonic()):
+            try:
+                answer = post_json(
+                    [url], token, trust, CLUSTER_PATH, doc, self.node_name, timeout=timeout
+                )
+            except UnreachableError as exc:
+                problems.append(str(exc))
+                continue
+            except TokenError as exc:  # this server serves a CA we do not trust (yet)
+                mismatch = mismatch or exc
+                continue
+            if self.choice.answered(url) is not None:
+                home = url == self.choice.preferred
+                log.info(
+                    "server_chosen", node=self.node_name, server_url=url, preferred=home,
+                    reason="its preferred server answers again" if home else
+                    f"{'; '.join(problems) or 'the server before did not answer'}",
+                )  # fmt: skip
+            return answer
+        if mismatch is not None:
+            raise mismatch
+        raise UnreachableError("; ".join(problems))
+
     def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:
-            answer = post_json(
-                self.urls, self._token(), self._trust(), CLUSTER_PATH, doc, self.node_name,
-                timeout=timeout or self.timeout,
-            )  # fmt: skip
+            answer = self._post(doc, timeout or self.timeout)
         except UnreachableError as exc:
             raise DatastoreUnavailable(str(exc)) from exc
         except TokenError as exc:
