@@ -60,6 +60,7 @@ class ConfigModel(BaseModel):
     restart_command: list[str] | None = Field(None, alias="restart-command")
     health_command: list[str] | None = Field(None, alias="health-command")
     supervisor_port: int = Field(9346, alias="supervisor-port", ge=1, le=65535)
+    supervisor_bind_address: str = Field("0.0.0.0", alias="supervisor-bind-address")
     lock_timeout: float = Field(120, alias="lock-timeout", gt=0)
     # Rollout coordination (see rke2certd/rollout/).
     registry_ttl: int = Field(30, alias="registry-ttl", ge=2, le=600)
@@ -73,6 +74,17 @@ class ConfigModel(BaseModel):
     )
     health_kubelet_endpoint: str = Field("https://127.0.0.1:10250", alias="health-kubelet-endpoint")
     staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
+
+    @field_validator("supervisor_bind_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address such as 0.0.0.0 or 10.0.0.11") from None
+        return v
 
     @field_validator("node_ip", "tls_san")
     @classmethod

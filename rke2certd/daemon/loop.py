@@ -291,7 +291,9 @@ class Daemon:
                 availability=self.cfg.availability,
             )  # fmt: skip
         try:
-            self.supervisor = server.start(self.node, cluster=api, clock=self.clock)
+            self.supervisor = server.start(
+                self.node, host=self.cfg.supervisor_bind_address, cluster=api, clock=self.clock
+            )
             self.supervisor_error = None
         except Rke2certdError as exc:
             self.supervisor_error = str(exc)

@@ -68,17 +68,20 @@ def supervisor_urls(cfg: Config) -> list[str]:
             "this agent-only node does not know its servers",
             ["server: set it to the RKE2 server URL, e.g. https://server-1:9345 (comma list)"],
         )
-    urls, problems = [], []
+    urls: dict[str, str] = {}  # as configured -> on supervisor-port
+    problems = []
     for raw in (u.strip() for u in cfg.server.split(",")):
         parts = urlsplit(raw)
         if parts.scheme != "https" or not parts.hostname:
             problems.append(f"server: {raw!r} is not an https:// URL with a host")
             continue
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        urls.append(f"https://{host}:{cfg.supervisor_port}")
+        urls[raw] = f"https://{host}:{cfg.supervisor_port}"
     if problems or not urls:
         raise ConfigError("invalid server URL", problems or ["server: no URL given"])
-    return preferred_order(urls, cfg.node)
+    # ranked by the URLs as configured: the same choice whatever port the endpoint uses
+    ranked = [urls[raw] for raw in preferred_order(list(urls), cfg.node)]
+    return list(dict.fromkeys(ranked))
 
 
 def agent_token(node: Node) -> str:

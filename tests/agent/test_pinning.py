@@ -120,7 +120,7 @@ def test_failover_skips_dead_and_foreign_servers(
     with start(server.node, host="127.0.0.3", port=0) as ours:
         rogue = recorder(host="127.0.0.2", port=ours.port)
         servers = ",".join(f"https://127.0.0.{i}:9345" for i in (1, 2, 3))
-        urls = [f"https://127.0.0.{i}:{ours.port}" for i in (1, 2, 3)]
+        urls = servers.split(",")
         name = next(n for i in range(1000) if preferred_order(urls, n := f"agent-{i}") == urls)
         node = make_agent_node(
             tmp_path / "agent", server.agent_token, name, server=servers, supervisor_port=ours.port

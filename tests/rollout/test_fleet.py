@@ -1,18 +1,22 @@
-"""A fleet of agent-only daemons through a server's endpoint, with real `rke2certd run`
+"""A fleet of agent-only daemons through the servers' endpoints, with real `rke2certd run`
 processes on the SQLite default: a rollout never waits for good on an agent that is not
 running (agent-unavailable-grace, agent-unavailable: skip), and that agent catches up, and
-rejoins after the rotation it missed, when its daemon returns."""
+rejoins after the rotation it missed, when its daemon returns; agents spread over the servers,
+and when the server most of them use dies in the middle of a rollout they move and the rollout
+finishes."""
 
 from __future__ import annotations
 
 import signal
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from rke2certd.pki import certs
 from rke2certd.pki.token import ca_hash, parse_token
+from rke2certd.supervisor.choice import preferred_order
 from tests.harness.cluster import NodeSpec, SimCluster
 
 from .checks import assert_order, statuses, view, wait_rollout
@@ -105,6 +109,70 @@ def test_down_agents_are_skipped_and_catch_up_when_they_return(
     assert {(x["phase"], x["ca_generation"]) for x in late} == {("agent", gen)}
     assert_order(cluster, rid)  # one agent restart at a time, the catch-ups too
     assert wait_rollout(cluster, "done")["id"] == rid  # still done; nothing else started
+
+
+FLEET = tuple(f"a{i}" for i in range(1, 7))
+
+
+def test_agents_move_when_the_server_most_use_dies_mid_rollout(
+    sim_sqlite: ClusterFactory, tmp_path: Path
+) -> None:
+    """Three servers, each its endpoint on its own address; six agents list all three. The
+    server most of them prefer is killed once the agent phase has begun: its agents move to
+    their next servers (their leases, registrations and watches go on there) and the rollout
+    finishes; when it returns, they move back."""
+    slow = {"SIM_RESTART_DELAY": "1.5", "RKE2CERTD_PREFER_AGAIN_SECONDS": "1"}
+    specs = [NodeSpec("e1", ("etcd",)), NodeSpec("c1", ("control-plane",))]
+    specs += [NodeSpec("c2", ("control-plane",))]
+    specs += [NodeSpec(a, ("agent",), env=dict(slow)) for a in FLEET]
+    cluster = sim_sqlite(specs, spread=True)
+    cluster.wait_for(lambda: set(FLEET) <= set(view(cluster).live), 60, "agents registered")
+
+    port = _agent_port(cluster)
+    configured = {f"https://{a}:9345": n for n, a in cluster.addresses.items()}  # as listed
+    home = {a: configured[preferred_order(list(configured), a)[0]] for a in FLEET}
+    server_of = {f"https://{a}:{port}": n for n, a in cluster.addresses.items()}  # as reached
+    load = Counter(home.values())
+    busiest, used = load.most_common(1)[0]
+    assert used >= 2 and len(load) >= 2, load  # spread: not all on one server
+    movers = sorted(a for a in FLEET if home[a] == busiest)
+
+    cluster.stage_rotation("e1")
+    cluster.wait_for(
+        lambda: [x for x in cluster.restarts() if x["node"] in FLEET], 180, "the agent phase"
+    )
+    cluster.kill_node(busiest)  # SIGKILL: a crash; its RKE2 stand-ins stay up
+    r = wait_rollout(cluster, "done", timeout=180)
+    assert {n["name"]: n["state"] for n in r["nodes"]} == dict.fromkeys(cluster.nodes, "done")
+    assert {view(cluster).live[a].ca_generation for a in FLEET} == {r["caGeneration"]}
+    assert_order(cluster, r["id"])
+
+    def moves(a: str) -> list[tuple[str, bool]]:
+        return [
+            (server_of[e["server_url"]], e["preferred"])
+            for e in cluster.nodes[a].log_events("server_chosen")
+        ]
+
+    for a in FLEET:
+        if a in movers:  # away from the dead server, never refused on the next one
+            assert moves(a) and moves(a)[0][0] != busiest and not moves(a)[0][1], moves(a)
+        else:
+            assert moves(a) == [], (a, moves(a))
+        log = (cluster.nodes[a].dir / "daemon.log").read_text()
+        assert "is not this agent's" not in log
+
+    # the dead server returns: its agents go home
+    cluster.start_node(busiest)
+    cluster.wait_for(
+        lambda: all((busiest, True) in moves(a) for a in movers), 60, "the agents moved back"
+    )
+
+
+def _agent_port(cluster: SimCluster) -> int:
+    import yaml
+
+    doc = yaml.safe_load(cluster.nodes["a1"].config.read_text())
+    return int(doc["supervisor-port"])
 
 
 def _token(cluster: SimCluster, name: str) -> str:
