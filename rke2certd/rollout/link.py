@@ -41,7 +41,7 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
-from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Phase, Step, Wait
+from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Idle, Phase, Step, Wait
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.records import PREFIX
 
@@ -286,9 +286,14 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
         statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
     opens = bool(barrier)  # only when all of them are done (a queue: at any change)
     depth = rec.ROLLOUTS.count("/")
+    # An idle node waits for a rollout record only: nodes coming and going are none of its
+    # business (a fleet starting would otherwise have every agent read at every arrival).
+    idle = isinstance(step, Idle)
 
     def relevant(event: Event) -> bool:
         key, kv = event.kv.key, event.kv
+        if idle:
+            return key.startswith(rec.ROLLOUTS) and key.count("/") == depth
         if key.startswith(rec.NODES):
             return event.type is EventType.DELETE or kv.create_revision == kv.mod_revision
         if key.startswith(rec.MEMBERS):

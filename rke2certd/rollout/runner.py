@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rke2certd import __version__
@@ -131,6 +131,8 @@ class RolloutRunner:
         # whom it woke already, from what it knew before that read
         self._freed = False
         self._woken: set[str] = set()
+        # an idle agent: the rollout records (key, revision) its last full read saw
+        self._idle_seen: frozenset[tuple[str, int]] | None = None
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -252,6 +254,8 @@ class RolloutRunner:
         try:
             if self.running is not None:
                 self._finish_job()
+            elif not due and self._idle_unchanged():
+                return
             self._tick()
         except (DatastoreError, LockTimeout) as exc:
             # transient (etcd electing a leader, the lock busy): the next tick tries again
@@ -262,6 +266,15 @@ class RolloutRunner:
             self.activity = f"rollout coordination failed: {exc!r}"
             log.exception("rollout_internal_error", node=self.me, reason=repr(exc))
             self.next_check = time.monotonic() + RECHECK
+
+    def _idle_unchanged(self) -> bool:
+        """An idle agent's periodic look: the rollout records alone (a few keys, whatever the
+        fleet's size) against those its last full read saw; the full read only if they moved.
+        The idle cost of an agent on its server stays the same however many agents there are."""
+        if not self.agent or self._idle_seen is None:
+            return False
+        records = self.store.ds.snapshot(rec.ROLLOUTS)
+        return _rollout_marks(records.kvs) == self._idle_seen
 
     def status_text(self) -> str:
         if self.running is not None:
@@ -309,6 +322,8 @@ class RolloutRunner:
             self.waiting = None
             self.activity = self._idle_text(parsed)
             self.summary = "idle"
+        idle = isinstance(step, Idle) and not any(r.active for r in parsed.view.rollouts)
+        self._idle_seen = _rollout_marks(parsed.kvs.values()) if idle else None
         self._write_registration()
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
@@ -319,7 +334,10 @@ class RolloutRunner:
         if self._housekeep is None:
             policy = self.node.cfg.availability
             wrote = housekeep(self.store, parsed, self.clock(), policy) or wrote
-        else:
+        elif any(r.active for r in parsed.view.rollouts):
+            # an agent's writes (statuses) are what may end a rollout; with none active the
+            # servers' own housekeeping does the rest (asking at every idle tick cost each
+            # server a read of the whole cluster per agent)
             wrote = self._housekeep() or wrote
         parsed = self.store.read() if wrote else parsed
         self._look_again_at_grace(parsed)
@@ -545,3 +563,7 @@ class RolloutRunner:
         # it before reading the store again, off the hand-off's path. The read that follows
         # wakes whoever that view could not know about (`_wake_others`).
         self._wake_nodes(reported(running.seen.view, r, written, running.slot), early=True)
+
+
+def _rollout_marks(kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
+    return frozenset((kv.key, kv.mod_revision) for kv in kvs if kv.key.startswith(rec.ROLLOUTS))

@@ -115,8 +115,20 @@ def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:
     assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
 
 
-def test_everyone_wakes_for_nodes_coming_and_going_members_and_rollouts() -> None:
-    wake = interest(Idle(), Phase.ETCD)
+def test_an_idle_agent_wakes_for_rollout_records_only() -> None:
+    """Nodes coming and going concern no idle node: a fleet starting would otherwise have
+    every agent read the whole cluster at every arrival."""
+    wake = interest(Idle(), Phase.AGENT)
+    assert wake(put(rec.rollout_key("ca-2")))
+    assert not wake(put(rec.node_key("x")))
+    assert not wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
+    assert not wake(put(rec.member_key("x")))
+    assert not wake(status("e1", NodeState.DONE))
+    assert not wake(put(rec.slot_key(Phase.AGENT, 0)))
+
+
+def test_everyone_waiting_wakes_for_nodes_coming_and_going_members_and_rollouts() -> None:
+    wake = interest(Wait(R, "waiting", "c1", "slot"), Phase.CONTROL_PLANE)
     assert wake(put(rec.node_key("x")))  # registered (created)
     assert not wake(put(rec.node_key("x"), created=5, modified=9))  # its updates
     assert wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))

@@ -1,0 +1,62 @@
+"""An idle agent's cost on its server does not grow with the fleet: its periodic look reads the
+rollout records alone (not every node's records) and asks for no housekeeping; only a change of
+the rollout records brings the full read back. A real endpoint on a real SQLite datastore; the
+agent's requests are counted as they go out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.ops.node import Node
+from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
+from rke2certd.rollout.create import ca_rollout, start
+from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
+from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor.remote import RemoteDatastore
+
+from .test_cluster_route import (  # noqa: F401  (fixtures)
+    _count_calls,
+    cluster_endpoint,
+    remote_for,
+    store,
+)
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+def test_an_idle_agent_reads_only_the_rollout_records(
+    remote_for: Callable[[str], tuple[Node, RemoteDatastore]], store: SQLiteDatastore
+) -> None:
+    servers = ClusterStore(store)
+    lease = store.grant_lease(600)
+    for i in range(50):  # a fleet the idle agent must not read at each look
+        name = f"other-{i}"
+        servers.ensure_member(Member(name, ("agent",), Phase.AGENT))
+        servers.register(Registration(name, ("agent",), Phase.AGENT), lease)
+    node, remote = remote_for("agent-1")
+    runner = RolloutRunner(
+        node, remote, open_ds=lambda: remote, apply=lambda _r: ApplyOutcome(None),
+        generation=lambda: None, clock=lambda: NOW, wake=lambda: None,
+        housekeep=remote.housekeep,
+    )  # fmt: skip
+    runner.registered_lease = remote.grant_lease(30)
+    runner._register(runner.registered_lease)
+    runner.tick()  # the first look: everything
+    assert runner.activity == "no rollout in progress"
+
+    ops = _count_calls(remote)
+    for _ in range(3):
+        runner.next_check = 0.0  # the periodic look is due
+        runner.tick()
+    assert ops == ["snapshot"] * 3  # the rollout records alone; no housekeeping asked
+
+    # a rollout appears: the next look reads everything, and housekeeping is asked for
+    start(store, ca_rollout("g2", None, "e1", "test", NOW), NOW)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops[0] == "snapshot" and "housekeep" in ops and len(ops) > 2
+    assert runner.activity.startswith("rollout ca-g2")
+    assert [r.phases for r in runner.store.read().view.rollouts] == [PHASES]
