@@ -5,29 +5,48 @@ agent's requests are counted as they go out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.ops.agent_rollout import remote_store
 from rke2certd.ops.node import Node
 from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import start as start_endpoint
 
-from .test_cluster_route import (  # noqa: F401  (fixtures)
-    _count_calls,
-    cluster_endpoint,
-    remote_for,
-    store,
-)
+from .helpers import HOST, ServerNode, renew_agent
+from .test_cluster_route import _count_calls
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
 
 
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        yield ds
+
+
+@pytest.fixture
+def agent_remote(
+    server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Node]
+) -> Iterator[tuple[Node, RemoteDatastore]]:
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    with start_endpoint(server.node, host=HOST, port=0, cluster=api) as handle:
+        node = agent_factory("agent-1", supervisor_port=handle.port)
+        renew_agent(node)
+        yield node, remote_store(node, lambda: server.agent_token)
+
+
 def test_an_idle_agent_reads_only_the_rollout_records(
-    remote_for: Callable[[str], tuple[Node, RemoteDatastore]], store: SQLiteDatastore
+    agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
 ) -> None:
     servers = ClusterStore(store)
     lease = store.grant_lease(600)
@@ -35,7 +54,7 @@ def test_an_idle_agent_reads_only_the_rollout_records(
         name = f"other-{i}"
         servers.ensure_member(Member(name, ("agent",), Phase.AGENT))
         servers.register(Registration(name, ("agent",), Phase.AGENT), lease)
-    node, remote = remote_for("agent-1")
+    node, remote = agent_remote
     runner = RolloutRunner(
         node, remote, open_ds=lambda: remote, apply=lambda _r: ApplyOutcome(None),
         generation=lambda: None, clock=lambda: NOW, wake=lambda: None,
