@@ -23,7 +23,7 @@ from rke2certd.clock import Clock, system_clock
 from rke2certd.config import Config
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
-from rke2certd.datastore.base import Datastore
+from rke2certd.datastore.base import KV, Datastore
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
@@ -32,7 +32,7 @@ from rke2certd.ops.check import check
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import RenewResult, renew
 from rke2certd.ops.staging import apply_set, prepare
-from rke2certd.plan.rollout import Rollout, phase_of
+from rke2certd.plan.rollout import Member, Rollout, phase_of
 from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
@@ -40,8 +40,10 @@ from rke2certd.store.atomic import read_optional
 from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
+    from rke2certd.supervisor.limits import Limits
     from rke2certd.supervisor.remote import RemoteDatastore
     from rke2certd.supervisor.server import SupervisorHandle
+    from rke2certd.supervisor.watch_hub import WatchHub
 
 
 AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
@@ -99,6 +101,7 @@ class Daemon:
         self.supervisor: SupervisorHandle | None = None
         self.supervisor_error: str | None = None
         self._endpoint_ds: Datastore | None = None
+        self._hub: WatchHub | None = None  # the endpoint's one watch for all agents
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
         self.deferred: str | None = None  # why the last renew was put off (agents only)
@@ -239,11 +242,16 @@ class Daemon:
     def _apply_agent_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """Adopt the servers' rotated CA (new token hash in the config), then renew through
         them; the generation is the server's once this disk holds the bundles it serves."""
+        from rke2certd.datastore.base import DatastoreUnavailable
         from rke2certd.ops.agent_rollout import adopt_rotated_ca
+        from rke2certd.supervisor.client import UnreachableError
 
-        with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
-            self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
-        self._renew(f"rollout {rollout.id}")
+        try:
+            with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
+                self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
+            self._renew(f"rollout {rollout.id}")
+        except UnreachableError as exc:  # servers busy or down: try again later, never fail
+            raise DatastoreUnavailable(str(exc)) from exc
         return ApplyOutcome(self._generation())
 
     def _generation(self) -> str | None:
@@ -286,9 +294,15 @@ class Daemon:
         if self.ds is not None:
             if self._endpoint_ds is None:
                 self._endpoint_ds = self._own_connection()
+            from rke2certd.supervisor.watch_hub import WatchHub
+
+            if self._hub is None:  # kept while the port is retried at each rescan
+                self._hub = WatchHub(self._endpoint_ds).start()
+            limits = self._fleet_limits()
             api = ClusterAPI(
                 self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout),
-                availability=self.cfg.availability,
+                availability=self.cfg.availability, hub=self._hub,
+                max_watches=limits.watches, max_connections=limits.connections,
             )  # fmt: skip
         try:
             self.supervisor = server.start(
@@ -299,10 +313,40 @@ class Daemon:
             self.supervisor_error = str(exc)
             log.error("supervisor_failed", port=self.cfg.supervisor_port, reason=str(exc))
 
+    def _fleet_limits(self) -> Limits:
+        """The endpoint's limits for the fleet the datastore knows now (a grown fleet's at
+        the next reload or restart)."""
+        import resource
+
+        from rke2certd.plan.rollout import Phase
+        from rke2certd.rollout import records as rec
+        from rke2certd.supervisor.limits import fleet_limits
+
+        assert self.ds is not None
+        try:
+            members = [
+                m for kv in self.ds.snapshot(rec.MEMBERS).kvs if (m := _member(kv)) is not None
+            ]
+        except Rke2certdError as exc:
+            log.warning("fleet_unknown", reason=str(exc))
+            members = []
+        agents = sum(1 for m in members if m.phase is Phase.AGENT)
+        servers = max(1, len(members) - agents)
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limits = fleet_limits(agents, servers, open_files if open_files > 0 else 1024)
+        log.info(
+            "supervisor_limits", connections=limits.connections, watches=limits.watches,
+            reason=limits.reason,
+        )  # fmt: skip
+        return limits
+
     def _stop_supervisor(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
+        if self._hub is not None:
+            self._hub.stop()
+            self._hub = None
         if self._endpoint_ds is not None:
             if self._endpoint_ds is not self.ds:
                 self._endpoint_ds.close()
@@ -514,3 +558,12 @@ class Daemon:
         if self.ds is not None:
             self.ds.close()
             self.ds = None
+
+
+def _member(kv: KV) -> Member | None:
+    from rke2certd.rollout import records as rec
+
+    try:
+        return rec.decode_member(kv)
+    except (ValueError, KeyError, TypeError):
+        return None

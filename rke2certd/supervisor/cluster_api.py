@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.base import KV, Datastore, Event, LeaseNotFound, WatchCompacted
 from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
@@ -35,6 +35,7 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
+from rke2certd.supervisor.watch_hub import WatchHub
 
 MIN_TTL, MAX_TTL = 2, 600
 MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
@@ -73,7 +74,9 @@ class ClusterAPI:
     clock: Callable[[], datetime]
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
+    max_connections: int = MAX_CONNECTIONS  # the endpoint's (limits.py: from the fleet)
     availability: Availability = field(default_factory=Availability)  # the config's policy
+    hub: WatchHub | None = None  # the server's one watch for all long polls (started by owner)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
@@ -135,17 +138,22 @@ class ClusterAPI:
                         f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
                         "until a place frees up")  # fmt: skip
         if busy:
-            events = self.ds.watch_prefix(prefix, start, BUSY_WATCH_SECONDS)
+            events = self._watch(prefix, start, BUSY_WATCH_SECONDS)
             return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
         try:
             wait = min(float(timeout), wire.MAX_WATCH_SECONDS)
-            events = self.ds.watch_prefix(prefix, start, wait)
+            events = self._watch(prefix, start, wait)
         finally:
             with self._lock:
                 self._watching -= 1
                 # logged again once the load has halved, not at each place freed and retaken
                 self._full = self._full and self._watching > self.max_watches // 2
         return {"events": wire.events_out(events)}
+
+    def _watch(self, prefix: str, start: int, wait: float) -> list[Event]:
+        """From the server's one watch (watch_hub.py) when it can say, else the datastore."""
+        found = self.hub.wait(prefix, start, wait) if self.hub is not None else None
+        return found if found is not None else self.ds.watch_prefix(prefix, start, wait)
 
     # writes -------------------------------------------------------------------------------
 

@@ -334,7 +334,9 @@ class _Server(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._material = _load_material(node, clock())
         self._failed_stamp: Stamp | None = None
-        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # the fleet's limit (supervisor/limits.py) when serving agents their rollouts
+        self._limit = cluster.max_connections if cluster is not None else MAX_CONNECTIONS
+        self._slots = threading.BoundedSemaphore(self._limit)
         self._signed = 0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -425,7 +427,7 @@ class _Server(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             log.warning("request_refused", remote_addr=str(client_address[0]),
-                        reason=f"more than {MAX_CONNECTIONS} connections at once")  # fmt: skip
+                        reason=f"more than {self._limit} connections at once")  # fmt: skip
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
