@@ -40,6 +40,7 @@ from rke2certd.store.atomic import read_optional
 from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
+    from rke2certd.supervisor.cluster_api import ClusterAPI
     from rke2certd.supervisor.limits import Limits
     from rke2certd.supervisor.remote import RemoteDatastore
     from rke2certd.supervisor.server import SupervisorHandle
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 
 AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
+LIMITS_EVERY = float(os.environ.get("RKE2CERTD_LIMITS_SECONDS", "60"))  # fleet size looks
 
 
 class Wakeup:
@@ -102,6 +104,9 @@ class Daemon:
         self.supervisor_error: str | None = None
         self._endpoint_ds: Datastore | None = None
         self._hub: WatchHub | None = None  # the endpoint's one watch for all agents
+        self._api: ClusterAPI | None = None  # the endpoint's cluster route
+        self._next_limits = 0.0  # when the endpoint's limits follow the fleet's size again
+        self._limits: Limits | None = None
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
         self.deferred: str | None = None  # why the last renew was put off (agents only)
@@ -299,7 +304,8 @@ class Daemon:
             if self._hub is None:  # kept while the port is retried at each rescan
                 self._hub = WatchHub(self._endpoint_ds).start()
             limits = self._fleet_limits()
-            api = ClusterAPI(
+            self._next_limits = time.monotonic() + LIMITS_EVERY
+            api = self._api = ClusterAPI(
                 self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout),
                 availability=self.cfg.availability, hub=self._hub,
                 max_watches=limits.watches, max_connections=limits.connections,
@@ -334,10 +340,13 @@ class Daemon:
         servers = max(1, len(members) - agents)
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limits = fleet_limits(agents, servers, open_files if open_files > 0 else 1024)
-        log.info(
-            "supervisor_limits", connections=limits.connections, watches=limits.watches,
-            reason=limits.reason,
-        )  # fmt: skip
+        old = self._limits
+        if old is None or (old.connections, old.watches) != (limits.connections, limits.watches):
+            log.info(
+                "supervisor_limits", connections=limits.connections, watches=limits.watches,
+                reason=limits.reason,
+            )  # fmt: skip
+        self._limits = limits
         return limits
 
     def _stop_supervisor(self) -> None:
@@ -347,6 +356,7 @@ class Daemon:
         if self._hub is not None:
             self._hub.stop()
             self._hub = None
+        self._api = None
         if self._endpoint_ds is not None:
             if self._endpoint_ds is not self.ds:
                 self._endpoint_ds.close()
@@ -402,6 +412,10 @@ class Daemon:
     def _tick_rollouts(self) -> None:
         if self.runner is not None:
             self.runner.tick()
+        if self._api is not None and time.monotonic() >= self._next_limits:
+            self._next_limits = time.monotonic() + LIMITS_EVERY
+            limits = self._fleet_limits()
+            self._api.resize(limits.connections, limits.watches)
 
     def _certs_summary(self) -> str:
         if self._certs_text is None:

@@ -88,6 +88,11 @@ class ClusterAPI:
     def __post_init__(self) -> None:
         self._store = ClusterStore(self.ds)
 
+    def resize(self, connections: int, watches: int) -> None:
+        """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
+        with self._lock:
+            self.max_connections, self.max_watches = connections, watches
+
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
         if not isinstance(doc, dict) or not isinstance(doc.get("op"), str):

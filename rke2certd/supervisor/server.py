@@ -334,9 +334,7 @@ class _Server(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._material = _load_material(node, clock())
         self._failed_stamp: Stamp | None = None
-        # the fleet's limit (supervisor/limits.py) when serving agents their rollouts
-        self._limit = cluster.max_connections if cluster is not None else MAX_CONNECTIONS
-        self._slots = threading.BoundedSemaphore(self._limit)
+        self._active = 0  # connections being served
         self._signed = 0
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -425,9 +423,15 @@ class _Server(ThreadingHTTPServer):
     # connections: TLS handshake in the worker thread, bounded concurrency
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        # the fleet's limit when serving agents their rollouts (it follows the fleet's size:
+        # supervisor/limits.py), else the default
+        limit = self.cluster.max_connections if self.cluster is not None else MAX_CONNECTIONS
+        with self._lock:
+            refused = self._active >= limit
+            self._active += 0 if refused else 1
+        if refused:
             log.warning("request_refused", remote_addr=str(client_address[0]),
-                        reason=f"more than {self._limit} connections at once")  # fmt: skip
+                        reason=f"more than {limit} connections at once")  # fmt: skip
             self.shutdown_request(request)
             return
         super().process_request(request, client_address)
@@ -436,7 +440,8 @@ class _Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            with self._lock:
+                self._active -= 1
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         context = self.current().context
