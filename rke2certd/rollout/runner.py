@@ -133,6 +133,7 @@ class RolloutRunner:
         self._woken: set[str] = set()
         # an idle agent: the rollout records (key, revision) its last full read saw
         self._idle_seen: frozenset[tuple[str, int]] | None = None
+        self._reported = False  # an agent wrote a final status: ask a server's housekeeping
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -322,6 +323,8 @@ class RolloutRunner:
             self.waiting = None
             self.activity = self._idle_text(parsed)
             self.summary = "idle"
+        if self._reported and self.agent:  # reported in this tick: the rollout may be over
+            self._housekeeping(parsed)
         idle = isinstance(step, Idle) and not any(r.active for r in parsed.view.rollouts)
         self._idle_seen = _rollout_marks(parsed.kvs.values()) if idle else None
         self._write_registration()
@@ -334,10 +337,11 @@ class RolloutRunner:
         if self._housekeep is None:
             policy = self.node.cfg.availability
             wrote = housekeep(self.store, parsed, self.clock(), policy) or wrote
-        elif any(r.active for r in parsed.view.rollouts):
-            # an agent's writes (statuses) are what may end a rollout; with none active the
-            # servers' own housekeeping does the rest (asking at every idle tick cost each
-            # server a read of the whole cluster per agent)
+        elif self._reported and any(r.active for r in parsed.view.rollouts):
+            # an agent's final status (done, failed) is what may end a rollout, and servers do
+            # not watch statuses: it asks once after reporting, not at every tick (each ask
+            # costs its server a read of the whole cluster)
+            self._reported = False
             wrote = self._housekeep() or wrote
         parsed = self.store.read() if wrote else parsed
         self._look_again_at_grace(parsed)
@@ -370,6 +374,7 @@ class RolloutRunner:
         except Rke2certdError as exc:
             message = f"apply failed: {exc}"
             self.store.set_status(r, NodeStatus(self.me, NodeState.FAILED, message, self.gen))
+            self._reported = True
             log.error("rollout_failed", **self._fields(r), reason=message)
             return
         self.gen = outcome.generation
@@ -397,6 +402,7 @@ class RolloutRunner:
             f"{r.ca_generation}; check `rke2certd certificate check` and the datastore"
         )
         self.store.set_status(r, NodeStatus(self.me, NodeState.FAILED, message, gen))
+        self._reported = True
         log.error("rollout_failed", **self._fields(r), reason=message)
 
     def _report_stopped(self, step: ReportStopped) -> None:
@@ -409,6 +415,7 @@ class RolloutRunner:
                 prev.applied_at if prev else None, None, self.clock(),
             ),
         )  # fmt: skip
+        self._reported = True
         log.warning("rollout_stopped", **self._fields(r), reason=step.reason)
 
     def _take_slot(self, step: TakeSlot, parsed: rec.Parsed) -> rec.Parsed:
@@ -544,6 +551,7 @@ class RolloutRunner:
         )  # fmt: skip
         try:
             written = self.store.set_status(r, status, seen=running.seen)
+            self._reported = True
             if res.ok:
                 self.health = "ok"
                 log.info("rollout_node_done", **self._fields(r), reason=message)
