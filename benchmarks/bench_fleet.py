@@ -20,10 +20,11 @@ Per size, in order:
 - idle: the servers' CPU over `--idle` seconds with nothing to do, per agent (CPU seconds per
   agent per minute) after the endpoints' limits followed the fleet;
 - CSR: `--csr-rate` CSRs per second from random agents for `--csr-seconds`: p50/p99 latency;
-- rollout: one simulated agent is killed (its lease left to expire), a cross-signed CA set is
-  staged on e1; the rollout must finish (the dead agent skipped after agent-unavailable-grace).
-  Servers' CPU during it, per agent; the agent phase (the last server done to the last agent
-  done) per agent, and its overhead beyond the restart and gate times;
+- rollout: one simulated agent was killed before the idle window (its lease left to expire),
+  a cross-signed CA set is staged on e1; the rollout must finish (the dead agent skipped
+  after agent-unavailable-grace). Servers' CPU during it, per agent; the agent phase (the
+  last server done to the last agent done) per agent, and its overhead beyond the restart and
+  gate times; the median hand-off (one agent done to the next one's restart);
 - exponents: log-log slopes over N (1.00: linear, a constant cost per agent).
 
 The targets are printed beside the figures. On this machine every process shares the same few
@@ -273,6 +274,9 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         for i in range(1, real + 1):
             per_server[server_of[supervisor_urls(_real_cfg(cluster, f"r{i}"))[0]]] += 1
 
+        # one agent dies now: down (its lease expired) by the time the rollout comes
+        dead = sims[0]
+        dead.kill()
         cpu0, t0 = servers_cpu(cluster), time.monotonic()
         time.sleep(opts.idle)  # measuring: nothing else to wait for
         idle_cpu = (servers_cpu(cluster) - cpu0) / (time.monotonic() - t0)
@@ -287,13 +291,11 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         with ThreadPoolExecutor(8) as pool:
             futures = []
             while time.monotonic() < end:
-                futures.append(pool.submit(timed, rng.choice(sims)))
+                futures.append(pool.submit(timed, rng.choice(sims[1:])))
                 time.sleep(1 / opts.csr_rate)  # the load's pace, not a synchronisation
             for f in futures:
                 f.result()
 
-        dead = sims[0]
-        dead.kill()
         cpu0, t0 = servers_cpu(cluster), time.monotonic()
         cluster.stage_rotation("e1")
         with cluster.open_store() as ds:

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0
 RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
+INTEREST_WAIT = 5.0  # longest an agent's watch waits for the main loop's next interest
 
 
 @dataclass
@@ -101,6 +102,10 @@ class ClusterLink:
         # the latest changes, and the lock that hands each one to exactly one interest
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
+        # agents: the keys the server may keep their long poll to (server_filter), and a flag
+        # set when the main loop has decided on what the last delivered change woke it for
+        self._only: tuple[str, ...] | None = None
+        self._interest_set = threading.Event()
 
     def start(self, lease: int) -> None:
         self.lease = lease
@@ -115,14 +120,21 @@ class ClusterLink:
         for t in self._threads:
             t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
 
-    def set_interest(self, interest: Callable[[Event], bool], revision: int) -> None:
+    def set_interest(
+        self,
+        interest: Callable[[Event], bool],
+        revision: int,
+        only: tuple[str, ...] | None = None,
+    ) -> None:
         """Wake for `interest` from now on, and at once if a change after `revision` (the read
         the step was decided on) came in meanwhile: the previous interest judged it, and it
         may have let pass what this one waits for (a lost wake-up would stall the node until
         RECHECK)."""
         with self._lock:
             self.interest = interest
+            self._only = only if only is None else (*only, self._own_key)
             recent = list(self._recent)
+        self._interest_set.set()
         newer = [e for e in recent if e.kv.mod_revision > revision]
         complete = len(recent) < RECENT or recent[0].kv.mod_revision <= revision
         if any([self._relevant(e, interest) for e in newer]) or not complete:
@@ -223,8 +235,12 @@ class ClusterLink:
         keeping the next revision to watch from, so a reconnect after a failure misses
         nothing."""
         assert feed.revision is not None
+        watch_only = getattr(ds, "watch_only", None)  # an agent's remote store
+        only = self._only
         if feed.stream is not None:
             batches = feed.stream.batches(feed.revision)
+        elif watch_only is not None:
+            batches = iter([watch_only(PREFIX, feed.revision, WATCH_SLICE, only)])
         else:
             batches = iter([ds.watch_prefix(PREFIX, feed.revision, WATCH_SLICE)])
         for events in batches:
@@ -235,9 +251,35 @@ class ClusterLink:
                 self._recent.extend(events)
                 relevant = self.interest
             if any([self._relevant(e, relevant) for e in events]):
+                self._interest_set.clear()
                 self._poke()
+                if watch_only is not None and only is not None:
+                    # the next poll goes out with what the main loop waits for next: one
+                    # sent with the old keys could hold back a change the new step waits for
+                    self._interest_set.wait(INTEREST_WAIT)
             if self._stop.is_set():
                 break
+
+
+def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
+    """The keys (prefixes) a server may keep an agent's long poll to after `step` (None:
+    everything), so that a change wakes the few agents it concerns, not every agent's poll.
+    A superset of what `interest` lets through, with one exception: a queue waiter is not sent
+    the slot the node ahead takes (only that node's status): it moves on when that node
+    reports, which is enough (the slot taken only changed the words of its wait)."""
+    structure = (rec.NODES, rec.MEMBERS, rec.ROLLOUTS)
+    if isinstance(step, Idle):
+        return (rec.ROLLOUTS,)
+    if not isinstance(step, Wait):
+        return None
+    if step.on == "barrier" and step.blocker:
+        names = step.pending or (step.blocker,)
+        return structure + tuple(rec.status_key(step.rollout.id, n) for n in names)
+    if step.on in ("queue", "down") and step.blocker:
+        return (*structure, rec.status_key(step.rollout.id, step.blocker))
+    if step.on == "slot":
+        return (*structure, f"{rec.SLOTS}{phase.value}/")
+    return None
 
 
 def server_interest(wake_key: str) -> Callable[[Event], bool]:

@@ -57,7 +57,13 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.job import Gate, RestartJob
-from rke2certd.rollout.link import ClusterLink, interest, server_interest, server_ranges
+from rke2certd.rollout.link import (
+    ClusterLink,
+    interest,
+    server_filter,
+    server_interest,
+    server_ranges,
+)
 from rke2certd.rollout.store import ClusterStore
 
 # Read again even without a watch event: a lost wake-up must not stall a rollout. The cluster
@@ -314,7 +320,8 @@ class RolloutRunner:
         self._wake_others(parsed)
         self._release_stale_slots(parsed, step)
         if self.link is not None and self.agent:
-            self.link.set_interest(interest(step, self.phase), parsed.revision)
+            only = server_filter(step, self.phase)
+            self.link.set_interest(interest(step, self.phase), parsed.revision, only)
         if isinstance(step, Restart):
             self._start_job(step.rollout, step.slot, parsed)
         elif isinstance(step, Wait):

@@ -42,6 +42,7 @@ MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client go
 # Long polls held at once: three quarters of the endpoint's connections, so that writes, slot
 # takes and lease refreshes always find one.
 MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
+MAX_ONLY = 256  # keys in a watch's filter (a barrier names each node it waits for)
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
 
 
@@ -132,6 +133,7 @@ class ClusterAPI:
         timeout = doc.get("timeout", wire.MAX_WATCH_SECONDS)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise ClusterRefused(400, "timeout must be a number of seconds")
+        only = self._only(doc.get("only"))
         with self._lock:
             busy = self._watching >= self.max_watches
             if not busy:
@@ -143,11 +145,11 @@ class ClusterAPI:
                         f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
                         "until a place frees up")  # fmt: skip
         if busy:
-            events = self._watch(prefix, start, BUSY_WATCH_SECONDS)
+            events = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
             return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
         try:
             wait = min(float(timeout), wire.MAX_WATCH_SECONDS)
-            events = self._watch(prefix, start, wait)
+            events = self._watch(prefix, start, wait, only)
         finally:
             with self._lock:
                 self._watching -= 1
@@ -155,10 +157,25 @@ class ClusterAPI:
                 self._full = self._full and self._watching > self.max_watches // 2
         return {"events": wire.events_out(events)}
 
-    def _watch(self, prefix: str, start: int, wait: float) -> list[Event]:
-        """From the server's one watch (watch_hub.py) when it can say, else the datastore."""
-        found = self.hub.wait(prefix, start, wait) if self.hub is not None else None
-        return found if found is not None else self.ds.watch_prefix(prefix, start, wait)
+    def _only(self, value: object) -> tuple[str, ...] | None:
+        """A watch's optional key prefixes (the agent's filter), at most MAX_ONLY of them."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_ONLY:
+            raise ClusterRefused(400, f"only must be a list of at most {MAX_ONLY} keys")
+        return tuple(wire.key_in(k, "only") for k in value)
+
+    def _watch(
+        self, prefix: str, start: int, wait: float, only: tuple[str, ...] | None = None
+    ) -> list[Event]:
+        """From the server's one watch (watch_hub.py) when it can say, else the datastore;
+        with `only`, the changes of those keys alone (none else ends the wait)."""
+        if self.hub is not None:
+            found = self.hub.wait(prefix, start, wait, only)
+            if found is not None:
+                return found
+        events = self.ds.watch_prefix(prefix, start, wait)
+        return events if only is None else [e for e in events if e.kv.key.startswith(only)]
 
     # writes -------------------------------------------------------------------------------
 

@@ -56,18 +56,27 @@ class WatchHub:
     def following(self) -> bool:
         return self._from is not None
 
-    def wait(self, prefix: str, start: int, timeout: float) -> list[Event] | None:
-        """The changes under `prefix` from revision `start` on, waiting up to `timeout` for
-        one; [] when none came; None when the hub cannot say (ask the datastore)."""
+    def wait(
+        self, prefix: str, start: int, timeout: float, only: tuple[str, ...] | None = None
+    ) -> list[Event] | None:
+        """The changes under `prefix` (and of keys starting with one of `only`, if given) from
+        revision `start` on, waiting up to `timeout` for one; [] when none came; None when the
+        hub cannot say (ask the datastore)."""
         deadline = time.monotonic() + timeout
+        cursor = start  # every change before it was looked at already
         with self._cond:
             while True:
-                if self._from is None or start < self._from:
+                if self._from is None or cursor < self._from:
                     return None
-                i = bisect.bisect_left(self._revs, start)
-                found = [e for e in self._events[i:] if e.kv.key.startswith(prefix)]
+                i = bisect.bisect_left(self._revs, cursor)
+                found = [
+                    e
+                    for e in self._events[i:]
+                    if e.kv.key.startswith(prefix) and (only is None or e.kv.key.startswith(only))
+                ]
                 if found:
                     return found
+                cursor = max(cursor, self._next)  # all before _next is held: none matched
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return []

@@ -124,3 +124,21 @@ def test_many_long_polls_one_datastore_watch(ds: SQLiteDatastore, tmp_path: Path
         assert {name for name in calls} == {"rke2certd-watch-hub"}  # no poll watched itself
     finally:
         hub.stop()
+
+
+def test_a_poll_kept_to_some_keys(ds: SQLiteDatastore) -> None:
+    """`only`: the changes of those keys alone; others neither end the wait nor come back."""
+    hub = _hub(ds)
+    try:
+        start = ds.snapshot(rec.PREFIX).revision + 1
+        ds.put(rec.status_key("ca-1", "a1"), b"1")
+        ds.put(rec.status_key("ca-1", "a2"), b"1")
+        ds.put(rec.update_key("a2"), b"1")
+        last = ds.snapshot(rec.PREFIX).revision
+        _until(lambda: hub.wait(rec.PREFIX, last, 0))
+        only = (rec.status_key("ca-1", "a2"), rec.ROLLOUTS)
+        assert _keys(hub.wait(rec.PREFIX, start, 5, only)) == [rec.status_key("ca-1", "a2")]
+        assert hub.wait(rec.PREFIX, last + 1, 0, only) == []
+        assert hub.wait(rec.PREFIX, start, 0, (rec.SLOTS,)) == []  # none of those: [] after wait
+    finally:
+        hub.stop()

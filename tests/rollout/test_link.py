@@ -34,7 +34,14 @@ from rke2certd.plan.rollout import (
     Wait,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.link import ClusterLink, _Feed, interest, server_interest, server_ranges
+from rke2certd.rollout.link import (
+    ClusterLink,
+    _Feed,
+    interest,
+    server_filter,
+    server_interest,
+    server_ranges,
+)
 from rke2certd.rollout.stream import WatchStream
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
@@ -303,3 +310,37 @@ def test_one_failing_stream_is_not_hidden_by_another_that_works(tmp_path: Path) 
         assert link.error == "no leader"
         link._ok("lease")
         assert link.error is None
+
+
+def test_the_server_filter_holds_what_an_agent_waits_for() -> None:
+    """server_filter (the keys a server keeps an agent's long poll to) lets through every change
+    `interest` wakes for (but the slot the node ahead takes: its report is enough)."""
+    samples = [
+        put(rec.rollout_key("ca-2")),
+        put(rec.node_key("x")),
+        put(rec.member_key("x")),
+        status("c3", NodeState.DONE),
+        status("c1", NodeState.DONE),
+        status("a7", NodeState.DONE),
+        put(rec.slot_key(Phase.CONTROL_PLANE, 0)),
+        put(rec.update_key("x")),
+        put(rec.wake_key("x")),
+    ]
+    steps = [
+        Idle(),
+        Wait(R, "waiting", "c1", "barrier", pending=("c1", "c3")),
+        Wait(R, "waiting", "c3", "queue"),
+        Wait(R, "waiting", "c1", "slot"),
+        Wait(R, "waiting", "c3", "down"),
+    ]
+    for step in steps:
+        only = server_filter(step, Phase.CONTROL_PLANE)
+        assert only is not None
+        wake = interest(step, Phase.CONTROL_PLANE)
+        for event in samples:
+            queued = isinstance(step, Wait) and step.on == "queue"
+            queue_slot = queued and event.kv.key.startswith(rec.SLOTS)
+            if wake(event) and not queue_slot:
+                assert event.kv.key.startswith(only), (step, event.kv.key)
+        assert not put(rec.update_key("x")).kv.key.startswith(only)  # nobody's business
+    assert server_filter(Idle(), Phase.AGENT) == (rec.ROLLOUTS,)
