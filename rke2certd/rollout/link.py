@@ -105,6 +105,7 @@ class ClusterLink:
         # agents: the keys the server may keep their long poll to (server_filter), and a flag
         # set when the main loop has decided on what the last delivered change woke it for
         self._only: tuple[str, ...] | None = None
+        self._rewind: int | None = None
         self._interest_set = threading.Event()
 
     def start(self, lease: int) -> None:
@@ -133,6 +134,9 @@ class ClusterLink:
         with self._lock:
             self.interest = interest
             self._only = only if only is None else (*only, self._own_key)
+            # the next poll looks again from just after the read the step was decided on:
+            # a poll that went on past it kept to the old keys
+            self._rewind = revision + 1
             recent = list(self._recent)
         self._interest_set.set()
         newer = [e for e in recent if e.kv.mod_revision > revision]
@@ -236,17 +240,25 @@ class ClusterLink:
         nothing."""
         assert feed.revision is not None
         watch_only = getattr(ds, "watch_only", None)  # an agent's remote store
-        only = self._only
+        looked: int | None = None
+        with self._lock:
+            only = self._only
+            if self._rewind is not None:
+                feed.revision = min(feed.revision, self._rewind)
+                self._rewind = None
         if feed.stream is not None:
             batches = feed.stream.batches(feed.revision)
         elif watch_only is not None:
-            batches = iter([watch_only(PREFIX, feed.revision, WATCH_SLICE, only)])
+            events, looked = watch_only(PREFIX, feed.revision, WATCH_SLICE, only)
+            batches = iter([events])
         else:
             batches = iter([ds.watch_prefix(PREFIX, feed.revision, WATCH_SLICE)])
+        if looked is not None:  # nothing of ours before it: go on from there
+            feed.revision = max(feed.revision, looked)
         for events in batches:
             if not events:
                 continue
-            feed.revision = events[-1].kv.mod_revision + 1
+            feed.revision = max(feed.revision, events[-1].kv.mod_revision + 1)
             with self._lock:  # each change is judged by the interest it arrived under
                 self._recent.extend(events)
                 relevant = self.interest

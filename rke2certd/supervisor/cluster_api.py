@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rke2certd.datastore.base import KV, Datastore, Event, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
 from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
@@ -145,17 +145,17 @@ class ClusterAPI:
                         f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
                         "until a place frees up")  # fmt: skip
         if busy:
-            events = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
-            return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
+            answer = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
+            return answer | {"retry_after": wire.BUSY_RETRY_SECONDS}
         try:
             wait = min(float(timeout), wire.MAX_WATCH_SECONDS)
-            events = self._watch(prefix, start, wait, only)
+            answer = self._watch(prefix, start, wait, only)
         finally:
             with self._lock:
                 self._watching -= 1
                 # logged again once the load has halved, not at each place freed and retaken
                 self._full = self._full and self._watching > self.max_watches // 2
-        return {"events": wire.events_out(events)}
+        return answer
 
     def _only(self, value: object) -> tuple[str, ...] | None:
         """A watch's optional key prefixes (the agent's filter), at most MAX_ONLY of them."""
@@ -167,15 +167,21 @@ class ClusterAPI:
 
     def _watch(
         self, prefix: str, start: int, wait: float, only: tuple[str, ...] | None = None
-    ) -> list[Event]:
+    ) -> dict[str, Any]:
         """From the server's one watch (watch_hub.py) when it can say, else the datastore;
-        with `only`, the changes of those keys alone (none else ends the wait)."""
+        with `only`, the changes of those keys alone (none else ends the wait). The answer
+        says up to which revision it looked, so that an agent whose keys did not change for
+        long goes on from there (not from a revision the hub no longer holds)."""
         if self.hub is not None:
             found = self.hub.wait(prefix, start, wait, only)
             if found is not None:
-                return found
+                return {"events": wire.events_out(found[0]), "revision": found[1]}
         events = self.ds.watch_prefix(prefix, start, wait)
-        return events if only is None else [e for e in events if e.kv.key.startswith(only)]
+        if only is None:
+            return {"events": wire.events_out(events)}
+        looked = events[-1].kv.mod_revision + 1 if events else start
+        kept = [e for e in events if e.kv.key.startswith(only)]
+        return {"events": wire.events_out(kept), "revision": looked}
 
     # writes -------------------------------------------------------------------------------
 

@@ -177,13 +177,14 @@ class RemoteDatastore(Datastore):
         return self._ok({"op": "revoke_lease", "lease": lease_id})
 
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
-        return self.watch_only(prefix, start_revision, timeout, None)
+        return self.watch_only(prefix, start_revision, timeout, None)[0]
 
     def watch_only(
         self, prefix: str, start_revision: int, timeout: float, only: Sequence[str] | None
-    ) -> list[Event]:
+    ) -> tuple[list[Event], int | None]:
         """`watch_prefix`, the server keeping the poll to the changes of keys starting with one
-        of `only` (an older server sends every change: the caller filters anyway)."""
+        of `only` (an older server sends every change: the caller filters anyway); and the
+        revision up to which the server looked, when it says (go on from there)."""
         wait = min(timeout, wire.MAX_WATCH_SECONDS)
         doc: dict[str, Any] = {
             "op": "watch", "prefix": wire.key_out(prefix), "start_revision": start_revision,
@@ -197,7 +198,9 @@ class RemoteDatastore(Datastore):
         if not events and isinstance(retry, int | float) and not isinstance(retry, bool):
             # the server holds all the long polls it will: poll, spread out, until it has room
             self._closed.wait(min(wait, max(1.0, float(retry)) * random.uniform(0.5, 1.0)))
-        return events
+        looked = answer.get("revision")
+        ok = isinstance(looked, int) and not isinstance(looked, bool) and looked >= start_revision
+        return events, looked if ok else None
 
     # not part of the Datastore contract: the server's own work, asked for
 

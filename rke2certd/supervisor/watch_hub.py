@@ -58,10 +58,11 @@ class WatchHub:
 
     def wait(
         self, prefix: str, start: int, timeout: float, only: tuple[str, ...] | None = None
-    ) -> list[Event] | None:
+    ) -> tuple[list[Event], int] | None:
         """The changes under `prefix` (and of keys starting with one of `only`, if given) from
-        revision `start` on, waiting up to `timeout` for one; [] when none came; None when the
-        hub cannot say (ask the datastore)."""
+        revision `start` on, waiting up to `timeout` for one ([] when none came), and the
+        revision up to which it looked (no other change of those keys before it); None when
+        the hub cannot say (ask the datastore)."""
         deadline = time.monotonic() + timeout
         cursor = start  # every change before it was looked at already
         with self._cond:
@@ -75,11 +76,11 @@ class WatchHub:
                     if e.kv.key.startswith(prefix) and (only is None or e.kv.key.startswith(only))
                 ]
                 if found:
-                    return found
+                    return found, self._next
                 cursor = max(cursor, self._next)  # all before _next is held: none matched
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return []
+                    return [], cursor
                 self._cond.wait(remaining)
 
     def _run(self) -> None:

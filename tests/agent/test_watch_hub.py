@@ -15,6 +15,7 @@ import pytest
 
 from rke2certd.datastore.base import Event
 from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.plan.rollout import Phase
 from rke2certd.rollout import records as rec
 from rke2certd.supervisor import wire
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
@@ -41,8 +42,9 @@ def _until(check: Callable[[], object]) -> None:
         done.wait(0.01)
 
 
-def _keys(events: list[Event] | None) -> list[str]:
-    assert events is not None
+def _keys(answer: tuple[list[Event], int] | list[Event] | None) -> list[str]:
+    assert answer is not None
+    events = answer[0] if isinstance(answer, tuple) else answer
     return [e.kv.key for e in events]
 
 
@@ -54,10 +56,13 @@ def test_changes_from_a_revision_under_a_prefix(ds: SQLiteDatastore) -> None:
         ds.put("/elsewhere/x", b"1")
         ds.put(rec.node_key("a1"), b"2")
         _until(lambda: len(_keys(hub.wait(rec.PREFIX, start, 0))) == 2)
+        last = ds.snapshot(rec.PREFIX).revision
         assert _keys(hub.wait(rec.PREFIX, start, 5)) == [rec.member_key("a1"), rec.node_key("a1")]
         assert _keys(hub.wait(rec.NODES, start, 5)) == [rec.node_key("a1")]
         later = ds.snapshot(rec.PREFIX).revision + 1
-        assert hub.wait(rec.PREFIX, later, 0) == []  # nothing new: [] after the wait
+        assert hub.wait(rec.PREFIX, later, 0) == ([], later)  # nothing new: [] after the wait
+        assert hub.wait(rec.PREFIX, start, 0) == (hub.wait(rec.PREFIX, start, 0) or ([], 0))
+        assert (hub.wait(rec.PREFIX, start, 0) or ([], 0))[1] == last + 1  # looked up to
         # what the datastore's own watch says, the hub says
         assert _keys(hub.wait(rec.PREFIX, start, 0)) == _keys(ds.watch_prefix(rec.PREFIX, start, 0))
     finally:
@@ -82,7 +87,7 @@ def test_trimming_keeps_what_it_holds_complete(ds: SQLiteDatastore) -> None:
         for i in range(10):
             ds.put(rec.member_key(f"n{i}"), b"1")
         last = ds.snapshot(rec.PREFIX).revision
-        _until(lambda: (got := hub.wait(rec.PREFIX, last, 0)) and len(got) == 1)
+        _until(lambda: (got := hub.wait(rec.PREFIX, last, 0)) and len(got[0]) == 1)
         assert hub.wait(rec.PREFIX, start, 0) is None  # trimmed: the datastore answers
         kept = [r for r in range(start, last + 1) if hub.wait(rec.PREFIX, r, 0) is not None]
         first = kept[0]
@@ -138,7 +143,34 @@ def test_a_poll_kept_to_some_keys(ds: SQLiteDatastore) -> None:
         _until(lambda: hub.wait(rec.PREFIX, last, 0))
         only = (rec.status_key("ca-1", "a2"), rec.ROLLOUTS)
         assert _keys(hub.wait(rec.PREFIX, start, 5, only)) == [rec.status_key("ca-1", "a2")]
-        assert hub.wait(rec.PREFIX, last + 1, 0, only) == []
-        assert hub.wait(rec.PREFIX, start, 0, (rec.SLOTS,)) == []  # none of those: [] after wait
+        assert hub.wait(rec.PREFIX, last + 1, 0, only) == ([], last + 1)
+        # none of those keys changed: [] after the wait, and it looked up to the last change
+        assert hub.wait(rec.PREFIX, start, 0, (rec.SLOTS,)) == ([], last + 1)
+    finally:
+        hub.stop()
+
+
+def test_the_route_says_up_to_where_it_looked(ds: SQLiteDatastore) -> None:
+    """An agent whose keys did not change goes on from where the server looked, with the hub
+    and without it (the datastore's answer, filtered): never from a revision left behind."""
+    start = ds.snapshot(rec.PREFIX).revision + 1
+    ds.put(rec.update_key("a1"), b"1")
+    ds.put(rec.status_key("ca-1", "a1"), b"1")
+    last = ds.snapshot(rec.PREFIX).revision
+    doc = {"op": "watch", "prefix": wire.key_out(rec.PREFIX), "start_revision": start,
+           "timeout": 0, "only": [wire.key_out(rec.SLOTS)]}  # fmt: skip
+    plain = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
+    assert plain.handle("a2", doc) == {"events": [], "revision": last + 1}
+    hub = _hub(ds)
+    try:
+        with_hub = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), hub=hub)
+        later = {**doc, "start_revision": last + 1}
+        assert with_hub.handle("a2", later) == {"events": [], "revision": last + 1}
+        ds.put(rec.slot_key(Phase.AGENT, 0), b"{}")
+        answer = with_hub.handle("a2", {**later, "timeout": 5})
+        assert [e.kv.key for e in wire.events_in(answer["events"])] == [
+            rec.slot_key(Phase.AGENT, 0)
+        ]
+        assert answer["revision"] == last + 2
     finally:
         hub.stop()
