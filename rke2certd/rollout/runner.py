@@ -344,12 +344,13 @@ class RolloutRunner:
         if self._housekeep is None:
             policy = self.node.cfg.availability
             wrote = housekeep(self.store, parsed, self.clock(), policy) or wrote
-        elif self._reported and any(r.active for r in parsed.view.rollouts):
+        elif self._reported:
             # an agent's final status (done, failed) is what may end a rollout, and servers do
             # not watch statuses: it asks once after reporting, not at every tick (each ask
             # costs its server a read of the whole cluster)
             self._reported = False
-            wrote = self._housekeep() or wrote
+            if any(r.active for r in parsed.view.rollouts):
+                wrote = self._housekeep() or wrote
         parsed = self.store.read() if wrote else parsed
         self._look_again_at_grace(parsed)
         return parsed
