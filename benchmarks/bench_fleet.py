@@ -63,6 +63,7 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 from rke2certd.clock import system_clock  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
+from rke2certd.datastore.base import DatastoreUnavailable  # noqa: E402
 from rke2certd.ops.agent import supervisor_urls  # noqa: E402
 from rke2certd.ops.node import Node  # noqa: E402
 from rke2certd.pki import keys  # noqa: E402
@@ -70,7 +71,11 @@ from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
 from rke2certd.rollout.store import ClusterStore  # noqa: E402
 from rke2certd.supervisor import cert_route  # noqa: E402
-from rke2certd.supervisor.client import fetch_cacerts_trusted, request_cert  # noqa: E402
+from rke2certd.supervisor.client import (  # noqa: E402
+    UnreachableError,
+    fetch_cacerts_trusted,
+    request_cert,
+)
 from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
@@ -165,10 +170,15 @@ class SimAgent:
         self.thread.start()
 
     def _apply(self, r: Rollout) -> ApplyOutcome:
-        # adopt the rotated CA from a server that proves itself with the CA held, then a CSR
-        _url, bundle, _hash = fetch_cacerts_trusted(self.remote.choice.order(0), self.trust)
-        self.trust = bundle
-        self.csr()
+        # adopt the rotated CA from a server that proves itself with the CA held, then a CSR;
+        # servers that do not answer (busy): try again later, as the daemon does
+        try:
+            urls = self.remote.choice.order(0)
+            _url, bundle, _hash = fetch_cacerts_trusted(urls, self.trust)
+            self.trust = bundle
+            self.csr()
+        except UnreachableError as exc:
+            raise DatastoreUnavailable(str(exc)) from exc
         self.gen = r.ca_generation
         return ApplyOutcome(self.gen)
 
@@ -332,6 +342,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         )
         gaps = [(b[0] - a[1]).total_seconds() for a, b in itertools.pairwise(spans)]
         skipped = sorted(n for n, st in sts.items() if st.state is NodeState.SKIPPED)
+        if r.state.value != "done" or len(agent_done) != n - 1 + real:
+            print(f"  N={n}: rollout {r.state.value}: {r.state_reason}", flush=True)
         return Result(
             n, n + real, dict(per_server), percentile(join_ms, 0.5) / 1000,
             percentile(join_ms, 0.99) / 1000, idle_cpu, percentile(csr_ms, 0.5) / 1000,
