@@ -14,7 +14,7 @@ rotated CA by the chain it holds, one CSR) and it holds no files. Restarts and h
 instant (`true`): what is measured is rke2certd's own work.
 
 Per size, in order:
-- join: the N agents start (50 at a time) with one CSR each; their latency is reported apart
+- join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
   (a fleet starting at once is a burst, not the steady state);
 - spread: agents per server, from each agent's current server (real agents: their preferred);
 - idle: the servers' CPU over `--idle` seconds with nothing to do, per agent (CPU seconds per
@@ -268,7 +268,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             sims.append(SimAgent(name, cfg, token, trust, join_ms))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
-        with ThreadPoolExecutor(50) as pool:
+        with ThreadPoolExecutor(20) as pool:
             list(pool.map(lambda a: a.join(), sims))
         print(f"  N={n}: {n} agents joined in {time.monotonic() - started:.1f} s", flush=True)
         names = {a.name for a in sims} | {f"r{i}" for i in range(1, real + 1)}

@@ -140,7 +140,7 @@ def test_a_poll_kept_to_some_keys(ds: SQLiteDatastore) -> None:
         ds.put(rec.status_key("ca-1", "a2"), b"1")
         ds.put(rec.update_key("a2"), b"1")
         last = ds.snapshot(rec.PREFIX).revision
-        _until(lambda: hub.wait(rec.PREFIX, last, 0))
+        _until(lambda: _keys(hub.wait(rec.PREFIX, last, 0)))  # the hub has seen them
         only = (rec.status_key("ca-1", "a2"), rec.ROLLOUTS)
         assert _keys(hub.wait(rec.PREFIX, start, 5, only)) == [rec.status_key("ca-1", "a2")]
         assert hub.wait(rec.PREFIX, last + 1, 0, only) == ([], last + 1)
