@@ -177,15 +177,17 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
         from rke2certd.ops.agent_rollout import remote_store
 
         node = Node.from_config(cfg)
-        store = remote_store(node, lambda: agent_token(node))
+        remote = remote_store(node, lambda: agent_token(node))
         where = "none on this agent-only node (read through a server's endpoint)"
-        sys.stdout.write(render_status(store, args.output, where))
+        sys.stdout.write(
+            render_status(remote, args.output, system_clock(), cfg.availability, where)
+        )
         return 0
     from rke2certd.ops.rke2_datastore import plan_datastore
 
     where = plan_datastore(cfg, Node.from_config(cfg).layout).description
     with _cluster_datastore(cfg) as ds:
-        sys.stdout.write(render_status(ds, args.output, where))
+        sys.stdout.write(render_status(ds, args.output, system_clock(), cfg.availability, where))
     return 0
 
 
@@ -229,15 +231,15 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
             sys.stdout.write(render_renew(skipped, args.output))
             return 0
     if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
-        from rke2certd.ops.agent import agent_renew
+        from rke2certd.ops.agent_rollout import rejoin_renew
         from rke2certd.supervisor.client import UnreachableError
 
         try:
             if args.dry_run:
-                result = agent_renew(node, system_clock(), dry_run=True)
+                result, _ = rejoin_renew(node, system_clock(), dry_run=True)
             else:
                 with node_lock(cfg.data_dir, cfg.lock_timeout):
-                    result = agent_renew(node, system_clock())
+                    result, _ = rejoin_renew(node, system_clock())
                 _warm_check_cache(node)
         except UnreachableError as exc:
             # A full restart: the servers may come up after this agent. With valid certificates

@@ -17,9 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from rke2certd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rke2certd.plan.rollout import Availability
 
 DEFAULT_CONFIG = Path("/etc/rke2certd/config.yaml")
 DEFAULT_DATA_DIR = Path("/var/lib/rancher/rke2")
@@ -119,6 +122,10 @@ class Config:
     textfile_dir: Path | None
     watch_files: list[str]
     write_kubeconfig: Path | None
+    # Defaults here too: a config cache written before these keys existed still loads.
+    agent_unavailable_grace: float = 600.0
+    agent_unavailable: Literal["skip", "wait"] = "skip"
+    supervisor_bind_address: str = "0.0.0.0"
 
     # The config files that were read, lowest precedence first (RKE2's config, its drop-ins in
     # order, ours); the last one that sets a key wins. Not part of the configuration's value.
@@ -149,6 +156,16 @@ class Config:
         import socket  # only here: ~4 ms to import, and most nodes set node-name
 
         return socket.gethostname().lower()
+
+    @property
+    def availability(self) -> Availability:
+        """What a rollout does about a member not running when its turn comes."""
+        from datetime import timedelta
+
+        from rke2certd.plan.rollout import Availability, Unavailable
+
+        grace = timedelta(seconds=self.agent_unavailable_grace)
+        return Availability(grace, Unavailable(self.agent_unavailable))
 
     @property
     def renew_window_days(self) -> int:

@@ -64,11 +64,14 @@ class ConfigModel(BaseModel):
     restart_command: list[str] | None = Field(None, alias="restart-command")
     health_command: list[str] | None = Field(None, alias="health-command")
     supervisor_port: int = Field(9346, alias="supervisor-port", ge=1, le=65535)
+    supervisor_bind_address: str = Field("0.0.0.0", alias="supervisor-bind-address")
     lock_timeout: float = Field(120, alias="lock-timeout", gt=0)
     # Rollout coordination (see rke2certd/rollout/).
     registry_ttl: int = Field(30, alias="registry-ttl", ge=2, le=600)
     restart_timeout: float = Field(600, alias="restart-timeout", gt=0)
     health_timeout: float = Field(300, alias="health-timeout", gt=0)
+    agent_unavailable_grace: float = Field(600, alias="agent-unavailable-grace", ge=0)
+    agent_unavailable: Literal["skip", "wait"] = Field("skip", alias="agent-unavailable")
     health_etcd_endpoint: str = Field("https://127.0.0.1:2379", alias="health-etcd-endpoint")
     health_apiserver_endpoint: str = Field(
         "https://127.0.0.1:6443", alias="health-apiserver-endpoint"
@@ -98,6 +101,17 @@ class ConfigModel(BaseModel):
                 f"absolute paths or globs only (e.g. /root/ci/*.kubeconfig): {relative}"
             )
         return [g for g in v if g]
+
+    @field_validator("supervisor_bind_address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(v)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address such as 0.0.0.0 or 10.0.0.11") from None
+        return v
 
     @field_validator("node_ip", "tls_san")
     @classmethod

@@ -25,7 +25,7 @@ from rke2certd.daemon.bootstrap_watch import BootstrapWatch
 from rke2certd.daemon.monitor import Monitor
 from rke2certd.daemon.notify import Notifier
 from rke2certd.daemon.watcher import StagingWatcher
-from rke2certd.datastore.base import Datastore
+from rke2certd.datastore.base import KV, Datastore
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
@@ -34,7 +34,7 @@ from rke2certd.ops.check import check
 from rke2certd.ops.node import Node
 from rke2certd.ops.renew import RenewResult, renew
 from rke2certd.ops.staging import StagingOutcome, prepare, process_set
-from rke2certd.plan.rollout import Rollout, phase_of
+from rke2certd.plan.rollout import Member, Rollout, phase_of
 from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
@@ -42,13 +42,17 @@ from rke2certd.store.atomic import read_optional
 from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
+    from rke2certd.supervisor.cluster_api import ClusterAPI
+    from rke2certd.supervisor.fleet_limits import Limits
     from rke2certd.supervisor.remote import RemoteDatastore
     from rke2certd.supervisor.server import SupervisorHandle
+    from rke2certd.supervisor.watch_hub import WatchHub
 
 
 AGENT_RETRY = 60.0  # seconds between renew attempts while an agent's servers do not answer
 FIRST_START = "waiting for RKE2's first start"
 AGENT_FIRST_START = "waiting for rke2-agent's first start"
+LIMITS_EVERY = float(os.environ.get("RKE2CERTD_LIMITS_SECONDS", "60"))  # fleet size looks
 
 
 class Wakeup:
@@ -104,6 +108,10 @@ class Daemon:
         self.supervisor: SupervisorHandle | None = None
         self.supervisor_error: str | None = None
         self._endpoint_ds: Datastore | None = None
+        self._hub: WatchHub | None = None  # the endpoint's one watch for all agents
+        self._api: ClusterAPI | None = None  # the endpoint's cluster route
+        self._next_limits = 0.0  # when the endpoint's limits follow the fleet's size again
+        self._limits: Limits | None = None
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
         self.deferred: str | None = None  # why the last renew was put off (agents only)
@@ -198,9 +206,10 @@ class Daemon:
         before = disk_generation(self.node.layout)
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
             if self.agent_only:
-                from rke2certd.ops.agent import agent_renew
+                from rke2certd.ops.agent_rollout import rejoin_renew
 
-                result = agent_renew(self.node, self.clock(), token=self._token)
+                result, adopted = rejoin_renew(self.node, self.clock(), token=self._token)
+                self._token = adopted or self._token
             else:
                 result = renew(self.node, self.clock(), datastore=self.ds)
                 from rke2certd.ops.node_files import refresh_admin_kubeconfig
@@ -295,11 +304,16 @@ class Daemon:
     def _apply_agent_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """Adopt the servers' rotated CA (new token hash in the config), then renew through
         them; the generation is the server's once this disk holds the bundles it serves."""
+        from rke2certd.datastore.base import DatastoreUnavailable
         from rke2certd.ops.agent_rollout import adopt_rotated_ca
+        from rke2certd.supervisor.client import UnreachableError
 
-        with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
-            self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
-        self._renew(f"rollout {rollout.id}")
+        try:
+            with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
+                self._token = adopt_rotated_ca(self.node, self._agent_token()) or self._token
+            self._renew(f"rollout {rollout.id}")
+        except UnreachableError as exc:  # servers busy or down: try again later, never fail
+            raise DatastoreUnavailable(str(exc)) from exc
         return ApplyOutcome(self._generation())
 
     def _generation(self) -> str | None:
@@ -342,20 +356,64 @@ class Daemon:
         if self.ds is not None:
             if self._endpoint_ds is None:
                 self._endpoint_ds = self._own_connection()
-            api = ClusterAPI(
-                self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout)
-            )
+            from rke2certd.supervisor.watch_hub import WatchHub
+
+            if self._hub is None:  # kept while the port is retried at each rescan
+                self._hub = WatchHub(self._endpoint_ds).start()
+            limits = self._fleet_limits()
+            self._next_limits = time.monotonic() + LIMITS_EVERY
+            api = self._api = ClusterAPI(
+                self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout),
+                availability=self.cfg.availability, hub=self._hub,
+                max_watches=limits.watches, max_connections=limits.connections,
+            )  # fmt: skip
         try:
-            self.supervisor = server.start(self.node, cluster=api, clock=self.clock)
+            self.supervisor = server.start(
+                self.node, host=self.cfg.supervisor_bind_address, cluster=api, clock=self.clock
+            )
             self.supervisor_error = None
         except Rke2certdError as exc:
             self.supervisor_error = str(exc)
             log.error("supervisor_failed", port=self.cfg.supervisor_port, reason=str(exc))
 
+    def _fleet_limits(self) -> Limits:
+        """The endpoint's limits for the fleet the datastore knows now (a grown fleet's at
+        the next reload or restart)."""
+        import resource
+
+        from rke2certd.plan.rollout import Phase
+        from rke2certd.rollout import records as rec
+        from rke2certd.supervisor.fleet_limits import fleet_limits
+
+        assert self.ds is not None
+        try:
+            members = [
+                m for kv in self.ds.snapshot(rec.MEMBERS).kvs if (m := _member(kv)) is not None
+            ]
+        except Rke2certdError as exc:
+            log.warning("fleet_unknown", reason=str(exc))
+            members = []
+        agents = sum(1 for m in members if m.phase is Phase.AGENT)
+        servers = max(1, len(members) - agents)
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        limits = fleet_limits(agents, servers, open_files if open_files > 0 else 1024)
+        old = self._limits
+        if old is None or (old.connections, old.watches) != (limits.connections, limits.watches):
+            log.info(
+                "supervisor_limits", connections=limits.connections, watches=limits.watches,
+                reason=limits.reason,
+            )  # fmt: skip
+        self._limits = limits
+        return limits
+
     def _stop_supervisor(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
             self.supervisor = None
+        if self._hub is not None:
+            self._hub.stop()
+            self._hub = None
+        self._api = None
         if self._endpoint_ds is not None:
             if self._endpoint_ds is not self.ds:
                 self._endpoint_ds.close()
@@ -420,6 +478,10 @@ class Daemon:
     def _tick_rollouts(self) -> None:
         if self.runner is not None:
             self.runner.tick()
+        if self._api is not None and time.monotonic() >= self._next_limits:
+            self._next_limits = time.monotonic() + LIMITS_EVERY
+            limits = self._fleet_limits()
+            self._api.resize(limits.connections, limits.watches)
 
     def _certs_summary(self) -> str:
         if self._certs_text is None:
@@ -743,3 +805,12 @@ class Daemon:
 
 def _first_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _member(kv: KV) -> Member | None:
+    from rke2certd.rollout import records as rec
+
+    try:
+        return rec.decode_member(kv)
+    except (ValueError, KeyError, TypeError):
+        return None

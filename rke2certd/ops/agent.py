@@ -48,6 +48,7 @@ from rke2certd.store.atomic import (
 )
 from rke2certd.store.exposure import warn_if_exposed
 from rke2certd.supervisor import cert_route
+from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
     SupervisorError,
     fetch_client_ca,
@@ -69,23 +70,27 @@ class Upstream:
 
 
 def supervisor_urls(cfg: Config) -> list[str]:
-    """`server` URLs, each with the port set to `supervisor-port`."""
+    """`server` URLs, each with the port set to `supervisor-port`, ranked for this node: its
+    preferred server first, then its fail-over order (supervisor/choice.py spreads the fleet)."""
     if not cfg.server:
         raise ConfigError(
             "this agent-only node does not know its servers",
             ["server: set it to the RKE2 server URL, e.g. https://server-1:9345 (comma list)"],
         )
-    urls, problems = [], []
+    urls: dict[str, str] = {}  # as configured -> on supervisor-port
+    problems = []
     for raw in (u.strip() for u in cfg.server.split(",")):
         parts = urlsplit(raw)
         if parts.scheme != "https" or not parts.hostname:
             problems.append(f"server: {raw!r} is not an https:// URL with a host")
             continue
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-        urls.append(f"https://{host}:{cfg.supervisor_port}")
+        urls[raw] = f"https://{host}:{cfg.supervisor_port}"
     if problems or not urls:
         raise ConfigError("invalid server URL", problems or ["server: no URL given"])
-    return urls
+    # ranked by the URLs as configured: the same choice whatever port the endpoint uses
+    ranked = [urls[raw] for raw in preferred_order(list(urls), cfg.node)]
+    return list(dict.fromkeys(ranked))
 
 
 def agent_token(node: Node) -> str:

@@ -11,17 +11,24 @@ Agents hold no datastore credentials: their coordination keys go through a serve
    server by, the mismatch stays an error: pinning is never skipped.
 2. `renew` through the server with the new token: new certs from the new CAs (the keys stay).
 3. The generation: the server's, if the CA bundles on this disk are the ones it serves.
+
+An agent that missed a rotation (down during the rollout, skipped) joins the same way: its
+token pins the old CA, so its first renew finds the servers' CA changed; `rejoin_renew` then
+takes the adoption path above (the server proves itself through the chain to the CA on disk)
+and renews with the new token, as the agent phase would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from datetime import datetime
 
 from rke2certd.errors import Rke2certdError, TokenError
 from rke2certd.log import log
-from rke2certd.ops.agent import node_password, supervisor_urls
+from rke2certd.ops.agent import agent_renew, agent_token, node_password, supervisor_urls
 from rke2certd.ops.node import Node
+from rke2certd.ops.renew import RenewResult
 from rke2certd.ops.tokens import rewrite_config_tokens
 from rke2certd.pki.token import format_token, parse_token
 from rke2certd.store.atomic import read_optional
@@ -85,3 +92,23 @@ def agent_generation(node: Node, remote: RemoteDatastore) -> str | None:
         if data is None or hashlib.sha256(data).hexdigest() != digests.get(name):
             return None
     return generation
+
+
+def rejoin_renew(
+    node: Node, now: datetime, *, token: str | None = None, dry_run: bool = False
+) -> tuple[RenewResult, str | None]:
+    """`agent_renew`, and when the servers' CA no longer matches the token (a rotation this
+    agent missed) the adoption above, then the renew with the adopted token. Returns the result
+    and the adopted token (None: the token fitted). Without a CA on disk that the server proves
+    itself by, the mismatch stays an error. The caller holds the node lock (not for dry runs)."""
+    try:
+        return agent_renew(node, now, token=token, dry_run=dry_run), None
+    except TokenError as mismatch:
+        try:
+            adopted = adopt_rotated_ca(node, token or agent_token(node), dry_run=dry_run)
+        except Rke2certdError as exc:
+            raise TokenError(f"{mismatch}; rejoining by the CA on disk failed: {exc}") from None
+        if adopted is None:
+            raise  # the token fits after all: the mismatch was something else
+    log.info("agent_rejoined", node=node.cfg.node, reason="adopted the servers' rotated CA")
+    return agent_renew(node, now, token=adopted, dry_run=dry_run), adopted

@@ -10,7 +10,16 @@ from typing import Any
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import UsageError
 from rke2certd.log import log
-from rke2certd.plan.rollout import ClusterView, Rollout, RolloutState, current_phase, node_rows
+from rke2certd.plan.rollout import (
+    Availability,
+    Blocked,
+    ClusterView,
+    Rollout,
+    RolloutState,
+    blocked,
+    current_phase,
+    node_rows,
+)
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.store import NODE_HISTORY, ClusterStore
 
@@ -46,7 +55,7 @@ def _nodes(view: ClusterView) -> list[dict[str, Any]]:
     return out
 
 
-def _rollout(view: ClusterView, r: Rollout) -> dict[str, Any]:
+def _rollout(view: ClusterView, r: Rollout, stuck: list[Blocked]) -> dict[str, Any]:
     phase = current_phase(view, r) if r.active else None
     # older finished rollouts keep their record, not their per-node statuses (store.collect)
     kept = r.active or r.state is RolloutState.STOPPED or any(k[0] == r.id for k in view.statuses)
@@ -75,17 +84,32 @@ def _rollout(view: ClusterView, r: Rollout) -> dict[str, Any]:
             for row in (node_rows(view, r) if kept else [])
         ],
         "nodesKept": kept,
+        "blocked": [
+            {
+                "node": b.member.name,
+                "phase": b.member.phase.value,
+                "since": _t(b.since),
+                "action": "skip" if b.skip else "wait",
+                "reason": b.reason,
+            }
+            for b in stuck
+            if b.rollout.id == r.id
+        ],
     }
 
 
-def status_doc(parsed: rec.Parsed) -> dict[str, Any]:
+def status_doc(
+    parsed: rec.Parsed, now: datetime | None = None, policy: Availability | None = None
+) -> dict[str, Any]:
+    """`now` and `policy`: to say which members block a rollout (none without `now`)."""
     view = parsed.view
+    stuck = blocked(view, now, policy or Availability()) if now is not None else []
     return {
         "apiVersion": rec.API_VERSION,
         "kind": "ClusterStatus",
         "revision": parsed.revision,
         "nodes": _nodes(view),
-        "rollouts": [_rollout(view, r) for r in reversed(view.rollouts)],  # newest first
+        "rollouts": [_rollout(view, r, stuck) for r in reversed(view.rollouts)],  # newest first
         "slots": [
             {"phase": s.phase.value, "index": s.index, "node": s.node, "rollout": s.rollout}
             for s in view.slots
@@ -124,6 +148,8 @@ def render_table(doc: dict[str, Any]) -> str:
         lines.append(f"  reason: {r['reason']}")
         if r["stateReason"]:
             lines.append(f"  {r['state']}: {r['stateReason']}")
+        for b in r.get("blocked", []):
+            lines.append(f"  BLOCKED by {b['node']}: {b['reason']}")
         rows = [
             [
                 n["name"],
@@ -147,9 +173,15 @@ def render_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_status(ds: Datastore, output: str, datastore: str | None = None) -> str:
+def render_status(
+    ds: Datastore,
+    output: str,
+    now: datetime | None = None,
+    policy: Availability | None = None,
+    datastore: str | None = None,
+) -> str:
     """`datastore` says which store this node uses (RKE2's, or the standalone SQLite file)."""
-    doc = status_doc(ClusterStore(ds).read(everything=True))
+    doc = status_doc(ClusterStore(ds).read(everything=True), now, policy)
     if datastore:
         doc = {"datastore": datastore, **doc}
     if output == "json":

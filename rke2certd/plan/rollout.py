@@ -12,8 +12,12 @@ The order (docs/RKE2-COMPATIBILITY.md §10: RKE2 documents it and leaves it to t
 - Per phase at most `max-unavailable` nodes are unavailable, counting members that are down;
   for etcd never more than keeps quorum, (n-1)//2 of n members (at least 1, so that one- and
   two-member clusters can rotate at all).
-- A member that is down blocks the phase barrier until it returns or is removed: rke2certd
-  cannot tell a node that will come back from one that is gone, the operator can.
+- A member that is down blocks its phase until it returns or is removed, except an agent
+  that stays down past `agent-unavailable-grace` into its turn: with `agent-unavailable: skip`
+  (the default) it is marked SKIPPED and the rollout goes on without it; it catches up on its
+  own when it returns (applies the generation, takes a slot, restarts, reports done). Servers
+  are never skipped (an etcd or control-plane node that is down is reported, and waited for):
+  the rollout's later phases rely on every server having the new files.
 
 Every decision carries its reason in words for STATUS=, the journal and `rke2certd status`.
 """
@@ -23,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 
@@ -66,9 +70,31 @@ class NodeState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"  # the rollout stopped before this node's turn
+    # an agent not running past the grace into its turn: the rollout went on without it; it
+    # catches up when it returns (terminal for everyone else)
+    SKIPPED = "skipped"
 
 
-TERMINAL_NODE_STATES = frozenset({NodeState.DONE, NodeState.FAILED, NodeState.STOPPED})
+TERMINAL_NODE_STATES = frozenset(
+    {NodeState.DONE, NodeState.FAILED, NodeState.STOPPED, NodeState.SKIPPED}
+)
+# what a returning agent still has to do in a rollout that went on (or finished) without it
+CATCHING_UP = frozenset({NodeState.SKIPPED, NodeState.APPLIED, NodeState.RESTARTING})
+
+
+class Unavailable(StrEnum):
+    """What a rollout does about an agent that is not running past the grace."""
+
+    SKIP = "skip"  # go on without it; it catches up when it returns
+    WAIT = "wait"  # report it, and wait (for it, or `rke2certd node remove`)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """The policy for members that are not running when their turn comes."""
+
+    grace: timedelta = timedelta(minutes=10)
+    agents: Unavailable = Unavailable.SKIP
 
 
 @dataclass(frozen=True)
@@ -183,7 +209,7 @@ def is_done(view: ClusterView, rollout: Rollout, node: str) -> bool:
 def current_phase(view: ClusterView, rollout: Rollout) -> Phase | None:
     """The earliest phase with a participant not done yet; None when all are done."""
     for m in participants(view, rollout):
-        if not is_done(view, rollout, m.name):
+        if not is_done(view, rollout, m.name) and not skipped(view, rollout, m.name):
             return m.phase
     return None
 
@@ -307,6 +333,11 @@ def next_step(view: ClusterView, me: str, max_unavailable: int) -> Step:
         if member not in participants(view, r):
             continue
         st = view.status(r, me)
+        if _catching_up(view, r, member, st):
+            # back after the rollout went on without it: its own apply, slot and restart
+            if st is not None and st.state is NodeState.SKIPPED:
+                return Apply(r)
+            return _barrier(view, r, member) or _slot(view, r, member, max_unavailable)
         if r.state is RolloutState.STOPPED:
             if st is None or st.state not in TERMINAL_NODE_STATES:
                 return ReportStopped(r, f"stopped: {r.state_reason}")
@@ -321,6 +352,31 @@ def next_step(view: ClusterView, me: str, max_unavailable: int) -> Step:
         # APPLIED, or RESTARTING left by an earlier run of this daemon: (re)do the restart.
         return _barrier(view, r, member) or _slot(view, r, member, max_unavailable)
     return Idle()
+
+
+def _catching_up(view: ClusterView, r: Rollout, me: Member, st: NodeStatus | None) -> bool:
+    """An agent skipped in `r` that is running again: it applies and restarts for `r` (active
+    or done) unless a newer CA rollout replaces it (that one's apply takes the newest set)."""
+    if me.phase is not Phase.AGENT or st is None or st.state not in CATCHING_UP:
+        return False
+    if st.state is not NodeState.SKIPPED and r.state is not RolloutState.DONE:
+        return False  # an active rollout's applied node: the ordinary path
+    if r.state not in (RolloutState.ACTIVE, RolloutState.DONE):
+        return False
+    return not any(
+        o.kind is RolloutKind.CA and o.revision > r.revision and o.state is not RolloutState.STOPPED
+        for o in view.rollouts
+    )
+
+
+def skipped(view: ClusterView, r: Rollout, name: str) -> bool:
+    st = view.status(r, name)
+    return st is not None and st.state is NodeState.SKIPPED
+
+
+def _blocking_down(view: ClusterView, phase: Phase, r: Rollout | None) -> list[Member]:
+    """Down members of `phase` that count against its limit: all but those `r` skipped."""
+    return [m for m in down_members(view, phase) if r is None or not skipped(view, r, m.name)]
 
 
 def _barrier(view: ClusterView, r: Rollout, me: Member) -> Wait | None:
@@ -344,7 +400,7 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
     if own is not None:
         return Restart(r, own)
     limit = phase_limit(view, me.phase, max_unavailable)
-    down = [m for m in down_members(view, me.phase) if m.name != me.name]
+    down = [m for m in _blocking_down(view, me.phase, r) if m.name != me.name]
     allowed = limit - len(down)
     if allowed <= 0:
         what = "could lose etcd quorum" if me.phase is Phase.ETCD else "exceeds max-unavailable"
@@ -436,11 +492,14 @@ def _queue(view: ClusterView, r: Rollout, phase: Phase) -> list[str]:
     return [name for _, name in sorted(waiting)]
 
 
-def over_limit(view: ClusterView, phase: Phase, max_unavailable: int) -> bool:
-    """True when slots plus down members exceed the phase's limit (two nodes raced on stale
-    views): the one that just took a slot gives it back and waits."""
+def over_limit(
+    view: ClusterView, phase: Phase, max_unavailable: int, rollout: Rollout | None = None
+) -> bool:
+    """True when slots plus down members (but those `rollout` skipped) exceed the phase's
+    limit (two nodes raced on stale views): the one that just took a slot gives it back."""
     held = sum(1 for s in view.slots if s.phase is phase)
-    return held + len(down_members(view, phase)) > phase_limit(view, phase, max_unavailable)
+    down = _blocking_down(view, phase, rollout)
+    return held + len(down) > phase_limit(view, phase, max_unavailable)
 
 
 # -- housekeeping any node may do ----------------------------------------------------------------
@@ -469,9 +528,100 @@ def finished_rollouts(view: ClusterView) -> list[Finish]:
             m, st = failed[0]
             reason = f"{m.phase} node {m.name} failed: {st.message or 'no message'}"
             out.append(Finish(r, RolloutState.STOPPED, reason))
-        elif all(is_done(view, r, m.name) for m in members):
-            out.append(Finish(r, RolloutState.DONE, f"{len(members)} node(s) done"))
+        elif all(is_done(view, r, m.name) or skipped(view, r, m.name) for m in members):
+            left = [m.name for m in members if skipped(view, r, m.name)]
+            reason = f"{len(members) - len(left)} node(s) done"
+            if left:
+                reason += (
+                    f", {len(left)} skipped (not running; each catches up when it returns): "
+                    + ", ".join(left[:10])
+                    + (f" and {len(left) - 10} more" if len(left) > 10 else "")
+                )
+            out.append(Finish(r, RolloutState.DONE, reason))
     return out
+
+
+# -- members missing their turn ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A member not running past the grace into its turn: reported; skipped if `skip`."""
+
+    rollout: Rollout
+    member: Member
+    since: datetime  # missing its turn since: the later of its going down and its turn
+    skip: bool
+    reason: str
+
+
+def turn_started(view: ClusterView, r: Rollout, m: Member) -> datetime | None:
+    """When `m`'s turn in `r` began: the last report of an earlier phase (the rollout's start
+    if there is none); None while an earlier phase is not done."""
+    mine = PHASES.index(m.phase)
+    times = [r.created]
+    for p in participants(view, r):
+        if PHASES.index(p.phase) >= mine:
+            continue
+        st = view.status(r, p.name)
+        if st is None or st.state is not NodeState.DONE:
+            return None
+        if st.finished is not None:
+            times.append(st.finished)
+    return max(times)
+
+
+def _missing(view: ClusterView) -> list[tuple[Rollout, Member, datetime]]:
+    """Members of active rollouts that are down in their turn, and since when."""
+    out = []
+    for r in view.rollouts:
+        if not r.active:
+            continue
+        for m in participants(view, r):
+            if m.name in view.live or m.down_since is None:
+                continue  # running, or its going down not recorded yet (housekeeping does)
+            st = view.status(r, m.name)
+            if st is not None and st.state in TERMINAL_NODE_STATES:
+                continue
+            turn = turn_started(view, r, m)
+            if turn is not None:
+                out.append((r, m, max(turn, m.down_since)))
+    return out
+
+
+def _span(d: timedelta) -> str:
+    s = int(d.total_seconds())
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def blocked(view: ClusterView, now: datetime, policy: Availability) -> list[Blocked]:
+    """Members that have missed their turn for longer than the grace, with what happens."""
+    out = []
+    for r, m, since in _missing(view):
+        if now - since < policy.grace:
+            continue
+        skip = m.phase is Phase.AGENT and policy.agents is Unavailable.SKIP
+        what = (
+            "skipped: the rollout goes on without it, it catches up when its daemon returns"
+            if skip
+            else "the rollout waits for it: start rke2certd there or run "
+            f"`rke2certd node remove {m.name}`"
+            + ("" if m.phase is not Phase.AGENT else " (agent-unavailable: wait)")
+        )
+        reason = (
+            f"{m.phase} node {m.name} not running since {_when(m.down_since)}, "
+            f"{_span(now - since)} into its turn (agent-unavailable-grace "
+            f"{_span(policy.grace)}); {what}"
+        )
+        out.append(Blocked(r, m, since, skip, reason))
+    return out
+
+
+def next_blocking(view: ClusterView, now: datetime, policy: Availability) -> datetime | None:
+    """When the next member still within its grace will be blocked (None: nobody is), so
+    that a node that is not woken meanwhile looks again then."""
+    due = [since + policy.grace for _, _, since in _missing(view) if since + policy.grace > now]
+    return min(due, default=None)
 
 
 def superseded(view: ClusterView, new: Rollout) -> list[Rollout]:

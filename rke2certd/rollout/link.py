@@ -41,7 +41,7 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
-from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Phase, Step, Wait
+from rke2certd.plan.rollout import TERMINAL_NODE_STATES, Idle, Phase, Step, Wait
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.records import PREFIX
 
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0
 RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
+INTEREST_WAIT = 5.0  # longest an agent's watch waits for the main loop's next interest
 
 
 @dataclass
@@ -101,6 +102,11 @@ class ClusterLink:
         # the latest changes, and the lock that hands each one to exactly one interest
         self._recent: deque[Event] = deque(maxlen=RECENT)
         self._lock = threading.Lock()
+        # agents: the keys the server may keep their long poll to (server_filter), and a flag
+        # set when the main loop has decided on what the last delivered change woke it for
+        self._only: tuple[str, ...] | None = None
+        self._rewind: int | None = None
+        self._interest_set = threading.Event()
 
     def start(self, lease: int) -> None:
         self.lease = lease
@@ -115,14 +121,24 @@ class ClusterLink:
         for t in self._threads:
             t.join(wait)  # a call in flight ends with its timeout; they are daemon threads
 
-    def set_interest(self, interest: Callable[[Event], bool], revision: int) -> None:
+    def set_interest(
+        self,
+        interest: Callable[[Event], bool],
+        revision: int,
+        only: tuple[str, ...] | None = None,
+    ) -> None:
         """Wake for `interest` from now on, and at once if a change after `revision` (the read
         the step was decided on) came in meanwhile: the previous interest judged it, and it
         may have let pass what this one waits for (a lost wake-up would stall the node until
         RECHECK)."""
         with self._lock:
             self.interest = interest
+            self._only = only if only is None else (*only, self._own_key)
+            # the next poll looks again from just after the read the step was decided on:
+            # a poll that went on past it kept to the old keys
+            self._rewind = revision + 1
             recent = list(self._recent)
+        self._interest_set.set()
         newer = [e for e in recent if e.kv.mod_revision > revision]
         complete = len(recent) < RECENT or recent[0].kv.mod_revision <= revision
         if any([self._relevant(e, interest) for e in newer]) or not complete:
@@ -223,21 +239,59 @@ class ClusterLink:
         keeping the next revision to watch from, so a reconnect after a failure misses
         nothing."""
         assert feed.revision is not None
+        watch_only = getattr(ds, "watch_only", None)  # an agent's remote store
+        looked: int | None = None
+        with self._lock:
+            only = self._only
+            if self._rewind is not None:
+                feed.revision = min(feed.revision, self._rewind)
+                self._rewind = None
         if feed.stream is not None:
             batches = feed.stream.batches(feed.revision)
+        elif watch_only is not None:
+            events, looked = watch_only(PREFIX, feed.revision, WATCH_SLICE, only)
+            batches = iter([events])
         else:
             batches = iter([ds.watch_prefix(PREFIX, feed.revision, WATCH_SLICE)])
+        if looked is not None:  # nothing of ours before it: go on from there
+            feed.revision = max(feed.revision, looked)
         for events in batches:
             if not events:
                 continue
-            feed.revision = events[-1].kv.mod_revision + 1
+            feed.revision = max(feed.revision, events[-1].kv.mod_revision + 1)
             with self._lock:  # each change is judged by the interest it arrived under
                 self._recent.extend(events)
                 relevant = self.interest
             if any([self._relevant(e, relevant) for e in events]):
+                self._interest_set.clear()
                 self._poke()
+                if watch_only is not None and only is not None:
+                    # the next poll goes out with what the main loop waits for next: one
+                    # sent with the old keys could hold back a change the new step waits for
+                    self._interest_set.wait(INTEREST_WAIT)
             if self._stop.is_set():
                 break
+
+
+def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
+    """The keys (prefixes) a server may keep an agent's long poll to after `step` (None:
+    everything), so that a change wakes the few agents it concerns, not every agent's poll.
+    A superset of what `interest` lets through, with one exception: a queue waiter is not sent
+    the slot the node ahead takes (only that node's status): it moves on when that node
+    reports, which is enough (the slot taken only changed the words of its wait)."""
+    structure = (rec.NODES, rec.MEMBERS, rec.ROLLOUTS)
+    if isinstance(step, Idle):
+        return (rec.ROLLOUTS,)
+    if not isinstance(step, Wait):
+        return None
+    if step.on == "barrier" and step.blocker:
+        names = step.pending or (step.blocker,)
+        return structure + tuple(rec.status_key(step.rollout.id, n) for n in names)
+    if step.on in ("queue", "down") and step.blocker:
+        return (*structure, rec.status_key(step.rollout.id, step.blocker))
+    if step.on == "slot":
+        return (*structure, f"{rec.SLOTS}{phase.value}/")
+    return None
 
 
 def server_interest(wake_key: str) -> Callable[[Event], bool]:
@@ -281,11 +335,19 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
         slots, ahead = f"{rec.SLOTS}{phase.value}/", step.blocker
     elif isinstance(step, Wait) and step.on == "slot":
         slots = f"{rec.SLOTS}{phase.value}/"
+    elif isinstance(step, Wait) and step.on == "down" and step.blocker:
+        # a server skips the down node (a status write) once its grace is over
+        statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
     opens = bool(barrier)  # only when all of them are done (a queue: at any change)
     depth = rec.ROLLOUTS.count("/")
+    # An idle node waits for a rollout record only: nodes coming and going are none of its
+    # business (a fleet starting would otherwise have every agent read at every arrival).
+    idle = isinstance(step, Idle)
 
     def relevant(event: Event) -> bool:
         key, kv = event.kv.key, event.kv
+        if idle:
+            return key.startswith(rec.ROLLOUTS) and key.count("/") == depth
         if key.startswith(rec.NODES):
             return event.type is EventType.DELETE or kv.create_revision == kv.mod_revision
         if key.startswith(rec.MEMBERS):

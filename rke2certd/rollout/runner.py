@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from rke2certd import __version__
@@ -46,6 +46,7 @@ from rke2certd.plan.rollout import (
     TakeSlot,
     Wait,
     current_phase,
+    next_blocking,
     next_step,
     over_limit,
     phase_of,
@@ -56,7 +57,13 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.job import Gate, RestartJob
-from rke2certd.rollout.link import ClusterLink, interest, server_interest, server_ranges
+from rke2certd.rollout.link import (
+    ClusterLink,
+    interest,
+    server_filter,
+    server_interest,
+    server_ranges,
+)
 from rke2certd.rollout.store import ClusterStore
 
 # Read again even without a watch event: a lost wake-up must not stall a rollout. The cluster
@@ -131,6 +138,9 @@ class RolloutRunner:
         # whom it woke already, from what it knew before that read
         self._freed = False
         self._woken: set[str] = set()
+        # an idle agent: the rollout records (key, revision) its last full read saw
+        self._idle_seen: frozenset[tuple[str, int]] | None = None
+        self._reported = False  # an agent wrote a final status: ask a server's housekeeping
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -252,6 +262,8 @@ class RolloutRunner:
         try:
             if self.running is not None:
                 self._finish_job()
+            elif not due and self._idle_unchanged():
+                return
             self._tick()
         except (DatastoreError, LockTimeout) as exc:
             # transient (etcd electing a leader, the lock busy): the next tick tries again
@@ -262,6 +274,15 @@ class RolloutRunner:
             self.activity = f"rollout coordination failed: {exc!r}"
             log.exception("rollout_internal_error", node=self.me, reason=repr(exc))
             self.next_check = time.monotonic() + RECHECK
+
+    def _idle_unchanged(self) -> bool:
+        """An idle agent's periodic look: the rollout records alone (a few keys, whatever the
+        fleet's size) against those its last full read saw; the full read only if they moved.
+        The idle cost of an agent on its server stays the same however many agents there are."""
+        if not self.agent or self._idle_seen is None:
+            return False
+        records = self.store.ds.snapshot(rec.ROLLOUTS)
+        return _rollout_marks(records.kvs) == self._idle_seen
 
     def status_text(self) -> str:
         if self.running is not None:
@@ -301,7 +322,8 @@ class RolloutRunner:
         self._wake_others(parsed)
         self._release_stale_slots(parsed, step)
         if self.link is not None and self.agent:
-            self.link.set_interest(interest(step, self.phase), parsed.revision)
+            only = server_filter(step, self.phase)
+            self.link.set_interest(interest(step, self.phase), parsed.revision, only)
         if isinstance(step, Restart):
             self._start_job(step.rollout, step.slot, parsed)
         elif isinstance(step, Wait):
@@ -310,6 +332,10 @@ class RolloutRunner:
             self.waiting = None
             self.activity = self._idle_text(parsed)
             self.summary = "idle"
+        if self._reported and self.agent:  # reported in this tick: the rollout may be over
+            self._housekeeping(parsed)
+        idle = isinstance(step, Idle) and not any(r.active for r in parsed.view.rollouts)
+        self._idle_seen = _rollout_marks(parsed.kvs.values()) if idle else None
         self._write_registration()
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
@@ -318,10 +344,27 @@ class RolloutRunner:
             self.store.ensure_member(Member(self.me, self.roles, self.phase))
             wrote = True
         if self._housekeep is None:
-            wrote = housekeep(self.store, parsed, self.clock()) or wrote
-        else:
-            wrote = self._housekeep() or wrote
-        return self.store.read() if wrote else parsed
+            policy = self.node.cfg.availability
+            wrote = housekeep(self.store, parsed, self.clock(), policy) or wrote
+        elif self._reported:
+            # an agent's final status (done, failed) is what may end a rollout, and servers do
+            # not watch statuses: it asks once after reporting, not at every tick (each ask
+            # costs its server a read of the whole cluster)
+            self._reported = False
+            if any(r.active for r in parsed.view.rollouts):
+                wrote = self._housekeep() or wrote
+        parsed = self.store.read() if wrote else parsed
+        self._look_again_at_grace(parsed)
+        return parsed
+
+    def _look_again_at_grace(self, parsed: rec.Parsed) -> None:
+        """A member down in its turn is blocked when its grace ends, and nothing writes then:
+        tick again at that time (an agent asks a server's housekeeping then)."""
+        now = self.clock()
+        due = next_blocking(parsed.view, now, self.node.cfg.availability)
+        if due is not None:
+            at = time.monotonic() + (due - now).total_seconds() + 0.5
+            self.next_check = min(self.next_check, at)
 
     def _fields(self, r: Rollout) -> dict[str, str]:
         return {
@@ -341,6 +384,7 @@ class RolloutRunner:
         except Rke2certdError as exc:
             message = f"apply failed: {exc}"
             self.store.set_status(r, NodeStatus(self.me, NodeState.FAILED, message, self.gen))
+            self._reported = True
             log.error("rollout_failed", **self._fields(r), reason=message)
             return
         self.gen = outcome.generation
@@ -368,6 +412,7 @@ class RolloutRunner:
             f"{r.ca_generation}; check `rke2certd certificate check` and the datastore"
         )
         self.store.set_status(r, NodeStatus(self.me, NodeState.FAILED, message, gen))
+        self._reported = True
         log.error("rollout_failed", **self._fields(r), reason=message)
 
     def _report_stopped(self, step: ReportStopped) -> None:
@@ -380,6 +425,7 @@ class RolloutRunner:
                 prev.applied_at if prev else None, None, self.clock(),
             ),
         )  # fmt: skip
+        self._reported = True
         log.warning("rollout_stopped", **self._fields(r), reason=step.reason)
 
     def _take_slot(self, step: TakeSlot, parsed: rec.Parsed) -> rec.Parsed:
@@ -390,7 +436,8 @@ class RolloutRunner:
         slot = Slot(step.phase, step.index, self.me, step.rollout.id, self.clock())
         taken = self.store.take_slot(slot, lease)
         parsed = self.store.reread_slots(parsed)
-        if taken and over_limit(parsed.view, step.phase, self.node.cfg.max_unavailable):
+        limit = self.node.cfg.max_unavailable
+        if taken and over_limit(parsed.view, step.phase, limit, step.rollout):
             self.store.release_slot(slot)  # raced on a stale view: give it back, wait
             log.info("restart_slot_returned", **self._fields(step.rollout), reason="over limit")
             self._freed = True
@@ -517,6 +564,7 @@ class RolloutRunner:
             durations["health_seconds"] = res.health_seconds
         try:
             written = self.store.set_status(r, status, seen=running.seen)
+            self._reported = True
             if res.ok:
                 self.health = "ok"
                 log.info("rollout_node_done", **self._fields(r), reason=message, **durations)
@@ -536,3 +584,7 @@ class RolloutRunner:
         # it before reading the store again, off the hand-off's path. The read that follows
         # wakes whoever that view could not know about (`_wake_others`).
         self._wake_nodes(reported(running.seen.view, r, written, running.slot), early=True)
+
+
+def _rollout_marks(kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
+    return frozenset((kv.key, kv.mod_revision) for kv in kvs if kv.key.startswith(rec.ROLLOUTS))

@@ -41,6 +41,8 @@ class ClusterStore:
     def __init__(self, ds: Datastore) -> None:
         self.ds = ds
         self._decoded = rec.Decoded()  # a node reads often: decode only what changed
+        # (rollout, node, attempt) this process reported blocked: the event once, not per tick
+        self.blocked_reported: set[tuple[str, str, int]] = set()
 
     def read(self, everything: bool = False) -> rec.Parsed:
         """One consistent read. By default what the rules need (rec.PLANNING: the nodes' updates
@@ -211,6 +213,19 @@ class ClusterStore:
         stamped = dataclasses.replace(status, attempt=rollout.attempt)
         self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
         return stamped
+
+    def skip(self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed) -> bool:
+        """Mark a node SKIPPED unless its status changed since `seen` (it came back and
+        reported meanwhile). True if this call wrote it (several servers may try at once)."""
+        key = rec.status_key(rollout.id, status.node)
+        before = seen.kvs.get(key)
+        value = rec.encode_status(dataclasses.replace(status, attempt=rollout.attempt))
+
+        def change(kv: KV | None) -> bytes | None:
+            same = kv.mod_revision == before.mod_revision if kv and before else kv is before
+            return value if same else None
+
+        return self.update(key, change)
 
     def collect(
         self, parsed: rec.Parsed, keep: int = HISTORY, keep_nodes: int = NODE_HISTORY

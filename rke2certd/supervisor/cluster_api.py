@@ -31,17 +31,19 @@ from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacte
 from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
-from rke2certd.plan.rollout import Phase
+from rke2certd.plan.rollout import Availability, Phase
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
-from rke2certd.supervisor import MAX_CONNECTIONS, wire
+from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
+from rke2certd.supervisor.watch_hub import WatchHub
 
 MIN_TTL, MAX_TTL = 2, 600
 MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client gone wrong
 # Long polls held at once: three quarters of the endpoint's connections, so that writes, slot
 # takes and lease refreshes always find one.
 MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
+MAX_ONLY = 256  # keys in a watch's filter (a barrier names each node it waits for)
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
 
 
@@ -74,6 +76,9 @@ class ClusterAPI:
     clock: Callable[[], datetime]
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
+    max_connections: int = MAX_CONNECTIONS  # the endpoint's (limits.py: from the fleet)
+    availability: Availability = field(default_factory=Availability)  # the config's policy
+    hub: WatchHub | None = None  # the server's one watch for all long polls (started by owner)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
@@ -84,6 +89,11 @@ class ClusterAPI:
 
     def __post_init__(self) -> None:
         self._store = ClusterStore(self.ds)
+
+    def resize(self, connections: int, watches: int) -> None:
+        """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
+        with self._lock:
+            self.max_connections, self.max_watches = connections, watches
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
@@ -124,6 +134,7 @@ class ClusterAPI:
         timeout = doc.get("timeout", wire.MAX_WATCH_SECONDS)
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout < 0:
             raise ClusterRefused(400, "timeout must be a number of seconds")
+        only = self._only(doc.get("only"))
         with self._lock:
             busy = self._watching >= self.max_watches
             if not busy:
@@ -135,17 +146,43 @@ class ClusterAPI:
                         f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
                         "until a place frees up")  # fmt: skip
         if busy:
-            events = self.ds.watch_prefix(prefix, start, BUSY_WATCH_SECONDS)
-            return {"events": wire.events_out(events), "retry_after": wire.BUSY_RETRY_SECONDS}
+            answer = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
+            return answer | {"retry_after": wire.BUSY_RETRY_SECONDS}
         try:
             wait = min(float(timeout), wire.MAX_WATCH_SECONDS)
-            events = self.ds.watch_prefix(prefix, start, wait)
+            answer = self._watch(prefix, start, wait, only)
         finally:
             with self._lock:
                 self._watching -= 1
                 # logged again once the load has halved, not at each place freed and retaken
                 self._full = self._full and self._watching > self.max_watches // 2
-        return {"events": wire.events_out(events)}
+        return answer
+
+    def _only(self, value: object) -> tuple[str, ...] | None:
+        """A watch's optional key prefixes (the agent's filter), at most MAX_ONLY of them."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or len(value) > MAX_ONLY:
+            raise ClusterRefused(400, f"only must be a list of at most {MAX_ONLY} keys")
+        return tuple(wire.key_in(k, "only") for k in value)
+
+    def _watch(
+        self, prefix: str, start: int, wait: float, only: tuple[str, ...] | None = None
+    ) -> dict[str, Any]:
+        """From the server's one watch (watch_hub.py) when it can say, else the datastore;
+        with `only`, the changes of those keys alone (none else ends the wait). The answer
+        says up to which revision it looked, so that an agent whose keys did not change for
+        long goes on from there (not from a revision the hub no longer holds)."""
+        if self.hub is not None:
+            found = self.hub.wait(prefix, start, wait, only)
+            if found is not None:
+                return {"events": wire.events_out(found[0]), "revision": found[1]}
+        events = self.ds.watch_prefix(prefix, start, wait)
+        if only is None:
+            return {"events": wire.events_out(events)}
+        looked = events[-1].kv.mod_revision + 1 if events else start
+        kept = [e for e in events if e.kv.key.startswith(only)]
+        return {"events": wire.events_out(kept), "revision": looked}
 
     # writes -------------------------------------------------------------------------------
 
@@ -211,12 +248,18 @@ class ClusterAPI:
         return lease
 
     def _own_lease(self, node: str, lease: int, status: int = 403) -> None:
-        """Granted here to `node` (this server's memory), or its registration is on it (after a
-        server restart). For refresh/revoke a foreign lease is "not found" (404): an agent
-        whose lease expired while it was cut off learns so and takes a new one."""
+        """Granted to `node` here or by any other server (agent_leases: the owner lives in the
+        datastore, so an agent's lease survives the server that granted it), or its
+        registration is on it (a lease granted by an older server). For refresh/revoke a
+        foreign lease is "not found" (404): an agent whose lease expired while it was cut off
+        learns so and takes a new one."""
         with self._lock:
             if self._leases.get(lease) == node:
                 return
+        if agent_leases.owner(self.ds, lease) == node:  # granted by another server
+            with self._lock:
+                self._leases[lease] = node
+            return
         reg = self.ds.get(rec.node_key(node))
         if reg is None or reg.lease != lease:
             raise ClusterRefused(status, f"lease {lease} is not this agent's")
@@ -259,6 +302,7 @@ class ClusterAPI:
                 oldest = next(k for k, n in self._leases.items() if n == node)
                 del self._leases[oldest]
         lease = self.ds.grant_lease(ttl)
+        agent_leases.record(self.ds, lease, node)  # any server accepts it from `node`
         with self._lock:
             self._leases[lease] = node
         return {"lease": lease}
@@ -279,7 +323,8 @@ class ClusterAPI:
     # the server's own work ----------------------------------------------------------------
 
     def _op_housekeep(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
-        return {"wrote": housekeep(self._store, self._store.read(), self.clock())}
+        policy = self.availability
+        return {"wrote": housekeep(self._store, self._store.read(), self.clock(), policy)}
 
     def _op_generation(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
         served = self.served()

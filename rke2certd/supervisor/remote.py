@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -29,7 +30,9 @@ from rke2certd.datastore.base import (
     WatchCompacted,
 )
 from rke2certd.errors import DatastoreError, TokenError
+from rke2certd.log import log
 from rke2certd.supervisor import CLUSTER_PATH, wire
+from rke2certd.supervisor.choice import ServerChoice
 from rke2certd.supervisor.client import (
     DEFAULT_TIMEOUT,
     RefusedError,
@@ -55,7 +58,8 @@ class RemoteDatastore(Datastore):
         node_password: Callable[[], str],
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
-        self.urls = list(urls)
+        self.urls = list(urls)  # ranked for this node (supervisor_urls)
+        self.choice = ServerChoice(self.urls)
         self._token = token
         self._node_password = node_password
         self._trust = trust
@@ -65,12 +69,38 @@ class RemoteDatastore(Datastore):
         self._old_server = False  # a server answered that it has no "put"
         self._closed = threading.Event()
 
+    def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One request, to the servers in the choice's order; the first answer counts."""
+        problems: list[str] = []
+        mismatch: TokenError | None = None
+        token, trust, password = self._token(), self._trust(), self._node_password()
+        for url in self.choice.order(time.monotonic()):
+            try:
+                answer = post_json(
+                    [url], token, trust, CLUSTER_PATH, doc, self.node_name,
+                    node_password=password, timeout=timeout,
+                )  # fmt: skip
+            except UnreachableError as exc:
+                problems.append(str(exc))
+                continue
+            except TokenError as exc:  # this server serves a CA we do not trust (yet)
+                mismatch = mismatch or exc
+                continue
+            if self.choice.answered(url) is not None:
+                home = url == self.choice.preferred
+                log.info(
+                    "server_chosen", node=self.node_name, server_url=url, preferred=home,
+                    reason="its preferred server answers again" if home else
+                    f"{'; '.join(problems) or 'the server before did not answer'}",
+                )  # fmt: skip
+            return answer
+        if mismatch is not None:
+            raise mismatch
+        raise UnreachableError("; ".join(problems))
+
     def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:
-            answer = post_json(
-                self.urls, self._token(), self._trust(), CLUSTER_PATH, doc, self.node_name,
-                node_password=self._node_password(), timeout=timeout or self.timeout,
-            )  # fmt: skip
+            answer = self._post(doc, timeout or self.timeout)
         except UnreachableError as exc:
             raise DatastoreUnavailable(str(exc)) from exc
         except TokenError as exc:
@@ -151,18 +181,30 @@ class RemoteDatastore(Datastore):
         return self._ok({"op": "revoke_lease", "lease": lease_id})
 
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
+        return self.watch_only(prefix, start_revision, timeout, None)[0]
+
+    def watch_only(
+        self, prefix: str, start_revision: int, timeout: float, only: Sequence[str] | None
+    ) -> tuple[list[Event], int | None]:
+        """`watch_prefix`, the server keeping the poll to the changes of keys starting with one
+        of `only` (an older server sends every change: the caller filters anyway); and the
+        revision up to which the server looked, when it says (go on from there)."""
         wait = min(timeout, wire.MAX_WATCH_SECONDS)
-        answer = self._call(
-            {"op": "watch", "prefix": wire.key_out(prefix), "start_revision": start_revision,
-             "timeout": wait},
-            timeout=wait + self.timeout,
-        )  # fmt: skip
+        doc: dict[str, Any] = {
+            "op": "watch", "prefix": wire.key_out(prefix), "start_revision": start_revision,
+            "timeout": wait,
+        }  # fmt: skip
+        if only is not None:
+            doc["only"] = [wire.key_out(k) for k in only]
+        answer = self._call(doc, timeout=wait + self.timeout)
         events = self._parse(lambda: wire.events_in(answer["events"]))
         retry = answer.get("retry_after")
         if not events and isinstance(retry, int | float) and not isinstance(retry, bool):
             # the server holds all the long polls it will: poll, spread out, until it has room
             self._closed.wait(min(wait, max(1.0, float(retry)) * random.uniform(0.5, 1.0)))
-        return events
+        looked = answer.get("revision")
+        ok = isinstance(looked, int) and not isinstance(looked, bool) and looked >= start_revision
+        return events, looked if ok else None
 
     # not part of the Datastore contract: the server's own work, asked for
 

@@ -479,6 +479,8 @@ class _Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         address = str(client_address[0])
+        if self.cluster is not None:  # the fleet's limit (supervisor/fleet_limits.py)
+            self.gate.max_total = self.cluster.max_connections
         ticket = self.gate.admit(address, request)
         if isinstance(ticket, Refusal):
             self._flood_log("connection_refused", address, ticket.reason)

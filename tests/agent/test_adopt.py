@@ -5,13 +5,14 @@ cross-signed rotation rolled out to agents, is tests/rollout/test_agents.py.)"""
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from rke2certd.errors import Rke2certdError, TokenError
-from rke2certd.ops.agent_rollout import adopt_rotated_ca
+from rke2certd.ops.agent_rollout import adopt_rotated_ca, rejoin_renew
 from rke2certd.supervisor.server import start
 
 from .helpers import HOST, ServerNode, make_server_node, renew_agent, snapshot
@@ -54,3 +55,36 @@ def test_a_token_that_still_fits_changes_nothing(
     before = snapshot(agent.layout.data_dir)
     assert adopt_rotated_ca(agent, server.agent_token) is None
     assert snapshot(agent.layout.data_dir) == before
+
+
+def test_rejoin_refuses_a_server_that_does_not_prove_itself(
+    tmp_path: Path, server: ServerNode, agent_factory: Callable[..., Any]
+) -> None:
+    """The join path of an agent whose token no longer fits: the server must prove itself
+    through the chain to the CA on disk; a stranger gets an error and nothing changes."""
+    agent = agent_factory()
+    renew_agent(agent)
+    stranger = make_server_node(tmp_path / "stranger", "server-9")
+    with start(stranger.node, host=HOST, port=0) as other:
+        moved = agent_factory("agent-1", supervisor_port=other.port)
+        before = snapshot(moved.layout.data_dir)
+        with pytest.raises(TokenError) as err:
+            rejoin_renew(moved, datetime.now(UTC))
+        text = str(err.value)
+        assert "does not match the join token" in text
+        assert "rejoining by the CA on disk failed" in text
+        assert "does not verify against the pinned CA" in text
+        assert snapshot(moved.layout.data_dir) == before
+        fresh = agent_factory("agent-3", supervisor_port=other.port)
+        with pytest.raises(TokenError, match="no CA on disk"):
+            rejoin_renew(fresh, datetime.now(UTC))
+    assert other.signed_count == 0
+
+
+def test_rejoin_with_a_fitting_token_is_a_renew(
+    server: ServerNode, agent_factory: Callable[..., Any]
+) -> None:
+    agent = agent_factory()
+    result, adopted = rejoin_renew(agent, datetime.now(UTC))
+    assert adopted is None and result.changes
+    assert rejoin_renew(agent, datetime.now(UTC))[0].changes == []

@@ -14,6 +14,7 @@ from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import ConfigError, TokenError
 from rke2certd.ops.agent import supervisor_urls
 from rke2certd.pki.token import ca_hash, parse_token
+from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
     RefusedError,
     UnreachableError,
@@ -115,13 +116,16 @@ def test_failover_skips_dead_and_foreign_servers(
     recorder: Callable[..., RecordingServer], server: ServerNode, tmp_path: Path, events: Events
 ):
     """`server` lists three servers on one port: nothing listens on .1, .2 is another cluster,
-    .3 is ours (reached by an address missing from its SANs: the host name is not checked)."""
+    .3 is ours (reached by an address missing from its SANs: the host name is not checked).
+    The agent's name is one that ranks them in that order (each agent has its own order)."""
     passwords = SQLiteDatastore(tmp_path / "node-passwords.sqlite")
     with passwords, start(server.node, host="127.0.0.3", port=0, passwords=passwords) as ours:
         rogue = recorder(host="127.0.0.2", port=ours.port)
         servers = ",".join(f"https://127.0.0.{i}:9345" for i in (1, 2, 3))
+        urls = servers.split(",")
+        name = next(n for i in range(1000) if preferred_order(urls, n := f"agent-{i}") == urls)
         node = make_agent_node(
-            tmp_path / "agent", server.agent_token, server=servers, supervisor_port=ours.port
+            tmp_path / "agent", server.agent_token, name, server=servers, supervisor_port=ours.port
         )
         result = renew_agent(node)
         assert len(result.changes) == 4

@@ -112,12 +112,16 @@ class SimCluster:
         config: dict[str, Any] | None = None,
         stand_ins: bool = True,
         agent_server: str | None = None,
+        spread: bool = False,
     ) -> None:
         """`config` overrides every node's config (e.g. restart-command: [true] with
         stand_ins=False: no stand-in servers, instant restarts, as the benchmark runs).
         Agent-only nodes (roles ("agent",)) reach the endpoint of `agent_server` (default: the
         first control-plane node); their token, the server's full agent token, is written into
-        their RKE2 config.yaml (`rke2-config`) once the servers are up."""
+        their RKE2 config.yaml (`rke2-config`) once the servers are up.
+        `spread`: as servers on their own hosts: every server's endpoint listens on one port,
+        each on its own loopback address (127.0.0.2, .3, ...), and the agents' `server` lists
+        them all (each agent then prefers its own; supervisor/choice.py)."""
         self.root = root
         self.stand_ins = stand_ins
         self.etcd = etcd
@@ -149,9 +153,17 @@ class SimCluster:
             spec.name: {k: next(ports) for k in ("etcd", "apiserver", "supervisor", "kubelet")}
             for spec in specs
         }
+        common = node_ports[self.agent_server]["supervisor"] if self.agent_server else 0
+        self.addresses = {name: f"127.0.0.{k + 2}" for k, name in enumerate(servers)}
+        self.spread = spread
         for spec in specs:
             if set(spec.roles) == {"agent"}:
-                base_for = {**base, "supervisor-port": node_ports[self.agent_server]["supervisor"]}
+                base_for = {**base, "supervisor-port": common}
+            elif spread:
+                base_for = {
+                    **base, "supervisor-port": common,
+                    "supervisor-bind-address": self.addresses[spec.name],
+                }  # fmt: skip
             else:
                 base_for = {**base, "supervisor-port": node_ports[spec.name]["supervisor"]}
             self.nodes[spec.name] = self._make_node(
@@ -229,11 +241,14 @@ class SimCluster:
         full agent token of the server (it pins the CA hash), with a comment to keep."""
         server = self.nodes[self.agent_server]
         token = (server.data / "server" / "agent-token").read_text().strip()
+        servers = "https://127.0.0.1:9345"
+        if self.spread:
+            servers = ",".join(f"https://{a}:9345" for a in self.addresses.values())
         rke2 = node.dir / "rke2"
         rke2.mkdir(mode=0o700, exist_ok=True)
         (rke2 / "config.yaml").write_text(
             "# RKE2 agent configuration (written by the test harness)\n"
-            "server: https://127.0.0.1:9345\n"
+            f"server: {servers}\n"
             f"token: {token}  # the cluster's agent token\n"
             "node-label:\n  - sim=agent\n"
         )

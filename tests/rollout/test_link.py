@@ -34,7 +34,14 @@ from rke2certd.plan.rollout import (
     Wait,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.link import ClusterLink, _Feed, interest, server_interest, server_ranges
+from rke2certd.rollout.link import (
+    ClusterLink,
+    _Feed,
+    interest,
+    server_filter,
+    server_interest,
+    server_ranges,
+)
 from rke2certd.rollout.stream import WatchStream
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
@@ -115,8 +122,20 @@ def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:
     assert not wake(put(rec.slot_key(Phase.ETCD, 0)))
 
 
-def test_everyone_wakes_for_nodes_coming_and_going_members_and_rollouts() -> None:
-    wake = interest(Idle(), Phase.ETCD)
+def test_an_idle_agent_wakes_for_rollout_records_only() -> None:
+    """Nodes coming and going concern no idle node: a fleet starting would otherwise have
+    every agent read the whole cluster at every arrival."""
+    wake = interest(Idle(), Phase.AGENT)
+    assert wake(put(rec.rollout_key("ca-2")))
+    assert not wake(put(rec.node_key("x")))
+    assert not wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
+    assert not wake(put(rec.member_key("x")))
+    assert not wake(status("e1", NodeState.DONE))
+    assert not wake(put(rec.slot_key(Phase.AGENT, 0)))
+
+
+def test_everyone_waiting_wakes_for_nodes_coming_and_going_members_and_rollouts() -> None:
+    wake = interest(Wait(R, "waiting", "c1", "slot"), Phase.CONTROL_PLANE)
     assert wake(put(rec.node_key("x")))  # registered (created)
     assert not wake(put(rec.node_key("x"), created=5, modified=9))  # its updates
     assert wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
@@ -291,3 +310,37 @@ def test_one_failing_stream_is_not_hidden_by_another_that_works(tmp_path: Path) 
         assert link.error == "no leader"
         link._ok("lease")
         assert link.error is None
+
+
+def test_the_server_filter_holds_what_an_agent_waits_for() -> None:
+    """server_filter (the keys a server keeps an agent's long poll to) lets through every change
+    `interest` wakes for (but the slot the node ahead takes: its report is enough)."""
+    samples = [
+        put(rec.rollout_key("ca-2")),
+        put(rec.node_key("x")),
+        put(rec.member_key("x")),
+        status("c3", NodeState.DONE),
+        status("c1", NodeState.DONE),
+        status("a7", NodeState.DONE),
+        put(rec.slot_key(Phase.CONTROL_PLANE, 0)),
+        put(rec.update_key("x")),
+        put(rec.wake_key("x")),
+    ]
+    steps = [
+        Idle(),
+        Wait(R, "waiting", "c1", "barrier", pending=("c1", "c3")),
+        Wait(R, "waiting", "c3", "queue"),
+        Wait(R, "waiting", "c1", "slot"),
+        Wait(R, "waiting", "c3", "down"),
+    ]
+    for step in steps:
+        only = server_filter(step, Phase.CONTROL_PLANE)
+        assert only is not None
+        wake = interest(step, Phase.CONTROL_PLANE)
+        for event in samples:
+            queued = isinstance(step, Wait) and step.on == "queue"
+            queue_slot = queued and event.kv.key.startswith(rec.SLOTS)
+            if wake(event) and not queue_slot:
+                assert event.kv.key.startswith(only), (step, event.kv.key)
+        assert not put(rec.update_key("x")).kv.key.startswith(only)  # nobody's business
+    assert server_filter(Idle(), Phase.AGENT) == (rec.ROLLOUTS,)

@@ -1,0 +1,67 @@
+"""Which server an agent talks to: spread over the servers, sticky, and back home when it can.
+
+Each agent ranks the `server` URLs by rendezvous hashing: by SHA-256 of (its node name, the
+URL), highest first. The first URL is its preferred server; the rank is its fail-over order.
+Every agent has its own rank, so the fleet spreads evenly over the servers, and when a server
+fails its agents spread over the others instead of all falling onto the next one in the list.
+Adding or removing a server moves only the agents that preferred it.
+
+`ServerChoice` keeps an agent on the server that answered last (a dead preferred server costs
+one failed attempt, not one per request), and tries its preferred server first again once
+every `prefer_again` seconds, so that the agents move back when it returns. Nothing an agent
+holds lives in one server's memory (registration, leases, watch revisions are the datastore's),
+so a move costs the agent nothing but the request that failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Sequence
+
+# How often an agent away from its preferred server tries that one first again.
+PREFER_AGAIN = float(os.environ.get("RKE2CERTD_PREFER_AGAIN_SECONDS", "30"))
+
+
+def preferred_order(urls: Sequence[str], node: str) -> list[str]:
+    """`urls` ranked for `node` (rendezvous hashing); duplicates dropped, ties by URL."""
+
+    def weight(url: str) -> bytes:
+        return hashlib.sha256(f"{node}\0{url}".encode()).digest()
+
+    unique = list(dict.fromkeys(urls))
+    return sorted(unique, key=lambda u: (weight(u), u), reverse=True)
+
+
+class ServerChoice:
+    """The order to try the servers in, now: the one that answered last first, the others in
+    rank order; the preferred one first when a try at it is due. Thread-safe (the link's
+    threads and the main loop share it). Time is passed in (monotonic seconds)."""
+
+    def __init__(self, ranked: Sequence[str], prefer_again: float = PREFER_AGAIN) -> None:
+        self.ranked = list(ranked)
+        self.prefer_again = prefer_again
+        self.current = self.ranked[0] if self.ranked else ""
+        self._tried_home = 0.0  # when the preferred server was last tried
+        self._lock = threading.Lock()
+
+    @property
+    def preferred(self) -> str:
+        return self.ranked[0]
+
+    def order(self, now: float) -> list[str]:
+        with self._lock:
+            first = self.current
+            if first == self.preferred or now - self._tried_home >= self.prefer_again:
+                self._tried_home = now  # tried (again) now: the next try after prefer_again
+                first = self.preferred
+            return [first] + [u for u in self.ranked if u != first]
+
+    def answered(self, url: str) -> str | None:
+        """`url` answered; the server moved to, if this is a move (None: no change)."""
+        with self._lock:
+            if url == self.current:
+                return None
+            self.current = url
+            return url

@@ -1,0 +1,48 @@
+"""PURE: how many connections and agent long polls a server's endpoint holds, from the fleet.
+
+Every agent holds one long poll on the server it talks to (supervisor/choice.py spreads them
+evenly), and one more short request now and then (a lease refresh, a CSR, a status). With the
+servers' one watch (watch_hub.py) a long poll costs its server a thread and a socket, no
+datastore work, so the limit is what the fleet needs, within what the host can give:
+
+- need: the agents of one server when another one is down (the fleet over servers - 1: a dead
+  server's agents spread over the others), plus a quarter for the uneven spread and moves;
+- capacity: a quarter of the open-file limit (the rest for the datastore, the CA files, the
+  daemon's own), never more than MAX (each connection is a thread);
+- never below the defaults (a small fleet keeps the limits it always had).
+
+Long polls get three quarters of the connections, the short requests of a rollout's turn the
+rest. Beyond the limits the server pushes back, and agents retry, never fail: a long poll
+beyond its limit is answered at once with a time to ask again; a connection beyond its limit
+is closed, and the agent tries its next server, then again after a pause.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from rke2certd.supervisor import MAX_CONNECTIONS
+
+MAX = 4096  # connections (threads) one endpoint ever holds
+
+
+@dataclass(frozen=True)
+class Limits:
+    connections: int
+    watches: int
+    reason: str
+
+
+def fleet_limits(agents: int, servers: int, open_files: int) -> Limits:
+    """The limits for `agents` agent-only nodes over `servers` servers, on a host where a
+    process may open `open_files` files."""
+    share = math.ceil(max(0, agents) / max(1, servers - 1))
+    need = math.ceil(share * 5 / 4) * 4 // 3 + 1  # long polls are three quarters of it
+    capacity = max(MAX_CONNECTIONS, min(MAX, open_files // 4))
+    connections = max(MAX_CONNECTIONS, min(need, capacity))
+    reason = (
+        f"{agents} agent(s) over {servers} server(s): up to {share} here with one server down; "
+        f"the host allows {capacity} connections"
+    )
+    return Limits(connections, connections * 3 // 4, reason)

@@ -1,0 +1,85 @@
+"""An idle agent's cost on its server does not grow with the fleet: its periodic look reads the
+rollout records alone (not every node's records) and asks for no housekeeping; only a change of
+the rollout records brings the full read back. A real endpoint on a real SQLite datastore; the
+agent's requests are counted as they go out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.ops.agent_rollout import remote_store
+from rke2certd.ops.node import Node
+from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
+from rke2certd.rollout.create import ca_rollout, start
+from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
+from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import start as start_endpoint
+
+from .helpers import HOST, ServerNode, renew_agent
+from .test_cluster_route import _count_calls
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        yield ds
+
+
+@pytest.fixture
+def agent_remote(
+    server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Node]
+) -> Iterator[tuple[Node, RemoteDatastore]]:
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    with start_endpoint(server.node, host=HOST, port=0, cluster=api) as handle:
+        node = agent_factory("agent-1", supervisor_port=handle.port)
+        renew_agent(node)
+        yield node, remote_store(node, lambda: server.agent_token)
+
+
+def test_an_idle_agent_reads_only_the_rollout_records(
+    agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
+) -> None:
+    servers = ClusterStore(store)
+    lease = store.grant_lease(600)
+    for i in range(50):  # a fleet the idle agent must not read at each look
+        name = f"other-{i}"
+        servers.ensure_member(Member(name, ("agent",), Phase.AGENT))
+        servers.register(Registration(name, ("agent",), Phase.AGENT), lease)
+    node, remote = agent_remote
+    runner = RolloutRunner(
+        node, remote, open_ds=lambda: remote, apply=lambda r: ApplyOutcome(r.ca_generation),
+        generation=lambda: None, clock=lambda: NOW, wake=lambda: None,
+        housekeep=remote.housekeep,
+    )  # fmt: skip
+    runner.registered_lease = remote.grant_lease(30)
+    runner._register(runner.registered_lease)
+    runner.tick()  # the first look: everything
+    assert runner.activity == "no rollout in progress"
+
+    ops = _count_calls(remote)
+    for _ in range(3):
+        runner.next_check = 0.0  # the periodic look is due
+        runner.tick()
+    assert ops == ["snapshot"] * 3  # the rollout records alone; no housekeeping asked
+
+    # a rollout appears: the next look reads everything (housekeeping is asked for only once
+    # the agent reported a final status: it is what may end the rollout); e1, a server, has
+    # not restarted yet, so the agent waits for it
+    servers.ensure_member(Member("e1", ("etcd",), Phase.ETCD))
+    servers.register(Registration("e1", ("etcd",), Phase.ETCD), lease)
+    start(store, ca_rollout("g2", None, "e1", "test", NOW), NOW)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops == ["snapshot", "snapshot"]  # the records moved: the full read; no housekeeping
+    assert runner.activity.startswith("rollout ca-g2: waiting for etcd node e1")
+    assert [r.phases for r in runner.store.read().view.rollouts] == [PHASES]

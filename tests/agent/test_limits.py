@@ -1,0 +1,70 @@
+"""supervisor/fleet_limits.py: the endpoint's connection and long-poll limits from the fleet's size
+and the host's open-file limit (pure), and a real endpoint following a resized limit."""
+
+from __future__ import annotations
+
+import socket
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.supervisor import MAX_CONNECTIONS
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.fleet_limits import MAX, fleet_limits
+from rke2certd.supervisor.server import start
+
+from .helpers import HOST, ServerNode, call
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+def test_a_small_fleet_keeps_the_defaults() -> None:
+    limits = fleet_limits(10, 3, 1024)
+    assert (limits.connections, limits.watches) == (MAX_CONNECTIONS, MAX_CONNECTIONS * 3 // 4)
+
+
+@pytest.mark.parametrize(("agents", "servers"), [(300, 3), (1000, 3), (1000, 5), (5000, 10)])
+def test_every_agent_of_a_dead_servers_share_gets_a_long_poll(agents: int, servers: int) -> None:
+    limits = fleet_limits(agents, servers, 1 << 20)
+    share = -(-agents // (servers - 1))
+    assert limits.watches >= share * 5 // 4
+    assert limits.watches == limits.connections * 3 // 4
+    assert f"{agents} agent(s) over {servers} server(s)" in limits.reason
+
+
+def test_the_host_caps_it() -> None:
+    assert fleet_limits(100_000, 2, 1 << 20).connections == MAX
+    assert fleet_limits(1000, 3, 1024).connections == 256  # a quarter of 1024 files
+    need = fleet_limits(1000, 3, 1 << 20).connections
+    assert fleet_limits(1000, 3, 4096).connections == need < 1024  # within what the host allows
+
+
+def test_one_server_alone_takes_the_whole_fleet() -> None:
+    assert fleet_limits(200, 1, 1 << 20).watches >= 250
+
+
+def test_the_endpoint_follows_a_resized_limit(
+    server: ServerNode, tmp_path: Path, events: list[dict[str, Any]]
+) -> None:
+    """Connections beyond the cluster route's limit are closed at once (the agent tries its
+    next server, or again later); a larger limit (the fleet grew) lets them in."""
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+        api.resize(2, 1)
+        with start(server.node, host=HOST, port=0, cluster=api) as handle:
+            held = [socket.create_connection((HOST, handle.port)) for _ in range(2)]
+            try:
+                extra = socket.create_connection((HOST, handle.port))
+                assert extra.recv(1) == b""  # closed at once
+                extra.close()
+                refused = [e for e in events if e["event"] == "request_refused"]
+                assert refused and "more than 2 connections" in refused[0]["reason"]
+                api.resize(4, 3)
+                reply = call(handle.port, server.file("server-ca.crt"), "GET", "/cacerts")
+                assert reply.status == 200
+            finally:
+                for sock in held:
+                    sock.close()

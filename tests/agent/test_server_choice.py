@@ -1,0 +1,180 @@
+"""Agents spread over the servers (supervisor/choice.py), stay on the one that answers, move
+back to their preferred one when it returns, and keep what they hold across the move: two real
+endpoints on one SQLite datastore, one of them stopped under an agent that holds a lease
+granted there."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.ops.agent import supervisor_urls
+from rke2certd.ops.agent_rollout import trusted_bundle
+from rke2certd.ops.node import Node
+from rke2certd.plan.rollout import Member, Phase, Registration, Slot
+from rke2certd.rollout import records as rec
+from rke2certd.rollout.store import ClusterStore
+from rke2certd.supervisor.choice import ServerChoice, preferred_order
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import SupervisorHandle, start
+
+from .helpers import HOST, ServerNode, renew_agent
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+URLS = [f"https://10.0.0.{i}:9346" for i in (1, 2, 3)]
+
+
+# -- the choice (pure) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [100, 300, 1000])
+def test_a_fleet_spreads_within_20_percent(n: int) -> None:
+    counts = Counter(preferred_order(URLS, f"agent-{i:04d}")[0] for i in range(n))
+    assert set(counts) == set(URLS)
+    assert all(abs(c - n / 3) <= 0.2 * n / 3 for c in counts.values()), counts
+
+
+def test_the_choice_is_stable_and_independent_of_the_listed_order() -> None:
+    seed = 20301
+    print(f"seed {seed}")
+    shuffled = URLS[:]
+    random.Random(seed).shuffle(shuffled)
+    for i in range(50):
+        assert preferred_order(URLS, f"a{i}") == preferred_order(shuffled, f"a{i}")
+    assert preferred_order(URLS + URLS[:1], "a1") == preferred_order(URLS, "a1")  # duplicates
+
+
+def test_a_failed_servers_agents_spread_over_the_others() -> None:
+    """Fail-over order is per agent: the agents of a dead server do not all land on one."""
+    home = [o for i in range(600) if (o := preferred_order(URLS, f"agent-{i}"))[0] == URLS[0]]
+    second = Counter(o[1] for o in home)
+    assert set(second) == set(URLS[1:])
+    assert min(second.values()) >= 0.35 * len(home), second
+
+
+def test_removing_a_server_moves_only_its_agents() -> None:
+    names = [f"agent-{i}" for i in range(300)]
+    before = {a: preferred_order(URLS, a)[0] for a in names}
+    after = {a: preferred_order(URLS[:2], a)[0] for a in names}
+    assert all(after[a] == before[a] for a in names if before[a] != URLS[2])
+
+
+def test_sticky_until_the_preferred_server_is_tried_again() -> None:
+    choice = ServerChoice(URLS, prefer_again=30)
+    assert choice.order(0) == URLS
+    assert choice.answered(URLS[1]) == URLS[1]  # the preferred one failed; the second answered
+    assert choice.order(1) == [URLS[1], URLS[0], URLS[2]]  # sticky on the one that answers
+    assert choice.answered(URLS[1]) is None
+    assert choice.order(29) == [URLS[1], URLS[0], URLS[2]]
+    assert choice.order(30) == URLS  # home again, once per prefer_again
+    assert choice.order(31)[0] == URLS[1]  # it did not answer: away again
+    assert choice.order(60) == URLS
+    assert choice.answered(URLS[0]) == URLS[0]  # home answered: back
+    assert choice.order(61) == URLS
+
+
+def test_supervisor_urls_are_ranked_for_the_node(tmp_path: Path) -> None:
+    from tests.agent.helpers import make_agent_node
+
+    servers = "https://s1:9345,https://s2:9345,https://s3:9345"
+    node = make_agent_node(tmp_path, "K10" + "0" * 64 + "::node:pw", "agent-7", server=servers)
+    urls = supervisor_urls(node.cfg)
+    ranked = preferred_order(servers.split(","), "agent-7")  # as configured, RKE2's port
+    assert urls == [u.replace(":9345", ":9346") for u in ranked]
+
+
+# -- two real endpoints --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        yield ds
+
+
+def _endpoint(server: ServerNode, store: SQLiteDatastore, port: int = 0) -> SupervisorHandle:
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    return start(server.node, host=HOST, port=port, cluster=api)
+
+
+def test_an_agent_moves_keeps_its_lease_and_moves_back(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+    events: list[dict[str, Any]],
+) -> None:
+    first, second = _endpoint(server, store), _endpoint(server, store)
+    running = [first, second]
+    try:
+        node: Node = agent_factory("agent-1", supervisor_port=first.port)
+        renew_agent(node)
+        remote = RemoteDatastore(
+            [first.url, second.url], lambda: server.agent_token, lambda: trusted_bundle(node),
+            "agent-1",
+        )  # fmt: skip
+        remote.choice.prefer_again = 3600
+        cs = ClusterStore(remote)
+        lease = remote.grant_lease(30)  # granted by the first server, which then fails
+        running.remove(first)
+        first.stop()
+        # everything it holds goes on through the second: the lease, records on it
+        cs.ensure_member(Member("agent-1", ("agent",), Phase.AGENT))
+        cs.register(Registration("agent-1", ("agent",), Phase.AGENT, "t", None), lease)
+        assert remote.refresh_lease(lease) > 0
+        assert cs.take_slot(Slot(Phase.AGENT, 0, "agent-1", "ca-1", NOW), lease)
+        cs.report(Registration("agent-1", ("agent",), Phase.AGENT, "t", "g", "ok"), lease)
+        moved = [e for e in events if e["event"] == "server_chosen"]
+        assert [(e["server_url"], e["preferred"]) for e in moved] == [(second.url, False)]
+        assert "cannot reach" in moved[0]["reason"]
+        assert remote.choice.order(0)[0] == second.url  # sticky: no try at the dead one
+        reg = store.get(rec.node_key("agent-1"))
+        assert reg is not None and reg.lease == lease
+
+        # the first server returns (same port): the agent goes home at its next try there
+        first = _endpoint(server, store, port=first.port)
+        running.append(first)
+        remote.choice.prefer_again = 0
+        assert remote.refresh_lease(lease) > 0  # a lease the restarted server never saw
+        back = [e for e in events if e["event"] == "server_chosen"][1:]
+        assert [(e["server_url"], e["preferred"]) for e in back] == [(first.url, True)]
+        assert remote.revoke_lease(lease)
+        assert store.get(rec.node_key("agent-1")) is None
+    finally:
+        for handle in running:
+            handle.stop()
+
+
+def test_a_lease_is_still_no_other_agents(
+    server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Any]
+) -> None:
+    """The owner in the datastore is the granting agent's alone: another agent is refused."""
+    first, second = _endpoint(server, store), _endpoint(server, store)
+    try:
+        nodes = {}
+        for name in ("agent-1", "agent-2"):
+            nodes[name] = agent_factory(name, supervisor_port=first.port)
+            renew_agent(nodes[name])
+
+        def remote(name: str, url: str) -> RemoteDatastore:
+            return RemoteDatastore(
+                [url], lambda: server.agent_token, lambda: trusted_bundle(nodes[name]), name
+            )
+
+        lease = remote("agent-1", first.url).grant_lease(30)
+        thief = ClusterStore(remote("agent-2", second.url))
+        from rke2certd.errors import DatastoreError
+
+        with pytest.raises(DatastoreError, match="403"):
+            thief.register(Registration("agent-2", ("agent",), Phase.AGENT, "t", None), lease)
+        assert store.get(rec.node_key("agent-2")) is None
+    finally:
+        first.stop()
+        second.stop()
