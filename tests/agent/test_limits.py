@@ -4,6 +4,7 @@ and the host's open-file limit (pure), and a real endpoint following a resized l
 from __future__ import annotations
 
 import socket
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,22 +50,43 @@ def test_one_server_alone_takes_the_whole_fleet() -> None:
 def test_the_endpoint_follows_a_resized_limit(
     server: ServerNode, tmp_path: Path, events: list[dict[str, Any]]
 ) -> None:
-    """Connections beyond the cluster route's limit are closed at once (the agent tries its
-    next server, or again later); a larger limit (the fleet grew) lets them in."""
+    """The connection gate's total follows the cluster route's limit: at the limit a new
+    connection makes room by cutting the oldest one that has not authenticated (the endpoint's
+    defence against idle connections, supervisor/limits.py); a larger limit (the fleet grew)
+    lets more in with nobody cut."""
+
+    def open_still(sock: socket.socket) -> bool:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) != b""
+        except BlockingIOError:
+            return True
+        finally:
+            sock.setblocking(True)
+
+    def wait_cut(sock: socket.socket) -> None:
+        sock.settimeout(30)
+        assert sock.recv(1) == b""  # the server shut it down
+
     with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
         api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
         api.resize(2, 1)
         with start(server.node, host=HOST, port=0, cluster=api) as handle:
             held = [socket.create_connection((HOST, handle.port)) for _ in range(2)]
             try:
-                extra = socket.create_connection((HOST, handle.port))
-                assert extra.recv(1) == b""  # closed at once
-                extra.close()
-                refused = [e for e in events if e["event"] == "request_refused"]
-                assert refused and "more than 2 connections" in refused[0]["reason"]
+                held.append(socket.create_connection((HOST, handle.port)))
+                wait_cut(held[0])  # the oldest, to make room for the third
+                assert open_still(held[1])
                 api.resize(4, 3)
+                held.append(socket.create_connection((HOST, handle.port)))
                 reply = call(handle.port, server.file("server-ca.crt"), "GET", "/cacerts")
                 assert reply.status == 200
+                assert all(open_still(sock) for sock in held[1:])  # room for all: none cut
+                deadline = time.monotonic() + 30  # logged by the cut connection's thread
+                while not (cut := [e for e in events if e["event"] == "connection_cut"]):
+                    assert time.monotonic() < deadline, "no connection_cut event"
+                    time.sleep(0.01)
+                assert len(cut) == 1 and "make room" in cut[0]["reason"], cut
             finally:
                 for sock in held:
                     sock.close()
