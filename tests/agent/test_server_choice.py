@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
-from rke2certd.ops.agent import supervisor_urls
+from rke2certd.ops.agent import node_password, supervisor_urls
 from rke2certd.ops.agent_rollout import trusted_bundle
 from rke2certd.ops.node import Node
 from rke2certd.plan.rollout import Member, Phase, Registration, Slot
@@ -118,7 +118,7 @@ def test_an_agent_moves_keeps_its_lease_and_moves_back(
         renew_agent(node)
         remote = RemoteDatastore(
             [first.url, second.url], lambda: server.agent_token, lambda: trusted_bundle(node),
-            "agent-1",
+            "agent-1", node_password=lambda: node_password(node),
         )  # fmt: skip
         remote.choice.prefer_again = 3600
         cs = ClusterStore(remote)
@@ -165,8 +165,9 @@ def test_a_lease_is_still_no_other_agents(
 
         def remote(name: str, url: str) -> RemoteDatastore:
             return RemoteDatastore(
-                [url], lambda: server.agent_token, lambda: trusted_bundle(nodes[name]), name
-            )
+                [url], lambda: server.agent_token, lambda: trusted_bundle(nodes[name]), name,
+                node_password=lambda: node_password(nodes[name]),
+            )  # fmt: skip
 
         lease = remote("agent-1", first.url).grant_lease(30)
         thief = ClusterStore(remote("agent-2", second.url))

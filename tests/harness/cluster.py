@@ -253,6 +253,7 @@ class SimCluster:
             "node-label:\n  - sim=agent\n"
         )
         (rke2 / "config.yaml").chmod(0o600)
+        _rke2_agent_started(node.data)
 
     def is_agent(self, name: str) -> bool:
         return set(self.nodes[name].spec.roles) == {"agent"}
@@ -532,3 +533,38 @@ class SimCluster:
                 lines.append(f"rollout {r['id']} {r['state']} {r['stateReason']}")
                 lines += [f"  {n['name']} {n['state']} {n['message']}" for n in r["nodes"]]
         return "\n".join(lines)
+
+
+def _rke2_agent_started(data: Path) -> None:
+    """What rke2-agent's first start leaves that says it has run: the kubelet's kubeconfig,
+    naming the agent's files as RKE2 writes it. Until it is there, rke2certd leaves an agent to
+    rke2-agent (which fetches the CA and its certificates at its first start); the simulated
+    agents have no rke2-agent, so their daemons fetch the certificates the file names."""
+    agent = data / "agent"
+    agent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    kubeconfig = agent / "kubelet.kubeconfig"
+    if kubeconfig.exists():
+        return
+    kubeconfig.write_text(
+        "apiVersion: v1\n"
+        "clusters:\n"
+        "- cluster:\n"
+        "    server: https://127.0.0.1:6443\n"
+        f"    certificate-authority: {agent / 'server-ca.crt'}\n"
+        "  name: local\n"
+        "contexts:\n"
+        "- context:\n"
+        "    cluster: local\n"
+        "    namespace: default\n"
+        "    user: user\n"
+        "  name: Default\n"
+        "current-context: Default\n"
+        "kind: Config\n"
+        "preferences: {}\n"
+        "users:\n"
+        "- name: user\n"
+        "  user:\n"
+        f"    client-certificate: {agent / 'client-kubelet.crt'}\n"
+        f"    client-key: {agent / 'client-kubelet.key'}\n"
+    )
+    kubeconfig.chmod(0o600)
