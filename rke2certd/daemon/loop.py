@@ -499,9 +499,10 @@ class Daemon:
 
     def _status_text(self) -> str:
         parts = []
+        first_start = self.waiting in (FIRST_START, AGENT_FIRST_START)
         if self.waiting is not None:
             parts.append(self.waiting)
-            if self.waiting not in (FIRST_START, AGENT_FIRST_START):
+            if not first_start:
                 parts.append("renewing from the certificates on disk; NOT serving agents")
         if self.watcher is not None:
             parts.append(f"watching {self.watcher.staging}")
@@ -515,7 +516,7 @@ class Daemon:
             parts.append("NOT serving agents (see the journal)")
         if self._certs_summary():
             parts.append(self._certs_summary())
-        if self.monitor.status_text():
+        if self.monitor.status_text() and not first_start:  # no certificates yet, by design
             parts.append(self.monitor.status_text())
         if self.runner is not None:
             parts.append(self.runner.status_text())

@@ -82,10 +82,11 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(node: DaemonN
 def test_sigterm_sends_stopping_and_exits_zero_promptly(node: DaemonNode) -> None:
     with node.daemon() as d:
         d.notify.expect("READY", timeout=60)
-        started = time.monotonic()
         d.signal(signal.SIGTERM)
-        assert d.proc.wait(timeout=10) == 0
-        assert time.monotonic() - started < 3  # an idle loop (hourly rescan) wakes at once
+        # The idle loop's next timed wake is the rescan, an hour away (rescan-interval's
+        # default): an exit within the guard shows that the signal woke it, with no bound on
+        # how fast a loaded machine is.
+        assert d.proc.wait(timeout=120) == 0
         stopping = d.notify.expect("STOPPING", timeout=1)
         assert stopping.fields.get("STATUS") == "stopping"
         assert d.events("stopping")

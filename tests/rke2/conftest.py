@@ -52,6 +52,10 @@ class Cluster:
         cfg = {k.replace("_", "-"): v for k, v in config.items()}
         cfg.setdefault("server", join.url)
         cfg.setdefault("token", (join.server_dir / "agent-token").read_text().strip())
+        # An agent here listens on nothing, so it needs no address of its own; and a server's
+        # rke2certd never signs a loopback address other than 127.0.0.1 for an agent (a real
+        # node's IP is never loopback; docs/SECURITY.md).
+        cfg.setdefault("node-ip", "127.0.0.1")
         node = RKE2Agent(self.root / name, name, cfg, rke2certd or {}, hook)
         self.nodes[name] = node
         return node

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from rke2certd.errors import ConfigError
 from rke2certd.pki.token import ca_hash, format_token
 from tests.bootstrap.support import tree
 from tests.conftest import run_cli
@@ -114,7 +115,7 @@ def test_a_sql_datastore_is_refused_but_the_hook_lets_rke2_start(
     (node.layout.server / "token").write_text(node.token + "\n")
     before = tree(node.data, include_db=True)
     res = node.cli("renew")
-    assert res.returncode == 2
+    assert res.returncode == ConfigError.exit_code  # a configuration error (78)
     assert "RKE2's datastore is not one rke2certd can share" in res.stderr
     assert "postgres://..." in res.stderr and "pw1" not in res.stderr
     hook = node.cli("renew", "--offline-ok")
