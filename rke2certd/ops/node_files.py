@@ -212,15 +212,18 @@ class _Refs:
 
     def __init__(self, node: Node, cache: FactsCache) -> None:
         self.node, self.cache = node, cache
-        self._facts: dict[Path, CertFacts | None] = {}
+        self._facts: dict[Path, list[CertFacts]] = {}
 
-    def facts(self, path: Path) -> CertFacts | None:
+    def facts(self, path: Path | None) -> list[CertFacts]:
+        """Every certificate of a file, in order (none: missing or unreadable)."""
+        if path is None:
+            return []
         if path not in self._facts:
             data = read_optional(path)
             try:
-                self._facts[path] = cache_first(self.cache, data, path) if data else None
+                self._facts[path] = self.cache.facts(data, path) if data else []
             except PKIError:
-                self._facts[path] = None
+                self._facts[path] = []
         return self._facts[path]
 
     def first_existing(self, *paths: Path) -> Path | None:
@@ -288,12 +291,13 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
             path = _ref_path(value, src.path)
             certs.append((str(path), read_optional(path), path))
     leaf = refs.leaf(src)
-    leaf_facts = refs.facts(leaf) if leaf is not None else None
-    signer = refs.facts(refs.ca("client-ca") or Path("/nonexistent")) if leaf else None
-    server_ca = refs.facts(refs.ca("server-ca") or Path("/nonexistent")) if leaf else None
+    leaf_facts = refs.facts(leaf)[:1]
+    # CA files hold a bundle while a rotation rolls out: any of its CAs is a current one
+    signers = tuple(c.subject for c in refs.facts(refs.ca("client-ca"))) if leaf else ()
+    server_ca = {c.serial for c in refs.facts(refs.ca("server-ca"))} if leaf else set()
     ca_current = None
-    if ca_facts is not None and server_ca is not None:
-        ca_current = ca_facts.serial == server_ca.serial
+    if ca_facts is not None and server_ca:
+        ca_current = ca_facts.serial in server_ca
     out: list[KubeconfigRead] = []
     for named, pem, where in certs or [("", None, src.path)]:
         facts, unreadable = None, ""
@@ -312,8 +316,8 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
             KubeconfigRead(
                 str(src.path), src.service, named, ca, facts, unreadable,
                 leaf_file=str(leaf or ""),
-                leaf_serial=leaf_facts.serial if leaf_facts else None,
-                signer=signer.subject if signer else None,
+                leaf_serial=leaf_facts[0].serial if leaf_facts else None,
+                signers=signers,
                 ca_current=ca_current,
                 ca_problem=ca_problem if leaf else "",
             )

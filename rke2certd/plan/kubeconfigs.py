@@ -32,7 +32,7 @@ class KubeconfigRead:
     # what it is judged against (None / "": no expectation, e.g. a `watch-files` copy)
     leaf_file: str = ""  # the node's current leaf for this kubeconfig
     leaf_serial: str | None = None
-    signer: str | None = None  # CN of the CA that signs that leaf now
+    signers: tuple[str, ...] = ()  # CNs of the CAs that sign that leaf now (its CA file)
     ca_current: bool | None = None  # the CA it names is the node's current server CA
     ca_problem: str = ""  # the CA it names could not be read
 
@@ -79,8 +79,9 @@ def judge(read: KubeconfigRead, now: datetime, window: timedelta) -> KubeconfigE
             problems.append("its client certificate is not valid yet")
         case Status.WARNING:
             problems.append(f"its client certificate expires within {window.days} days")
-    if read.signer is not None and facts.issuer != read.signer:
-        problems.append(f"its client certificate was issued by {facts.issuer}, not {read.signer}")
+    if read.signers and facts.issuer not in read.signers:
+        now_by = " or ".join(read.signers)
+        problems.append(f"its client certificate was issued by {facts.issuer}, not {now_by}")
         if st in (Status.OK, Status.WARNING):
             word = Status.CHAIN_BROKEN.value
     if read.leaf_serial is not None and facts.serial != read.leaf_serial:
