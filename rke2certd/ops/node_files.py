@@ -300,7 +300,7 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
         ca_current = ca_facts.serial in server_ca
     out: list[KubeconfigRead] = []
     for named, pem, where in certs or [("", None, src.path)]:
-        facts, unreadable = None, ""
+        facts, unreadable, chain = None, "", signers
         if named and pem is None:
             unreadable = (
                 f"its client certificate {named} does not exist"
@@ -309,7 +309,10 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
             )
         elif pem is not None:
             try:
-                facts = cache_first(refs.cache, pem, where)
+                bundle = refs.cache.facts(pem, where)
+                facts = bundle[0] if bundle else None
+                # an intermediate sent along with the cert, issued by a current CA, is current
+                chain += tuple(c.subject for c in bundle[1:] if c.issuer in signers)
             except PKIError as exc:
                 unreadable = str(exc)
         out.append(
@@ -317,7 +320,7 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
                 str(src.path), src.service, named, ca, facts, unreadable,
                 leaf_file=str(leaf or ""),
                 leaf_serial=leaf_facts[0].serial if leaf_facts else None,
-                signers=signers,
+                signers=chain,
                 ca_current=ca_current,
                 ca_problem=ca_problem if leaf else "",
             )
