@@ -477,8 +477,9 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
     if args.exit_codes == "nagios":
         from rke2certd.plan.verdict import verdict
 
-        return int(verdict(result.rows, result.errors, result.warnings).level)
-    return 1 if failing(result.rows) or result.errors else 0
+        return int(verdict(result.rows, result.errors, result.warnings, result.kubeconfigs).level)
+    stale = any(k.critical for k in result.kubeconfigs)
+    return 1 if failing(result.rows) or result.errors or stale else 0
 
 
 def cmd_rotate(args: argparse.Namespace, cfg: Config) -> int:

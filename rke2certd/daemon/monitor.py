@@ -70,7 +70,7 @@ class Monitor:
 
     def certs(self, node: Node, result: CheckResult) -> None:
         """A fresh inventory (right after a renew): the verdict, the all-OK event, the metrics."""
-        new = verdict(result.rows, result.errors, result.warnings)
+        new = verdict(result.rows, result.errors, result.warnings, result.kubeconfigs)
         old, self.verdict = self.verdict, new
         if new.level is Level.OK and old is not None and old.level is not Level.OK:
             log.info("all_certificates_ok", reason=new.text, previous=old.level.name)

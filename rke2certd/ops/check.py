@@ -21,6 +21,7 @@ from rke2certd.ops.cert_facts import FactsCache
 from rke2certd.ops.node import Node
 from rke2certd.pki.profiles import LeafSpec, by_service, leaves_for
 from rke2certd.plan.inventory import Row, Status, rows_for
+from rke2certd.plan.kubeconfigs import KubeconfigEntry
 from rke2certd.store.atomic import read_optional
 
 API_VERSION = "rke2certd.io/v1"
@@ -34,6 +35,8 @@ class CheckResult:
     errors: list[str] = field(default_factory=list)
     # stale copies (ops/node_files.py): an admin kubeconfig whose cert is not client-admin.crt
     warnings: list[str] = field(default_factory=list)
+    # every kubeconfig of the node: the client cert it names or embeds (plan/kubeconfigs.py)
+    kubeconfigs: list[KubeconfigEntry] = field(default_factory=list)
 
 
 def check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
@@ -75,6 +78,7 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
     result.rows += extra.rows
     result.errors += extra.errors
     result.warnings += extra.warnings
+    result.kubeconfigs += extra.kubeconfigs
     cache.save()
     return result
 
@@ -197,6 +201,21 @@ def render_json(result: CheckResult) -> str:
             }
             for r in result.rows
         ],
+        "Kubeconfigs": [
+            {
+                "Filename": Path(k.path).name,
+                "Subject": k.subject,
+                "ExpiryTime": go_time(k.not_after) if k.not_after else None,
+                "ResidualTime": _ns(k.residual) if k.residual is not None else None,
+                "Status": k.status,
+                "Path": k.path,
+                "Service": k.service,
+                "ClientCertificate": k.cert,
+                "CertificateAuthority": k.ca,
+                "Problem": k.problem,
+            }
+            for k in result.kubeconfigs
+        ],
     }
     if result.errors:
         doc["Errors"] = result.errors
@@ -225,6 +244,21 @@ def render_yaml(result: CheckResult) -> str:
                 "chain": r.chain,
             }
             for r in result.rows
+        ],
+        "kubeconfigs": [
+            {
+                "filename": Path(k.path).name,
+                "subject": k.subject,
+                "expirytime": go_time(k.not_after) if k.not_after else None,
+                "residualtime": go_duration(_ns(k.residual)) if k.residual is not None else None,
+                "status": k.status,
+                "path": k.path,
+                "service": k.service,
+                "clientcertificate": k.cert,
+                "certificateauthority": k.ca,
+                "problem": k.problem,
+            }
+            for k in result.kubeconfigs
         ],
     }
     if result.errors:
@@ -255,6 +289,7 @@ def render_text(result: CheckResult) -> str:
         if r.chain and r.status is not Status.CHAIN_BROKEN:
             tail += f"; its chain {r.chain}"
         lines.append(f"{r.status.value}: {r.path}: certificate {r.subject} ({usages}) {tail}")
+    lines += [_kubeconfig_line(k) for k in result.kubeconfigs]
     lines += [f"ERROR: {e}" for e in result.errors]
     lines += [f"WARNING: {w}" for w in result.warnings]
     return "\n".join(lines) + ("\n" if lines else "")
@@ -279,10 +314,49 @@ def render_table(result: CheckResult) -> str:
     out = [
         "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
+    if result.kubeconfigs:
+        out += ["", "KUBECONFIGS", *_kubeconfig_table(result.kubeconfigs)]
     out += [f"CHAIN BROKEN: {r.path}: {r.chain}" for r in result.rows if r.chain]
+    out += [
+        f"KUBECONFIG {k.status}: {k.path}: {k.problem}" for k in result.kubeconfigs if k.problem
+    ]
     out += [f"ERROR: {e}" for e in result.errors]
     out += [f"WARNING: {w}" for w in result.warnings]
     return "\n".join(out) + "\n"
+
+
+def _kubeconfig_line(k: KubeconfigEntry) -> str:
+    cert = "no client certificate"
+    if k.cert:
+        cert = f"client certificate {k.cert}"
+        if k.subject:
+            cert += f" ({k.subject})"
+        if k.not_after:
+            cert += f" expires at {go_time(k.not_after)}"
+    ca = f"; certificate authority {k.ca}" if k.ca else ""
+    problem = f"; {k.problem}" if k.problem else ""
+    return f"{k.status}: {k.path}: kubeconfig, {cert}{ca}{problem}"
+
+
+def _kubeconfig_table(entries: Sequence[KubeconfigEntry]) -> list[str]:
+    header = ("KUBECONFIG", "SERVICE", "CLIENT CERTIFICATE", "SUBJECT", "EXPIRES", "CA", "STATUS")
+    rows = [header, tuple("-" * len(h) for h in header)]
+    for k in entries:
+        rows.append(
+            (
+                _display_name(Path(k.path)),
+                k.service,
+                _display_name(Path(k.cert)) if k.cert.startswith("/") else (k.cert or "-"),
+                k.subject or "-",
+                k.not_after.strftime("%b %d, %Y %H:%M UTC") if k.not_after else "-",
+                _display_name(Path(k.ca)) if k.ca.startswith("/") else (k.ca or "-"),
+                k.status,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return [
+        "   ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
 
 
 def _display_name(path: Path) -> str:

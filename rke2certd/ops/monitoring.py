@@ -42,7 +42,7 @@ def status_plugin(cfg: Config, output: str) -> int:
     node = Node.from_config(cfg)
     try:
         result = check(node, [], system_clock())
-        certs = verdict(result.rows, result.errors, result.warnings)
+        certs = verdict(result.rows, result.errors, result.warnings, result.kubeconfigs)
         doc = _cluster_doc(cfg, node)
     except Rke2certdError as exc:
         print(f"RKE2CERTD UNKNOWN - {str(exc).splitlines()[0]}")

@@ -34,7 +34,8 @@ from rke2certd.errors import PKIError
 from rke2certd.log import log
 from rke2certd.ops.cert_facts import FactsCache
 from rke2certd.ops.node import Node
-from rke2certd.plan.inventory import Row, Status, rows_for, status
+from rke2certd.plan.inventory import CertFacts, Row, Status, rows_for, status
+from rke2certd.plan.kubeconfigs import EMBEDDED, KubeconfigEntry, KubeconfigRead, judge
 from rke2certd.store.atomic import read_optional
 
 # kubeconfig name -> service (`certificate check -s`)
@@ -76,6 +77,7 @@ class Extra:
     rows: list[Row] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    kubeconfigs: list[KubeconfigEntry] = field(default_factory=list)
 
 
 def sources(node: Node) -> list[Source]:
@@ -159,20 +161,24 @@ def read_extra(
     cache: FactsCache,
     listed: frozenset[Path] = frozenset(),
 ) -> Extra:
-    """The rows of the other files, their read errors, and stale copies (`warnings`);
-    `listed`: the cert files already in the inventory."""
+    """The rows of the other files, their read errors, stale copies (`warnings`) and the
+    kubeconfig inventory; `listed`: the cert files already in the inventory."""
     window = timedelta(days=node.cfg.renew_before_days)
     out = Extra()
+    refs = _Refs(node, cache)
     for src in sources(node):
         if services and src.service not in services:
             continue
         data = read_optional(src.path)
         if data is None:
             continue
+        is_kubeconfig = src.kind == "kubeconfig" or (src.kind == "watched" and _is_kubeconfig(data))
+        if is_kubeconfig:
+            out.kubeconfigs += [judge(r, now, window) for r in kubeconfig_reads(src, data, refs)]
         try:
             if src.kind == "dynamic-cert":
                 pems = [("", dynamic_cert_pem(data, src.path))]
-            elif src.kind == "kubeconfig" or _is_kubeconfig(data):
+            elif is_kubeconfig:
                 pems = kubeconfig_certs(data, src.path, listed)
             else:
                 pems = [("", data)]
@@ -188,6 +194,137 @@ def read_extra(
             stale = admin_kubeconfig_stale(node, data)
             if stale:
                 out.warnings.append(f"{src.path}: {stale}")
+    return out
+
+
+# The kubeconfig inventory ---------------------------------------------------------------------
+
+# kubeconfig -> the leaf it should name: server/cred/<name>.kubeconfig and agent/<name>.kubeconfig
+_AGENT_LEAVES = {
+    "kubelet": "client-kubelet",
+    "kubeproxy": "client-kube-proxy",
+    "rke2controller": "client-rke2-controller",
+}
+
+
+class _Refs:
+    """The node's current leaves and CAs a kubeconfig is judged against, each read once."""
+
+    def __init__(self, node: Node, cache: FactsCache) -> None:
+        self.node, self.cache = node, cache
+        self._facts: dict[Path, list[CertFacts]] = {}
+
+    def facts(self, path: Path | None) -> list[CertFacts]:
+        """Every certificate of a file, in order (none: missing or unreadable)."""
+        if path is None:
+            return []
+        if path not in self._facts:
+            data = read_optional(path)
+            try:
+                self._facts[path] = self.cache.facts(data, path) if data else []
+            except PKIError:
+                self._facts[path] = []
+        return self._facts[path]
+
+    def first_existing(self, *paths: Path) -> Path | None:
+        return next((p for p in paths if p.exists()), None)
+
+    def leaf(self, src: Source) -> Path | None:
+        """The leaf RKE2 names in this kubeconfig (None: not one of RKE2's)."""
+        from rke2certd.pki.profiles import KUBECONFIGS
+
+        layout = self.node.layout
+        if src.kind != "kubeconfig":
+            return None
+        if src.path == self.node.cfg.kubeconfig_file:
+            return layout.tls / "client-admin.crt"
+        if src.path.parent == layout.cred and src.path.stem in KUBECONFIGS:
+            return layout.tls / f"{KUBECONFIGS[src.path.stem]}.crt"
+        if src.path.parent == layout.agent and src.path.stem in _AGENT_LEAVES:
+            return layout.agent / f"{_AGENT_LEAVES[src.path.stem]}.crt"
+        return None
+
+    def ca(self, name: str) -> Path | None:
+        layout = self.node.layout
+        agent = layout.agent_server_ca if name == "server-ca" else layout.agent_client_ca
+        return self.first_existing(layout.ca_cert(name), agent)
+
+
+def cache_first(cache: FactsCache, data: bytes, path: Path) -> CertFacts | None:
+    bundle = cache.facts(data, path)
+    return bundle[0] if bundle else None
+
+
+def _ref_path(value: bytes, where: Path) -> Path:
+    ref = Path(value.decode(errors="replace"))
+    return ref if ref.is_absolute() else where.parent / ref
+
+
+def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRead]:
+    """One read per client cert of a kubeconfig (one for a kubeconfig without any), with what
+    RKE2's own kubeconfigs are judged against: the current leaf, its CA, the server CA."""
+    ca, ca_facts, ca_problem = "", None, ""
+    certs: list[tuple[str, bytes | None, Path]] = []  # (what it names, PEM, where)
+    for m in _LINE.finditer(text):
+        key, value = m["key"].decode(), m["value"]
+        if key in ("certificate-authority-data", "certificate-authority") and not ca:
+            data: bytes | None = None
+            try:
+                if key.endswith("-data"):
+                    ca = EMBEDDED
+                    data = base64.b64decode(value, validate=True)
+                else:
+                    ca = str(_ref_path(value, src.path))
+                    data = read_optional(Path(ca))
+                if data is None:
+                    ca_problem = f"its certificate authority {ca} does not exist"
+                else:
+                    ca_facts = cache_first(refs.cache, data, src.path)
+            except (binascii.Error, ValueError, PKIError):
+                ca_problem = f"its certificate authority ({ca or key}) is not a certificate"
+        elif key == "client-certificate-data":
+            try:
+                certs.append((EMBEDDED, base64.b64decode(value, validate=True), src.path))
+            except (binascii.Error, ValueError):
+                certs.append((EMBEDDED, None, src.path))
+        elif key == "client-certificate":
+            path = _ref_path(value, src.path)
+            certs.append((str(path), read_optional(path), path))
+    leaf = refs.leaf(src)
+    leaf_facts = refs.facts(leaf)[:1]
+    # CA files hold a bundle while a rotation rolls out: any of its CAs is a current one
+    signers = tuple(c.subject for c in refs.facts(refs.ca("client-ca"))) if leaf else ()
+    server_ca = {c.serial for c in refs.facts(refs.ca("server-ca"))} if leaf else set()
+    ca_current = None
+    if ca_facts is not None and server_ca:
+        ca_current = ca_facts.serial in server_ca
+    out: list[KubeconfigRead] = []
+    for named, pem, where in certs or [("", None, src.path)]:
+        facts, unreadable, chain = None, "", signers
+        if named and pem is None:
+            unreadable = (
+                f"its client certificate {named} does not exist"
+                if named != EMBEDDED
+                else "its client-certificate-data is not base64"
+            )
+        elif pem is not None:
+            try:
+                bundle = refs.cache.facts(pem, where)
+                facts = bundle[0] if bundle else None
+                # an intermediate sent along with the cert, issued by a current CA, is current
+                chain += tuple(c.subject for c in bundle[1:] if c.issuer in signers)
+            except PKIError as exc:
+                unreadable = str(exc)
+        out.append(
+            KubeconfigRead(
+                str(src.path), src.service, named, ca, facts, unreadable,
+                leaf_file=str(leaf or ""),
+                leaf_serial=leaf_facts[0].serial if leaf_facts else None,
+                signers=chain,
+                ca_current=ca_current,
+                ca_problem=ca_problem if leaf else "",
+            )
+        )  # fmt: skip
     return out
 
 

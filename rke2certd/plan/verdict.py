@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from rke2certd.plan.inventory import Row, Status
+from rke2certd.plan.kubeconfigs import KubeconfigEntry
 
 CRITICAL = (Status.EXPIRED, Status.NOT_YET_VALID, Status.CHAIN_BROKEN)
 
@@ -29,23 +30,37 @@ class Verdict:
     text: str  # one line: what is wrong first
 
 
-def verdict(rows: Sequence[Row], errors: Sequence[str], warnings: Sequence[str] = ()) -> Verdict:
-    """CRITICAL: a certificate expired, not yet valid or with a broken chain; UNKNOWN: a file
-    could not be read (or none at all); WARNING: inside the renewal window, or a stale copy
-    (`warnings`)."""
+def verdict(
+    rows: Sequence[Row],
+    errors: Sequence[str],
+    warnings: Sequence[str] = (),
+    kubeconfigs: Sequence[KubeconfigEntry] = (),
+) -> Verdict:
+    """CRITICAL: a certificate expired, not yet valid or with a broken chain, or a kubeconfig's
+    client cert is (or was issued by another CA than the current one); UNKNOWN: a file could
+    not be read (or none at all; a kubeconfig naming a missing file is one); WARNING: inside
+    the renewal window, a stale copy (`warnings`), a kubeconfig whose cert or CA is not the
+    current one."""
     bad = [r for r in rows if r.status in CRITICAL]
     soon = [r for r in rows if r.status is Status.WARNING]
-    if bad:
-        names = ", ".join(sorted({str(r.path) for r in bad}))
-        return Verdict(
-            Level.CRITICAL,
-            f"{len(bad)} certificate(s) expired, not yet valid or with a broken chain: {names}",
-        )
+    bad_kc = [k for k in kubeconfigs if k.critical]
+    if bad or bad_kc:
+        parts = []
+        if bad:
+            names = ", ".join(sorted({str(r.path) for r in bad}))
+            parts.append(
+                f"{len(bad)} certificate(s) expired, not yet valid or with a broken chain: {names}"
+            )
+        if bad_kc:
+            names = ", ".join(sorted({k.path for k in bad_kc}))
+            parts.append(f"{len(bad_kc)} kubeconfig(s) with an unusable client cert: {names}")
+        return Verdict(Level.CRITICAL, "; ".join(parts))
     if errors:
         return Verdict(Level.UNKNOWN, f"{len(errors)} file(s) unreadable: {errors[0]}")
     if not rows:
         return Verdict(Level.UNKNOWN, "no certificates found")
-    if soon or warnings:
+    stale_kc = [k for k in kubeconfigs if k.warning]
+    if soon or warnings or stale_kc:
         parts = []
         if soon:
             first = min(soon, key=lambda r: r.not_after)
@@ -54,6 +69,7 @@ def verdict(rows: Sequence[Row], errors: Sequence[str], warnings: Sequence[str] 
                 f"{first.not_after.strftime('%Y-%m-%d %H:%M')} UTC"
             )
         parts += warnings
+        parts += [f"{k.path}: {k.problem}" for k in stale_kc]
         return Verdict(Level.WARNING, "; ".join(parts))
     first = min(rows, key=lambda r: r.not_after)
     return Verdict(

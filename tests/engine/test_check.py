@@ -170,9 +170,14 @@ def test_yaml_keeps_upstream_yaml_v2_field_names(full_node: LiveNode) -> None:
 
 
 def test_text_has_one_line_per_certificate(full_node: LiveNode) -> None:
+    """One line per certificate, then one per kubeconfig (server/cred/*.kubeconfig here)."""
     code, out, err = _cli_check(full_node, "-o", "text")
     assert code == 0, err
     lines = out.splitlines()
+    kubeconfigs = [ln for ln in lines if ": kubeconfig, " in ln]
+    assert len(kubeconfigs) == 6 and all(ln.startswith("OK: ") for ln in kubeconfigs)
+    assert lines[-len(kubeconfigs) :] == kubeconfigs, "after the certificates"
+    lines = lines[: -len(kubeconfigs)]
     assert len(lines) == 2 * len(specs_of(full_node.node))
     path = APISERVER.cert_path(full_node.node.layout)
     assert any(
@@ -200,7 +205,9 @@ def test_table_has_a_header_and_one_row_per_certificate(full_node: LiveNode) -> 
         "STATUS",
     ]
     assert set(lines[1].replace(" ", "")) == {"-"}
-    rows = lines[2:]
+    rows = lines[2 : lines.index("")]  # then the KUBECONFIGS table
+    assert lines[lines.index("") + 1] == "KUBECONFIGS"
+    assert len(lines[lines.index("") + 4 :]) == 6, "server/cred/*.kubeconfig"
     assert len(rows) == 2 * len(specs_of(full_node.node))
     assert all(r.rstrip().endswith("OK") for r in rows)
     assert any(r.startswith("agent/client-kube-proxy.crt") for r in rows)
@@ -266,8 +273,11 @@ def test_exit_code_is_non_zero_when_a_cert_is_expired(
     renew_at(live_node.node, clock.at(days=-400), specs=(ADMIN,))
     code, out, _ = _cli_check(live_node)
     assert code == 1
-    [line] = [ln for ln in out.splitlines() if ln.startswith("EXPIRED")]
+    [line, kubeconfig] = [ln for ln in out.splitlines() if ln.startswith("EXPIRED")]
     assert str(ADMIN.cert_path(live_node.node.layout)) in line
+    # server/cred/admin.kubeconfig names that file: its line says so too
+    assert kubeconfig.startswith(f"EXPIRED: {live_node.node.layout.kubeconfig('admin')}: ")
+    assert "its client certificate expired at" in kubeconfig
 
 
 def test_exit_code_is_non_zero_when_a_cert_is_not_yet_valid(

@@ -37,19 +37,33 @@ def _check_code(node: DaemonNode, *args: str) -> int:
     return node.cli("certificate", "check", *args, check=False).returncode
 
 
-def _kubelet_kubeconfig(node: DaemonNode) -> Path:
-    """agent/kubelet.kubeconfig as RKE2 writes it: it names the cert files."""
-    agent = node.data / "agent"
-    path = agent / "kubelet.kubeconfig"
+def _named_kubeconfig(path: Path, ca: Path, cert: Path) -> Path:
+    """A kubeconfig as RKE2 writes its own (server/cred, agent/): it names the cert files."""
     path.write_text(
         "apiVersion: v1\nclusters:\n- cluster:\n"
-        f"    certificate-authority: {agent}/server-ca.crt\n    server: https://127.0.0.1:6443\n"
+        f"    certificate-authority: {ca}\n    server: https://127.0.0.1:6443\n"
         "  name: local\ncontexts:\n- context:\n    cluster: local\n    user: user\n"
         "  name: Default\ncurrent-context: Default\nkind: Config\npreferences: {}\nusers:\n"
-        f"- name: user\n  user:\n    client-certificate: {agent}/client-kubelet.crt\n"
-        f"    client-key: {agent}/client-kubelet.key\n"
+        f"- name: user\n  user:\n    client-certificate: {cert}\n"
+        f"    client-key: {cert.with_suffix('.key')}\n"
     )
     return path
+
+
+# agent/<name>.kubeconfig -> the leaf it names, as rke2-agent writes them
+AGENT_KUBECONFIGS = {
+    "kubelet": "client-kubelet",
+    "kubeproxy": "client-kube-proxy",
+    "rke2controller": "client-rke2-controller",
+}
+CRED_KUBECONFIGS = ("admin", "supervisor", "controller", "scheduler", "api-server")
+
+
+def _kubelet_kubeconfig(node: DaemonNode) -> Path:
+    agent = node.data / "agent"
+    return _named_kubeconfig(
+        agent / "kubelet.kubeconfig", agent / "server-ca.crt", agent / "client-kubelet.crt"
+    )
 
 
 @pytest.fixture
@@ -69,8 +83,124 @@ def rke2_node(node: DaemonNode) -> DaemonNode:
     rke2_yaml.chmod(0o600)
     fresh = make_cert("rke2", days(-1), days(364), _ca(node, "server-ca"))
     (tls / "dynamic-cert.json").write_text(dynamic_cert_json(*fresh))
-    _kubelet_kubeconfig(node)
+    agent = node.data / "agent"
+    for name, leaf in AGENT_KUBECONFIGS.items():
+        _named_kubeconfig(
+            agent / f"{name}.kubeconfig", agent / "server-ca.crt", agent / f"{leaf}.crt"
+        )
     return node
+
+
+def _kubeconfigs(node: DaemonNode, *args: str) -> dict[str, dict[str, object]]:
+    doc = json.loads(node.cli("certificate", "check", "-o", "json", *args, check=False).stdout)
+    assert list(doc).index("Kubeconfigs") == list(doc).index("Certificates") + 1
+    return {str(k["Path"]): k for k in doc["Kubeconfigs"]}
+
+
+def test_check_lists_every_kubeconfig_of_the_node_in_every_format(rke2_node: DaemonNode) -> None:
+    """server/cred/*.kubeconfig (rke2certd's renew writes them as RKE2 does), agent/*.kubeconfig
+    and rke2.yaml: one entry each, after the certificates, in every output format."""
+    import yaml
+
+    node = rke2_node
+    tls, agent = node.data / "server/tls", node.data / "agent"
+    rke2_yaml = node.settings["write-kubeconfig"]
+    cred = [node.data / f"server/cred/{n}.kubeconfig" for n in CRED_KUBECONFIGS]
+    assert all(p.exists() for p in cred), "the node is laid out as RKE2 lays it out"
+    expected = {
+        *map(str, sorted((node.data / "server/cred").glob("*.kubeconfig"))),
+        *(str(agent / f"{n}.kubeconfig") for n in AGENT_KUBECONFIGS),
+        rke2_yaml,
+    }
+    entries = _kubeconfigs(node)
+    assert set(entries) == expected
+    for path, k in entries.items():
+        assert list(k)[:5] == ["Filename", "Subject", "ExpiryTime", "ResidualTime", "Status"]
+        assert (k["Status"], k["Problem"]) == ("OK", ""), path
+    admin = entries[str(node.data / "server/cred/admin.kubeconfig")]
+    assert admin["ClientCertificate"] == str(tls / "client-admin.crt")
+    assert admin["CertificateAuthority"] == str(tls / "server-ca.crt")
+    assert admin["Subject"] == "system:admin" and admin["Service"] == "admin"
+    kubeproxy = entries[str(agent / "kubeproxy.kubeconfig")]
+    assert kubeproxy["ClientCertificate"] == str(agent / "client-kube-proxy.crt")
+    assert kubeproxy["Subject"] == "system:kube-proxy" and kubeproxy["Service"] == "kube-proxy"
+    embedded = entries[rke2_yaml]
+    assert (embedded["ClientCertificate"], embedded["CertificateAuthority"]) == (
+        "embedded",
+        "embedded",
+    )
+    # the certificate rows are the files' own, as upstream lists them
+    assert not [p for p in _rows(node) if p.endswith(".kubeconfig")]
+    assert set(_kubeconfigs(node, "-s", "scheduler")) == {
+        str(node.data / "server/cred/scheduler.kubeconfig")
+    }
+
+    doc = yaml.safe_load(node.cli("certificate", "check", "-o", "yaml").stdout)
+    assert list(doc).index("kubeconfigs") == list(doc).index("certificates") + 1
+    assert {k["path"] for k in doc["kubeconfigs"]} == expected
+    assert {k["status"] for k in doc["kubeconfigs"]} == {"OK"}
+
+    text = node.cli("certificate", "check").stdout.splitlines()
+    lines = [ln for ln in text if ": kubeconfig, " in ln]
+    assert {ln.split(": ")[1] for ln in lines} == expected
+    assert text[-len(lines) :] == lines, "after the certificate lines"
+    assert f"OK: {rke2_yaml}: kubeconfig, client certificate embedded (system:admin)" in "\n".join(
+        lines
+    )
+
+    table = node.cli("certificate", "check", "-o", "table").stdout.splitlines()
+    at = table.index("KUBECONFIGS")
+    assert table[at + 1].split()[:3] == ["KUBECONFIG", "SERVICE", "CLIENT"]
+    names = {row.split()[0] for row in table[at + 3 :]}
+    assert names == {f"{Path(p).parent.name}/{Path(p).name}" for p in expected}
+    assert node.cli("certificate", "check", check=False).returncode == 0
+    assert _check_code(node, "--exit-codes=nagios") == 0
+
+
+def test_a_kubeconfig_naming_a_missing_or_an_old_ca_cert_is_reported(
+    rke2_node: DaemonNode,
+) -> None:
+    node = rke2_node
+    tls, agent = node.data / "server/tls", node.data / "agent"
+    kubeproxy = agent / "kubeproxy.kubeconfig"
+    _named_kubeconfig(kubeproxy, agent / "server-ca.crt", Path("/nonexistent/kube-proxy.crt"))
+    entry = _kubeconfigs(node)[str(kubeproxy)]
+    assert entry["Status"] == "MISSING"
+    assert entry["Problem"] == "its client certificate /nonexistent/kube-proxy.crt does not exist"
+    r = node.cli("certificate", "check", check=False)
+    assert f"MISSING: {kubeproxy}: kubeconfig, client certificate /nonexistent" in r.stdout
+    assert r.returncode == 1
+    assert _check_code(node, "--exit-codes=nagios") == 3, "unreadable, as any missing file"
+    _named_kubeconfig(kubeproxy, agent / "server-ca.crt", agent / "client-kube-proxy.crt")
+
+    # a scheduler kubeconfig left naming a cert of a CA that was rotated away
+    old_ca = make_cert("rke2-client-ca@1", days(-800), days(3000))
+    old = node.data / "old-scheduler.crt"
+    old.write_bytes(make_cert("system:kube-scheduler", days(-10), days(300), old_ca)[0])
+    scheduler = node.data / "server/cred/scheduler.kubeconfig"
+    _named_kubeconfig(scheduler, tls / "server-ca.crt", old)
+    entry = _kubeconfigs(node)[str(scheduler)]
+    assert entry["Status"] == "CHAIN BROKEN" and entry["ClientCertificate"] == str(old)
+    problem = str(entry["Problem"])
+    assert "was issued by rke2-client-ca@1, not rke2-client-ca@" in problem
+    assert f"not the current {tls / 'client-scheduler.crt'}" in problem
+    text = node.cli("certificate", "check", check=False)
+    assert f"CHAIN BROKEN: {scheduler}: kubeconfig, client certificate {old}" in text.stdout
+    assert text.returncode == 1
+    assert _check_code(node, "--exit-codes=nagios") == 2
+    table = node.cli("certificate", "check", "-o", "table", check=False).stdout
+    assert f"KUBECONFIG CHAIN BROKEN: {scheduler}: its client certificate was issued" in table
+
+    # a valid copy from the current CA that is not the current leaf: a warning
+    copy = make_cert("system:kube-scheduler", days(-1), days(300), _ca(node, "client-ca"))[0]
+    old.write_bytes(copy)
+    entry = _kubeconfigs(node)[str(scheduler)]
+    assert entry["Status"] == "WARNING"
+    assert (
+        entry["Problem"] == f"its client certificate is not the current {tls}/client-scheduler.crt"
+    )
+    assert _check_code(node) == 0, "the default codes are today's: a warning exits 0"
+    assert _check_code(node, "--exit-codes=nagios") == 1
 
 
 def test_check_lists_rke2_yaml_dynamic_cert_and_the_kubeconfigs(rke2_node: DaemonNode) -> None:

@@ -21,7 +21,8 @@ from rke2certd.ops.node_files import (
     kubeconfig_certs,
     refresh_admin_kubeconfig,
 )
-from rke2certd.plan.inventory import Row, Status
+from rke2certd.plan.inventory import CertFacts, Row, Status
+from rke2certd.plan.kubeconfigs import MISSING, KubeconfigRead, judge
 from rke2certd.plan.listen import parse_listen
 from rke2certd.plan.verdict import Level, verdict
 
@@ -247,3 +248,91 @@ def test_the_admin_kubeconfig_path_follows_rke2s_config_dir(tmp_path: Path) -> N
         {"rke2-config": str(tmp_path / "config.yaml"), "write-kubeconfig": "/root/kube.yaml"}
     )
     assert named.kubeconfig_file == Path("/root/kube.yaml")
+
+
+def _client(cn: str, issuer: str, serial: str, days_left: float) -> CertFacts:
+    return CertFacts(cn, issuer, ("ClientAuth",), NOW - 10 * DAY, NOW + days_left * DAY, serial)
+
+
+def _read(facts: CertFacts | None, **kw: object) -> KubeconfigRead:
+    base: dict[str, object] = {
+        "leaf_file": "/d/server/tls/client-scheduler.crt",
+        "leaf_serial": "aa",
+        "signers": ("rke2-client-ca@2", "rke2-client-ca@1"),  # a bundle mid-rotation
+        "ca_current": True,
+    }
+    base.update(kw)
+    return KubeconfigRead(
+        "/d/server/cred/scheduler.kubeconfig", "scheduler", "/d/server/tls/client-scheduler.crt",
+        "/d/server/tls/server-ca.crt", facts, **base,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "read", "status", "problem", "level"),
+    [
+        ("current", _read(_client("s", "rke2-client-ca@1", "aa", 300)), "OK", "", Level.OK),
+        (
+            "inside the window",
+            _read(_client("s", "rke2-client-ca@2", "aa", 20)),
+            "WARNING",
+            "its client certificate expires within 30 days",
+            Level.WARNING,
+        ),
+        (
+            "expired",
+            _read(_client("s", "rke2-client-ca@2", "aa", -1)),
+            "EXPIRED",
+            "its client certificate expired at 2027-05-31T00:00:00+00:00",
+            Level.CRITICAL,
+        ),
+        (
+            "another CA",
+            _read(_client("s", "rke2-client-ca@0", "bb", 300)),
+            "CHAIN BROKEN",
+            "its client certificate was issued by rke2-client-ca@0, not rke2-client-ca@2 or "
+            "rke2-client-ca@1; its client certificate is not the current "
+            "/d/server/tls/client-scheduler.crt",
+            Level.CRITICAL,
+        ),
+        (
+            "a copy, not the current leaf",
+            _read(_client("s", "rke2-client-ca@2", "bb", 300)),
+            "WARNING",
+            "its client certificate is not the current /d/server/tls/client-scheduler.crt",
+            Level.WARNING,
+        ),
+        (
+            "an old server CA",
+            _read(_client("s", "rke2-client-ca@2", "aa", 300), ca_current=False),
+            "WARNING",
+            "its certificate authority is not the current server CA",
+            Level.WARNING,
+        ),
+        (
+            "missing",
+            _read(None, unreadable="its client certificate /x.crt does not exist"),
+            MISSING,
+            "its client certificate /x.crt does not exist",
+            Level.OK,  # the file's error makes it UNKNOWN (check's `errors`), not the entry
+        ),
+        (
+            "no expectation (a watch-files copy)",
+            _read(_client("s", "other", "bb", 300), leaf_serial=None, signers=(), ca_current=None),
+            "OK",
+            "",
+            Level.OK,
+        ),
+    ],
+)
+def test_kubeconfig_entries_say_what_is_wrong(
+    case: str, read: KubeconfigRead, status: str, problem: str, level: Level
+) -> None:
+    entry = judge(read, NOW, 30 * DAY)
+    assert (entry.status, entry.problem) == (status, problem), case
+    leaf = Row(
+        Path("/d/server/tls/client-scheduler.crt"), "scheduler", 0, "s", "rke2-client-ca@2",
+        ("ClientAuth",), NOW - DAY, NOW + 300 * DAY, "aa", Status.OK, 300 * DAY,
+    )  # fmt: skip
+    assert verdict([leaf], [], [], [entry]).level is level, case
+    assert verdict([leaf], [], []).level is Level.OK, "without kubeconfigs: today's verdict"
