@@ -317,12 +317,19 @@ APISERVER_URL = "https://127.0.0.1:6443"
 
 def kubeconfig(layout: Layout, leaf: str) -> bytes:
     """A kubeconfig pointing at the files, as RKE2 writes server/cred/*.kubeconfig."""
+    tls = layout.tls
+    return kubeconfig_naming(layout.ca_cert("server-ca"), tls / f"{leaf}.crt", tls / f"{leaf}.key")
+
+
+def kubeconfig_naming(ca: Path, cert: Path, key: Path) -> bytes:
+    """RKE2's kubeconfig layout for a client that names its CA, cert and key files (as in
+    server/cred/ and agent/)."""
     return (
         "apiVersion: v1\n"
         "clusters:\n"
         "- cluster:\n"
         f"    server: {APISERVER_URL}\n"
-        f"    certificate-authority: {layout.ca_cert('server-ca')}\n"
+        f"    certificate-authority: {ca}\n"
         "  name: local\n"
         "contexts:\n"
         "- context:\n"
@@ -336,8 +343,8 @@ def kubeconfig(layout: Layout, leaf: str) -> bytes:
         "users:\n"
         "- name: user\n"
         "  user:\n"
-        f"    client-certificate: {layout.tls / (leaf + '.crt')}\n"
-        f"    client-key: {layout.tls / (leaf + '.key')}\n"
+        f"    client-certificate: {cert}\n"
+        f"    client-key: {key}\n"
     ).encode()
 
 

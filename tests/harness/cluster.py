@@ -42,6 +42,7 @@ import yaml
 
 from rke2certd.datastore import Datastore, SQLiteDatastore, open_datastore
 from rke2certd.ops.generate import stage_rotation
+from rke2certd.ops.renew import kubeconfig_naming
 from rke2certd.pki.layout import Layout
 from rke2certd.rollout.records import PREFIX
 from tests.harness.etcd import EtcdCluster, TLSFiles, free_ports
@@ -545,26 +546,9 @@ def _rke2_agent_started(data: Path) -> None:
     kubeconfig = agent / "kubelet.kubeconfig"
     if kubeconfig.exists():
         return
-    kubeconfig.write_text(
-        "apiVersion: v1\n"
-        "clusters:\n"
-        "- cluster:\n"
-        "    server: https://127.0.0.1:6443\n"
-        f"    certificate-authority: {agent / 'server-ca.crt'}\n"
-        "  name: local\n"
-        "contexts:\n"
-        "- context:\n"
-        "    cluster: local\n"
-        "    namespace: default\n"
-        "    user: user\n"
-        "  name: Default\n"
-        "current-context: Default\n"
-        "kind: Config\n"
-        "preferences: {}\n"
-        "users:\n"
-        "- name: user\n"
-        "  user:\n"
-        f"    client-certificate: {agent / 'client-kubelet.crt'}\n"
-        f"    client-key: {agent / 'client-kubelet.key'}\n"
+    kubeconfig.write_bytes(
+        kubeconfig_naming(
+            agent / "server-ca.crt", agent / "client-kubelet.crt", agent / "client-kubelet.key"
+        )
     )
     kubeconfig.chmod(0o600)
