@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from rke2certd.constants import SUPERVISOR_PORT
 from rke2certd.errors import PKIError, Rke2certdError, TokenError
 from rke2certd.log import log
 from rke2certd.pki.token import SERVER_USER, Token, ca_hash, parse_token
@@ -45,7 +46,6 @@ from rke2certd.supervisor import (
     wire,
 )
 
-DEFAULT_PORT = 9346
 DEFAULT_TIMEOUT = 10.0
 MAX_RESPONSE = 1024 * 1024  # CA bundles and leaf chains are a few KiB
 Urls = str | Sequence[str]
@@ -99,7 +99,7 @@ def split_urls(urls: Urls) -> list[str]:
 def _endpoint(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     try:
-        port = parts.port or DEFAULT_PORT
+        port = parts.port or SUPERVISOR_PORT
     except ValueError:
         raise SupervisorError(f"{url}: the port is not a number") from None
     if parts.scheme != "https" or not parts.hostname:
