@@ -446,9 +446,9 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     from rke2certd.daemon.loop import Daemon
     from rke2certd.log import output
 
-    # The daemon configures logging now, not at its first rke2certd.log event (see log.py):
-    # modules that log through structlog directly (the loop, the rollout) may log first, and
-    # would otherwise go to structlog's default, console text on stdout, not stderr/journald.
+    # The daemon configures logging now, not at its first rke2certd.log event (see log/):
+    # libraries (watchdog, etcd clients) may log through stdlib logging first, and would
+    # otherwise bypass the sink and the redaction.
     output.configure(cfg.log_format, cfg.log_level)
     first = [cfg]
 
