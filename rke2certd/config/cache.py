@@ -36,10 +36,12 @@ _CODE = (_HERE.parent / "constants.py",)
 
 def _code_digest() -> str | None:
     """The validating code's identity: a changed rule or default must not reuse old values."""
+    ours = sorted(_HERE.glob("*.py"))
     try:
-        files = sorted(_HERE.glob("*.py")) + list(_CODE)
-        parts = [f.read_bytes() for f in files]
+        parts = [f.read_bytes() for f in (*ours, *_CODE)]
     except OSError:
+        parts = []
+    if not ours or not parts:
         return None  # no sources to hash (a frozen build): do not cache
     return digest(b"\0".join([__version__.encode(), *parts]))
 
