@@ -41,7 +41,6 @@ from rke2certd.supervisor import (
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
     NODE_PASSWORD_HEADER,
-    ROLLOUT_PATH,
     cert_route,
     wire,
 )
@@ -61,11 +60,13 @@ class UnreachableError(SupervisorError):
 
 
 class RefusedError(SupervisorError):
-    """A server refused the request (4xx); `status` is the HTTP status."""
+    """A server refused the request (4xx); `status` is the HTTP status, `code` the server's
+    machine-readable reason when it gave one (wire.py's error codes)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class _Skip(Exception):
@@ -83,6 +84,7 @@ class _Answer:
     status: int
     reason: str
     body: bytes
+    code: str | None = None  # the ERROR_HEADER of a refusal
 
 
 # URLs and TLS contexts -----------------------------------------------------------------------
@@ -158,7 +160,7 @@ def _exchange(
         conn.close()
     if len(data) > MAX_RESPONSE:
         raise _Skip(f"it answered more than {MAX_RESPONSE} bytes")
-    return _Answer(response.status, response.reason, data)
+    return _Answer(response.status, response.reason, data, response.getheader(wire.ERROR_HEADER))
 
 
 def _why(exc: BaseException) -> str:
@@ -190,7 +192,7 @@ def _expect_ok(url: str, answer: _Answer, what: str) -> bytes:
         )
     else:
         message = f"the server at {url} refused {what}: {answer.status} {detail}"
-    raise RefusedError(message, answer.status)
+    raise RefusedError(message, answer.status, answer.code)
 
 
 def _failover(urls: Urls, attempt: Callable[[str], _T], what: str) -> _T:
@@ -383,26 +385,6 @@ def fetch_client_ca(
 ) -> bytes:
     """The client CA bundle (`server/tls/client-ca.crt` of the server), over a pinned channel."""
     return _get(urls, token, cacerts, CLIENT_CA_PATH, timeout)
-
-
-def fetch_rollout(
-    urls: Urls,
-    token: str,
-    cacerts: bytes,
-    node_name: str | None = None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> dict[str, Any]:
-    """The rollout state the server's daemon publishes (a JSON object)."""
-    extra = {NODE_NAME_HEADER: node_name} if node_name else {}
-    body = _get(urls, token, cacerts, ROLLOUT_PATH, timeout, extra)
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise SupervisorError(f"the rollout state is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise SupervisorError("the rollout state is not a JSON object")
-    return doc
 
 
 def get_as_server(urls: Urls, token: str, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> bytes:
