@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import datetime
 
+from rke2certd.commands.renew import RenewResult
+from rke2certd.commands.rotate_ca import RotateCAResult
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS
 from rke2certd.log import log
-from rke2certd.ops.renew import RenewResult
-from rke2certd.ops.rotate_ca import RotateCAResult
 from rke2certd.plan.rollout import (
     PHASES,
     SERVER_PHASES,
@@ -21,7 +21,7 @@ from rke2certd.plan.rollout import (
     RolloutKind,
     RolloutState,
 )
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 
 # Agents trust server-ca and hold certs signed by client-ca; nothing else of the CA set
 # reaches them. A change elsewhere (the etcd CAs, request-header, service.key) restarts servers

@@ -64,16 +64,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from rke2certd.clock import Clock, system_clock
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError
+from rke2certd.files.atomic import read_optional
+from rke2certd.files.exposure import warn_if_exposed
 from rke2certd.log import log, notify
-from rke2certd.ops.bootstrap import configured_token
-from rke2certd.ops.ca_material import CA, load_ca_set
-from rke2certd.ops.node import Node
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.ca_material import CA, load_ca_set
+from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
+from rke2certd.pki.join_token import parse_token
 from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import LeafSpec, NodeIdentity, SanSet, server_sans, wanted_sans
-from rke2certd.pki.token import parse_token
-from rke2certd.store.atomic import read_optional
-from rke2certd.store.exposure import warn_if_exposed
 from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,

@@ -31,13 +31,14 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands import apply_staged as staging
+from rke2certd.commands.node_datastore import open_for
 from rke2certd.config import load_config
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import bootstrap_key_name, passphrase_from_token
-from rke2certd.ops import staging
-from rke2certd.ops.bootstrap import configured_token, open_for
-from rke2certd.ops.node import Node
-from rke2certd.ops.staged_copy import MAX_DEPTH
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.node import Node
+from rke2certd.node.staged_copy import MAX_DEPTH
 from rke2certd.plan.staged_set import ROTATABLE, SIZE_LIMIT
 from tests.daemon.support import DaemonNode, DaemonProcess
 

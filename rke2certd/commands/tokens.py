@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rke2certd.errors import Rke2certdError
-from rke2certd.ops.node import Node
-from rke2certd.pki import token as tokens
-from rke2certd.store.atomic import read_optional
+from rke2certd.files.atomic import read_optional
+from rke2certd.node.node import Node
+from rke2certd.pki import join_token as tokens
 
 
 def show_tokens(node: Node) -> str:
@@ -35,7 +35,7 @@ def show_hash(node: Node) -> str:
 def rewrite_config_tokens(node: Node, new_hash: str, *, dry_run: bool = False) -> list[Path]:
     """The new CA hash into the full tokens of every config file this node read and its token
     file, journaled in the data dir. The caller holds the node lock."""
-    from rke2certd.ops.token_config import rewrite_token_hashes
+    from rke2certd.node.rke2_config_tokens import rewrite_token_hashes
 
     cfg = node.cfg
     token_files = [cfg.token_file] if cfg.token_file else []

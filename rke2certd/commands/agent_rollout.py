@@ -24,14 +24,14 @@ import hashlib
 from collections.abc import Callable
 from datetime import datetime
 
+from rke2certd.commands.agent import agent_renew, agent_token, node_password, supervisor_urls
+from rke2certd.commands.renew import RenewResult
+from rke2certd.commands.tokens import rewrite_config_tokens
 from rke2certd.errors import Rke2certdError, TokenError
+from rke2certd.files.atomic import read_optional
 from rke2certd.log import log
-from rke2certd.ops.agent import agent_renew, agent_token, node_password, supervisor_urls
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import RenewResult
-from rke2certd.ops.tokens import rewrite_config_tokens
-from rke2certd.pki.token import format_token, parse_token
-from rke2certd.store.atomic import read_optional
+from rke2certd.node.node import Node
+from rke2certd.pki.join_token import format_token, parse_token
 from rke2certd.supervisor import AGENT_USER
 from rke2certd.supervisor.client import fetch_cacerts_trusted, locate_cacerts
 from rke2certd.supervisor.remote import RemoteDatastore

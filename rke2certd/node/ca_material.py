@@ -11,9 +11,9 @@ from pathlib import Path
 from cryptography import x509
 
 from rke2certd.errors import PKIError, ValidationError
+from rke2certd.files.atomic import FileWrite, read_optional
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.layout import CA_NAMES, Layout
-from rke2certd.store.atomic import FileWrite, read_optional
 
 # CN prefix of each self-signed CA RKE2 creates (`<prefix>@<unix-ts>`).
 CA_CN_PREFIX = {

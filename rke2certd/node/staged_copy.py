@@ -15,7 +15,7 @@ object opened (fstat), not on a path:
 
 What passes is copied into a fresh dir under the daemon's private work dir; later changes to
 the original cannot reach the copy. The copy is scratch (a crash discards it and the set is
-taken again from the staging dir), so it is written without the fsyncs of store/atomic.py.
+taken again from the staging dir), so it is written without the fsyncs of files/atomic.py.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ cannot be edited safely (a flow mapping, a block or multi-line scalar, an anchor
 duplicate key, invalid YAML) are refused with file and line, before any file is written.
 
 The pure part (`rewrite_yaml_text`, `rewrite_token_file_text`) takes text and returns the new
-text or the problems; `rewrite_token_hashes` reads, writes through `store.atomic` and logs.
+text or the problems; `rewrite_token_hashes` reads, writes through `files.atomic` and logs.
 Tokens never reach a log or an error message.
 """
 
@@ -31,9 +31,9 @@ from typing import Any
 import yaml
 
 from rke2certd.errors import ConfigError, StorageError, TokenError
+from rke2certd.files.atomic import FileWrite, recover, write_files
 from rke2certd.log import log
-from rke2certd.pki.token import HASH_HEX_LEN, PREFIX, parse_token
-from rke2certd.store.atomic import FileWrite, recover, write_files
+from rke2certd.pki.join_token import HASH_HEX_LEN, PREFIX, parse_token
 
 TOKEN_KEYS = ("token", "agent-token")
 # What `Rewrite.keys` names a token file's only token by.
@@ -280,7 +280,7 @@ class _Change:
 
 def journal_root(files: Sequence[Path], token_files: Sequence[Path]) -> Path | None:
     """The directory holding the write journal of `rewrite_token_hashes` for these files:
-    the deepest one above them all. Pass it to `store.atomic.recover` to finish a crashed run."""
+    the deepest one above them all. Pass it to `files.atomic.recover` to finish a crashed run."""
     dirs = {str(p.resolve().parent) for p in [*files, *token_files]}
     return Path(os.path.commonpath(sorted(dirs))) if dirs else None
 
@@ -301,7 +301,7 @@ def rewrite_token_hashes(
 
     Missing files are skipped. Every file is read and checked before any is written; a problem
     in any of them raises ConfigError listing them all, and nothing changes. The changed files
-    are written as one change (`store.atomic.write_files`, crash-safe), each keeping its mode
+    are written as one change (`files.atomic.write_files`, crash-safe), each keeping its mode
     and, as root, its owner. Returns the files changed (with `dry_run`, that would change).
     Call it under the node lock: it first finishes a crashed earlier run (`recover`).
     """
@@ -381,7 +381,7 @@ def _write(root: Path, changes: list[_Change], *, anywhere: bool) -> None:
     if os.geteuid() != 0:
         return  # only root can give a file away; ours are ours already
     for c in changes:
-        # store.atomic creates the file as us; give it back to its owner (a crash right here
+        # files.atomic creates the file as us; give it back to its owner (a crash right here
         # leaves it root-owned with the right mode, which RKE2, running as root, still reads).
         st = c.real.stat()
         if (st.st_uid, st.st_gid) != (c.uid, c.gid):

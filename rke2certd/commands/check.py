@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from rke2certd.errors import PKIError, StorageError
-from rke2certd.ops.cert_facts import FactsCache
-from rke2certd.ops.node import Node
+from rke2certd.files.atomic import read_optional
+from rke2certd.node.cert_facts import FactsCache
+from rke2certd.node.node import Node
 from rke2certd.pki.profiles import LeafSpec, by_service, leaves_for
 from rke2certd.plan.inventory import Row, Status, rows_for
 from rke2certd.plan.kubeconfigs import KubeconfigEntry
-from rke2certd.store.atomic import read_optional
 
 API_VERSION = "rke2certd.io/v1"
 
@@ -33,7 +33,7 @@ class CheckResult:
     window_days: int
     rows: list[Row] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    # stale copies (ops/node_files.py): an admin kubeconfig whose cert is not client-admin.crt
+    # stale copies (node/node_files.py): an admin kubeconfig whose cert is not client-admin.crt
     warnings: list[str] = field(default_factory=list)
     # every kubeconfig of the node: the client cert it names or embeds (plan/kubeconfigs.py)
     kubeconfigs: list[KubeconfigEntry] = field(default_factory=list)
@@ -71,7 +71,7 @@ def _check(node: Node, services: Sequence[str], now: datetime) -> CheckResult:
         chain = _chain(cache, node, spec, data, path, ca_files)
         result.rows += rows_for(path, spec.service, bundle, now, window, chain)
     # kubeconfigs, dynamic-cert.json, watch-files
-    from rke2certd.ops.node_files import read_extra
+    from rke2certd.node.node_files import read_extra
 
     listed = frozenset(spec.cert_path(node.layout) for spec in specs)
     extra = read_extra(node, services, now, cache, listed)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rke2certd.errors import LockTimeout, StorageError
-from rke2certd.store.atomic import ensure_dir
+from rke2certd.files.atomic import ensure_dir
 
 LOCK_NAME = "rke2certd.lock"
 _FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

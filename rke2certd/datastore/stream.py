@@ -38,7 +38,6 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.datastore.etcd import is_read_timeout, parse_endpoints
 from rke2certd.errors import DatastoreError
-from rke2certd.ops.node import Node
 
 CONNECT_TIMEOUT = 5.0
 IDLE_TIMEOUT = 60.0  # no message for this long: reconnect (a half-dead TCP stream is found)
@@ -158,19 +157,17 @@ def _quiet(exc: BaseException) -> bool:
     return is_read_timeout(exc)
 
 
-def stream_for(node: Node, key: str, end: str) -> WatchStream | None:
-    """A watch stream on [key, end) of the node's etcd (the datastore's TLS defaults); None
-    for SQLite."""
-    cfg, tls = node.cfg, node.layout.tls / "etcd"
-    scheme = cfg.datastore_endpoint.strip().partition("://")[0].lower()
+def open_stream(
+    endpoint: str, cafile: Path, certfile: Path, keyfile: Path, key: str, end: str
+) -> WatchStream | None:
+    """A watch stream on [key, end) of the etcd at `endpoint` (the client cert only when both
+    files exist); None for a store that is not etcd (SQLite)."""
+    scheme = endpoint.strip().partition("://")[0].lower()
     if scheme not in ("http", "https"):
         return None
     session = requests.Session()
     session.trust_env = False  # as the datastore: the environment must not override verify
-    cafile: Path = cfg.datastore_cafile or tls / "server-ca.crt"
     session.verify = str(cafile)
-    certfile = cfg.datastore_certfile or tls / "client.crt"
-    keyfile = cfg.datastore_keyfile or tls / "client.key"
     if certfile.exists() and keyfile.exists():
         session.cert = (str(certfile), str(keyfile))
-    return WatchStream(parse_endpoints(cfg.datastore_endpoint), session, key, end)
+    return WatchStream(parse_endpoints(endpoint), session, key, end)

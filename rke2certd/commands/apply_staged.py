@@ -4,7 +4,7 @@ What the daemon trusts (see docs/SECURITY.md): the staging dir itself (root's, 0
 before every use) and root. A set is taken in two steps, so that no set can stop the daemon and
 a saved CA is always rolled out:
 
-1. `take_set`: a private copy of the set is made (ops/staged_copy.py: nothing followed, every
+1. `take_set`: a private copy of the set is made (node/staged_copy.py: nothing followed, every
    entry root's and not writable by others, regular files only, bounded), its layout checked,
    then rotate-ca checks and saves *the copy*: what was checked is what is applied, whatever
    happens to the original afterwards. A set is refused before anything is saved, or saved.
@@ -37,15 +37,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from rke2certd.commands.rotate_ca import RotateCAResult, rotate_ca
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError, ValidationError
+from rke2certd.files.atomic import FileWrite, ensure_dir, move, write_files
 from rke2certd.log import log
-from rke2certd.ops.node import Node
-from rke2certd.ops.rotate_ca import RotateCAResult, rotate_ca
-from rke2certd.ops.staged_copy import SetGone, Snapshot, remove_tree, shown, snapshot
+from rke2certd.node.node import Node
+from rke2certd.node.staged_copy import SetGone, Snapshot, remove_tree, shown, snapshot
+from rke2certd.plan.ready_sets import FORCE_MARKER
 from rke2certd.plan.staged_layout import layout_problems
-from rke2certd.plan.staging import FORCE_MARKER
-from rke2certd.store.atomic import FileWrite, ensure_dir, move, write_files
 
 APPLIED, REJECTED, WORK = ".applied", ".rejected", ".work"
 SET_DIR = "set"  # the set's content inside a filed dir, beside result.json and result.txt

@@ -10,16 +10,17 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from rke2certd.commands.bootstrap_write import save_rotation
+from rke2certd.commands.renew import NeedsServerError
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, bootstrap_key_name, passphrase_from_token
 from rke2certd.errors import TokenError, ValidationError
 from rke2certd.log import log
-from rke2certd.ops.bootstrap import configured_token, load_value, save_rotation
-from rke2certd.ops.ca_material import ca_generation
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import NeedsServerError
-from rke2certd.ops.staged_read import read_staged_dir, staged_file_names
-from rke2certd.pki import token as tokens
+from rke2certd.node.bootstrap_data import configured_token, load_value
+from rke2certd.node.ca_material import ca_generation
+from rke2certd.node.node import Node
+from rke2certd.node.staged_read import read_staged_dir, staged_file_names
+from rke2certd.pki import join_token as tokens
 from rke2certd.pki.layout import CA_NAMES
 from rke2certd.plan.staged_layout import layout_problems
 from rke2certd.plan.staged_set import ROTATABLE, SERVICE_KEY, ca_cert_file, validate_staged_set

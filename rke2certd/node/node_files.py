@@ -31,12 +31,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from rke2certd.errors import PKIError
+from rke2certd.files.atomic import read_optional
 from rke2certd.log import log
-from rke2certd.ops.cert_facts import FactsCache
-from rke2certd.ops.node import Node
+from rke2certd.node.cert_facts import FactsCache
+from rke2certd.node.node import Node
 from rke2certd.plan.inventory import CertFacts, Row, Status, rows_for, status
 from rke2certd.plan.kubeconfigs import EMBEDDED, KubeconfigEntry, KubeconfigRead, judge
-from rke2certd.store.atomic import read_optional
 
 # kubeconfig name -> service (`certificate check -s`)
 CRED_SERVICES = {
@@ -407,7 +407,7 @@ def refresh_admin_kubeconfig(node: Node) -> bool:
         )
 
     new = _LINE.sub(put, text)
-    from rke2certd.store.atomic import write_file
+    from rke2certd.files.atomic import write_file
 
     write_file(path, new, path.stat().st_mode & 0o777)
     log.info("kubeconfig_rewritten", cert_path=str(path), reason=stale)
@@ -455,7 +455,7 @@ def request_dynamic_regenerate(node: Node, now: datetime) -> str | None:
     marker = node.layout.dynamic_cert_regenerate
     if why is None or marker.exists():
         return why
-    from rke2certd.store.atomic import write_file
+    from rke2certd.files.atomic import write_file
 
     write_file(marker, b"", 0o600)
     log.info("dynamic_cert_regenerate", cert_path=str(dynamic_cert(node)), reason=why)

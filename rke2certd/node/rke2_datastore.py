@@ -19,20 +19,19 @@ A node with no RKE2 config (the demo, the tests) keeps the embedded SQLite file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from rke2certd.config import Config, Role
-from rke2certd.datastore import open_datastore
 from rke2certd.datastore.base import DatastoreUnavailable
-from rke2certd.errors import ConfigError, TokenError
+from rke2certd.errors import ConfigError
 from rke2certd.pki.layout import Layout
 
 if TYPE_CHECKING:
-    from rke2certd.datastore.base import Datastore
+    from rke2certd.datastore.stream import WatchStream
+    from rke2certd.node.node import Node
 
 DB_INFO_PATH = "/db/info"
 LOCAL_ETCD = "https://127.0.0.1:2379"  # where RKE2's etcd listens (health-etcd-endpoint's default)
@@ -160,26 +159,6 @@ def member_client_urls(doc: object, self_ips: tuple[str, ...]) -> list[str]:
     return urls
 
 
-def lookup_members(cfg: Config, token: str, self_ips: tuple[str, ...], timeout: float) -> str:
-    """The etcd endpoints of the cluster `server:` belongs to, from its supervisor."""
-    from rke2certd.supervisor.client import UnreachableError, get_as_server
-
-    assert cfg.server is not None
-    try:
-        body = get_as_server(cfg.server, token, DB_INFO_PATH, timeout=timeout)
-    except UnreachableError as exc:
-        raise DatastoreUnavailable(f"cannot learn the etcd members: {exc}") from exc
-    try:
-        urls = member_client_urls(json.loads(body), self_ips)
-    except ValueError as exc:
-        raise DatastoreUnavailable(
-            f"the {DB_INFO_PATH} answer of {cfg.server} is not an etcd member list ({exc})"
-        ) from exc
-    if not urls:
-        raise DatastoreUnavailable(f"{cfg.server}{DB_INFO_PATH} lists no etcd member to use")
-    return ",".join(urls)
-
-
 def local_member_urls(endpoint: str, self_ips: tuple[str, ...]) -> list[str]:
     """Where this node's etcd member answers: RKE2's listens on 127.0.0.1 and on the node's
     IPs, so with the default endpoint each of those is a candidate too (first: loopback)."""
@@ -193,53 +172,17 @@ def local_member_urls(endpoint: str, self_ips: tuple[str, ...]) -> list[str]:
     return out
 
 
-def _listening(url: str, timeout: float) -> bool:
-    """A quick TCP connect: while RKE2 is down its embedded etcd is too, and saying so costs
-    no etcd client (requests, ~85 ms to import) on the startup hook's path."""
-    import socket  # only here: ~4 ms to import, and only an RKE2 etcd node needs it
+def stream_for(node: Node, key: str, end: str) -> WatchStream | None:
+    """A watch stream on [key, end) of the node's etcd, with the datastore's TLS settings
+    (RKE2's etcd client files by default); None for SQLite."""
+    from rke2certd.datastore.stream import open_stream  # requests: only a rollout link needs it
 
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname or "", parts.port or 2379), timeout):
-            return True
-    except OSError:
-        return False
-
-
-def open_planned(
-    plan: DatastorePlan, cfg: Config, token: str | None, self_ips: tuple[str, ...],
-    timeout: float = 5.0,
-) -> Datastore:  # fmt: skip
-    """Open the planned store. RKE2's embedded etcd that is not up (RKE2 is down, or has not
-    written its etcd client files yet) is DatastoreUnavailable, never a configuration error."""
-    endpoint = plan.endpoint
-    if plan.embedded:
-        missing = [str(p) for p in (plan.cafile, plan.certfile, plan.keyfile)
-                   if p is not None and not p.is_file()]  # fmt: skip
-        if missing:
-            raise DatastoreUnavailable(
-                "RKE2's etcd client files are not there (RKE2 writes them at its start): "
-                + ", ".join(missing)
-            )
-    if plan.kind == "etcd-members":
-        if token is None:
-            raise TokenError(
-                "a control-plane-only node needs the cluster's server token (`token` in "
-                "RKE2's config) to ask its server for the etcd members"
-            )
-        endpoint = lookup_members(cfg, token, self_ips, timeout)
-    elif plan.embedded:
-        candidates = local_member_urls(endpoint, self_ips)
-        up = [url for url in candidates if _listening(url, min(timeout, 1.0))]
-        if not up:
-            where = ", ".join(candidates)
-            raise EmbeddedEtcdDown(f"RKE2's embedded etcd at {where} is not running")
-        endpoint = ",".join(up)
-    return open_datastore(
-        endpoint,
-        data_dir=cfg.data_dir,
-        cafile=plan.cafile,
-        certfile=plan.certfile,
-        keyfile=plan.keyfile,
-        timeout=timeout,
+    cfg, tls = node.cfg, node.layout.tls / "etcd"
+    return open_stream(
+        cfg.datastore_endpoint,
+        cfg.datastore_cafile or tls / "server-ca.crt",
+        cfg.datastore_certfile or tls / "client.crt",
+        cfg.datastore_keyfile or tls / "client.key",
+        key,
+        end,
     )

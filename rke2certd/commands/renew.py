@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 
 from rke2certd.errors import PKIError, Rke2certdError, ValidationError
+from rke2certd.files.atomic import FileWrite, read_optional, recover, write_files
 from rke2certd.log import log
-from rke2certd.ops.ca_material import (
+from rke2certd.node.ca_material import (
     CA,
     CASet,
     load_ca_set,
@@ -21,7 +22,7 @@ from rke2certd.ops.ca_material import (
     new_self_signed_set,
     new_service_key_pem,
 )
-from rke2certd.ops.node import Node, check_dir_safety
+from rke2certd.node.node import Node, check_dir_safety
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import (
@@ -33,7 +34,6 @@ from rke2certd.pki.profiles import (
     wanted_sans,
 )
 from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, plan
-from rke2certd.store.atomic import FileWrite, read_optional, recover, write_files
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
@@ -380,7 +380,7 @@ def renew(
         for what in result.repaired:
             log.warning("write_repaired", reason=what)
     if datastore is not None:
-        from rke2certd.ops.bootstrap import ensure_bootstrap
+        from rke2certd.commands.bootstrap_write import ensure_bootstrap
 
         outcome = ensure_bootstrap(
             node, datastore, now, lambda: ensure_cas(node, now, dry_run), dry_run=dry_run,

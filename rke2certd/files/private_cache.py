@@ -6,7 +6,7 @@ makes it 0700 when it can. `RKE2CERTD_CACHE_DIR` moves it; set empty, no cache i
 
 Caches only save time: when the dir cannot be made or written, or a cache file is not one we
 could have written (another owner, group/world access, a symlink), rke2certd works without it,
-silently. A cache may hold the join token: files are 0600, written through store.atomic.
+silently. A cache may hold the join token: files are 0600, written through files.atomic.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import stat
 from pathlib import Path
 
 from rke2certd.errors import StorageError
-from rke2certd.store.atomic import ensure_dir, write_file
+from rke2certd.files.atomic import ensure_dir, write_file
 
 DEFAULT_CACHE_DIR = Path("/var/cache/rke2certd")
 ENV = "RKE2CERTD_CACHE_DIR"

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from rke2certd.config import Role
 from rke2certd.errors import PKIError
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.pki.certs import load_bundle
 
 BODY_LIMIT = 64 * 1024

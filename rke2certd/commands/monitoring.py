@@ -11,7 +11,7 @@ import sys
 from rke2certd.clock import system_clock
 from rke2certd.config import Config
 from rke2certd.errors import Rke2certdError
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.plan.verdict import Level, Verdict, verdict
 
 
@@ -36,8 +36,8 @@ def cluster_verdict(doc: dict[str, object]) -> Verdict:
 
 
 def status_plugin(cfg: Config, output: str) -> int:
-    from rke2certd.ops.check import check
-    from rke2certd.ops.status import render_table
+    from rke2certd.commands.check import check
+    from rke2certd.commands.status import render_table
 
     node = Node.from_config(cfg)
     try:
@@ -59,17 +59,17 @@ def _severity(level: Level) -> int:
 
 
 def _cluster_doc(cfg: Config, node: Node) -> dict[str, object]:
-    from rke2certd.ops.status import status_doc
-    from rke2certd.rollout.store import ClusterStore
+    from rke2certd.commands.status import status_doc
+    from rke2certd.rollout.cluster_store import ClusterStore
 
     if not cfg.is_server:
-        from rke2certd.ops.agent import agent_token
-        from rke2certd.ops.agent_rollout import remote_store
+        from rke2certd.commands.agent import agent_token
+        from rke2certd.commands.agent_rollout import remote_store
 
         return status_doc(
             ClusterStore(remote_store(node, lambda: agent_token(node))).read(everything=True)
         )
-    from rke2certd.ops.bootstrap import open_for
+    from rke2certd.commands.node_datastore import open_for
 
     with open_for(node) as ds:
         return status_doc(ClusterStore(ds).read(everything=True))

@@ -21,7 +21,7 @@ from rke2certd.plan.rollout import (
     node_rows,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import NODE_HISTORY, ClusterStore
+from rke2certd.rollout.cluster_store import NODE_HISTORY, ClusterStore
 
 
 def _t(value: datetime | None) -> str | None:

@@ -3,7 +3,7 @@
 Parsing X.509 needs cryptography (~50 ms to import); the facts of a file depend on its bytes
 only, so they are kept under the SHA-256 of those bytes and cannot go stale: a changed file has
 another digest and is parsed again. The cache is one file per data dir in the cache dir
-(store/private_cache.py, root-only, 0600, written through store.atomic), `certs-<hash>.json`.
+(files/private_cache.py, root-only, 0600, written through files.atomic), `certs-<hash>.json`.
 `check` writes it after a miss, and `renew` runs `check` once it is done, so a check on an
 unchanged node imports neither cryptography nor pydantic. A file that does not parse is not
 cached: its error names the file and is reported each time.
@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rke2certd.files.private_cache import cache_dir, read_private, write_private
 from rke2certd.plan.inventory import CertFacts
-from rke2certd.store.private_cache import cache_dir, read_private, write_private
 
 if TYPE_CHECKING:
     from cryptography import x509

@@ -27,18 +27,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from rke2certd.commands.renew import Change, RenewResult, apply_decision, observe, wanted
+from rke2certd.commands.rotate import RotateResult
 from rke2certd.config import Config
 from rke2certd.errors import ConfigError, PKIError, UsageError
-from rke2certd.log import log
-from rke2certd.ops.bootstrap import configured_token
-from rke2certd.ops.node import Node, check_dir_safety
-from rke2certd.ops.renew import Change, RenewResult, apply_decision, observe, wanted
-from rke2certd.ops.rotate import RotateResult
-from rke2certd.pki import certs, keys
-from rke2certd.pki.chain import verify_chain
-from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_service
-from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, decide, plan
-from rke2certd.store.atomic import (
+from rke2certd.files.atomic import (
     FileWrite,
     create_file,
     ensure_dir,
@@ -46,7 +39,14 @@ from rke2certd.store.atomic import (
     recover,
     write_files,
 )
-from rke2certd.store.exposure import warn_if_exposed
+from rke2certd.files.exposure import warn_if_exposed
+from rke2certd.log import log
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.node import Node, check_dir_safety
+from rke2certd.pki import certs, keys
+from rke2certd.pki.chain import verify_chain
+from rke2certd.pki.profiles import AGENT_LEAVES, AGENT_UNIT, LeafSpec, by_service
+from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wanted, decide, plan
 from rke2certd.supervisor import cert_route
 from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
@@ -295,7 +295,7 @@ def backup_agent(node: Node, specs: Sequence[LeafSpec], now: datetime) -> Path |
 def agent_rotate(node: Node, services: Sequence[str], now: datetime) -> RotateResult:
     """New keys and certs (through the server) for the agent services; backup first.
 
-    `services` were validated by `ops.rotate.parse_services`; empty means all agent services.
+    `services` were validated by `commands.rotate.parse_services`; empty means all agent services.
     The caller holds the node lock.
     """
     _require_agent_only(node.cfg)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from rke2certd.ops.renew import RenewResult
-from rke2certd.ops.rotate import RotateResult
+from rke2certd.commands.renew import RenewResult
+from rke2certd.commands.rotate import RotateResult
 
 if TYPE_CHECKING:
-    from rke2certd.ops.generate import GenerateResult
-    from rke2certd.ops.rotate_ca import RotateCAResult
+    from rke2certd.commands.generate import GenerateResult
+    from rke2certd.commands.rotate_ca import RotateCAResult
 
 API_VERSION = "rke2certd.io/v1"
 

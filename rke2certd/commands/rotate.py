@@ -9,14 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rke2certd.errors import UsageError
+from rke2certd.files.atomic import TEMP_MARK, FileWrite, ensure_dir, recover, write_files
 from rke2certd.log import log
-from rke2certd.ops.node import Node, check_dir_safety
+from rke2certd.node.node import Node, check_dir_safety
 from rke2certd.pki.profiles import SERVICES, by_service, leaves_for
-from rke2certd.store.atomic import TEMP_MARK, FileWrite, ensure_dir, recover, write_files
 
 if TYPE_CHECKING:
+    from rke2certd.commands.renew import RenewResult
     from rke2certd.datastore.base import Datastore
-    from rke2certd.ops.renew import RenewResult
 
 
 @dataclass
@@ -66,7 +66,7 @@ def rotate(
 ) -> RotateResult:
     """The caller holds the node lock and has validated `services` with parse_services."""
     # Imported here: `certificate check` uses parse_services and must not pay for cryptography.
-    from rke2certd.ops.renew import NeedsServerError, renew
+    from rke2certd.commands.renew import NeedsServerError, renew
 
     cfg = node.cfg
     if not cfg.is_server:
