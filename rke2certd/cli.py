@@ -385,7 +385,7 @@ def _start_ca_rollout(ds: Datastore, cfg: Config, result: RotateCAResult) -> Rol
 
     why = f"rotate-ca --path {result.path} on {cfg.node}"
     try:
-        return after_rotation(ds, cfg.node, result, why, system_clock())
+        return after_rotation(ds, cfg.node, result.rollout_facts(), why, system_clock())
     except Rke2certdError as exc:
         print(f"rke2certd: warning: rollout not started: {exc}", file=sys.stderr)
         return None

@@ -37,6 +37,7 @@ from rke2certd.plan.renewal import Action, Decision, ObservedLeaf, Policy, Wante
 
 if TYPE_CHECKING:
     from rke2certd.datastore.base import Datastore
+    from rke2certd.rollout.create import RenewFacts
 
 
 class NeedsServerError(Rke2certdError):
@@ -77,6 +78,13 @@ class RenewResult:
         if self.derived or self.extracted:
             units.add(self.unit)
         return sorted(units)
+
+    def rollout_facts(self) -> RenewFacts:
+        """What rollout/create.py decides the rollout of this renew from."""
+        from rke2certd.rollout.create import RenewFacts  # only the daemon starts rollouts
+
+        replaced = {c.service for c in self.changes if c.old_serial is not None}
+        return RenewFacts(tuple(self.extracted), tuple(sorted(replaced)))
 
 
 def read_key_public(path: Path) -> tuple[bytes | None, str | None]:

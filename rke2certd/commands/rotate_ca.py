@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rke2certd.commands.bootstrap_write import save_rotation
 from rke2certd.commands.renew import NeedsServerError
@@ -24,6 +25,9 @@ from rke2certd.pki import join_token as tokens
 from rke2certd.pki.layout import CA_NAMES
 from rke2certd.plan.staged_layout import layout_problems
 from rke2certd.plan.staged_set import ROTATABLE, SERVICE_KEY, ca_cert_file, validate_staged_set
+
+if TYPE_CHECKING:
+    from rke2certd.rollout.create import RotationFacts
 
 FIELD_OF = {rel: name for name, rel in BOOTSTRAP_FIELDS.items()}
 
@@ -45,6 +49,14 @@ class RotateCAResult:
     # Printed for the operator when the CA hash changed; never logged.
     server_token: str = field(default="", repr=False)
     agent_token: str = field(default="", repr=False)
+
+    def rollout_facts(self) -> RotationFacts:
+        """What rollout/create.py decides the rollout of this rotation from."""
+        from rke2certd.rollout.create import RotationFacts
+
+        return RotationFacts(
+            self.saved, self.nothing_to_do, self.new_generation, tuple(self.changed)
+        )
 
 
 def _generation(files: dict[str, bytes]) -> str:

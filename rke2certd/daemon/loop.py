@@ -227,7 +227,8 @@ class Daemon:
         if self.ds is not None:  # agents start no rollouts: their restart waits for one
             try:
                 phase = phase_of(r.value for r in self.cfg.roles)
-                after_renew(self.ds, self.cfg.node, phase, result, before, after, why, self.clock())
+                facts = result.rollout_facts()
+                after_renew(self.ds, self.cfg.node, phase, facts, before, after, why, self.clock())
             except Rke2certdError as exc:  # the files are renewed; the rollout waits for a rescan
                 log.error("rollout_start_failed", reason=str(exc))
         if self.runner is not None:
@@ -470,7 +471,8 @@ class Daemon:
         assert self.ds is not None and outcome.result is not None
         why = f"staged set {outcome.shown} applied on {self.cfg.node}"
         try:
-            after_rotation(self.ds, self.cfg.node, outcome.result, why, self.clock())
+            facts = outcome.result.rollout_facts()
+            after_rotation(self.ds, self.cfg.node, facts, why, self.clock())
         except Rke2certdError as exc:  # the renew below starts it, or a rescan
             log.error("rollout_start_failed", staged_set=outcome.shown, reason=str(exc))
         self._renew(f"staged set {outcome.shown} applied")
