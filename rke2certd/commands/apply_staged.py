@@ -65,6 +65,7 @@ class StagingOutcome:
     work: Path  # the private dir the set is put together in before it is filed
     filed_as: Path | None = None
     reasons: list[str] = field(default_factory=list)
+    summary: str | None = None  # what reasons[0] says of the rest (a ValidationError's summary)
     result: RotateCAResult | None = None
     force: bool = False
     keep_original: bool = True  # a refused set: file it as found (False: too big, or odd)
@@ -112,14 +113,6 @@ def prepare(path: Path) -> None:
     if error is not None:
         raise error
     clean_work(path)
-
-
-def list_sets(path: Path) -> list[str]:
-    """Candidate sets: entries not starting with a dot, in name order."""
-    try:
-        return sorted(e.name for e in os.scandir(path) if not e.name.startswith("."))
-    except FileNotFoundError:
-        return []
 
 
 def _result_doc(outcome: StagingOutcome, now: datetime) -> dict[str, Any]:
@@ -248,6 +241,7 @@ def _check_and_save(
             node, snap.copy, force=out.force, dry_run=False, now=now, datastore=ds, label=label
         )
     except ValidationError as exc:
+        out.summary = exc.summary
         out.reasons = [exc.summary, *exc.problems]
         return
     except Rke2certdError as exc:
@@ -286,12 +280,16 @@ def file_set(staging: Path, out: StagingOutcome, now: datetime) -> None:
             reason=f"could not be filed ({_what(exc)}); it stays in {staging}",
         )
         return
+    # The reason first, without the summary before it: the journal's MESSAGE lists the fields
+    # in this order and is cut at its length limit, which must not fall on the reason.
+    reasons = out.reasons[1:] if out.summary is not None and len(out.reasons) > 1 else out.reasons
     log.log(
         40 if out.status == "rejected" else 20,
         "staged_set_" + out.status,
+        reason="; ".join(reasons),
         staged_set=out.shown,
+        summary=out.summary,
         cert_path=str(out.filed_as),
-        reason="; ".join(out.reasons),
         ca_generation=out.result.new_generation if out.result else None,
         force=out.force,
     )

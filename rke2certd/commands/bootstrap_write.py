@@ -186,9 +186,10 @@ def ensure_bootstrap(
         _refuse_other_keys(ds, key)
         if not may_create:
             log.warning(
-                "bootstrap_not_saved", datastore=ds.location,
+                "bootstrap_not_saved",
+                datastore=ds.location,
                 reason="RKE2 has not saved its bootstrap data yet; the CA set on disk is used",
-            )  # fmt: skip
+            )
             return outcome
         if dry_run:
             create_cas()  # the dry-run callback only reports

@@ -65,15 +65,21 @@ def _listening(url: str, timeout: float) -> bool:
 
 
 def open_planned(
-    plan: DatastorePlan, cfg: Config, token: str | None, self_ips: tuple[str, ...],
+    plan: DatastorePlan,
+    cfg: Config,
+    token: str | None,
+    self_ips: tuple[str, ...],
     timeout: float = 5.0,
-) -> Datastore:  # fmt: skip
+) -> Datastore:
     """Open the planned store. RKE2's embedded etcd that is not up (RKE2 is down, or has not
     written its etcd client files yet) is DatastoreUnavailable, never a configuration error."""
     endpoint = plan.endpoint
     if plan.embedded:
-        missing = [str(p) for p in (plan.cafile, plan.certfile, plan.keyfile)
-                   if p is not None and not p.is_file()]  # fmt: skip
+        missing = [
+            str(p)
+            for p in (plan.cafile, plan.certfile, plan.keyfile)
+            if p is not None and not p.is_file()
+        ]
         if missing:
             raise DatastoreUnavailable(
                 "RKE2's etcd client files are not there (RKE2 writes them at its start): "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -165,9 +167,17 @@ def apply_decision(
     spec = d.spec
     cert_path = spec.cert_path(node.layout)
     change = Change(
-        cert_path, spec.service, unit, d.action.value, d.reasons,
-        d.old_serial, None, d.old_not_after, None, d.new_key,
-    )  # fmt: skip
+        cert_path,
+        spec.service,
+        unit,
+        d.action.value,
+        d.reasons,
+        d.old_serial,
+        None,
+        d.old_not_after,
+        None,
+        d.new_key,
+    )
     if not dry_run:
         if d.action is Action.RECHAIN:
             cert = certs.load_bundle(cert_path.read_bytes(), cert_path)[0]
@@ -329,15 +339,28 @@ def kubeconfig(layout: Layout, leaf: str) -> bytes:
     return kubeconfig_naming(layout.ca_cert("server-ca"), tls / f"{leaf}.crt", tls / f"{leaf}.key")
 
 
+_PLAIN_PATH = re.compile(r"/[A-Za-z0-9_./+=,@~-]*")
+
+
+def yaml_path(path: Path) -> str:
+    """A path as a YAML scalar: as is when YAML reads it back unchanged (an absolute path of
+    plain characters: RKE2's own layout), else double-quoted. JSON's quoting is valid YAML, so a
+    data dir with `: `, `#`, quotes or spaces in it still gives the path, without importing a
+    YAML library on the startup hook's path."""
+    text = str(path)
+    return text if _PLAIN_PATH.fullmatch(text) else json.dumps(text)
+
+
 def kubeconfig_naming(ca: Path, cert: Path, key: Path) -> bytes:
     """RKE2's kubeconfig layout for a client that names its CA, cert and key files (as in
     server/cred/ and agent/)."""
+    ca_s, cert_s, key_s = yaml_path(ca), yaml_path(cert), yaml_path(key)
     return (
         "apiVersion: v1\n"
         "clusters:\n"
         "- cluster:\n"
         f"    server: {APISERVER_URL}\n"
-        f"    certificate-authority: {ca}\n"
+        f"    certificate-authority: {ca_s}\n"
         "  name: local\n"
         "contexts:\n"
         "- context:\n"
@@ -351,8 +374,8 @@ def kubeconfig_naming(ca: Path, cert: Path, key: Path) -> bytes:
         "users:\n"
         "- name: user\n"
         "  user:\n"
-        f"    client-certificate: {cert}\n"
-        f"    client-key: {key}\n"
+        f"    client-certificate: {cert_s}\n"
+        f"    client-key: {key_s}\n"
     ).encode()
 
 
@@ -391,9 +414,13 @@ def renew(
         from rke2certd.commands.bootstrap_write import ensure_bootstrap
 
         outcome = ensure_bootstrap(
-            node, datastore, now, lambda: ensure_cas(node, now, dry_run), dry_run=dry_run,
+            node,
+            datastore,
+            now,
+            lambda: ensure_cas(node, now, dry_run),
+            dry_run=dry_run,
             may_create=not rke2,
-        )  # fmt: skip
+        )
         result.extracted, result.token_files = outcome.extracted, outcome.token_files
         result.created_cas = outcome.created
     if dry_run and result.extracted:

@@ -45,10 +45,11 @@ def warn_if_exposed(path: Path, what: str) -> bool:
     from rke2certd.log import log
 
     log.warning(
-        "secret_file_exposed", path=str(path), mode=f"{bits:04o}",
-        reason=f"{what} is readable or writable by group or others; "
-        f"run `chmod 600 {path}`",
-    )  # fmt: skip
+        "secret_file_exposed",
+        path=str(path),
+        mode=f"{bits:04o}",
+        reason=f"{what} is readable or writable by group or others; run `chmod 600 {path}`",
+    )
     return True
 
 

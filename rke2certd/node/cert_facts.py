@@ -73,10 +73,16 @@ def chain_problem(leaf_file: bytes, ca_file: bytes, source: Path) -> str:
 
 def _encode(facts: list[CertFacts]) -> list[list[Any]]:
     return [
-        [f.subject, f.issuer, list(f.usages), f.not_before.isoformat(), f.not_after.isoformat(),
-         f.serial]
+        [
+            f.subject,
+            f.issuer,
+            list(f.usages),
+            f.not_before.isoformat(),
+            f.not_after.isoformat(),
+            f.serial,
+        ]
         for f in facts
-    ]  # fmt: skip
+    ]
 
 
 def _decode(doc: Any) -> list[CertFacts]:
@@ -84,9 +90,13 @@ def _decode(doc: Any) -> list[CertFacts]:
     out = []
     for subject, issuer, usages, not_before, not_after, serial in doc:
         f = CertFacts(
-            subject, issuer, tuple(usages), datetime.fromisoformat(not_before),
-            datetime.fromisoformat(not_after), serial,
-        )  # fmt: skip
+            subject,
+            issuer,
+            tuple(usages),
+            datetime.fromisoformat(not_before),
+            datetime.fromisoformat(not_after),
+            serial,
+        )
         if not all(isinstance(v, str) for v in (f.subject, f.issuer, f.serial, *f.usages)):
             raise TypeError("not a string")
         if f.not_before.utcoffset() is None or f.not_after.utcoffset() is None:

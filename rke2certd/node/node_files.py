@@ -317,14 +317,19 @@ def kubeconfig_reads(src: Source, text: bytes, refs: _Refs) -> list[KubeconfigRe
                 unreadable = str(exc)
         out.append(
             KubeconfigRead(
-                str(src.path), src.service, named, ca, facts, unreadable,
+                str(src.path),
+                src.service,
+                named,
+                ca,
+                facts,
+                unreadable,
                 leaf_file=str(leaf or ""),
                 leaf_serial=leaf_facts[0].serial if leaf_facts else None,
                 signers=chain,
                 ca_current=ca_current,
                 ca_problem=ca_problem if leaf else "",
             )
-        )  # fmt: skip
+        )
     return out
 
 

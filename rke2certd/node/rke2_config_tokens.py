@@ -343,10 +343,16 @@ def rewrite_token_hashes(
         if plan.text is not None:
             changes.append(
                 _Change(
-                    given, real, old, plan.text.encode("utf-8"),
-                    st.st_mode & 0o7777, st.st_uid, st.st_gid, plan.keys,
+                    given,
+                    real,
+                    old,
+                    plan.text.encode("utf-8"),
+                    st.st_mode & 0o7777,
+                    st.st_uid,
+                    st.st_gid,
+                    plan.keys,
                 )
-            )  # fmt: skip
+            )
     if problems:
         raise ConfigError(
             "cannot rewrite the CA hash of the join tokens; no file was changed", problems

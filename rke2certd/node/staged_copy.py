@@ -285,8 +285,9 @@ def _empty(top: int, passes: int = 100) -> bool:
             try:
                 for child in os.listdir(sub):
                     if stat.S_ISDIR(os.lstat(child, dir_fd=sub).st_mode):
-                        os.rename(child, f".rm-{secrets.token_hex(8)}", src_dir_fd=sub,
-                                  dst_dir_fd=top)  # fmt: skip
+                        os.rename(
+                            child, f".rm-{secrets.token_hex(8)}", src_dir_fd=sub, dst_dir_fd=top
+                        )
                     else:
                         os.unlink(child, dir_fd=sub)
             finally:

@@ -33,15 +33,6 @@ class SetState:
     has_ready: bool
 
 
-def is_ready(state: SetState, now: float, quiet: float) -> bool:
-    """Finished, on its own (ready_sets also keeps the name order)."""
-    if state.has_ready:
-        return True
-    if state.arrival is Arrival.CREATED:
-        return False
-    return now - state.last_change >= quiet
-
-
 def _schedule(states: Iterable[SetState], quiet: float) -> list[tuple[str, float]]:
     """(name, when it may be applied) in name order, for every set that can become finished.
 

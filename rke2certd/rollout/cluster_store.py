@@ -198,9 +198,12 @@ class ClusterStore:
             if cur is None or cur.state is not RolloutState.STOPPED:
                 return None
             again = dataclasses.replace(
-                cur, state=RolloutState.ACTIVE, state_reason="", finished=None,
+                cur,
+                state=RolloutState.ACTIVE,
+                state_reason="",
+                finished=None,
                 attempt=cur.attempt + 1,
-            )  # fmt: skip
+            )
             return rec.encode_rollout(again)
 
         return self.update(rec.rollout_key(rollout_id), change)

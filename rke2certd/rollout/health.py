@@ -70,12 +70,15 @@ def default_probes(node: Node) -> list[Probe]:
             Probe(
                 "kubelet serves the new serving-kubelet.crt",
                 partial(
-                    served_cert, cfg.health_kubelet_endpoint, node.layout.agent_server_ca,
-                    agent / "serving-kubelet.crt", agent / "client-kubelet.crt",
+                    served_cert,
+                    cfg.health_kubelet_endpoint,
+                    node.layout.agent_server_ca,
+                    agent / "serving-kubelet.crt",
+                    agent / "client-kubelet.crt",
                     agent / "client-kubelet.key",
                 ),
             )
-        )  # fmt: skip
+        )
     return probes
 
 
