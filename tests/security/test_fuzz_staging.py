@@ -1,8 +1,8 @@
 """Fuzz: staged sets made by mutating a valid one (`ca stage-rotation`) — truncated files,
 flipped bytes, swapped and deleted files, modes and owners, symlinks and FIFOs, nested dirs,
 huge files, long and non-UTF-8 names — go through the staging path the daemon runs
-(ops/staging.process_set, on a real node with its SQLite datastore), and a part of them through
-the real daemon. For every case:
+(commands/apply_staged.process_set, on a real node with its SQLite datastore), and a part of
+them through the real daemon. For every case:
 
   - nothing raises and the daemon never stops;
   - the set ends filed with its result (a refused set with its reasons), or is ignored;

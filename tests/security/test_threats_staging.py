@@ -1,6 +1,6 @@
 """Threats through the watched staging dir, each tried against the real daemon (`rke2certd run`,
 real inotify, the embedded SQLite datastore) or, where the attack needs a precise moment, through
-the staging path the daemon runs (ops/staging.process_set) on the same real node:
+the staging path the daemon runs (commands/apply_staged.process_set) on the same real node:
 
 1.  a set owned by another user, changed through a handle kept from before it was renamed in
     (their own CA and a FORCE marker, after the operator's check): refused for its owner;
