@@ -25,12 +25,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.* when run as a script
 
+from rke2certd.commands.node_datastore import open_for  # noqa: E402
+from rke2certd.commands.renew import renew  # noqa: E402
 from rke2certd.config import load_config  # noqa: E402
 from rke2certd.datastore.codec import derive_key  # noqa: E402
-from rke2certd.ops.bootstrap import open_for  # noqa: E402
-from rke2certd.ops.node import Node  # noqa: E402
-from rke2certd.ops.renew import renew  # noqa: E402
-from rke2certd.store.lock import node_lock  # noqa: E402
+from rke2certd.files.lock import node_lock  # noqa: E402
+from rke2certd.node.node import Node  # noqa: E402
 from tests.conftest import clean_env, write_node_config  # noqa: E402
 from tests.harness.etcd import EtcdCluster, TLSFiles  # noqa: E402
 

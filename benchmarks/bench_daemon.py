@@ -47,10 +47,10 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rke2certd.commands.node_datastore import open_for  # noqa: E402
+from rke2certd.commands.rotate_ca import rotate_ca  # noqa: E402
 from rke2certd.config import load_config  # noqa: E402
-from rke2certd.ops.bootstrap import open_for  # noqa: E402
-from rke2certd.ops.node import Node  # noqa: E402
-from rke2certd.ops.rotate_ca import rotate_ca  # noqa: E402
+from rke2certd.node.node import Node  # noqa: E402
 from tests.daemon import support  # noqa: E402
 from tests.daemon.support import CapturedLogs, DaemonNode  # noqa: E402
 

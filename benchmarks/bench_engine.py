@@ -41,10 +41,10 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rke2certd.commands.check import check, render_json  # noqa: E402
+from rke2certd.commands.renew import renew  # noqa: E402
 from rke2certd.config import load_config  # noqa: E402
-from rke2certd.ops.check import check, render_json  # noqa: E402
-from rke2certd.ops.node import Node  # noqa: E402
-from rke2certd.ops.renew import renew  # noqa: E402
+from rke2certd.node.node import Node  # noqa: E402
 from rke2certd.pki import keys  # noqa: E402
 from rke2certd.pki.profiles import leaves_for  # noqa: E402
 
@@ -133,8 +133,8 @@ PROFILED = (
     "rke2certd.cli", "rke2certd.config", "rke2certd.config.validate", "pydantic", "yaml",
     "rke2certd.log.output", "structlog",
     "rke2certd.datastore", "requests", "etcd3gw", "sqlite3",
-    "rke2certd.ops.renew", "cryptography.x509",
-    "rke2certd.ops.check", "rke2certd.ops.cert_facts",
+    "rke2certd.commands.renew", "cryptography.x509",
+    "rke2certd.commands.check", "rke2certd.node.cert_facts",
 )  # fmt: skip
 
 

@@ -62,14 +62,14 @@ from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 from rke2certd.clock import system_clock  # noqa: E402
+from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
 from rke2certd.datastore.base import DatastoreUnavailable  # noqa: E402
-from rke2certd.ops.agent import supervisor_urls  # noqa: E402
-from rke2certd.ops.node import Node  # noqa: E402
+from rke2certd.node.node import Node  # noqa: E402
 from rke2certd.pki import keys  # noqa: E402
 from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
+from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
-from rke2certd.rollout.store import ClusterStore  # noqa: E402
 from rke2certd.supervisor import cert_route  # noqa: E402
 from rke2certd.supervisor.client import (  # noqa: E402
     UnreachableError,

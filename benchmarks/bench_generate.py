@@ -26,7 +26,8 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rke2certd.ops.generate import generate_custom, stage_rotation  # noqa: E402
+from rke2certd.commands.generate_custom import generate_custom  # noqa: E402
+from rke2certd.commands.stage_rotation import stage_rotation  # noqa: E402
 from tests.rotation.support import make_upstream_node  # noqa: E402
 
 CA_CONFIG = """\

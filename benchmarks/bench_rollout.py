@@ -77,7 +77,7 @@ from rke2certd.plan.rollout import (  # noqa: E402
     RolloutState,
 )
 from rke2certd.rollout import records as rec  # noqa: E402
-from rke2certd.rollout.store import NODE_HISTORY, ClusterStore  # noqa: E402
+from rke2certd.rollout.cluster_store import NODE_HISTORY, ClusterStore  # noqa: E402
 from tests.datastore.tls import make_etcd_pki  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 from tests.harness.etcd import EtcdCluster, TLSFiles, etcd_bin_dir  # noqa: E402
@@ -336,8 +336,8 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
 
 def snapshot_of(n: int, history: int) -> Snapshot:
     """What a node reads (records.PLANNING): N registrations and members, one active rollout
-    with N statuses and `history` finished ones (rollout/store.py HISTORY keeps 20), the newest
-    NODE_HISTORY of them with N statuses each."""
+    with N statuses and `history` finished ones (rollout/cluster_store.py HISTORY keeps 20), the
+    newest NODE_HISTORY of them with N statuses each."""
     now = datetime.now(UTC)
     kvs: list[KV] = []
     for name in (s.name for s in specs(n)):

@@ -26,8 +26,8 @@ import structlog
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rke2certd.commands.agent import agent_renew  # noqa: E402
 from rke2certd.datastore.sqlite import SQLiteDatastore  # noqa: E402
-from rke2certd.ops.agent import agent_renew  # noqa: E402
 from rke2certd.supervisor.client import fetch_cacerts, request_cert  # noqa: E402
 from rke2certd.supervisor.server import start  # noqa: E402
 from tests.agent.helpers import make_agent_node, make_csr, make_server_node  # noqa: E402

@@ -15,11 +15,11 @@ from rke2certd.config import Config, load_config
 from rke2certd.constants import LOG_FORMATS, LOG_LEVELS
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import setup as log_setup
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 
 if TYPE_CHECKING:
+    from rke2certd.commands.rotate_ca import RotateCAResult
     from rke2certd.datastore.base import Datastore
-    from rke2certd.ops.rotate_ca import RotateCAResult
     from rke2certd.plan.rollout import Rollout
 
 Handler = Callable[[argparse.Namespace, Config], int]
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
-    """`status`, `node remove`, `rollout resume`: the cluster-wide rollout (ops/status.py)."""
+    """`status`, `node remove`, `rollout resume`: the cluster-wide rollout (commands/status.py)."""
     p = sub.add_parser("status", parents=[common], help="the cluster's rollouts and nodes")
     p.add_argument("--output", "-o", choices=["table", "json"], default="table")
     _exit_codes_arg(p)
@@ -145,8 +145,8 @@ def _rollout_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _cluster_datastore(cfg: Config) -> Datastore:
-    from rke2certd.ops.bootstrap import open_for
-    from rke2certd.ops.renew import NeedsServerError, rke2_has_run
+    from rke2certd.commands.node_datastore import open_for
+    from rke2certd.commands.renew import NeedsServerError, rke2_has_run
 
     if not cfg.is_server:
         raise NeedsServerError("this command reads the datastore: run it on a server")
@@ -168,14 +168,14 @@ def _before_rke2() -> Rke2certdError:
 
 def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
     if args.exit_codes == "nagios":
-        from rke2certd.ops.monitoring import status_plugin
+        from rke2certd.commands.monitoring import status_plugin
 
         return status_plugin(cfg, args.output)
-    from rke2certd.ops.status import render_status
+    from rke2certd.commands.status import render_status
 
     if not cfg.is_server:  # an agent reads the rollout keys through a server's endpoint
-        from rke2certd.ops.agent import agent_token
-        from rke2certd.ops.agent_rollout import remote_store
+        from rke2certd.commands.agent import agent_token
+        from rke2certd.commands.agent_rollout import remote_store
 
         node = Node.from_config(cfg)
         remote = remote_store(node, lambda: agent_token(node))
@@ -184,7 +184,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
             render_status(remote, args.output, system_clock(), cfg.availability, where)
         )
         return 0
-    from rke2certd.ops.rke2_datastore import plan_datastore
+    from rke2certd.node.rke2_datastore import plan_datastore
 
     where = plan_datastore(cfg, Node.from_config(cfg).layout).description
     with _cluster_datastore(cfg) as ds:
@@ -193,7 +193,7 @@ def cmd_status(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_node_remove(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.status import remove_node
+    from rke2certd.commands.status import remove_node
 
     with _cluster_datastore(cfg) as ds:
         sys.stdout.write(remove_node(ds, args.name, force=args.force))
@@ -201,7 +201,7 @@ def cmd_node_remove(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_rollout_resume(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.status import resume_rollout
+    from rke2certd.commands.status import resume_rollout
 
     with _cluster_datastore(cfg) as ds:
         sys.stdout.write(resume_rollout(ds, args.id))
@@ -218,21 +218,21 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.render import render_renew
-    from rke2certd.ops.renew import RenewResult, renew
-    from rke2certd.store.lock import node_lock
+    from rke2certd.commands.render import render_renew
+    from rke2certd.commands.renew import RenewResult, renew
+    from rke2certd.files.lock import node_lock
 
     node = Node.from_config(cfg)
     result: RenewResult
     if cfg.rke2_config is not None:
-        from rke2certd.ops.renew import before_first_start
+        from rke2certd.commands.renew import before_first_start
 
         skipped = before_first_start(node, dry_run=args.dry_run)
         if skipped is not None:  # no lock taken, no dir made: RKE2's first start does it all
             sys.stdout.write(render_renew(skipped, args.output))
             return 0
     if not cfg.is_server:  # agent-only: certificates come from a server's endpoint
-        from rke2certd.ops.agent_rollout import rejoin_renew
+        from rke2certd.commands.agent_rollout import rejoin_renew
         from rke2certd.supervisor.client import UnreachableError
 
         try:
@@ -254,7 +254,7 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
             result = RenewResult(dry_run=args.dry_run, unit=_unit_of(node), skipped=why)
         sys.stdout.write(render_renew(result, args.output))
         return 0
-    from rke2certd.ops.rke2_datastore import UnsupportedDatastoreError
+    from rke2certd.node.rke2_datastore import UnsupportedDatastoreError
 
     with ExitStack() as stack:
         try:
@@ -280,7 +280,7 @@ def cmd_renew(args: argparse.Namespace, cfg: Config) -> int:
 def _node_files(node: Node) -> None:
     """The startup hook's part for the files RKE2 writes itself: the admin kubeconfig brought
     up to date, and dynamiclistener's cert regenerated at RKE2's start when it must be."""
-    from rke2certd.ops.node_files import refresh_admin_kubeconfig, request_dynamic_regenerate
+    from rke2certd.node.node_files import refresh_admin_kubeconfig, request_dynamic_regenerate
 
     refresh_admin_kubeconfig(node)
     request_dynamic_regenerate(node, system_clock())
@@ -288,7 +288,7 @@ def _node_files(node: Node) -> None:
 
 def _certs_usable(node: Node) -> bool:
     """Every certificate of the node is there and none is expired or not yet valid."""
-    from rke2certd.ops.check import check
+    from rke2certd.commands.check import check
     from rke2certd.plan.inventory import failing
 
     try:
@@ -305,9 +305,9 @@ def _unit_of(node: Node) -> str:
 
 
 def _warm_check_cache(node: Node) -> None:
-    """Record the facts of the certs renew just wrote or kept (ops/cert_facts.py), so that the
+    """Record the facts of the certs renew just wrote or kept (node/cert_facts.py), so that the
     next `certificate check` reads no X.509. Costs ~1 ms when nothing changed; a cache only."""
-    from rke2certd.ops.check import check
+    from rke2certd.commands.check import check
 
     # An error (a file renew left alone is unreadable) is `check`'s to report, not renew's.
     with suppress(Rke2certdError, OSError):
@@ -324,11 +324,11 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
     if not node.cfg.is_server:
         yield None
         return
+    from rke2certd.commands.node_datastore import open_for
+    from rke2certd.commands.renew import rke2_has_run
     from rke2certd.datastore.base import DatastoreUnavailable
     from rke2certd.errors import DatastoreFilesMissing
-    from rke2certd.ops.bootstrap import open_for
-    from rke2certd.ops.ca_material import disk_generation
-    from rke2certd.ops.renew import rke2_has_run
+    from rke2certd.node.ca_material import disk_generation
 
     rke2 = node.cfg.rke2_config is not None
     if rke2 and not rke2_has_run(node.layout):
@@ -338,7 +338,7 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
     except (DatastoreUnavailable, DatastoreFilesMissing) as exc:
         if not offline_ok or (not rke2 and disk_generation(node.layout) is None):
             raise
-        from rke2certd.ops.rke2_datastore import EmbeddedEtcdDown
+        from rke2certd.node.rke2_datastore import EmbeddedEtcdDown
 
         if not isinstance(exc, EmbeddedEtcdDown):  # that one is RKE2 being down: as expected
             from rke2certd.log import log
@@ -356,13 +356,13 @@ def _datastore(node: Node, offline_ok: bool = False) -> Iterator[Datastore | Non
 
 
 def cmd_rotate_ca(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.render import render_rotate_ca
-    from rke2certd.ops.rotate_ca import rotate_ca
+    from rke2certd.commands.render import render_rotate_ca
+    from rke2certd.commands.rotate_ca import rotate_ca
 
     node = Node.from_config(cfg)
     with _datastore(node) as ds:
         if ds is None:
-            from rke2certd.ops.renew import NeedsServerError
+            from rke2certd.commands.renew import NeedsServerError
 
             raise NeedsServerError("rotate-ca runs on a server (etcd or control-plane role)")
         result = rotate_ca(
@@ -386,15 +386,15 @@ def _start_ca_rollout(ds: Datastore, cfg: Config, result: RotateCAResult) -> Rol
 
     why = f"rotate-ca --path {result.path} on {cfg.node}"
     try:
-        return after_rotation(ds, cfg.node, result, why, system_clock())
+        return after_rotation(ds, cfg.node, result.rollout_facts(), why, system_clock())
     except Rke2certdError as exc:
         print(f"rke2certd: warning: rollout not started: {exc}", file=sys.stderr)
         return None
 
 
 def cmd_generate_custom(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.generate import generate_custom
-    from rke2certd.ops.render import render_generate
+    from rke2certd.commands.generate_custom import generate_custom
+    from rke2certd.commands.render import render_generate
 
     out = args.out or cfg.data_dir / "server" / "tls"
     result = generate_custom(out, system_clock(), args.key_type, data_dir=cfg.data_dir)
@@ -413,10 +413,10 @@ def _staging_out(args: argparse.Namespace, cfg: Config, what: str) -> Path:
 
 
 def cmd_stage_rotation(args: argparse.Namespace, cfg: Config) -> int:
+    from rke2certd.commands.render import render_generate
+    from rke2certd.commands.stage_rotation import stage_rotation
     from rke2certd.datastore.codec import passphrase_from_token
-    from rke2certd.ops.bootstrap import configured_token
-    from rke2certd.ops.generate import stage_rotation
-    from rke2certd.ops.render import render_generate
+    from rke2certd.node.bootstrap_data import configured_token
 
     node = Node.from_config(cfg)
     token = configured_token(cfg, node.layout)
@@ -433,8 +433,8 @@ def cmd_stage_rotation(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_stage_service_key(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.generate import stage_service_key
-    from rke2certd.ops.render import render_generate
+    from rke2certd.commands.render import render_generate
+    from rke2certd.commands.stage_rotation import stage_service_key
 
     out = _staging_out(args, cfg, "service-key")
     result = stage_service_key(cfg.data_dir, out, staging=cfg.staging)
@@ -460,7 +460,7 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_token(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.tokens import show_hash, show_tokens
+    from rke2certd.commands.tokens import show_hash, show_tokens
 
     node = Node.from_config(cfg)
     sys.stdout.write(show_hash(node) if args.what == "hash" else show_tokens(node))
@@ -468,8 +468,8 @@ def cmd_token(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.check import RENDERERS, check
-    from rke2certd.ops.rotate import parse_services
+    from rke2certd.commands.check import RENDERERS, check
+    from rke2certd.commands.rotate import parse_services
     from rke2certd.plan.inventory import failing
 
     services = parse_services(args.service)
@@ -484,14 +484,14 @@ def cmd_check(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_rotate(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd.ops.render import render_rotate
-    from rke2certd.ops.rotate import parse_services, rotate
-    from rke2certd.store.lock import node_lock
+    from rke2certd.commands.render import render_rotate
+    from rke2certd.commands.rotate import parse_services, rotate
+    from rke2certd.files.lock import node_lock
 
     services = parse_services(args.service)
     node = Node.from_config(cfg)
     if not cfg.is_server:  # agent-only: new keys, certificates signed through a server
-        from rke2certd.ops.agent import agent_rotate
+        from rke2certd.commands.agent import agent_rotate
 
         with node_lock(cfg.data_dir, cfg.lock_timeout):
             result = agent_rotate(node, services, system_clock())

@@ -1,7 +1,7 @@
 """The validated-config cache: `load_config` without yaml or pydantic when no input changed.
 
 One file per way of loading (config path, RKE2CERTD_CONFIG, command-line overrides) in the
-cache dir (store/private_cache.py), `config-<hash>.json`, holding the validated values and what they
+cache dir (files/private_cache.py), `config-<hash>.json`, holding the validated values and what they
 were made from: the SHA-256 of every file read (ours, RKE2's config, each drop-in; "missing"
 counts too), each drop-in dir's listing, and the code that validated them. A hit is checked by
 hashing the files' raw bytes again, so an edited file, an added or removed drop-in, or an
@@ -26,7 +26,7 @@ from rke2certd.config.sources import (
     read_input,
 )
 from rke2certd.errors import ConfigError
-from rke2certd.store.private_cache import cache_dir, read_private, write_private
+from rke2certd.files.private_cache import cache_dir, read_private, write_private
 
 FORMAT = 1
 _HERE = Path(__file__).resolve().parent

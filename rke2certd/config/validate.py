@@ -79,7 +79,7 @@ class ConfigModel(BaseModel):
     )
     health_kubelet_endpoint: str = Field("https://127.0.0.1:10250", alias="health-kubelet-endpoint")
     staging_quiet: float = Field(5.0, alias="staging-quiet", ge=0)
-    # Monitoring (rke2certd/daemon/metrics.py, ops/node_files.py).
+    # Monitoring (rke2certd/daemon/metrics.py, node/node_files.py).
     metrics_address: str = Field("127.0.0.1:9347", alias="metrics-address")
     textfile_dir: Path | None = Field(None, alias="textfile-dir")
     watch_files: StrList = Field(default_factory=list, alias="watch-files")

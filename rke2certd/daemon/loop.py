@@ -20,6 +20,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock, system_clock
+from rke2certd.commands.apply_staged import StagingOutcome, prepare, process_set
+from rke2certd.commands.check import check
+from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import Config
 from rke2certd.daemon.bootstrap_watch import BootstrapWatch
 from rke2certd.daemon.monitor import Monitor
@@ -28,18 +31,15 @@ from rke2certd.daemon.watcher import StagingWatcher
 from rke2certd.datastore.base import KV, Datastore
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import Rke2certdError
+from rke2certd.files.atomic import read_optional
+from rke2certd.files.lock import node_lock
 from rke2certd.log import log
-from rke2certd.ops.ca_material import disk_generation
-from rke2certd.ops.check import check
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import RenewResult, renew
-from rke2certd.ops.staging import StagingOutcome, prepare, process_set
+from rke2certd.node.ca_material import disk_generation
+from rke2certd.node.node import Node
+from rke2certd.plan.ready_sets import next_deadline, ready_sets
 from rke2certd.plan.rollout import Member, Rollout, phase_of
-from rke2certd.plan.staging import next_deadline, ready_sets
 from rke2certd.rollout.create import after_renew, after_rotation
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
-from rke2certd.store.atomic import read_optional
-from rke2certd.store.lock import node_lock
 
 if TYPE_CHECKING:
     from rke2certd.supervisor.cluster_api import ClusterAPI
@@ -160,11 +160,11 @@ class Daemon:
             self.ds = None
         self.remote = None
         if self.cfg.is_server:
-            from rke2certd.ops.bootstrap import open_for
+            from rke2certd.commands.node_datastore import open_for
 
             self.ds = open_for(self.node)
         else:
-            from rke2certd.ops.agent_rollout import remote_store
+            from rke2certd.commands.agent_rollout import remote_store
 
             self.remote = remote_store(self.node, self._agent_token)
 
@@ -198,7 +198,7 @@ class Daemon:
         return self.remote
 
     def _agent_token(self) -> str:
-        from rke2certd.ops.agent import agent_token
+        from rke2certd.commands.agent import agent_token
 
         return self._token or agent_token(self.node)
 
@@ -206,13 +206,13 @@ class Daemon:
         before = disk_generation(self.node.layout)
         with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
             if self.agent_only:
-                from rke2certd.ops.agent_rollout import rejoin_renew
+                from rke2certd.commands.agent_rollout import rejoin_renew
 
                 result, adopted = rejoin_renew(self.node, self.clock(), token=self._token)
                 self._token = adopted or self._token
             else:
                 result = renew(self.node, self.clock(), datastore=self.ds)
-                from rke2certd.ops.node_files import refresh_admin_kubeconfig
+                from rke2certd.node.node_files import refresh_admin_kubeconfig
 
                 refresh_admin_kubeconfig(self.node)  # kubectl needs no RKE2 restart for it
         self._certs_text = None
@@ -227,7 +227,8 @@ class Daemon:
         if self.ds is not None:  # agents start no rollouts: their restart waits for one
             try:
                 phase = phase_of(r.value for r in self.cfg.roles)
-                after_renew(self.ds, self.cfg.node, phase, result, before, after, why, self.clock())
+                facts = result.rollout_facts()
+                after_renew(self.ds, self.cfg.node, phase, facts, before, after, why, self.clock())
             except Rke2certdError as exc:  # the files are renewed; the rollout waits for a rescan
                 log.error("rollout_start_failed", reason=str(exc))
         if self.runner is not None:
@@ -258,7 +259,7 @@ class Daemon:
         return min(AGENT_RETRY, self.cfg.rescan_interval) if waiting else self.cfg.rescan_interval
 
     def _certs_usable(self) -> bool:
-        from rke2certd.ops.node_files import WATCHED
+        from rke2certd.node.node_files import WATCHED
         from rke2certd.plan.inventory import failing
 
         # the node's own certificates: an operator's watched file does not stop the start
@@ -294,8 +295,8 @@ class Daemon:
         self._renew(f"rollout {rollout.id}")
         server_ca = read_optional(self.node.layout.ca_cert("server-ca"))
         if server_ca:  # a full token in the config must pin the CA RKE2 restarts with
-            from rke2certd.ops.tokens import rewrite_config_tokens
-            from rke2certd.pki.token import ca_hash
+            from rke2certd.commands.tokens import rewrite_config_tokens
+            from rke2certd.pki.join_token import ca_hash
 
             with node_lock(self.cfg.data_dir, self.cfg.lock_timeout):
                 rewrite_config_tokens(self.node, ca_hash(server_ca))
@@ -304,8 +305,8 @@ class Daemon:
     def _apply_agent_rollout(self, rollout: Rollout) -> ApplyOutcome:
         """Adopt the servers' rotated CA (new token hash in the config), then renew through
         them; the generation is the server's once this disk holds the bundles it serves."""
+        from rke2certd.commands.agent_rollout import adopt_rotated_ca
         from rke2certd.datastore.base import DatastoreUnavailable
-        from rke2certd.ops.agent_rollout import adopt_rotated_ca
         from rke2certd.supervisor.client import UnreachableError
 
         try:
@@ -319,7 +320,7 @@ class Daemon:
     def _generation(self) -> str | None:
         """The CA generation on disk; an agent's is the server's, if it holds what it serves."""
         if self.agent_only:
-            from rke2certd.ops.agent_rollout import agent_generation
+            from rke2certd.commands.agent_rollout import agent_generation
 
             return agent_generation(self.node, self._remote())
         return disk_generation(self.node.layout)
@@ -427,7 +428,7 @@ class Daemon:
         assert self.ds is not None
         if isinstance(self.ds, SQLiteDatastore):
             return self.ds
-        from rke2certd.ops.bootstrap import open_for
+        from rke2certd.commands.node_datastore import open_for
 
         return open_for(self.node)
 
@@ -450,8 +451,8 @@ class Daemon:
         log.info("staging_watched", cert_path=str(staging))
 
     def _process_staging(self) -> None:
-        """Each finished set, one at a time (ops/staging.py: no set stops the daemon, a saved
-        set is rolled out before it is filed)."""
+        """Each finished set, one at a time (commands/apply_staged.py: no set stops the daemon, a
+        saved set is rolled out before it is filed)."""
         if self.watcher is None or self.ds is None:
             return
         for name in ready_sets(self.watcher.states(), time.monotonic(), self.quiet):
@@ -470,7 +471,8 @@ class Daemon:
         assert self.ds is not None and outcome.result is not None
         why = f"staged set {outcome.shown} applied on {self.cfg.node}"
         try:
-            after_rotation(self.ds, self.cfg.node, outcome.result, why, self.clock())
+            facts = outcome.result.rollout_facts()
+            after_rotation(self.ds, self.cfg.node, facts, why, self.clock())
         except Rke2certdError as exc:  # the renew below starts it, or a rescan
             log.error("rollout_start_failed", staged_set=outcome.shown, reason=str(exc))
         self._renew(f"staged set {outcome.shown} applied")
@@ -632,7 +634,7 @@ class Daemon:
         standalone). RKE2 creates or fetches the CA set and every certificate at its first
         start (rke2-agent: the CAs and its certificates from `server`); until then there is
         nothing here to use, and nothing rke2certd may create."""
-        from rke2certd.ops.renew import rke2_agent_has_run, rke2_has_run
+        from rke2certd.commands.renew import rke2_agent_has_run, rke2_has_run
 
         if self.cfg.rke2_config is None:
             return None
@@ -652,7 +654,7 @@ class Daemon:
         return isinstance(exc, DatastoreError)
 
     def _waiting_text(self, exc: Rke2certdError) -> str:
-        from rke2certd.ops.rke2_datastore import DB_INFO_PATH, plan_datastore
+        from rke2certd.node.rke2_datastore import DB_INFO_PATH, plan_datastore
 
         try:
             plan = plan_datastore(self.cfg, self.node.layout)

@@ -428,7 +428,7 @@ class Metrics:
         if data == self._last_text:
             return False
         from rke2certd.errors import Rke2certdError
-        from rke2certd.store.atomic import ensure_dir, write_file
+        from rke2certd.files.atomic import ensure_dir, write_file
 
         try:
             if not directory.is_dir():

@@ -12,10 +12,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from rke2certd.clock import Clock
+from rke2certd.commands.check import CheckResult
 from rke2certd.config import Config
 from rke2certd.log import log
-from rke2certd.ops.check import CheckResult
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.plan.inventory import Row, rows_for
 from rke2certd.plan.verdict import Level, Verdict, verdict
 
@@ -113,9 +113,9 @@ def ca_rows(node: Node, result: CheckResult) -> list[Row]:
     """The CA files' certificates (x509 series and the soonest CA expiry); not in `check`."""
     from rke2certd.daemon.metrics import CA_SERVICE
     from rke2certd.errors import PKIError
-    from rke2certd.ops.cert_facts import FactsCache
+    from rke2certd.files.atomic import read_optional
+    from rke2certd.node.cert_facts import FactsCache
     from rke2certd.pki.layout import CA_NAMES
-    from rke2certd.store.atomic import read_optional
 
     cache = FactsCache.for_data_dir(node.layout.data_dir)
     window = timedelta(days=result.window_days)
@@ -137,7 +137,7 @@ def ca_rows(node: Node, result: CheckResult) -> list[Row]:
 def _generation(node: Node) -> str | None:
     if not node.cfg.is_server:
         return None
-    from rke2certd.ops.ca_material import disk_generation
+    from rke2certd.node.ca_material import disk_generation
 
     return disk_generation(node.layout)
 

@@ -1,7 +1,7 @@
 """Watches the staging dir with watchdog (inotify) and turns events into set states.
 
 The observer thread only records what happened and wakes the main loop; all decisions are made
-on the main loop by the pure rules of plan/staging.py.
+on the main loop by the pure rules of plan/ready_sets.py.
 
 How an entry arrived comes from inotify itself: the observer reports "full" events, so a
 directory renamed in from outside the staging dir is a move (IN_MOVED_TO) and a directory made in
@@ -24,9 +24,9 @@ from pathlib import Path
 from watchdog.events import DirMovedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.inotify import InotifyObserver
 
+from rke2certd.commands.apply_staged import refusal
 from rke2certd.log import log
-from rke2certd.ops.staging import refusal
-from rke2certd.plan.staging import READY_MARKER, Arrival, SetState
+from rke2certd.plan.ready_sets import READY_MARKER, Arrival, SetState
 
 # watchdog (7.x) warns on stderr, outside our logs and as several raw lines in the journal, each
 # time a watched directory moves inside the watched tree, as every set does when it is filed

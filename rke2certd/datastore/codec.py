@@ -26,8 +26,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from rke2certd.errors import DatastoreError, TokenError
-from rke2certd.pki.token import AGENT_USER, SERVER_USER, parse_token
-from rke2certd.pki.token import PREFIX as TOKEN_PREFIX
+from rke2certd.pki.join_token import AGENT_USER, SERVER_USER, parse_token
+from rke2certd.pki.join_token import PREFIX as TOKEN_PREFIX
 
 BOOTSTRAP_PREFIX: Final = "/bootstrap/"
 
@@ -77,7 +77,7 @@ def bootstrap_key_name(passphrase: str) -> str:
 
 def passphrase_from_token(token: str) -> str:
     """The passphrase of a server token: `K10<hash>::server:<pw>` -> `<pw>`; a bare token is
-    itself. The token is parsed by `rke2certd.pki.token.parse_token`; this adds what the
+    itself. The token is parsed by `rke2certd.pki.join_token.parse_token`; this adds what the
     bootstrap data needs (the server user). Never echoes the token in an error."""
     token = token.rstrip("\n")  # as upstream reads the token file
     if not token.strip():

@@ -38,8 +38,8 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.datastore.change_watch import ChangeWatch
 from rke2certd.errors import DatastoreError
+from rke2certd.files.atomic import ensure_dir
 from rke2certd.log import log
-from rke2certd.store.atomic import ensure_dir
 
 DEFAULT_RELATIVE_PATH = Path("server/db/rke2certd.sqlite")
 HISTORY = 1000  # revisions of events kept for watches (kine keeps 1000 as well)

@@ -19,7 +19,7 @@ class Status(StrEnum):
 
 @dataclass(frozen=True)
 class CertFacts:
-    """What a row says about one certificate, read once from its bytes (ops/cert_facts.py)."""
+    """What a row says about one certificate, read once from its bytes (node/cert_facts.py)."""
 
     subject: str  # CN
     issuer: str  # CN

@@ -21,7 +21,7 @@ CRITICAL = (Status.EXPIRED.value, Status.NOT_YET_VALID.value, Status.CHAIN_BROKE
 
 @dataclass(frozen=True)
 class KubeconfigRead:
-    """What the shell read about one client cert of a kubeconfig (ops/node_files.py)."""
+    """What the shell read about one client cert of a kubeconfig (node/node_files.py)."""
 
     path: str
     service: str

@@ -4,13 +4,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS
 from rke2certd.log import log
-from rke2certd.ops.renew import RenewResult
-from rke2certd.ops.rotate_ca import RotateCAResult
 from rke2certd.plan.rollout import (
     PHASES,
     SERVER_PHASES,
@@ -21,7 +20,7 @@ from rke2certd.plan.rollout import (
     RolloutKind,
     RolloutState,
 )
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 
 # Agents trust server-ca and hold certs signed by client-ca; nothing else of the CA set
 # reaches them. A change elsewhere (the etcd CAs, request-header, service.key) restarts servers
@@ -29,6 +28,24 @@ from rke2certd.rollout.store import ClusterStore
 AGENT_FILES = frozenset(
     {"tls/server-ca.crt", "tls/server-ca.key", "tls/client-ca.crt", "tls/client-ca.key"}
 )
+
+
+@dataclass(frozen=True)
+class RenewFacts:
+    """What a renew did that decides its rollout (`RenewResult.rollout_facts()`)."""
+
+    extracted: tuple[str, ...] = ()  # bootstrap fields taken from the datastore
+    replaced: tuple[str, ...] = ()  # services whose loaded cert was replaced (not first issued)
+
+
+@dataclass(frozen=True)
+class RotationFacts:
+    """What a CA rotation did that decides its rollout (`RotateCAResult.rollout_facts()`)."""
+
+    saved: bool
+    nothing_to_do: bool
+    new_generation: str
+    changed: tuple[str, ...]  # the `tls/...` paths it changed
 
 
 def restart_phases(changed: Iterable[str] | None) -> tuple[Phase, ...]:
@@ -96,7 +113,7 @@ def after_renew(
     ds: Datastore,
     node: str,
     phase: Phase,
-    result: RenewResult,
+    facts: RenewFacts,
     before: str | None,
     after: str | None,
     why: str,
@@ -114,10 +131,10 @@ def after_renew(
     if after is None or before is None:
         return None
     if before != after:
-        changed = extracted_files(result.extracted) or None
+        changed = extracted_files(facts.extracted) or None
         reason = f"CA generation {after} taken from the datastore on {node} ({why})"
         return start(ds, ca_rollout(after, changed, node, reason, now), now)[0]
-    replaced = sorted({c.service for c in result.changes if c.old_serial is not None})
+    replaced = sorted(set(facts.replaced))
     if not replaced:
         return None
     reason = f"certificates renewed on {node} ({why}): {', '.join(replaced)}"
@@ -130,10 +147,10 @@ def after_renew(
 
 
 def after_rotation(
-    ds: Datastore, node: str, result: RotateCAResult, why: str, now: datetime
+    ds: Datastore, node: str, facts: RotationFacts, why: str, now: datetime
 ) -> Rollout | None:
     """The CA rollout of a rotation that was just saved (rotate-ca or a staged set)."""
-    if not result.saved or result.nothing_to_do:
+    if not facts.saved or facts.nothing_to_do:
         return None
-    rollout = ca_rollout(result.new_generation, result.changed, node, why, now)
+    rollout = ca_rollout(facts.new_generation, facts.changed, node, why, now)
     return start(ds, rollout, now)[0]

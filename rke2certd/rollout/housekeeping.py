@@ -22,7 +22,7 @@ from rke2certd.plan.rollout import (
     newly_down,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 
 
 def housekeep(

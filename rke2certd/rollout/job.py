@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from rke2certd.ops.health import Probe, run_probes
+from rke2certd.rollout.health import Probe, run_probes
 
 # The gate is tried again after 0.25 s, then twice as long each time up to 2 s: a restarted
 # service is often up within a second, and a slow one is not hammered.

@@ -46,7 +46,7 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.records import PREFIX
 
 if TYPE_CHECKING:
-    from rke2certd.rollout.stream import WatchStream  # requests: only for etcd
+    from rke2certd.datastore.stream import WatchStream  # requests: only for etcd
 
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0

@@ -24,8 +24,7 @@ from rke2certd.clock import Clock
 from rke2certd.datastore.base import KV, Datastore
 from rke2certd.errors import DatastoreError, LockTimeout, Rke2certdError
 from rke2certd.log import log
-from rke2certd.ops.health import default_probes
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.pki.profiles import AGENT_UNIT, SERVER_UNIT
 from rke2certd.plan.rollout import (
     Apply,
@@ -54,7 +53,9 @@ from rke2certd.plan.rollout import (
     to_wake,
 )
 from rke2certd.rollout import records as rec
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
+from rke2certd.rollout.health import default_probes
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.job import Gate, RestartJob
 from rke2certd.rollout.link import (
@@ -64,7 +65,6 @@ from rke2certd.rollout.link import (
     server_interest,
     server_ranges,
 )
-from rke2certd.rollout.store import ClusterStore
 
 # Read again even without a watch event: a lost wake-up must not stall a rollout. The cluster
 # tests set it far beyond their timeouts, so that a wake-up the protocol loses fails them.
@@ -182,7 +182,7 @@ class RolloutRunner:
         streams = []
         if self.node.cfg.datastore_endpoint.strip().lower().startswith(("http://", "https://")):
             # etcd only: requests and etcd3gw cost ~8 MiB of RSS that a SQLite daemon need not hold
-            from rke2certd.rollout.stream import stream_for
+            from rke2certd.node.rke2_datastore import stream_for
 
             streams = [
                 s for key, end in server_ranges(wake_key) if (s := stream_for(self.node, key, end))

@@ -19,11 +19,11 @@ import re
 from email.message import Message
 
 from rke2certd.errors import Rke2certdError
-from rke2certd.ops.bootstrap import configured_token
-from rke2certd.ops.node import Node
-from rke2certd.pki.token import parse_token
-from rke2certd.store.atomic import read_optional
-from rke2certd.store.exposure import warn_if_exposed
+from rke2certd.files.atomic import read_optional
+from rke2certd.files.exposure import warn_if_exposed
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.node import Node
+from rke2certd.pki.join_token import parse_token
 from rke2certd.supervisor import (
     AGENT_USER,
     MAX_CSR_BYTES,

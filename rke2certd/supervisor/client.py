@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 from rke2certd.constants import SUPERVISOR_PORT
 from rke2certd.errors import PKIError, Rke2certdError, TokenError
 from rke2certd.log import log
-from rke2certd.pki.token import SERVER_USER, Token, ca_hash, parse_token
+from rke2certd.pki.join_token import SERVER_USER, Token, ca_hash, parse_token
 from rke2certd.supervisor import (
     AGENT_USER,
     CACERTS_PATH,

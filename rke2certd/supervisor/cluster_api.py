@@ -29,12 +29,12 @@ from typing import Any
 
 from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
 from rke2certd.log import log
-from rke2certd.ops.ca_material import disk_generation
+from rke2certd.node.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.rollout import Availability, Phase
 from rke2certd.rollout import records as rec
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.housekeeping import housekeep
-from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
 from rke2certd.supervisor.watch_hub import WatchHub
 

@@ -16,7 +16,7 @@ from email.message import Message
 from rke2certd.clock import Clock
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.pki import certs
 from rke2certd.supervisor import (
     AGENT_USER,

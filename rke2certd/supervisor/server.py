@@ -16,7 +16,7 @@ from rke2certd.clock import Clock, system_clock
 from rke2certd.datastore.base import Datastore
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.supervisor import (
     MAX_CONNECTIONS,
     MAX_PER_ADDRESS,

@@ -15,8 +15,8 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from rke2certd.ops.ca_material import CA
-from rke2certd.ops.node import Node
+from rke2certd.node.ca_material import CA
+from rke2certd.node.node import Node
 from rke2certd.pki import build, keys
 from rke2certd.pki.profiles import LeafSpec, NodeIdentity, SanSet, server_sans, wanted_sans
 from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER

@@ -22,8 +22,8 @@ from datetime import datetime, timedelta
 from rke2certd.clock import Clock
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import log
-from rke2certd.ops.ca_material import CA, load_ca_set
-from rke2certd.ops.node import Node
+from rke2certd.node.ca_material import CA, load_ca_set
+from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import server_sans

@@ -25,14 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
+from rke2certd.commands.agent import agent_renew
+from rke2certd.commands.bootstrap_write import write_tokens
+from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import Config
-from rke2certd.ops.agent import agent_renew
-from rke2certd.ops.bootstrap import write_tokens
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import RenewResult, renew
+from rke2certd.files.lock import LOCK_NAME, node_lock
+from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
-from rke2certd.pki.token import new_password
-from rke2certd.store.lock import LOCK_NAME, node_lock
+from rke2certd.pki.join_token import new_password
 
 HOST = "127.0.0.1"
 

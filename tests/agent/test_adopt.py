@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands.agent_rollout import adopt_rotated_ca, rejoin_renew
 from rke2certd.errors import Rke2certdError, TokenError
-from rke2certd.ops.agent_rollout import adopt_rotated_ca, rejoin_renew
 from rke2certd.supervisor.server import start
 
 from .helpers import HOST, ServerNode, make_server_node, renew_agent, snapshot

@@ -13,15 +13,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from rke2certd.commands.agent import agent_renew, agent_rotate
+from rke2certd.commands.bootstrap_write import write_tokens
+from rke2certd.commands.check import check, render_json
+from rke2certd.commands.renew import renew
 from rke2certd.errors import TokenError, UsageError
-from rke2certd.ops.agent import agent_renew, agent_rotate
-from rke2certd.ops.bootstrap import write_tokens
-from rke2certd.ops.check import check, render_json
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import renew
+from rke2certd.files.lock import node_lock
+from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.layout import CA_NAMES
-from rke2certd.store.lock import node_lock
 from rke2certd.supervisor.server import SupervisorHandle
 from tests.helpers_tls import ClientSide, ServerSide, handshake
 
@@ -303,7 +303,7 @@ def test_server_roles_are_refused(server: ServerNode):
 
 
 def test_interrupted_write_is_recovered(agent: Node):
-    """A temp file left by a crash is removed by the next run (store.atomic.recover)."""
+    """A temp file left by a crash is removed by the next run (files.atomic.recover)."""
     renew_agent(agent)
     stray = agent.layout.agent / ".rke2certd-tmp-client-kubelet.crt.dead"
     shutil.copy(_a(agent, "client-kubelet.crt"), stray)

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands.agent import node_password
+from rke2certd.commands.agent_rollout import agent_generation, remote_store
 from rke2certd.datastore.base import EventType, LeaseNotFound
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import DatastoreError
-from rke2certd.ops.agent import node_password
-from rke2certd.ops.agent_rollout import agent_generation, remote_store
-from rke2certd.ops.ca_material import disk_generation
-from rke2certd.ops.node import Node
+from rke2certd.node.ca_material import disk_generation
+from rke2certd.node.node import Node
 from rke2certd.plan.rollout import (
     PHASES,
     Member,
@@ -34,7 +34,7 @@ from rke2certd.plan.rollout import (
     Slot,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.supervisor import CLUSTER_PATH, NODE_PASSWORD_HEADER, wire
 from rke2certd.supervisor.client import RefusedError
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA

@@ -18,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from rke2certd.commands.bootstrap_write import write_tokens
 from rke2certd.datastore.sqlite import SQLiteDatastore
-from rke2certd.ops.bootstrap import write_tokens
 from rke2certd.pki import build
+from rke2certd.pki.join_token import format_token, parse_token
 from rke2certd.pki.profiles import server_sans
-from rke2certd.pki.token import format_token, parse_token
 from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER, NODE_PASSWORD_HEADER
 from rke2certd.supervisor.server import SupervisorHandle, start
 

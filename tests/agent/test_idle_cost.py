@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.sqlite import SQLiteDatastore
-from rke2certd.ops.agent_rollout import remote_store
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
-from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import start as start_endpoint

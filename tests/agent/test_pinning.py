@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands.agent import supervisor_urls
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import ConfigError, TokenError
-from rke2certd.ops.agent import supervisor_urls
-from rke2certd.pki.token import ca_hash, parse_token
+from rke2certd.pki.join_token import ca_hash, parse_token
 from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
     RefusedError,

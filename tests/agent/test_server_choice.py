@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands.agent import node_password, supervisor_urls
+from rke2certd.commands.agent_rollout import trusted_bundle
 from rke2certd.datastore.sqlite import SQLiteDatastore
-from rke2certd.ops.agent import node_password, supervisor_urls
-from rke2certd.ops.agent_rollout import trusted_bundle
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from rke2certd.plan.rollout import Member, Phase, Registration, Slot
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.supervisor.choice import ServerChoice, preferred_order
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore

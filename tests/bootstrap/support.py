@@ -18,14 +18,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from rke2certd.commands.node_datastore import open_for
+from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import load_config
 from rke2certd.datastore import Datastore, SQLiteDatastore, open_datastore
-from rke2certd.ops.bootstrap import open_for
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import RenewResult, renew
+from rke2certd.files.lock import LOCK_NAME, node_lock
+from rke2certd.node.node import Node
 from rke2certd.pki.layout import Layout
 from rke2certd.pki.profiles import leaves_for
-from rke2certd.store.lock import LOCK_NAME, node_lock
 from tests.conftest import clean_env, write_node_config
 from tests.harness.etcd import EtcdCluster, TLSFiles
 
@@ -231,7 +231,8 @@ def openssl_verify_leaves(data_dir: Path) -> None:
 # that processes started one after the other begin their work at the same instant.
 _GATED = """
 import sys
-import rke2certd.cli, rke2certd.ops.renew, rke2certd.ops.bootstrap, rke2certd.ops.render
+import rke2certd.cli, rke2certd.commands.renew, rke2certd.commands.bootstrap_write
+import rke2certd.commands.render
 import rke2certd.datastore
 print("ready", flush=True)
 sys.stdin.read(1)

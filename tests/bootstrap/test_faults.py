@@ -22,11 +22,11 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 
+from rke2certd.commands.bootstrap_write import save_rotation
+from rke2certd.commands.renew import renew
 from rke2certd.datastore import Datastore, OutcomeUnknown, SQLiteDatastore
 from rke2certd.errors import DatastoreError
-from rke2certd.ops.bootstrap import save_rotation
-from rke2certd.ops.renew import renew
-from rke2certd.store.atomic import JOURNAL_NAME
+from rke2certd.files.atomic import JOURNAL_NAME
 from tests.conftest import clean_env, run_cli
 
 from .support import (
@@ -134,8 +134,9 @@ import sys, json
 from pathlib import Path
 from datetime import UTC, datetime
 from rke2certd.config import load_config
-from rke2certd.ops.node import Node
-from rke2certd.ops.bootstrap import open_for, save_rotation
+from rke2certd.node.node import Node
+from rke2certd.commands.node_datastore import open_for
+from rke2certd.commands.bootstrap_write import save_rotation
 node = Node.from_config(load_config(Path(sys.argv[1])))
 new = {k: bytes.fromhex(v) for k, v in json.loads(sys.argv[2]).items()}
 with open_for(node) as ds:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.ops.bootstrap import read_disk
+from rke2certd.node.bootstrap_data import read_disk
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.reconcile import DiskFile, Stored, reconcile
 from tests.conftest import run_cli

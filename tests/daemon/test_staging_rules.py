@@ -1,9 +1,9 @@
-"""The pure rules of plan/staging.py that the daemon's loop follows: which sets may go now, in
+"""The pure rules of plan/ready_sets.py that the daemon's loop follows: which sets may go now, in
 which order, and when to wake up next (a deadline in the past would make the loop spin)."""
 
 from __future__ import annotations
 
-from rke2certd.plan.staging import Arrival, SetState, next_deadline, ready_sets
+from rke2certd.plan.ready_sets import Arrival, SetState, next_deadline, ready_sets
 
 QUIET = 5.0
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import structlog
 
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from tests.conftest import FrozenClock, write_node_config
 
 from .helpers import load_node, renew_at

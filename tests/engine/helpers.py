@@ -17,13 +17,13 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import load_config
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import RenewResult, renew
+from rke2certd.files.atomic import JOURNAL_NAME, TEMP_MARK
+from rke2certd.files.lock import LOCK_NAME, node_lock
+from rke2certd.node.node import Node
 from rke2certd.pki.layout import CA_NAMES, Layout
 from rke2certd.pki.profiles import LeafSpec, leaves_for
-from rke2certd.store.atomic import JOURNAL_NAME, TEMP_MARK
-from rke2certd.store.lock import LOCK_NAME, node_lock
 
 # rke2certd's own runtime state, not files RKE2 reads: the node lock (rewritten with the
 # holder's pid by every writing command) and the embedded datastore's database.

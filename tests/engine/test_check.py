@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rke2certd.ops.check import check
+from rke2certd.commands.check import check
 from rke2certd.plan.inventory import Status
 from tests.conftest import FrozenClock, run_cli, write_node_config
 

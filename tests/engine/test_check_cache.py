@@ -1,4 +1,4 @@
-"""`certificate check` with its facts cache (rke2certd/ops/cert_facts.py): output identical to
+"""`certificate check` with its facts cache (rke2certd/node/cert_facts.py): output identical to
 the uncached path in every format and at the window edges, a changed file parsed again, a
 damaged or foreign cache ignored, and a warm check that imports no X.509 or pydantic."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.ops.check import RENDERERS, check
+from rke2certd.commands.check import RENDERERS, check
 from tests.conftest import run_cli
 
 from .conftest import LiveNode

@@ -23,9 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from rke2certd.files.atomic import JOURNAL_NAME, TEMP_MARK
+from rke2certd.files.lock import LOCK_NAME
 from rke2certd.pki import build, certs, keys
-from rke2certd.store.atomic import JOURNAL_NAME, TEMP_MARK
-from rke2certd.store.lock import LOCK_NAME
 from tests.conftest import FrozenClock, clean_env, run_cli, write_node_config
 
 from .conftest import LiveNode, build_live_node

@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
+from rke2certd.commands.renew import kubeconfig_naming
+from rke2certd.commands.stage_rotation import stage_rotation
 from rke2certd.datastore import Datastore, SQLiteDatastore, open_datastore
-from rke2certd.ops.generate import stage_rotation
-from rke2certd.ops.renew import kubeconfig_naming
 from rke2certd.pki.layout import Layout
 from rke2certd.rollout.records import PREFIX
 from tests.harness.etcd import EtcdCluster, TLSFiles, free_ports

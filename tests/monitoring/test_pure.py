@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from rke2certd.config import Config
 from rke2certd.daemon.metrics import Metrics, reason_category, rejection_category, route_label
-from rke2certd.ops.node import Node
-from rke2certd.ops.node_files import (
+from rke2certd.node.node import Node
+from rke2certd.node.node_files import (
     admin_kubeconfig_stale,
     kubeconfig_certs,
     refresh_admin_kubeconfig,

@@ -14,8 +14,8 @@ from cryptography.x509.oid import NameOID
 from rke2certd.errors import TokenError
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem
+from rke2certd.pki.join_token import Token, ca_hash, format_token, new_password, parse_token
 from rke2certd.pki.keys import new_ec_key
-from rke2certd.pki.token import Token, ca_hash, format_token, new_password, parse_token
 
 H = "ab" * 32
 NOW = datetime.now(UTC)

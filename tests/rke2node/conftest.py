@@ -24,7 +24,7 @@ import yaml
 
 from rke2certd.datastore import Datastore, open_datastore
 from rke2certd.datastore.codec import bootstrap_key_name, passphrase_from_token
-from rke2certd.ops.bootstrap import disk_bootstrap, save_value
+from rke2certd.node.bootstrap_data import disk_bootstrap, save_value
 from rke2certd.pki.layout import Layout
 from tests.conftest import run_cli, write_node_config
 from tests.harness.etcd import EtcdCluster, TLSFiles, etcd_bin_dir

@@ -11,14 +11,15 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands.bootstrap_write import save_rotation
+from rke2certd.commands.renew import renew
 from rke2certd.config import load_config
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, BootstrapFile, bootstrap_key_name
 from rke2certd.errors import DatastoreError
-from rke2certd.ops.bootstrap import load_value, plan_extract, save_rotation, save_value
-from rke2certd.ops.node import Node
-from rke2certd.ops.renew import renew
-from rke2certd.pki.token import ca_hash
-from rke2certd.store.lock import node_lock
+from rke2certd.files.lock import node_lock
+from rke2certd.node.bootstrap_data import load_value, plan_extract, save_value
+from rke2certd.node.node import Node
+from rke2certd.pki.join_token import ca_hash
 from tests.harness.etcd import EtcdCluster
 
 from .conftest import CRED_FILES, Rke2Node, etcd_client, make_rke2_node, wipe

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from rke2certd.datastore.codec import BOOTSTRAP_FIELDS, BootstrapFile, bootstrap_key_name
-from rke2certd.ops.bootstrap import load_value, save_value
-from rke2certd.ops.ca_material import disk_generation
+from rke2certd.node.bootstrap_data import load_value, save_value
+from rke2certd.node.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
 from tests.daemon.support import CapturedLogs, DaemonNode, label_of
 from tests.harness.etcd import EtcdCluster

@@ -10,7 +10,7 @@ import pytest
 
 from rke2certd.config import Config
 from rke2certd.errors import ConfigError
-from rke2certd.ops.rke2_datastore import (
+from rke2certd.node.rke2_datastore import (
     UnsupportedDatastoreError,
     member_client_urls,
     plan_datastore,
@@ -127,7 +127,7 @@ def test_bad_member_lists_are_refused(doc: Any) -> None:
 
 
 def test_local_member_candidates() -> None:
-    from rke2certd.ops.rke2_datastore import local_member_urls
+    from rke2certd.node.rke2_datastore import local_member_urls
 
     assert local_member_urls("https://127.0.0.1:2379", ("10.0.0.5", "fd00::5", "127.0.0.1")) == [
         "https://127.0.0.1:2379",

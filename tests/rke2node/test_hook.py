@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rke2certd.errors import ConfigError
-from rke2certd.pki.token import ca_hash, format_token
+from rke2certd.pki.join_token import ca_hash, format_token
 from tests.bootstrap.support import tree
 from tests.conftest import run_cli
 from tests.harness.etcd import EtcdCluster, free_ports

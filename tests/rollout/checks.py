@@ -11,10 +11,10 @@ from typing import Any
 
 from cryptography import x509
 
-from rke2certd.ops.ca_material import disk_generation
+from rke2certd.node.ca_material import disk_generation
 from rke2certd.pki import build, certs, keys
 from rke2certd.plan.rollout import ClusterView, NodeStatus, Phase, phase_of
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 from tests.harness.cluster import SimCluster
 
 

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from rke2certd.pki import certs
-from rke2certd.pki.token import ca_hash, parse_token
+from rke2certd.pki.join_token import ca_hash, parse_token
 from tests.harness.cluster import NodeSpec, SimCluster
 
 from .checks import assert_order, statuses, view, wait_rollout

@@ -10,7 +10,7 @@ from datetime import datetime
 
 import pytest
 
-from rke2certd.ops.ca_material import disk_generation
+from rke2certd.node.ca_material import disk_generation
 from tests.harness.cluster import SimCluster
 
 from .checks import assert_all_on, assert_order, statuses, wait_rollout

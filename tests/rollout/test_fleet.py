@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rke2certd.pki import certs
-from rke2certd.pki.token import ca_hash, parse_token
+from rke2certd.pki.join_token import ca_hash, parse_token
 from rke2certd.supervisor.choice import preferred_order
 from tests.harness.cluster import NodeSpec, SimCluster
 

@@ -11,8 +11,8 @@ import pytest
 
 from rke2certd.config import Config
 from rke2certd.errors import ConfigError
-from rke2certd.ops.health import default_probes, etcd_health, readyz, served_cert
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
+from rke2certd.rollout.health import default_probes, etcd_health, readyz, served_cert
 from tests.datastore.tls import EtcdPKI, make_etcd_pki
 from tests.harness.etcd import free_ports
 from tests.harness.sim_tls_server import TLSServer, start_server

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.ops.health import Probe
+from rke2certd.rollout.health import Probe
 from rke2certd.rollout.job import Gate, JobResult, RestartJob
 
 OK = Gate(["true"])

@@ -1,5 +1,5 @@
 """Which changes wake a node (link.interest, judged again when the interest changes), and the
-long-lived etcd watch stream the link reads (rollout/stream.py) on a real three-member TLS etcd
+long-lived etcd watch stream the link reads (datastore/stream.py) on a real three-member TLS etcd
 cluster."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rke2certd.datastore.base import (
     EventType,
     OutcomeUnknown,
 )
+from rke2certd.datastore.stream import WatchStream
 from rke2certd.plan.rollout import (
     PHASES,
     Idle,
@@ -42,7 +43,6 @@ from rke2certd.rollout.link import (
     server_interest,
     server_ranges,
 )
-from rke2certd.rollout.stream import WatchStream
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
 

@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.datastore import SQLiteDatastore
-from rke2certd.errors import UsageError
-from rke2certd.ops.status import (
+from rke2certd.commands.status import (
     remove_node,
     render_status,
     render_table,
     resume_rollout,
     status_doc,
 )
+from rke2certd.datastore import SQLiteDatastore
+from rke2certd.errors import UsageError
 from rke2certd.plan.rollout import (
     PHASES,
     SERVER_PHASES,
@@ -33,8 +33,8 @@ from rke2certd.plan.rollout import (
     Slot,
 )
 from rke2certd.rollout import records as rec
+from rke2certd.rollout.cluster_store import NODE_HISTORY, ClusterStore
 from rke2certd.rollout.create import ca_rollout, renewal_rollout, restart_phases, start
-from rke2certd.rollout.store import NODE_HISTORY, ClusterStore
 from tests.conftest import FrozenClock
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)

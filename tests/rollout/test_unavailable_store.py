@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from rke2certd.commands.status import render_status
 from rke2certd.config import Config
 from rke2certd.datastore import SQLiteDatastore
 from rke2certd.errors import ConfigError
-from rke2certd.ops.status import render_status
 from rke2certd.plan.rollout import (
     Availability,
     Member,
@@ -26,9 +26,9 @@ from rke2certd.plan.rollout import (
     RolloutState,
     Unavailable,
 )
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
-from rke2certd.rollout.store import ClusterStore
 from tests.conftest import FrozenClock
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)

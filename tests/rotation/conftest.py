@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.ops.generate import stage_rotation
+from rke2certd.commands.stage_rotation import stage_rotation
 from rke2certd.pki.layout import Layout
 
 from .support import make_upstream_node

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.ops.generate import stage_rotation
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.commands.stage_rotation import stage_rotation
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki.certs import bundle_pem, is_self_signed, load_bundle
 from rke2certd.pki.keys import load_keys, public_der
 from rke2certd.pki.layout import Layout

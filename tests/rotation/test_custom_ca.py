@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from rke2certd.commands.generate_custom import CUSTOM_TYPES, generate_custom
 from rke2certd.errors import UsageError
-from rke2certd.ops.ca_material import load_ca_set
-from rke2certd.ops.generate import CUSTOM_TYPES, generate_custom
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.node.ca_material import load_ca_set
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki.certs import load_bundle
 from rke2certd.pki.keys import load_keys, public_der
 from rke2certd.pki.layout import Layout

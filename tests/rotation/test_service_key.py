@@ -12,9 +12,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from rke2certd.commands.stage_rotation import stage_service_key
 from rke2certd.errors import UsageError
-from rke2certd.ops.generate import stage_service_key
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki.keys import load_keys, public_der
 from rke2certd.pki.layout import Layout
 from rke2certd.plan.staged_set import validate_staged_set

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from rke2certd.commands.stage_rotation import stage_rotation
 from rke2certd.errors import PKIError, UsageError
-from rke2certd.ops.generate import stage_rotation
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki.certs import bundle_pem, load_bundle
 from rke2certd.pki.chain import der
+from rke2certd.pki.join_token import parse_token
 from rke2certd.pki.layout import CA_NAMES, Layout
-from rke2certd.pki.token import parse_token
 from rke2certd.plan.staged_set import validate_staged_set
 
 from .support import install, make_upstream_node, openssl

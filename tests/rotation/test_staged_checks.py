@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from rke2certd.errors import StorageError
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem, load_bundle
 from rke2certd.pki.keys import PrivateKey, key_to_pem, load_key, new_ec_key, new_rsa_key

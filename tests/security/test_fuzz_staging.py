@@ -1,8 +1,8 @@
 """Fuzz: staged sets made by mutating a valid one (`ca stage-rotation`) — truncated files,
 flipped bytes, swapped and deleted files, modes and owners, symlinks and FIFOs, nested dirs,
 huge files, long and non-UTF-8 names — go through the staging path the daemon runs
-(ops/staging.process_set, on a real node with its SQLite datastore), and a part of them through
-the real daemon. For every case:
+(commands/apply_staged.process_set, on a real node with its SQLite datastore), and a part of
+them through the real daemon. For every case:
 
   - nothing raises and the daemon never stops;
   - the set ends filed with its result (a refused set with its reasons), or is ignored;
@@ -31,13 +31,14 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands import apply_staged as staging
+from rke2certd.commands.node_datastore import open_for
 from rke2certd.config import load_config
 from rke2certd.datastore.base import Datastore
 from rke2certd.datastore.codec import bootstrap_key_name, passphrase_from_token
-from rke2certd.ops import staging
-from rke2certd.ops.bootstrap import configured_token, open_for
-from rke2certd.ops.node import Node
-from rke2certd.ops.staged_copy import MAX_DEPTH
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.node import Node
+from rke2certd.node.staged_copy import MAX_DEPTH
 from rke2certd.plan.staged_set import ROTATABLE, SIZE_LIMIT
 from tests.daemon.support import DaemonNode, DaemonProcess
 

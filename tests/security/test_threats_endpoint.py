@@ -22,14 +22,14 @@ from typing import Any
 import pytest
 from cryptography import x509
 
+from rke2certd.commands.agent import node_password
+from rke2certd.commands.status import remove_node
 from rke2certd.config import Config
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import ConfigError
-from rke2certd.ops.agent import node_password
-from rke2certd.ops.bootstrap import configured_token
-from rke2certd.ops.node import Node
-from rke2certd.ops.status import remove_node
-from rke2certd.pki.token import format_token, parse_token
+from rke2certd.node.bootstrap_data import configured_token
+from rke2certd.node.node import Node
+from rke2certd.pki.join_token import format_token, parse_token
 from rke2certd.plan.rollout import (
     PHASES,
     Member,
@@ -42,7 +42,7 @@ from rke2certd.plan.rollout import (
     RolloutState,
 )
 from rke2certd.rollout import records as rec
-from rke2certd.rollout.store import ClusterStore
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.supervisor import (
     CLUSTER_PATH,
     MAX_PER_ADDRESS,

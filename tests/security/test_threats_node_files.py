@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rke2certd.store.lock import LOCK_NAME
+from rke2certd.files.lock import LOCK_NAME
 from tests.conftest import run_cli, write_node_config
 
 EX_CONFIG = 78

@@ -34,10 +34,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from rke2certd.commands.stage_rotation import stage_rotation
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.errors import PKIError
-from rke2certd.ops.generate import stage_rotation
-from rke2certd.ops.staged_read import current_files, read_staged_dir
+from rke2certd.node.staged_read import current_files, read_staged_dir
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem, load_bundle
 from rke2certd.pki.keys import key_to_pem, load_keys, new_ec_key
@@ -537,7 +537,7 @@ def test_stage_rotation_stays_within_the_bundle_limit(
     """With the limit at 10, the fourth rotation would hold 13 certificates: stage-rotation
     leaves out older generations, and the set passes and verifies against the current CA."""
     monkeypatch.setattr("rke2certd.plan.staged_ca.MAX_BUNDLE_CERTS", 10)
-    monkeypatch.setattr("rke2certd.ops.generate.MAX_BUNDLE_CERTS", 10)
+    monkeypatch.setattr("rke2certd.commands.stage_rotation.MAX_BUNDLE_CERTS", 10)
     layout = make_upstream_node(tmp_path / "data")
     start = datetime.now(UTC) + timedelta(minutes=1)
     for i in range(4):

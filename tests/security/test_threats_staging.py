@@ -1,6 +1,6 @@
 """Threats through the watched staging dir, each tried against the real daemon (`rke2certd run`,
 real inotify, the embedded SQLite datastore) or, where the attack needs a precise moment, through
-the staging path the daemon runs (ops/staging.process_set) on the same real node:
+the staging path the daemon runs (commands/apply_staged.process_set) on the same real node:
 
 1.  a set owned by another user, changed through a handle kept from before it was renamed in
     (their own CA and a FORCE marker, after the operator's check): refused for its owner;
@@ -31,11 +31,11 @@ from typing import Any
 
 import pytest
 
+from rke2certd.commands import apply_staged as staging
+from rke2certd.commands.node_datastore import open_for
 from rke2certd.config import load_config
 from rke2certd.datastore.base import Datastore
-from rke2certd.ops import staging
-from rke2certd.ops.bootstrap import open_for
-from rke2certd.ops.node import Node
+from rke2certd.node.node import Node
 from tests.conftest import run_cli
 from tests.daemon.support import DaemonNode, DaemonProcess, age_tree
 
@@ -115,7 +115,7 @@ class Local:
 
     def server_ca(self) -> bytes:
         from rke2certd.datastore.codec import bootstrap_key_name, passphrase_from_token
-        from rke2certd.ops.bootstrap import configured_token, load_value
+        from rke2certd.node.bootstrap_data import configured_token, load_value
 
         token = configured_token(self.node.cfg, self.node.layout)
         assert token is not None
@@ -330,7 +330,7 @@ def test_an_error_no_one_foresaw_in_a_daemon_task_is_logged_and_the_loop_goes_on
 def test_a_set_renamed_away_while_it_is_read_does_not_stop_the_daemon(
     node: DaemonNode, local: Local, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import rke2certd.ops.rotate_ca as rotate_ca_mod
+    import rke2certd.commands.rotate_ca as rotate_ca_mod
 
     src = node.stage_rotation("moving")
     os.rename(src, local.incoming / "moving")

@@ -1,6 +1,7 @@
-"""Rewriting the CA hash of join tokens in config and token files (rke2certd.ops.token_config).
+"""Rewriting the CA hash of join tokens in config and token files
+(rke2certd.node.rke2_config_tokens).
 
-Real files in tmp dirs, real writes through store.atomic, the real log pipeline (JSON on stderr).
+Real files in tmp dirs, real writes through files.atomic, the real log pipeline (JSON on stderr).
 The invariant checked everywhere: a changed file equals the old bytes with only the 64 hash
 characters replaced; a refused run changes no byte and no mtime of any file.
 """
@@ -18,8 +19,9 @@ import pytest
 import yaml
 
 from rke2certd.errors import ConfigError, TokenError
+from rke2certd.files.atomic import JOURNAL_NAME, TEMP_MARK
 from rke2certd.log import output
-from rke2certd.ops.token_config import (
+from rke2certd.node.rke2_config_tokens import (
     journal_root,
     rewrite_token_file_text,
     rewrite_token_hashes,
@@ -27,9 +29,8 @@ from rke2certd.ops.token_config import (
 )
 from rke2certd.pki import build
 from rke2certd.pki.certs import bundle_pem
+from rke2certd.pki.join_token import ca_hash, parse_token
 from rke2certd.pki.keys import new_ec_key
-from rke2certd.pki.token import ca_hash, parse_token
-from rke2certd.store.atomic import JOURNAL_NAME, TEMP_MARK
 from tests.test_no_secrets_in_logs import leaks
 
 OLD = "ab" * 32

@@ -1,1 +1,0 @@
-"""The shell of each command: read, call the pure planner, write under the node lock."""
