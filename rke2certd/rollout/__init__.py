@@ -6,5 +6,7 @@
 - `link`: the background threads that keep the node's lease alive and watch the keys
   (`stream`: the long-lived etcd watch stream they read);
 - `job`: the restart command and health gate, run off the main loop with timeouts;
-- `runner`: what the daemon's main loop calls (`RolloutRunner`).
+- `runner`: what the daemon's main loop calls (`RolloutRunner`): `role` what it asks of the
+  node's kind (rke2certd/roles/ implements it), `presence` the node's registration, `restart`
+  its restart job and the status it reports.
 """
