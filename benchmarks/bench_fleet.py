@@ -68,6 +68,7 @@ from rke2certd.datastore.base import DatastoreUnavailable  # noqa: E402
 from rke2certd.node.node import Node  # noqa: E402
 from rke2certd.pki import keys  # noqa: E402
 from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
+from rke2certd.roles.agent import AgentRollout  # noqa: E402
 from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
 from rke2certd.supervisor import cert_route  # noqa: E402
@@ -148,11 +149,10 @@ class SimAgent:
         self.urls = supervisor_urls(self.cfg)
         self.remote = RemoteDatastore(self.urls, lambda: self.token, lambda: self.trust, self.name)
         self.csr_der = _csr(self.name)
+        role = AgentRollout(self.remote, self._apply, lambda: self.gen)
         self.runner = RolloutRunner(
-            Node.from_config(self.cfg), self.remote, open_ds=lambda: self.remote,
-            apply=self._apply, generation=lambda: self.gen, clock=system_clock,
-            wake=self.wake.set, housekeep=self.remote.housekeep,
-        )  # fmt: skip
+            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self.wake.set
+        )
         self.thread = threading.Thread(target=self._loop, name=f"sim-{self.name}", daemon=True)
 
     def csr(self) -> float:

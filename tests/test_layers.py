@@ -19,7 +19,7 @@ PACKAGE = ROOT / "rke2certd"
 # `rke2certd.`) that belong to it. A pattern names a top-level module or package (`config`
 # matches `config.py` and `config/...`). Layers that do not exist yet on a branch are allowed.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("cli", ("cli", "__main__")),
+    ("cli", (r"cli\w*", "__main__")),
     ("daemon", ("daemon",)),
     ("roles", ("roles",)),
     ("commands", ("commands",)),

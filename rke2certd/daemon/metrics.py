@@ -306,34 +306,46 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.renewals = Counter(
-            "rke2certd_renewals", "Certificates renewed, by service and first reason",
-            ["service", "reason"], registry=r,
-        )  # fmt: skip
+            "rke2certd_renewals",
+            "Certificates renewed, by service and first reason",
+            ["service", "reason"],
+            registry=r,
+        )
         self.staged = Counter(
-            "rke2certd_staged_sets", "Staged CA sets processed, by result and reason",
-            ["result", "reason"], registry=r,
-        )  # fmt: skip
+            "rke2certd_staged_sets",
+            "Staged CA sets processed, by result and reason",
+            ["result", "reason"],
+            registry=r,
+        )
         self.restart = Histogram(
-            "rke2certd_restart_duration_seconds", "The restart command's run time in rollouts",
-            buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
+            "rke2certd_restart_duration_seconds",
+            "The restart command's run time in rollouts",
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
         self.health = Histogram(
             "rke2certd_health_gate_duration_seconds",
             "Time from the restart to a passing (or failed) health gate in rollouts",
-            buckets=DURATION_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.requests = Counter(
-            "rke2certd_endpoint_requests", "Requests answered by the agents' endpoint",
-            ["route", "status"], registry=r,
-        )  # fmt: skip
-        self.refusals = Counter(
-            "rke2certd_endpoint_refusals", "Requests the agents' endpoint refused",
-            ["route", "status"], registry=r,
-        )  # fmt: skip
-        self.all_ok = Counter(
-            "rke2certd_all_ok_transitions", "Times the node went back to all certificates OK",
+            buckets=DURATION_BUCKETS,
             registry=r,
-        )  # fmt: skip
+        )
+        self.requests = Counter(
+            "rke2certd_endpoint_requests",
+            "Requests answered by the agents' endpoint",
+            ["route", "status"],
+            registry=r,
+        )
+        self.refusals = Counter(
+            "rke2certd_endpoint_refusals",
+            "Requests the agents' endpoint refused",
+            ["route", "status"],
+            registry=r,
+        )
+        self.all_ok = Counter(
+            "rke2certd_all_ok_transitions",
+            "Times the node went back to all certificates OK",
+            registry=r,
+        )
         r.register(_Collector(self))
         self.server: WSGIServer | None = None
         self.thread: threading.Thread | None = None

@@ -143,10 +143,10 @@ def _generation(node: Node) -> str | None:
 
 
 def _datastore_up(d: Daemon) -> bool:
-    if d.cfg.is_server:
-        link = d.runner.link if d.runner is not None else None
-        return d.ds is not None and not (link is not None and link.error)
-    return d.remote is not None and d.deferred is None and d.runner is not None
+    if d.role.joins_late:  # through its servers: up once one answered and it joined
+        return d.role.store is not None and d.deferred is None and d.runner is not None
+    link = d.runner.link if d.runner is not None else None
+    return d.role.datastore is not None and not (link is not None and link.error)
 
 
 def _rollout(d: Daemon) -> dict[str, object]:

@@ -69,11 +69,6 @@ class Notifier:
     def watchdog(self) -> bool:
         return self.send("WATCHDOG=1")
 
-    def extend_timeout(self, seconds: float) -> bool:
-        """Ask for `seconds` more to start/stop/reload (systemd >= 236): a slow datastore at
-        start-up is progress, not a hang."""
-        return self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
-
     def watchdog_interval(self) -> float | None:
         """How often to ping: half of WATCHDOG_USEC, in seconds; None when no watchdog is set
         or it is meant for another process (WATCHDOG_PID, inherited by a child)."""

@@ -254,14 +254,15 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
     if place < len(free):
         return TakeSlot(r, me.phase, free[place])
     busy = ", ".join(f"{s.node} ({s.rollout})" for s in sorted(held, key=lambda s: s.index))
-    if place == len(free):
-        reason = f"waiting for a {me.phase} restart slot: {busy or 'none free'} restarting"
-        return Wait(r, reason, held[0].node if held else None, "slot")
-    ahead = queue[place - 1]
-    reason = (
-        f"waiting for a {me.phase} restart slot: {busy or 'none free'} restarting, "
-        f"{place} node(s) ahead in line, {ahead} last before this one"
+    article = "an" if me.phase.value[0] in "aeiou" else "a"
+    waiting = (
+        f"waiting for {article} {me.phase} restart slot: {len(held)} of {allowed} restarting"
+        + (f": {busy}" if busy else "")
     )
+    if place == len(free):
+        return Wait(r, waiting, held[0].node if held else None, "slot")
+    ahead = queue[place - 1]
+    reason = f"{waiting}; {place} node(s) ahead in line, {ahead} last before this one"
     return Wait(r, reason, ahead, "queue")
 
 

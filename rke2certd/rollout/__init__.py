@@ -7,5 +7,7 @@
   (through datastore/stream.py, the long-lived etcd watch stream);
 - `health`: the probes of the restart gate;
 - `job`: the restart command and health gate, run off the main loop with timeouts;
-- `runner`: what the daemon's main loop calls (`RolloutRunner`).
+- `runner`: what the daemon's main loop calls (`RolloutRunner`): `role` what it asks of the
+  node's kind (rke2certd/roles/ implements it), `presence` the node's registration, `restart`
+  its restart job and the status it reports.
 """

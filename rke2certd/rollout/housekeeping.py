@@ -70,8 +70,13 @@ def _report_blocked(
         elif not first:
             continue
         log.warning(
-            "rollout_blocked", rollout_id=r.id, ca_generation=r.ca_generation, node=m.name,
-            phase=m.phase.value, action="skip" if b.skip else "wait", since=b.since.isoformat(),
+            "rollout_blocked",
+            rollout_id=r.id,
+            ca_generation=r.ca_generation,
+            node=m.name,
+            phase=m.phase.value,
+            action="skip" if b.skip else "wait",
+            since=b.since.isoformat(),
             reason=b.reason,
-        )  # fmt: skip
+        )
     return wrote

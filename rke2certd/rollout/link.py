@@ -21,7 +21,7 @@ They decide nothing and write nothing but lease refreshes. The main loop reads t
 when woken: one range read, always a consistent snapshot, never a cache that could drift
 (records.Decoded only skips decoding a key's value again).
 Each thread has its own connection (the main loop's may be busy in a long read); with SQLite,
-the main loop's own (see Daemon._start_rollouts).
+the main loop's own (see roles/server.py `own_connection`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from rke2certd.rollout.records import PREFIX
 
 if TYPE_CHECKING:
     from rke2certd.datastore.stream import WatchStream  # requests: only for etcd
+    from rke2certd.node.node import Node
 
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0
@@ -273,6 +274,30 @@ class ClusterLink:
                 break
 
 
+def direct_link(
+    node: Node, open_ds: Callable[[], Datastore], wake: Callable[[], None]
+) -> ClusterLink:
+    """A server's link: the structural range and its own wake key (etcd: two streams that etcd
+    filters; SQLite: its watch of the whole prefix, filtered here)."""
+    cfg = node.cfg
+    wake_key = rec.wake_key(cfg.node)
+    streams = []
+    if cfg.datastore_endpoint.strip().lower().startswith(("http://", "https://")):
+        # etcd only: requests and etcd3gw cost ~8 MiB of RSS that a SQLite daemon need not hold
+        from rke2certd.node.rke2_datastore import stream_for
+
+        streams = [s for key, end in server_ranges(wake_key) if (s := stream_for(node, key, end))]
+    own = rec.node_key(cfg.node)
+    return ClusterLink(open_ds, cfg.registry_ttl, own, wake, streams, server_interest(wake_key))
+
+
+def relayed_link(
+    node: Node, open_ds: Callable[[], Datastore], wake: Callable[[], None]
+) -> ClusterLink:
+    """An agent's link: the whole prefix through a server, filtered by each step's interest."""
+    return ClusterLink(open_ds, node.cfg.registry_ttl, rec.node_key(node.cfg.node), wake)
+
+
 def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
     """The keys (prefixes) a server may keep an agent's long poll to after `step` (None:
     everything), so that a change wakes the few agents it concerns, not every agent's poll.
@@ -296,8 +321,7 @@ def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
 
 def server_interest(wake_key: str) -> Callable[[Event], bool]:
     """What wakes a server: its wake key being set, a node coming or going (not its updates),
-    membership, rollout records, and an earlier version's statuses (which sort among the
-    rollout records; such a node writes no wake keys). Exactly what its etcd streams carry."""
+    membership, rollout records. Exactly what its etcd streams carry."""
 
     def relevant(event: Event) -> bool:
         key, kv = event.kv.key, event.kv

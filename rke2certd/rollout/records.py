@@ -20,7 +20,6 @@ it. A server watches STRUCTURE and its own wake key, nothing else (rollout/link.
 that frees a slot or reports writes the wake keys of the few nodes that may go on now
 (plan/rollout.py `to_wake`), so a write reaches O(1) nodes, not all N. That is also why a
 registration is written once (presence) and its updates go to another key.
-An earlier version's statuses, /rke2certd/rollouts/<id>/status/<node>, are still read.
 
 One family lives outside the prefix on purpose:
 
@@ -34,6 +33,7 @@ the servers only, and they are no part of the rollout snapshot.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -104,19 +104,11 @@ def status_key(rollout_id: str, node: str) -> str:
     return f"{STATUSES}{check_name(rollout_id)}/{check_name(node)}"
 
 
-def old_status_key(rollout_id: str, node: str) -> str:
-    """Where an earlier version wrote statuses (read, and collected, still)."""
-    return f"{rollout_key(rollout_id)}/status/{check_name(node)}"
-
-
 def status_rollout(key: str) -> str | None:
-    """The rollout id of a status key (either layout), None if `key` is no status key."""
+    """The rollout id of a status key, None if `key` is no status key."""
     if key.startswith(STATUSES):
         parts = key[len(STATUSES) :].split("/")
         return parts[0] if len(parts) == 2 else None
-    if key.startswith(ROLLOUTS):
-        parts = key[len(ROLLOUTS) :].split("/")
-        return parts[0] if len(parts) == 3 and parts[1] == "status" else None
     return None
 
 
@@ -350,9 +342,7 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
         elif isinstance(record, Rollout):
             rollouts.append(record)
         elif isinstance(record, NodeStatus):
-            rid = status_rollout(kv.key) or ""
-            if kv.key.startswith(STATUSES) or (rid, record.node) not in statuses:
-                statuses[(rid, record.node)] = record  # the new layout's wins
+            statuses[(status_rollout(kv.key) or "", record.node)] = record
         elif isinstance(record, str):
             problems.append(record)
     for name, update in updates.items():
@@ -361,3 +351,8 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     rollouts.sort(key=lambda r: r.revision)
     view = ClusterView(members, live, tuple(rollouts), statuses, tuple(slots))
     return Parsed(view, kvs, snapshot.revision, problems)
+
+
+def rollout_marks(kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
+    """The rollout records (key, revision) among `kvs`: what an idle node compares."""
+    return frozenset((kv.key, kv.mod_revision) for kv in kvs if kv.key.startswith(ROLLOUTS))

@@ -212,7 +212,7 @@ class ClusterAPI:
             kind = "membership" if key.startswith(rec.MEMBERS) else "registration"
         elif rollout_id is not None:
             try:
-                mine = {rec.status_key(rollout_id, node), rec.old_status_key(rollout_id, node)}
+                mine = {rec.status_key(rollout_id, node)}
             except Exception:
                 mine = set()
             if key not in mine:

@@ -327,7 +327,7 @@ def test_refusals_change_nothing(
             rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
         ("another node's status", lambda: cs.set_status(ROLLOUT, NodeStatus("e1", NodeState.DONE))),
         ("another node's status, old layout", lambda: remote.create(
-            rec.old_status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
+            f"{rec.ROLLOUTS}ca-1/status/e1", rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
         ("another node's updates", lambda: cs.report(
             Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)),
         ("another node's updates, as its own", lambda: remote.create(rec.update_key("e1"),

@@ -15,6 +15,7 @@ from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
 from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
+from rke2certd.roles.agent import AgentRollout
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
@@ -55,13 +56,11 @@ def test_an_idle_agent_reads_only_the_rollout_records(
         servers.ensure_member(Member(name, ("agent",), Phase.AGENT))
         servers.register(Registration(name, ("agent",), Phase.AGENT), lease)
     node, remote = agent_remote
-    runner = RolloutRunner(
-        node, remote, open_ds=lambda: remote, apply=lambda r: ApplyOutcome(r.ca_generation),
-        generation=lambda: None, clock=lambda: NOW, wake=lambda: None,
-        housekeep=remote.housekeep,
-    )  # fmt: skip
-    runner.registered_lease = remote.grant_lease(30)
-    runner._register(runner.registered_lease)
+    role = AgentRollout(
+        remote, apply=lambda r: ApplyOutcome(r.ca_generation), generation=lambda: None
+    )
+    runner = RolloutRunner(node, remote, role, clock=lambda: NOW, wake=lambda: None)
+    runner._register(remote.grant_lease(30))
     runner.tick()  # the first look: everything
     assert runner.activity == "no rollout in progress"
 

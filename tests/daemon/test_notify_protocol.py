@@ -93,6 +93,14 @@ def test_sigterm_sends_stopping_and_exits_zero_promptly(node: DaemonNode) -> Non
         assert "Traceback" not in d.log.read_text()
 
 
+def test_the_stop_names_the_signal_that_asked_for_it(node: DaemonNode) -> None:
+    with node.daemon() as d:
+        d.notify.expect("READY", timeout=60)
+        d.signal(signal.SIGINT)
+        assert d.proc.wait(timeout=120) == 0
+        assert [e["reason"] for e in d.events("stopping")] == ["SIGINT"]
+
+
 def test_sighup_sends_reloading_then_ready_again(node: DaemonNode) -> None:
     with node.daemon() as d:
         d.notify.expect("READY", timeout=60)

@@ -216,7 +216,6 @@ def test_a_server_wakes_for_its_wake_key_and_the_structural_keys_only() -> None:
     assert wake(put(rec.node_key("x"))) and not wake(put(rec.node_key("x"), created=5, modified=9))
     assert wake(Event(EventType.DELETE, KV(rec.node_key("x"), b"", 9, 0)))
     assert wake(put(rec.member_key("x"))) and wake(put(rec.rollout_key("ca-2")))
-    assert wake(put(rec.old_status_key("ca-1", "e1")))  # an earlier version's: it wakes nobody
     for busy in (
         rec.status_key("ca-1", "e1"),
         rec.slot_key(Phase.ETCD, 0),

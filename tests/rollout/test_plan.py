@@ -186,7 +186,7 @@ def test_the_queue_moves_when_the_head_takes_its_slot() -> None:
     c.status("ca-1", "e1", NodeState.RESTARTING)
     step = next_step(c.view, "e2", 1)
     assert isinstance(step, Wait) and step.on == "slot" and step.blocker == "e1"
-    assert step.reason == "waiting for a etcd restart slot: e1 (ca-1) restarting"
+    assert step.reason == "waiting for an etcd restart slot: 1 of 1 restarting: e1 (ca-1)"
     step = next_step(c.view, "e3", 1)
     assert isinstance(step, Wait) and (step.on, step.blocker) == ("queue", "e2")
     c.slots.clear()
@@ -215,7 +215,7 @@ def test_one_etcd_restart_at_a_time() -> None:
     c = all_applied(standard()).slot(E, 0, "e2")
     step = next_step(c.view, "e1", 3)  # max-unavailable 3, but 3 members keep quorum with 1
     assert isinstance(step, Wait)
-    assert step.reason == "waiting for a etcd restart slot: e2 (ca-1) restarting"
+    assert step.reason == "waiting for an etcd restart slot: 1 of 1 restarting: e2 (ca-1)"
     assert step.blocker == "e2"
 
 

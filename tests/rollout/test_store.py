@@ -272,20 +272,6 @@ def test_a_slot_reread_sees_the_slots_now_and_keeps_the_rest(ds: SQLiteDatastore
     assert after.revision == before.revision and after.view.rollouts == before.view.rollouts
 
 
-def test_statuses_of_an_earlier_version_are_read_and_collected(ds: SQLiteDatastore) -> None:
-    store = ClusterStore(ds)
-    r, _ = start(ds, ca_rollout("g1", [], "e1", "why", T0), T0)
-    ds.create(rec.old_status_key(r.id, "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))
-    ds.create(rec.old_status_key(r.id, "c1"), rec.encode_status(NodeStatus("c1", NodeState.DONE)))
-    store.set_status(r, NodeStatus("c1", NodeState.FAILED))  # the new layout's wins
-    view = store.read().view
-    assert view.statuses[(r.id, "e1")].state is NodeState.DONE
-    assert view.statuses[(r.id, "c1")].state is NodeState.FAILED
-    store.finish(r.id, RolloutState.DONE, "done", T0)
-    assert store.collect(store.read(), keep=0) == 4  # the record, three statuses
-    assert ds.snapshot(rec.PREFIX).kvs == []
-
-
 def test_older_finished_rollouts_keep_their_record_not_their_node_statuses(
     ds: SQLiteDatastore,
 ) -> None:

@@ -57,7 +57,7 @@ def main() -> int:
         "watchdog_interval": notifier.watchdog_interval(),
     }
     notifier.status("probing the sandbox")
-    notifier.extend_timeout(30)
+    notifier.send("EXTEND_TIMEOUT_USEC=30000000")
 
     # cryptography: an EC CA and an RSA leaf, as the PKI code will do
     DATA.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,6 @@ def test_messages(notify_socket: socket.socket) -> None:
     after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     assert msg["RELOADING"] == "1" and before <= int(msg["MONOTONIC_USEC"]) <= after
 
-    assert n.extend_timeout(30)
-    assert recv(notify_socket) == {"EXTEND_TIMEOUT_USEC": "30000000"}
     assert n.stopping()
     assert recv(notify_socket) == {"STOPPING": "1"}
 
@@ -89,7 +87,6 @@ def test_outside_systemd_everything_is_a_no_op(monkeypatch: pytest.MonkeyPatch) 
             n.reloading(),
             n.stopping(),
             n.watchdog(),
-            n.extend_timeout(1),
         ]
     )
     assert n.watchdog_interval() is None
