@@ -71,7 +71,7 @@ def test_agent_daemon_starts_on_its_certs_while_the_server_is_away(
         assert "cannot reach the server" in deferred["reason"]
         # the server is back on its port: the next attempt renews again
         with start(server.node, host=HOST, port=port, passwords=passwords):
-            d.wait_event("renew_resumed", timeout=30)
+            d.wait_event("renew_resumed")
             status = notify.expect("STATUS", None)
             assert "servers unreachable" not in status.fields["STATUS"]
         assert d.stop() == 0

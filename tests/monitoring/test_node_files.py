@@ -362,7 +362,7 @@ def test_the_daemon_brings_a_stale_rke2_yaml_up_to_date_at_a_renewal(rke2_node: 
     tls = node.data / "server/tls"
     current = rke2_yaml.read_text()
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         old_cert, old_key = make_cert("system:admin", days(-30), days(30), _ca(node, "client-ca"))
         stale = admin_kubeconfig((tls / "server-ca.crt").read_bytes(), old_cert, old_key)
         rke2_yaml.write_text(stale)

@@ -131,7 +131,7 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
     node.write_config(watch_files=[f"{ci}/*.kubeconfig"])
 
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         wait_for("prometheus ready", prometheus_for.ready, timeout=60)
         wait_for("the daemon scraped", prometheus_for.scraped_up, timeout=60)
 

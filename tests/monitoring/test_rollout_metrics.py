@@ -26,10 +26,10 @@ def test_a_ca_rotation_rollout_in_the_metrics(node: DaemonNode) -> None:
     node.cli("renew")
     node.write_config(restart_command=["true"], health_command=["true"])
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = samples(scrape(_port(node)), "rke2certd_ca_generation_info")[0][0]["generation"]
         os.rename(node.stage_rotation("rotation-1"), node.incoming / "rotation-1")
-        d.wait_event("rollout_node_done", timeout=60)
+        d.wait_event("rollout_node_done")
 
         def done() -> str | None:
             text = scrape(_port(node))
@@ -59,9 +59,9 @@ def test_a_failed_restart_stops_the_rollout_in_the_metrics(node: DaemonNode) -> 
     node.cli("renew")
     node.write_config(restart_command=["false"], health_command=["true"])
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         os.rename(node.stage_rotation("rotation-1"), node.incoming / "rotation-1")
-        d.wait_event("rollout_failed", timeout=60)
+        d.wait_event("rollout_failed")
 
         def stopped() -> str | None:
             text = scrape(_port(node))

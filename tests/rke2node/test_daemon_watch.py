@@ -66,7 +66,7 @@ def test_an_external_rotation_is_taken_and_rolled_out(
                     files[name] = BootstrapFile(now, (staged / rel).read_bytes())
             assert ds.compare_and_swap(key, save_value(token, files), kv.mod_revision)
         d.wait_event("bootstrap_changed")
-        started = d.wait_event("rollout_started", timeout=30, rollout_kind="ca")
+        started = d.wait_event("rollout_started", rollout_kind="ca")
         new_generation = disk_generation(Layout(dn.data))
         assert new_generation not in (None, old_generation)
         assert started["rollout_id"] == f"ca-{new_generation}"
@@ -75,6 +75,6 @@ def test_an_external_rotation_is_taken_and_rolled_out(
             path = dn.data / "server" / rel
             assert path.read_bytes() == files[name].content, rel
             assert path.stat().st_mtime_ns == files[name].unix_ns, rel
-        d.wait_event("rollout_node_done", timeout=60, rollout_id=started["rollout_id"])
+        d.wait_event("rollout_node_done", rollout_id=started["rollout_id"])
         assert not (dn.data / "server" / "db" / "rke2certd.sqlite").exists()
         assert d.events("task_failed") == [], d.tail()

@@ -384,7 +384,7 @@ def test_fuzz_staged_sets_through_the_real_daemon(fuzzed: Fuzzed, seed: int) -> 
     n = Node.from_config(load_config(node.config))
     counts: dict[str, int] = {}
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         ds = open_for(n)
         try:
             for i in range(DAEMON_CASES):
@@ -413,7 +413,7 @@ def test_fuzz_staged_sets_through_the_real_daemon(fuzzed: Fuzzed, seed: int) -> 
         c = mutate(rng, fuzzed.base, node.staged_dir(f"start-{i}"), 100 + i)
         os.rename(c.root, node.incoming / c.name)
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         assert d.stop() == 0
     print(f"staging fuzz: {DAEMON_CASES} cases through the real daemon, seed {seed}: {counts}")
 
