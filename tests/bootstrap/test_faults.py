@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,6 +26,8 @@ from rke2certd.ops.bootstrap import save_rotation
 from rke2certd.ops.renew import renew
 from rke2certd.store.atomic import JOURNAL_NAME
 from tests.conftest import clean_env, run_cli
+from tests.harness.seed import rng as seeded_rng
+from tests.harness.seed import run_seed
 
 from .support import (
     CA_FIELDS,
@@ -45,9 +45,8 @@ from .support import (
 TOKEN = "K10::server:fault-test-token"
 PASSWORD = "fault-test-token"
 KEY = bootstrap_key(PASSWORD)
-# The random delays come from this seed (printed by each test): set it to replay a run.
-SEED = int(os.environ.get("RKE2CERTD_FAULT_SEED", time.time_ns()))
-rng = random.Random(SEED)
+# The random delays come from the run's seed (`--seed`, printed by each test), a stream per test.
+SEED = run_seed()
 
 
 def disk_cas_after_replay(data: Path) -> dict[str, bytes]:
@@ -76,6 +75,7 @@ def test_datastore_lost_while_the_first_server_creates_the_bootstrap_data(
     fault_backend: Backend,
 ) -> None:
     backend = fault_backend
+    rng = seeded_rng(f"creates-{backend.kind}")
     attempts = 3 if backend.kind == "sqlite" else 2
     outcomes = []
     for attempt in range(attempts):
@@ -216,6 +216,7 @@ def test_datastore_lost_during_save_rotation_leaves_the_old_or_the_new_value(
             return _save_losing_etcd(backend, new_files, delay)
         return _save_killed(cfg, new_files, delay)
 
+    rng = seeded_rng(f"save-rotation-{backend.kind}")
     saved, duration = save(None)  # how long a save takes here, undisturbed
     assert saved
     attempts = 2 if backend.kind == "etcd3" else 3

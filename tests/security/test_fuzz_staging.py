@@ -10,8 +10,8 @@ the real daemon. For every case:
     (another owner, a writable entry, a link, a FIFO, a huge file, the CA files out of place)
     is refused; the node's files change only after an applied set (the daemon's renew).
 
-The random seed is fixed (printed with the number of cases); RKE2CERTD_FUZZ_SEED=N replays one,
-RKE2CERTD_FUZZ_RANDOM=1 picks a new one, RKE2CERTD_FUZZ_CASES=N changes how many run.
+The random seed is the run's (tests/harness/seed.py: fixed unless `--seed N|random`, printed);
+RKE2CERTD_FUZZ_CASES=N changes how many cases run.
 """
 
 from __future__ import annotations
@@ -40,19 +40,11 @@ from rke2certd.ops.node import Node
 from rke2certd.ops.staged_copy import MAX_DEPTH
 from rke2certd.plan.staged_set import ROTATABLE, SIZE_LIMIT
 from tests.daemon.support import DaemonNode, DaemonProcess
+from tests.harness.seed import run_seed
 
-FIXED_SEED = 1313
 CASES = int(os.environ.get("RKE2CERTD_FUZZ_CASES", "80"))
 DAEMON_CASES = max(4, CASES // 8)
 OTHER_UIDS = (65534, 1000)
-
-
-def fuzz_seed() -> int:
-    if os.environ.get("RKE2CERTD_FUZZ_SEED"):
-        return int(os.environ["RKE2CERTD_FUZZ_SEED"])
-    if os.environ.get("RKE2CERTD_FUZZ_RANDOM") == "1":
-        return random.SystemRandom().randrange(1 << 32)
-    return FIXED_SEED
 
 
 # --- mutations ----------------------------------------------------------------------------------
@@ -325,8 +317,8 @@ def check_filed(outcome: staging.StagingOutcome, c: Case) -> None:
 
 @pytest.fixture
 def seed() -> int:
-    s = fuzz_seed()
-    print(f"\nstaging fuzz: seed {s} (RKE2CERTD_FUZZ_SEED={s} replays it)")
+    s = run_seed()
+    print(f"\nstaging fuzz: seed {s} (--seed {s} replays it)")
     return s
 
 
