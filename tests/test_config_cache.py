@@ -43,8 +43,12 @@ print(json.dumps({
 """
 
 
-def load(cfg: Path | None, runtime: Path | str, overrides: dict[str, Any] | None = None,
-         env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def load(
+    cfg: Path | None,
+    runtime: Path | str,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     res = subprocess.run(
         [sys.executable, "-c", PROBE, str(cfg or ""), json.dumps(overrides or {})],
         capture_output=True,

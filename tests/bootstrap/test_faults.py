@@ -83,8 +83,12 @@ def test_datastore_lost_while_the_first_server_creates_the_bootstrap_data(
         cfg, data = backend.node(f"attempt-{attempt}", token=TOKEN)
         proc = subprocess.Popen(
             [sys.executable, "-m", "rke2certd", "-c", str(cfg), "renew"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd="/", text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            cwd="/",
+            text=True,
+        )
         # from "as soon as the lock shows" to "about when the save is done", with jitter
         delay = 0.12 * (attempt / (attempts - 1)) * rng.uniform(0.7, 1.1)
 
@@ -178,9 +182,13 @@ def _save_killed(cfg: Path, new_files: dict[str, bytes], delay: float | None) ->
     fields = {f: new_files[rel].hex() for f, rel in CA_FIELDS.items()}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SAVE, str(cfg), json.dumps(fields), PASSWORD],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=clean_env(), cwd="/", text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd="/",
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "ready"
     timer = threading.Timer(delay or 0, proc.send_signal, [signal.SIGKILL])

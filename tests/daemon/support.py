@@ -440,11 +440,35 @@ def reissue_shorter(cert: Path, key: Path, ca_cert: Path, ca_key: Path, days: in
     work = Path(tempfile.mkdtemp(prefix="reissue-"))
     req, new = work / "leaf.csr", work / "leaf.crt"
     for argv in (
-        ["x509", "-x509toreq", "-in", cert, "-signkey", key, "-copy_extensions", "copyall",
-         "-out", req],
-        ["x509", "-req", "-in", req, "-CA", ca_cert, "-CAkey", ca_key, "-days", str(days),
-         "-copy_extensions", "copyall", "-out", new],
-    ):  # fmt: skip
+        [
+            "x509",
+            "-x509toreq",
+            "-in",
+            cert,
+            "-signkey",
+            key,
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            req,
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            req,
+            "-CA",
+            ca_cert,
+            "-CAkey",
+            ca_key,
+            "-days",
+            str(days),
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            new,
+        ],
+    ):
         subprocess.run(["openssl", *map(str, argv)], capture_output=True, check=True)
     text = cert.read_text()
     rest = text[text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----") :]

@@ -147,8 +147,12 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
         assert expired["severity"] == "critical"
         overdue = {a["filepath"]: a["service"] for a in firing["RKE2CertificateRenewalOverdue"]}
         assert overdue == {str(ci_config): "watched", str(dynamic): "rke2-server"}
-        for quiet in ("RKE2CAExpiresWithinTwoYears", "RKE2CertdRolloutStopped",
-                      "RKE2CertdNotRescanning", "RKE2CertdDatastoreUnreachable"):  # fmt: skip
+        for quiet in (
+            "RKE2CAExpiresWithinTwoYears",
+            "RKE2CertdRolloutStopped",
+            "RKE2CertdNotRescanning",
+            "RKE2CertdDatastoreUnreachable",
+        ):
             assert quiet not in firing
 
         # RKE2 regenerated its cache at its start; the CI kubeconfig got a fresh cert

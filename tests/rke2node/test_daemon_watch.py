@@ -38,11 +38,16 @@ def test_an_external_rotation_is_taken_and_rolled_out(
     wipe(etcd_https, seed)
     rke2_config = tmp_path / "etc-rke2" / "config.yaml"
     dn = DaemonNode.create(
-        tmp_path / "n", captured_logs_dir, label_of(request),
-        rke2_config=str(rke2_config), node_ip=["127.0.0.1"],
+        tmp_path / "n",
+        captured_logs_dir,
+        label_of(request),
+        rke2_config=str(rke2_config),
+        node_ip=["127.0.0.1"],
         health_etcd_endpoint=etcd_https.client_url(0),
-        restart_command=["true"], health_command=["true"], registry_ttl=5,
-    )  # fmt: skip
+        restart_command=["true"],
+        health_command=["true"],
+        registry_ttl=5,
+    )
     token = dn.settings["token"]
     rke2_config.parent.mkdir(mode=0o700)
     rke2_config.write_text(yaml.safe_dump({"token": token}))

@@ -38,8 +38,10 @@ def _specs() -> list[NodeSpec]:
 def _openssl_verify(root: Path, untrusted: Path, leaf: Path) -> None:
     res = subprocess.run(
         ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(untrusted), str(leaf)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0 and ": OK" in res.stdout, res.stdout + res.stderr
 
 

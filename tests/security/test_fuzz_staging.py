@@ -220,10 +220,24 @@ def _collide(rng: random.Random, c: Case) -> None:
 
 
 MUTATIONS: list[tuple[Mutation, int]] = [
-    (_truncate, 3), (_flip, 3), (_swap, 2), (_delete, 2), (_empty, 1), (_mode, 3),
-    (_owner, 2), (_symlink, 2), (_fifo, 2), (_nest_tls, 1), (_deep_dirs, 1), (_flatten, 1),
-    (_huge, 1), (_odd_file_name, 1), (_set_name, 2), (_force, 1), (_collide, 1),
-]  # fmt: skip
+    (_truncate, 3),
+    (_flip, 3),
+    (_swap, 2),
+    (_delete, 2),
+    (_empty, 1),
+    (_mode, 3),
+    (_owner, 2),
+    (_symlink, 2),
+    (_fifo, 2),
+    (_nest_tls, 1),
+    (_deep_dirs, 1),
+    (_flatten, 1),
+    (_huge, 1),
+    (_odd_file_name, 1),
+    (_set_name, 2),
+    (_force, 1),
+    (_collide, 1),
+]
 
 
 def mutate(rng: random.Random, base: Path, root: Path, n: int) -> Case:
