@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.daemon.support import DaemonNode
 from tests.monitoring.support import samples, scrape, wait_for
+
+pytestmark = pytest.mark.slow  # whole CA rollouts through a daemon
 
 
 def _port(node: DaemonNode) -> int:

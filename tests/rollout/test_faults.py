@@ -17,7 +17,7 @@ from tests.harness.wait import SAFETY
 from .checks import assert_all_on, assert_order, only_rollout, statuses, view, wait_rollout
 from .conftest import ClusterFactory, standard_specs
 
-pytestmark = [pytest.mark.etcd, pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.etcd, pytest.mark.slow, pytest.mark.timeout(240)]
 
 SLOW = {"env": {"SIM_RESTART_DELAY": "3"}}  # a restart long enough to be killed during
 
