@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.harness.wait import SAFETY
+
 T = TypeVar("T")
 
 
@@ -128,7 +130,7 @@ def families(text: str) -> set[str]:
     return {f.name for f in text_string_to_metric_families(text)}
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0) -> T:
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = SAFETY) -> T:
     """fn() until it returns something (not None/False); polls a condition, never a sleep to
     sync: the deadline only ends a test that would otherwise hang."""
     deadline = time.monotonic() + timeout

@@ -132,15 +132,15 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
 
     with node.daemon() as d:
         d.notify.expect("READY")
-        wait_for("prometheus ready", prometheus_for.ready, timeout=60)
-        wait_for("the daemon scraped", prometheus_for.scraped_up, timeout=60)
+        wait_for("prometheus ready", prometheus_for.ready)
+        wait_for("the daemon scraped", prometheus_for.scraped_up)
 
         def both_firing() -> dict[str, list[dict[str, str]]] | None:
             firing = prometheus_for.firing()
             wanted = {"RKE2CertificateExpired", "RKE2CertificateRenewalOverdue"}
             return firing if wanted <= set(firing) else None
 
-        firing = wait_for("the alerts firing", both_firing, timeout=60)
+        firing = wait_for("the alerts firing", both_firing)
         (expired,) = firing["RKE2CertificateExpired"]
         assert expired["filepath"] == str(dynamic)
         assert expired["service"] == "rke2-server" and expired["status"] == "expired"
@@ -170,5 +170,5 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
             firing = prometheus_for.firing()
             return not ({"RKE2CertificateExpired", "RKE2CertificateRenewalOverdue"} & set(firing))
 
-        wait_for("the alerts cleared", cleared, timeout=60)
+        wait_for("the alerts cleared", cleared)
         assert d.stop() == 0

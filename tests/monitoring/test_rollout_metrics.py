@@ -39,7 +39,7 @@ def test_a_ca_rotation_rollout_in_the_metrics(node: DaemonNode) -> None:
             text = scrape(_port(node))
             return text if _gauge(text, "rke2certd_rollout_state", state="done") == 1.0 else None
 
-        text = wait_for("the rollout done in the metrics", done, timeout=60)
+        text = wait_for("the rollout done in the metrics", done)
         assert _gauge(text, "rke2certd_staged_sets_total", result="applied", reason="ok") == 1.0
         renewed = {
             lab["service"]
@@ -72,7 +72,7 @@ def test_a_failed_restart_stops_the_rollout_in_the_metrics(node: DaemonNode) -> 
             hit = _gauge(text, "rke2certd_rollout_state", state="stopped") == 1.0
             return text if hit else None
 
-        text = wait_for("the rollout stopped in the metrics", stopped, timeout=60)
+        text = wait_for("the rollout stopped in the metrics", stopped)
         assert (
             _gauge(text, "rke2certd_rollout_node_step", rke2certd_rollout_node_step="failed") == 1.0
         )

@@ -29,6 +29,7 @@ from tests.daemon.support import (
     reissue_shorter,
 )
 from tests.harness.etcd import EtcdCluster
+from tests.harness.wait import SAFETY
 
 from .conftest import Rke2Node, etcd_client, wipe
 
@@ -72,7 +73,7 @@ def _rke2_started(dn: DaemonNode, seed: Path, etcd: EtcdCluster, into: Path) -> 
         rke2.started(ds)
 
 
-def _wait_count(d: DaemonProcess, name: str, count: int, timeout: float = 60.0) -> None:
+def _wait_count(d: DaemonProcess, name: str, count: int, timeout: float = SAFETY) -> None:
     """Until the daemon logged `name` `count` times (it must stay up meanwhile)."""
     deadline = time.monotonic() + timeout
     while len(d.events(name)) < count:
