@@ -22,7 +22,7 @@ from tests.harness.cluster import NodeSpec, SimCluster
 from .checks import assert_order, statuses, view, wait_rollout
 from .conftest import ClusterFactory
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # simulated clusters
 
 AGENTS = ("a1", "a2", "a3")
 

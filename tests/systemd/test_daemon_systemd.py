@@ -28,7 +28,7 @@ from tests.harness.journald import decode_entry
 from tests.harness.nspawn import Container, booted
 from tests.harness.wait import SAFETY
 
-pytestmark = pytest.mark.systemd
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]  # boots containers
 
 DATA = "/var/lib/rancher/rke2"
 TLS = f"{DATA}/server/tls"
