@@ -41,6 +41,7 @@ from rke2certd.ops.staged_copy import MAX_DEPTH
 from rke2certd.plan.staged_set import ROTATABLE, SIZE_LIMIT
 from tests.daemon.support import DaemonNode, DaemonProcess
 from tests.harness.seed import run_seed
+from tests.harness.wait import SAFETY
 
 CASES = int(os.environ.get("RKE2CERTD_FUZZ_CASES", "80"))
 DAEMON_CASES = max(4, CASES // 8)
@@ -425,7 +426,7 @@ def test_fuzz_staged_sets_through_the_real_daemon(fuzzed: Fuzzed, seed: int) -> 
 
 
 def wait_outcome(d: DaemonProcess, seen: int, i: int, c: Case) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + SAFETY
     while True:
         for e in d.events()[seen:]:
             if str(e.get("event", "")).startswith("staged_set_") and e["event"] not in (

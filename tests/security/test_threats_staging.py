@@ -38,6 +38,7 @@ from rke2certd.ops.bootstrap import open_for
 from rke2certd.ops.node import Node
 from tests.conftest import run_cli
 from tests.daemon.support import DaemonNode, DaemonProcess, age_tree
+from tests.harness.wait import SAFETY
 
 NOBODY = 65534
 TLS_CA = ("server-ca.crt", "server-ca.key")
@@ -75,7 +76,7 @@ FILED_EVENTS = ("staged_set_applied", "staged_set_unchanged", "staged_set_reject
 
 
 def wait_filed(
-    d: DaemonProcess, node: DaemonNode, name: str, timeout: float = 30.0
+    d: DaemonProcess, node: DaemonNode, name: str, timeout: float = SAFETY
 ) -> tuple[Path, dict[str, Any]]:
     """(filed dir, result.json) once the daemon logged the set as filed."""
     deadline = time.monotonic() + timeout
