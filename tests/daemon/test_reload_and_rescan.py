@@ -48,7 +48,9 @@ def test_sighup_rereads_the_config_and_renews_a_cert_that_entered_the_window(
         d.notify.expect("RELOADING")
         ready = d.notify.expect("READY")  # the reload is done
         renewed = d.wait_event("cert_renewed", cert_path=str(kubelet))
-        assert renewed["reason"] == "expires within 250 days"
+        # renewed for the new window: 200 days left, inside 250 days, outside the old 90
+        left = datetime.fromisoformat(renewed["old_not_after"]) - datetime.now(UTC)
+        assert timedelta(days=90) < left <= timedelta(days=250), left
         assert renewed["cert_service"] == "kubelet"
         assert renewed["old_serial"].lower().lstrip("0") == short.lstrip("0")
         new = cert_serial(kubelet)
@@ -89,7 +91,10 @@ def test_the_periodic_rescan_renews_what_entered_the_window_and_names_the_units(
         before = shorten(node, "server/tls/serving-kube-apiserver", "server-ca", days=30)
         # renewed by a rescan (the reason below says which wake found it), however late
         renewed = d.wait_event("cert_renewed", cert_path=str(apiserver))
-        assert renewed["reason"] == "expires within 90 days"
+        # renewed for the window (30 days left, inside 90), the one it came from
+        left = datetime.fromisoformat(renewed["old_not_after"]) - datetime.now(UTC)
+        assert left <= timedelta(days=90), left
+        assert renewed["old_serial"].lower().lstrip("0") == before.lower().lstrip("0")
         assert cert_serial(apiserver) != before
         restart = d.wait_event("restart_needed", reason="periodic rescan")
         assert restart["units"] == "rke2-server" and restart["files"] >= 1
