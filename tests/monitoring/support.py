@@ -111,7 +111,7 @@ def dynamic_cert_json(cert: bytes, key: bytes) -> str:
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SAFETY) as r:
         assert r.status == 200
         return str(r.read().decode())
 
