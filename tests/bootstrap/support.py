@@ -132,7 +132,7 @@ class Backend:
             cafile=self.tls.client.ca,
             certfile=self.tls.client.cert,
             keyfile=self.tls.client.key,
-            timeout=2.0,
+            timeout=30.0,
         )
 
     def dump(self, data_dir: Path | None = None) -> dict[str, tuple[bytes, int]]:

@@ -20,7 +20,7 @@ from rke2certd.errors import ConfigError, DatastoreError
 from tests.datastore.support import open_etcd
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster, EtcdFactory, TLSFiles, free_ports
-from tests.harness.wait import wait_for
+from tests.harness.wait import SAFETY, wait_for
 
 pytestmark = pytest.mark.etcd
 
@@ -41,7 +41,7 @@ def test_server_verification_ignores_requests_ca_bundle(
     naive = requests.Session()
     naive.verify = str(etcd_pki.client.ca)
     naive.cert = (str(etcd_pki.client.cert), str(etcd_pki.client.key))
-    assert naive.post(foreign.endpoint + "/v3/kv/range", json={"key": "AA=="}, timeout=2).ok
+    assert naive.post(foreign.endpoint + "/v3/kv/range", json={"key": "AA=="}, timeout=SAFETY).ok
 
     sleeps = record_backoff(monkeypatch)
     with pytest.raises(DatastoreError, match="server certificate not trusted") as err:

@@ -17,7 +17,7 @@ import pytest
 from rke2certd.pki.layout import Layout
 from tests.conftest import run_cli, write_node_config
 from tests.harness.etcd import EtcdCluster, MemberTLS, TLSFiles, etcd_bin_dir, etcdctl
-from tests.harness.wait import wait_for
+from tests.harness.wait import SAFETY, wait_for
 
 from .conftest import fresh_dir
 from .helpers import ca_files
@@ -86,7 +86,7 @@ def handshake(
         cctx.load_cert_chain(client_cert, client_key)
     try:
         with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
             cctx.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             if tls.recv(2) != b"ok":

@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from tests.daemon.support import DaemonNode, cert_serial, free_port
+from tests.harness.wait import SAFETY
 from tests.monitoring.support import days, families, make_cert, samples, scrape, wait_for
 
 
@@ -24,7 +25,7 @@ def _https_get(node: DaemonNode, path: str) -> bytes:
     ctx.check_hostname = False
     port = int(node.settings["supervisor-port"])
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
         ctx.wrap_socket(raw) as tls,
     ):
         tls.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())

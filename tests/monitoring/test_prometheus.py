@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.daemon.support import DaemonNode, free_port
+from tests.harness.wait import SAFETY
 from tests.monitoring.support import (
     admin_kubeconfig,
     days,
@@ -76,12 +77,12 @@ class Prometheus:
 
     def get(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=SAFETY) as r:
             return json.loads(r.read())
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, "prometheus exited"
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=SAFETY) as r:
             return bool(r.status == 200)
 
     def firing(self) -> dict[str, list[dict[str, str]]]:

@@ -41,6 +41,7 @@ from tests.daemon.support import NotifySocket, free_port, read_events
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.etcd import EtcdClient
 from tests.harness.rke2.node import NodeBase, RKE2Agent, RKE2Server, leaf_of
+from tests.harness.wait import SAFETY
 
 SCRIPT = Path(__file__).resolve().parent / "restart_request.py"
 FAILURE_EVENTS = frozenset(
@@ -225,7 +226,10 @@ def served_cert(host: str, port: int) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der

@@ -32,6 +32,7 @@ import pytest
 from rke2certd.rollout.records import PREFIX
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.node import RKE2Agent, RKE2Server
+from tests.harness.wait import SAFETY
 from tests.rke2.conftest import Cluster
 from tests.rke2.daemons import (
     Daemons,
@@ -62,7 +63,10 @@ def _handshake(host: str, port: int, trusted: bytes) -> None:
     """A real TLS handshake by a client that trusts exactly `trusted`."""
     ctx = ssl.create_default_context(cadata=trusted.decode())
     ctx.check_hostname = False
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         assert tls.version()
 
 
@@ -70,7 +74,7 @@ def _cacerts(server: RKE2Server) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(server.url + "/cacerts", timeout=10, context=ctx) as resp:
+    with urllib.request.urlopen(server.url + "/cacerts", timeout=SAFETY, context=ctx) as resp:
         body: bytes = resp.read()
         return body
 

@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.certs import ec_pem, load_certs, load_key, new_ec_key, pem
 from tests.harness.rke2.node import RKE2Server
+from tests.harness.wait import SAFETY
 from tests.rke2.conftest import Cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
@@ -82,7 +83,10 @@ def cross_signed_set(tls: Path, out: Path) -> None:
 def _handshake(host: str, port: int, cafile: bytes) -> None:
     ctx = ssl.create_default_context(cadata=cafile.decode())
     ctx.check_hostname = False
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         assert tls.version()
 
 

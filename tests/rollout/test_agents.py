@@ -22,6 +22,7 @@ import yaml
 from rke2certd.pki import certs
 from rke2certd.pki.token import ca_hash, parse_token
 from tests.harness.cluster import NodeSpec, SimCluster
+from tests.harness.wait import SAFETY
 
 from .checks import assert_order, statuses, view, wait_rollout
 from .conftest import ClusterFactory, standard_specs
@@ -145,7 +146,7 @@ def _rotate_with_agents(cluster: SimCluster, tmp_path: Path) -> None:
     ctx.load_cert_chain(str(a1 / "client-kubelet.crt"), str(a1 / "client-kubelet.key"))
     port = cluster.nodes["c1"].ports["apiserver"]
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
