@@ -28,6 +28,35 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `tests.harness...` imports work however pytest was started
     sys.path.insert(0, str(ROOT))
 
+from tests.harness import seed as test_seed  # noqa: E402 (needs the path above)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--seed",
+        default=None,
+        help=f"the random seed of the fault and fuzz tests: a number, or 'random' for a new one "
+        f"(default: ${test_seed.ENV}, else {test_seed.FIXED_SEED})",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    option = config.getoption("--seed")
+    if option is not None:
+        os.environ[test_seed.ENV] = str(option)
+    test_seed.run_seed()  # resolves 'random' once, for the whole run
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = test_seed.run_seed()
+    return f"rke2certd random seed: {seed} (replay with --seed {seed})"
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    seed = test_seed.run_seed()  # also under -q, which hides the header
+    terminalreporter.write_line(f"rke2certd random seed: {seed} (replay with --seed {seed})")
+
+
 # The caches (config, certificate facts) of this test process and the CLI processes it starts
 # live here, not in the machine's /var/cache/rke2certd (the tests run as root).
 RUNTIME_DIR = tempfile.mkdtemp(prefix="rke2certd-test-run-")

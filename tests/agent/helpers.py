@@ -33,6 +33,7 @@ from rke2certd.files.lock import LOCK_NAME, node_lock
 from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.join_token import new_password
+from tests.harness.wait import SAFETY
 
 HOST = "127.0.0.1"
 
@@ -167,7 +168,7 @@ def call(
     body: Any = None,
     headers: Mapping[str, str] | None = None,
 ) -> Reply:
-    conn = http.client.HTTPSConnection(HOST, port, timeout=10, context=trusting(cafile))
+    conn = http.client.HTTPSConnection(HOST, port, timeout=SAFETY, context=trusting(cafile))
     try:
         conn.request(method, path, body=body, headers=dict(headers or {}))
         resp = conn.getresponse()

@@ -20,15 +20,22 @@ def _agent_config(root: Path, server: ServerNode, port: int, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "rke2certd.yaml"
     cfg.write_text(
-        yaml.safe_dump({
-            "data-dir": str(root / "data"), "roles": ["agent"], "node-name": name,
-            "node-ip": ["127.0.0.1"], "server": "https://127.0.0.1:9345",
-            "supervisor-port": port, "token": server.agent_token, "log-format": "json",
-            "rescan-interval": 1,  # the retry while the servers are away: every second here
-            "node-password-file": str(root / "node-password"),
-            "metrics-address": "",  # not the shared default port
-        })
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "data-dir": str(root / "data"),
+                "roles": ["agent"],
+                "node-name": name,
+                "node-ip": ["127.0.0.1"],
+                "server": "https://127.0.0.1:9345",
+                "supervisor-port": port,
+                "token": server.agent_token,
+                "log-format": "json",
+                "rescan-interval": 1,  # the retry while the servers are away: every second here
+                "node-password-file": str(root / "node-password"),
+                "metrics-address": "",  # not the shared default port
+            }
+        )
+    )
     cfg.chmod(0o600)
     return cfg
 
@@ -71,7 +78,7 @@ def test_agent_daemon_starts_on_its_certs_while_the_server_is_away(
         assert "cannot reach the server" in deferred["reason"]
         # the server is back on its port: the next attempt renews again
         with start(server.node, host=HOST, port=port, passwords=passwords):
-            d.wait_event("renew_resumed", timeout=30)
+            d.wait_event("renew_resumed")
             status = notify.expect("STATUS", None)
             assert "servers unreachable" not in status.fields["STATUS"]
         assert d.stop() == 0

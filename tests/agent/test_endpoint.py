@@ -25,6 +25,7 @@ from rke2certd.pki.join_token import format_token, parse_token
 from rke2certd.pki.profiles import server_sans
 from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER, NODE_PASSWORD_HEADER
 from rke2certd.supervisor.server import SupervisorHandle, start
+from tests.harness.wait import SAFETY
 
 from .helpers import (
     HOST,
@@ -143,7 +144,7 @@ def test_cacerts_with_kubectl(endpoint: SupervisorHandle, server: ServerNode):
 def test_serving_cert_profile(endpoint: SupervisorHandle, server: ServerNode, tmp_path: Path):
     ca_file = server.file("server-ca.crt")
     with (
-        socket.create_connection((HOST, endpoint.port), timeout=10) as raw,
+        socket.create_connection((HOST, endpoint.port), timeout=SAFETY) as raw,
         trusting(ca_file).wrap_socket(raw, server_hostname=HOST) as tls,
     ):
         der = tls.getpeercert(binary_form=True)

@@ -4,7 +4,6 @@ and the host's open-file limit (pure), and a real endpoint following a resized l
 from __future__ import annotations
 
 import socket
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from rke2certd.supervisor import MAX_CONNECTIONS
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.fleet_limits import MAX, fleet_limits
 from rke2certd.supervisor.server import start
+from tests.harness.wait import wait_for
 
 from .helpers import HOST, ServerNode, call
 
@@ -82,10 +82,10 @@ def test_the_endpoint_follows_a_resized_limit(
                 reply = call(handle.port, server.file("server-ca.crt"), "GET", "/cacerts")
                 assert reply.status == 200
                 assert all(open_still(sock) for sock in held[1:])  # room for all: none cut
-                deadline = time.monotonic() + 30  # logged by the cut connection's thread
-                while not (cut := [e for e in events if e["event"] == "connection_cut"]):
-                    assert time.monotonic() < deadline, "no connection_cut event"
-                    time.sleep(0.01)
+                cut = wait_for(  # logged by the cut connection's thread
+                    lambda: [e for e in events if e["event"] == "connection_cut"],
+                    "a connection_cut event",
+                )
                 assert len(cut) == 1 and "make room" in cut[0]["reason"], cut
             finally:
                 for sock in held:

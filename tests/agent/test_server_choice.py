@@ -117,9 +117,12 @@ def test_an_agent_moves_keeps_its_lease_and_moves_back(
         node: Node = agent_factory("agent-1", supervisor_port=first.port)
         renew_agent(node)
         remote = RemoteDatastore(
-            [first.url, second.url], lambda: server.agent_token, lambda: trusted_bundle(node),
-            "agent-1", node_password=lambda: node_password(node),
-        )  # fmt: skip
+            [first.url, second.url],
+            lambda: server.agent_token,
+            lambda: trusted_bundle(node),
+            "agent-1",
+            node_password=lambda: node_password(node),
+        )
         remote.choice.prefer_again = 3600
         cs = ClusterStore(remote)
         lease = remote.grant_lease(30)  # granted by the first server, which then fails
@@ -165,9 +168,12 @@ def test_a_lease_is_still_no_other_agents(
 
         def remote(name: str, url: str) -> RemoteDatastore:
             return RemoteDatastore(
-                [url], lambda: server.agent_token, lambda: trusted_bundle(nodes[name]), name,
+                [url],
+                lambda: server.agent_token,
+                lambda: trusted_bundle(nodes[name]),
+                name,
                 node_password=lambda: node_password(nodes[name]),
-            )  # fmt: skip
+            )
 
         lease = remote("agent-1", first.url).grant_lease(30)
         thief = ClusterStore(remote("agent-2", second.url))

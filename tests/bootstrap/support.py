@@ -32,20 +32,31 @@ from tests.harness.etcd import EtcdCluster, TLSFiles
 # The bootstrap data's files under <data>/server (docs/RKE2-COMPATIBILITY.md §6), written here by
 # hand rather than taken from rke2certd's own table.
 CA_FILES = (
-    "tls/server-ca.crt", "tls/server-ca.key", "tls/client-ca.crt", "tls/client-ca.key",
-    "tls/request-header-ca.crt", "tls/request-header-ca.key",
-    "tls/etcd/server-ca.crt", "tls/etcd/server-ca.key",
-    "tls/etcd/peer-ca.crt", "tls/etcd/peer-ca.key", "tls/service.key",
-)  # fmt: skip
+    "tls/server-ca.crt",
+    "tls/server-ca.key",
+    "tls/client-ca.crt",
+    "tls/client-ca.key",
+    "tls/request-header-ca.crt",
+    "tls/request-header-ca.key",
+    "tls/etcd/server-ca.crt",
+    "tls/etcd/server-ca.key",
+    "tls/etcd/peer-ca.crt",
+    "tls/etcd/peer-ca.key",
+    "tls/service.key",
+)
 CA_FIELDS = {
-    "ServerCA": "tls/server-ca.crt", "ServerCAKey": "tls/server-ca.key",
-    "ClientCA": "tls/client-ca.crt", "ClientCAKey": "tls/client-ca.key",
+    "ServerCA": "tls/server-ca.crt",
+    "ServerCAKey": "tls/server-ca.key",
+    "ClientCA": "tls/client-ca.crt",
+    "ClientCAKey": "tls/client-ca.key",
     "RequestHeaderCA": "tls/request-header-ca.crt",
     "RequestHeaderCAKey": "tls/request-header-ca.key",
-    "ETCDServerCA": "tls/etcd/server-ca.crt", "ETCDServerCAKey": "tls/etcd/server-ca.key",
-    "ETCDPeerCA": "tls/etcd/peer-ca.crt", "ETCDPeerCAKey": "tls/etcd/peer-ca.key",
+    "ETCDServerCA": "tls/etcd/server-ca.crt",
+    "ETCDServerCAKey": "tls/etcd/server-ca.key",
+    "ETCDPeerCA": "tls/etcd/peer-ca.crt",
+    "ETCDPeerCAKey": "tls/etcd/peer-ca.key",
     "ServiceKey": "tls/service.key",
-}  # fmt: skip
+}
 PREFIX = "/bootstrap/"
 DB_DIR = "server/db/"  # rke2certd's embedded store and its own runtime state
 LOCK_FILE = LOCK_NAME  # rewritten by every writing command
@@ -121,7 +132,7 @@ class Backend:
             cafile=self.tls.client.ca,
             certfile=self.tls.client.cert,
             keyfile=self.tls.client.key,
-            timeout=2.0,
+            timeout=30.0,
         )
 
     def dump(self, data_dir: Path | None = None) -> dict[str, tuple[bytes, int]]:

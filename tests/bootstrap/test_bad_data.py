@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -144,21 +143,17 @@ def test_etcd_down_at_start_fails_fast_with_a_clear_error_and_changes_nothing(
 ) -> None:
     backend = etcd_backend
     cfg, data = made_node(backend)
-    t0 = time.monotonic()
-    assert run_cli("-c", cfg, "renew").returncode == 0  # the same run, etcd up: a baseline
-    baseline = time.monotonic() - t0
+    assert run_cli("-c", cfg, "renew").returncode == 0  # the same run, etcd up
     store = backend.dump()
     disk = tree(data)
     backend.down()
     try:
-        t0 = time.monotonic()
         res = run_cli("-c", cfg, "renew")
-        elapsed = time.monotonic() - t0
     finally:
         backend.up()
     assert_clean_failure(res, "cannot reach the datastore", "check that etcd is running")
-    # 3 tries, backoff capped at 1 s: fast, whatever the machine's speed (the baseline)
-    assert elapsed < baseline + 3, f"took {elapsed:.1f}s to fail ({baseline:.1f}s when up)"
+    # Fast: the CLI's few tries and short backoff are counted (not timed) in
+    # tests/datastore/test_etcd.py::test_down_at_start_fails_fast_and_clearly.
     assert tree(data) == disk
     assert backend.dump() == store
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
@@ -28,6 +26,8 @@ from rke2certd.datastore import Datastore, OutcomeUnknown, SQLiteDatastore
 from rke2certd.errors import DatastoreError
 from rke2certd.files.atomic import JOURNAL_NAME
 from tests.conftest import clean_env, run_cli
+from tests.harness.seed import rng as seeded_rng
+from tests.harness.seed import run_seed
 
 from .support import (
     CA_FIELDS,
@@ -45,9 +45,8 @@ from .support import (
 TOKEN = "K10::server:fault-test-token"
 PASSWORD = "fault-test-token"
 KEY = bootstrap_key(PASSWORD)
-# The random delays come from this seed (printed by each test): set it to replay a run.
-SEED = int(os.environ.get("RKE2CERTD_FAULT_SEED", time.time_ns()))
-rng = random.Random(SEED)
+# The random delays come from the run's seed (`--seed`, printed by each test), a stream per test.
+SEED = run_seed()
 
 
 def disk_cas_after_replay(data: Path) -> dict[str, bytes]:
@@ -76,6 +75,7 @@ def test_datastore_lost_while_the_first_server_creates_the_bootstrap_data(
     fault_backend: Backend,
 ) -> None:
     backend = fault_backend
+    rng = seeded_rng(f"creates-{backend.kind}")
     attempts = 3 if backend.kind == "sqlite" else 2
     outcomes = []
     for attempt in range(attempts):
@@ -83,8 +83,12 @@ def test_datastore_lost_while_the_first_server_creates_the_bootstrap_data(
         cfg, data = backend.node(f"attempt-{attempt}", token=TOKEN)
         proc = subprocess.Popen(
             [sys.executable, "-m", "rke2certd", "-c", str(cfg), "renew"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env(), cwd="/", text=True,
-        )  # fmt: skip
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+            cwd="/",
+            text=True,
+        )
         # from "as soon as the lock shows" to "about when the save is done", with jitter
         delay = 0.12 * (attempt / (attempts - 1)) * rng.uniform(0.7, 1.1)
 
@@ -179,9 +183,13 @@ def _save_killed(cfg: Path, new_files: dict[str, bytes], delay: float | None) ->
     fields = {f: new_files[rel].hex() for f, rel in CA_FIELDS.items()}
     proc = subprocess.Popen(
         [sys.executable, "-c", _SAVE, str(cfg), json.dumps(fields), PASSWORD],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=clean_env(), cwd="/", text=True,
-    )  # fmt: skip
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+        cwd="/",
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdin is not None
     assert proc.stdout.readline().strip() == "ready"
     timer = threading.Timer(delay or 0, proc.send_signal, [signal.SIGKILL])
@@ -217,6 +225,7 @@ def test_datastore_lost_during_save_rotation_leaves_the_old_or_the_new_value(
             return _save_losing_etcd(backend, new_files, delay)
         return _save_killed(cfg, new_files, delay)
 
+    rng = seeded_rng(f"save-rotation-{backend.kind}")
     saved, duration = save(None)  # how long a save takes here, undisturbed
     assert saved
     attempts = 2 if backend.kind == "etcd3" else 3

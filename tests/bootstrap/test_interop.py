@@ -29,10 +29,12 @@ from .support import (
 
 PASSWORD = "rke2-made-this-cluster-token"
 CN_PREFIX = {
-    "server-ca": "rke2-server-ca", "client-ca": "rke2-client-ca",
-    "request-header-ca": "rke2-request-header-ca", "etcd/server-ca": "etcd-server-ca",
+    "server-ca": "rke2-server-ca",
+    "client-ca": "rke2-client-ca",
+    "request-header-ca": "rke2-request-header-ca",
+    "etcd/server-ca": "etcd-server-ca",
     "etcd/peer-ca": "etcd-peer-ca",
-}  # fmt: skip
+}
 PASSWD = b"secret1,node,node,rke2:agent\nsecret2,server,server,rke2:server\n"
 IPSEC = b"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0\n"
 STAMP = 1_714_558_830_123_456_789  # 2024-05-01T10:20:30.123456789Z
@@ -53,10 +55,20 @@ def rke2_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         key.write_bytes(openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout"))
         out[f"tls/{name}.key"] = key.read_bytes()
         out[f"tls/{name}.crt"] = openssl(
-            "req", "-x509", "-new", "-key", str(key), "-subj", f"/CN={cn}@1714558830",
-            "-days", "3650", "-set_serial", "0",
-            "-addext", "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
-        )  # fmt: skip
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            str(key),
+            "-subj",
+            f"/CN={cn}@1714558830",
+            "-days",
+            "3650",
+            "-set_serial",
+            "0",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign",
+        )
     out["tls/service.key"] = openssl("genrsa", "-traditional", "2048")
     assert out["tls/service.key"].startswith(b"-----BEGIN RSA PRIVATE KEY-----")
     assert out["tls/server-ca.key"].startswith(b"-----BEGIN EC PRIVATE KEY-----")

@@ -32,10 +32,17 @@ def openssl_der_sha256(pem: bytes) -> str:
 
 
 def openssl_names(pem: bytes) -> tuple[str, str]:
-    out = subprocess.run(
-        ["openssl", "x509", "-noout", "-subject", "-issuer", "-nameopt", "RFC2253"],
-        input=pem, capture_output=True, check=True, text=False,
-    ).stdout.decode().splitlines()  # fmt: skip
+    out = (
+        subprocess.run(
+            ["openssl", "x509", "-noout", "-subject", "-issuer", "-nameopt", "RFC2253"],
+            input=pem,
+            capture_output=True,
+            check=True,
+            text=False,
+        )
+        .stdout.decode()
+        .splitlines()
+    )
     return out[0].removeprefix("subject="), out[1].removeprefix("issuer=")
 
 

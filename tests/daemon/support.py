@@ -37,6 +37,7 @@ import pytest
 import yaml
 
 from tests.conftest import clean_env
+from tests.harness.wait import SAFETY
 
 CAPTURED_LOGS = "captured-logs"  # under the session's basetemp
 SECRETS_FILE = "captured-secrets.txt"  # next to it (not inside: it is not a log)
@@ -137,7 +138,7 @@ class NotifySocket:
                 self.messages.append(Notification(fields, time.time(), time.monotonic()))
                 self._cond.notify_all()
 
-    def expect(self, key: str, value: str | None = "1", timeout: float = 30.0) -> Notification:
+    def expect(self, key: str, value: str | None = "1", timeout: float = SAFETY) -> Notification:
         """The next message (after the last one expected) that sets `key` (to `value`)."""
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -233,7 +234,7 @@ class DaemonProcess:
     def wait_event(
         self,
         name: str,
-        timeout: float = 20.0,
+        timeout: float = SAFETY,
         where: Callable[[dict[str, Any]], bool] = lambda _e: True,
         **fields: Any,
     ) -> dict[str, Any]:
@@ -403,7 +404,7 @@ class DaemonNode:
             self.incoming.glob(f".rejected/{name}-*/result.json")
         )
 
-    def wait_result(self, name: str, timeout: float = 20.0) -> tuple[Path, dict[str, Any]]:
+    def wait_result(self, name: str, timeout: float = SAFETY) -> tuple[Path, dict[str, Any]]:
         """The filed set's result.json (path, document), once the daemon filed it."""
         deadline = time.monotonic() + timeout
         while True:
@@ -439,11 +440,35 @@ def reissue_shorter(cert: Path, key: Path, ca_cert: Path, ca_key: Path, days: in
     work = Path(tempfile.mkdtemp(prefix="reissue-"))
     req, new = work / "leaf.csr", work / "leaf.crt"
     for argv in (
-        ["x509", "-x509toreq", "-in", cert, "-signkey", key, "-copy_extensions", "copyall",
-         "-out", req],
-        ["x509", "-req", "-in", req, "-CA", ca_cert, "-CAkey", ca_key, "-days", str(days),
-         "-copy_extensions", "copyall", "-out", new],
-    ):  # fmt: skip
+        [
+            "x509",
+            "-x509toreq",
+            "-in",
+            cert,
+            "-signkey",
+            key,
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            req,
+        ],
+        [
+            "x509",
+            "-req",
+            "-in",
+            req,
+            "-CA",
+            ca_cert,
+            "-CAkey",
+            ca_key,
+            "-days",
+            str(days),
+            "-copy_extensions",
+            "copyall",
+            "-out",
+            new,
+        ],
+    ):
         subprocess.run(["openssl", *map(str, argv)], capture_output=True, check=True)
     text = cert.read_text()
     rest = text[text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----") :]

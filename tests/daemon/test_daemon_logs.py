@@ -11,7 +11,7 @@ from tests.daemon.support import DaemonNode
 def test_a_start_with_nothing_to_renew_still_logs_json_to_stderr_only(node: DaemonNode) -> None:
     node.cli("renew")  # nothing left for the daemon's start-up to do: its first event is not one
     with node.daemon() as d:  # of renew's
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         d.wait_event("ready")
         assert d.stop() == 0
     assert d.stdout.read_text() == ""

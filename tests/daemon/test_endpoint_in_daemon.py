@@ -9,13 +9,14 @@ import socket
 import ssl
 
 from tests.daemon.support import DaemonNode
+from tests.harness.wait import SAFETY
 
 
 def _cacerts(node: DaemonNode, port: int) -> bytes:
     ctx = ssl.create_default_context(cafile=str(node.data / "server/tls/server-ca.crt"))
     ctx.check_hostname = False
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
         ctx.wrap_socket(raw) as tls,
     ):
         tls.sendall(b"GET /cacerts HTTP/1.0\r\n\r\n")

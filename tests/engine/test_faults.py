@@ -4,8 +4,8 @@ started at once on one fresh data dir.
 After every kill: each cert on disk pairs with its key and chains to its CA (old or new, never a
 mix); once the journal of an interrupted multi-file write has been replayed (which every command
 does first, under the node lock), that holds for every cert. Then a new `renew` completes the
-node and leaves no temp or journal file anywhere. The random seed and the number of runs are set by
-RKE2CERTD_FAULT_SEED and RKE2CERTD_FAULT_RUNS to reproduce or extend a run.
+node and leaves no temp or journal file anywhere. The random seed is the run's (`--seed N|random`,
+tests/harness/seed.py); RKE2CERTD_FAULT_RUNS sets the number of runs, to extend one.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from rke2certd.files.atomic import JOURNAL_NAME, TEMP_MARK
 from rke2certd.files.lock import LOCK_NAME
 from rke2certd.pki import build, certs, keys
 from tests.conftest import FrozenClock, clean_env, run_cli, write_node_config
+from tests.harness.seed import run_seed
+from tests.harness.wait import SAFETY
 
 from .conftest import LiveNode, build_live_node
 from .helpers import (
@@ -44,7 +46,7 @@ from .helpers import (
 )
 
 RUNS = int(os.environ.get("RKE2CERTD_FAULT_RUNS", "30"))
-SEED = int(os.environ.get("RKE2CERTD_FAULT_SEED", str(random.SystemRandom().randrange(1 << 30))))
+SEED = run_seed()
 
 # Many SANs and every service: a bigger node gives the kills more room inside the work.
 BIG_NODE = {
@@ -79,7 +81,7 @@ def start(cfg: Path, *command: str) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_for_lock(data: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> bool:
+def wait_for_lock(data: Path, proc: subprocess.Popen[bytes], timeout: float = SAFETY) -> bool:
     """Until `proc` holds the node lock (it writes its pid there): its work starts then."""
     lock = data / LOCK_NAME
     want = str(proc.pid).encode()

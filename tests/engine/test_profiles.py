@@ -462,7 +462,7 @@ def _profile(cert: x509.Certificate, key_pem: bytes) -> dict[str, object]:
         "key": (type(key).__name__, getattr(getattr(key, "curve", None), "name", None)),
         "key_pem": key_pem.split(b"\n", 1)[0],
         "issuer": cert.issuer.rfc4514_string(),
-    }  # fmt: skip
+    }
 
 
 @pytest.mark.etcd
@@ -486,8 +486,9 @@ def test_every_profile_is_what_rke2_makes_and_rke2_keeps_ours(tmp_path: Path) ->
         "advertise-address": "198.51.100.4",
     }
     theirs = RKE2Server(tmp_path / "rke2", "rke2", dict(identity), run_hook=False)
-    ours = RKE2Server(tmp_path / "ours-rke2", "ours", {**identity, "data-dir": str(data)},
-                      run_hook=False)  # fmt: skip
+    ours = RKE2Server(
+        tmp_path / "ours-rke2", "ours", {**identity, "data-dir": str(data)}, run_hook=False
+    )
     try:
         theirs.start()
         ours.start()  # RKE2's first start on the node rke2certd set up

@@ -162,9 +162,10 @@ class SimCluster:
                 base_for = {**base, "supervisor-port": common}
             elif spread:
                 base_for = {
-                    **base, "supervisor-port": common,
+                    **base,
+                    "supervisor-port": common,
                     "supervisor-bind-address": self.addresses[spec.name],
-                }  # fmt: skip
+                }
             else:
                 base_for = {**base, "supervisor-port": node_ports[spec.name]["supervisor"]}
             self.nodes[spec.name] = self._make_node(
@@ -526,8 +527,10 @@ class SimCluster:
 
     def report(self) -> str:
         """What each node last said, for failure messages."""
-        lines = [f"{n}: {'running' if node.running else 'stopped'}: {node.last_status()}"
-                 for n, node in self.nodes.items()]  # fmt: skip
+        lines = [
+            f"{n}: {'running' if node.running else 'stopped'}: {node.last_status()}"
+            for n, node in self.nodes.items()
+        ]
         with contextlib.suppress(Exception):
             doc = self.status()
             for r in doc["rollouts"]:

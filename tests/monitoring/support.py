@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.harness.wait import SAFETY
+
 T = TypeVar("T")
 
 
@@ -109,7 +111,7 @@ def dynamic_cert_json(cert: bytes, key: bytes) -> str:
 
 
 def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=SAFETY) as r:
         assert r.status == 200
         return str(r.read().decode())
 
@@ -128,7 +130,7 @@ def families(text: str) -> set[str]:
     return {f.name for f in text_string_to_metric_families(text)}
 
 
-def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0) -> T:
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = SAFETY) -> T:
     """fn() until it returns something (not None/False); polls a condition, never a sleep to
     sync: the deadline only ends a test that would otherwise hang."""
     deadline = time.monotonic() + timeout

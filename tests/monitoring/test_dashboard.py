@@ -37,17 +37,40 @@ def exported() -> set[str]:
     try:
         day = timedelta(days=1)
         row = Row(
-            Path("/d/agent/client-kubelet.crt"), "kubelet", 0, "system:node:a", "ca",
-            ("ClientAuth",), NOW - day, NOW + 300 * day, "0a", Status.OK, 300 * day,
-        )  # fmt: skip
+            Path("/d/agent/client-kubelet.crt"),
+            "kubelet",
+            0,
+            "system:node:a",
+            "ca",
+            ("ClientAuth",),
+            NOW - day,
+            NOW + 300 * day,
+            "0a",
+            Status.OK,
+            300 * day,
+        )
         ca = Row(
-            Path("/d/server/tls/client-ca.crt"), "ca", 0, "ca", "ca", ("CertSign",),
-            NOW - day, NOW + 3000 * day, "01", Status.OK, 3000 * day,
-        )  # fmt: skip
+            Path("/d/server/tls/client-ca.crt"),
+            "ca",
+            0,
+            "ca",
+            "ca",
+            ("CertSign",),
+            NOW - day,
+            NOW + 3000 * day,
+            "01",
+            Status.OK,
+            3000 * day,
+        )
         m.update(
-            rows=[row], ca_rows=[ca], verdict=Verdict(Level.OK, "ok"), generation="abc",
-            datastore_up=True, last_rescan=NOW.timestamp(), rollout=("r1", "ca-rotation", "active"),
-        )  # fmt: skip
+            rows=[row],
+            ca_rows=[ca],
+            verdict=Verdict(Level.OK, "ok"),
+            generation="abc",
+            datastore_up=True,
+            last_rescan=NOW.timestamp(),
+            rollout=("r1", "ca-rotation", "active"),
+        )
         for event, fields in [
             ("cert_renewed", {"cert_service": "kubelet", "reason": "expired"}),
             ("staged_set_applied", {}),
@@ -72,8 +95,13 @@ def test_the_dashboard_queries_only_exported_metrics() -> None:
     have = exported()
     assert used - have == set(), f"not exported: {sorted(used - have)}"
     # it covers what the issue asks for: expiry per node and service, rollouts, renewals
-    for needed in ("x509_cert_not_after", "rke2certd_cert_status", "rke2certd_rollout_state",
-                   "rke2certd_rollout_node_step", "rke2certd_renewals_total"):  # fmt: skip
+    for needed in (
+        "x509_cert_not_after",
+        "rke2certd_cert_status",
+        "rke2certd_rollout_state",
+        "rke2certd_rollout_node_step",
+        "rke2certd_renewals_total",
+    ):
         assert needed in used
 
 

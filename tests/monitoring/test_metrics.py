@@ -12,6 +12,7 @@ import stat
 from pathlib import Path
 
 from tests.daemon.support import DaemonNode, cert_serial, free_port
+from tests.harness.wait import SAFETY
 from tests.monitoring.support import days, families, make_cert, samples, scrape, wait_for
 
 
@@ -24,7 +25,7 @@ def _https_get(node: DaemonNode, path: str) -> bytes:
     ctx.check_hostname = False
     port = int(node.settings["supervisor-port"])
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
         ctx.wrap_socket(raw) as tls,
     ):
         tls.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
@@ -36,7 +37,7 @@ def _https_get(node: DaemonNode, path: str) -> bytes:
 
 def test_scrape_has_the_x509_exporter_schema_and_rke2certds_families(node: DaemonNode) -> None:
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         d.wait_event("metrics_started", port=_port(node))
         text = scrape(_port(node))
 
@@ -125,7 +126,7 @@ def test_an_expired_file_makes_it_critical_and_all_ok_shows_at_once_when_it_is_g
     old.write_bytes(make_cert("ci-client", days(-400), days(-35))[0])
     node.write_config(watch_files=[f"{watched}/*.pem"])
     with node.daemon() as d:
-        ready = d.notify.expect("READY", timeout=60)
+        ready = d.notify.expect("READY")
         assert "CRITICAL" in ready.fields["STATUS"] and str(old) in ready.fields["STATUS"]
         d.wait_event("certificates_not_ok", verdict="CRITICAL")
         text = scrape(_port(node))
@@ -146,7 +147,7 @@ def test_an_expired_file_makes_it_critical_and_all_ok_shows_at_once_when_it_is_g
         new.write_bytes(make_cert("ci-client", days(-1), days(300))[0])
         os.replace(new, old)
         d.signal(signal.SIGHUP)
-        ready = d.notify.expect("READY", timeout=30)
+        ready = d.notify.expect("READY")
         ok = d.wait_event("all_certificates_ok")
         assert ok["previous"] == "CRITICAL"
         assert "all certificates OK" in ready.fields["STATUS"]
@@ -165,7 +166,7 @@ def test_metrics_off_serves_nothing_and_writes_no_textfile(
     node.settings.pop("textfile-dir")
     node.write_config()
     with node.daemon() as d:
-        ready = d.notify.expect("READY", timeout=60)
+        ready = d.notify.expect("READY")
         assert "all certificates OK" in ready.fields["STATUS"], "the signal needs no metrics"
         assert not d.events("metrics_started")
         with socket.socket() as s:

@@ -272,8 +272,10 @@ def test_renew_rewrites_a_stale_rke2_yaml_keeping_every_other_byte(rke2_node: Da
     (work / "leaf.pem").write_bytes((tls / "client-admin.crt").read_bytes())
     ok = subprocess.run(
         ["openssl", "verify", "-CAfile", str(tls / "client-ca.crt"), str(work / "leaf.pem")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert _check_code(node, "--exit-codes=nagios") == 0
     assert "WARNING" not in node.cli("certificate", "check").stdout
@@ -362,7 +364,7 @@ def test_the_daemon_brings_a_stale_rke2_yaml_up_to_date_at_a_renewal(rke2_node: 
     tls = node.data / "server/tls"
     current = rke2_yaml.read_text()
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         old_cert, old_key = make_cert("system:admin", days(-30), days(30), _ca(node, "client-ca"))
         stale = admin_kubeconfig((tls / "server-ca.crt").read_bytes(), old_cert, old_key)
         rke2_yaml.write_text(stale)
@@ -379,10 +381,22 @@ def test_the_hot_paths_do_not_import_prometheus_client(
 ) -> None:
     """`renew` runs before every RKE2 start, `check` from scripts: the metrics stay out."""
     r = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "rke2certd", "-c", str(rke2_node.config),
-         *command],
-        env=ENV_BASE, capture_output=True, text=True, check=False, cwd="/",
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "rke2certd",
+            "-c",
+            str(rke2_node.config),
+            *command,
+        ],
+        env=ENV_BASE,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd="/",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rke2certd.node.node_files" in r.stderr, "the import profile is there"
     assert "prometheus_client" not in r.stderr

@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.daemon.support import DaemonNode, free_port
+from tests.harness.wait import SAFETY
 from tests.monitoring.support import (
     admin_kubeconfig,
     days,
@@ -76,12 +77,12 @@ class Prometheus:
 
     def get(self, path: str) -> Any:
         url = f"http://127.0.0.1:{self.port}{path}"
-        with urllib.request.urlopen(url, timeout=10) as r:
+        with urllib.request.urlopen(url, timeout=SAFETY) as r:
             return json.loads(r.read())
 
     def ready(self) -> bool:
         assert self.proc.poll() is None, "prometheus exited"
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=5) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/-/ready", timeout=SAFETY) as r:
             return bool(r.status == 200)
 
     def firing(self) -> dict[str, list[dict[str, str]]]:
@@ -131,24 +132,28 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
     node.write_config(watch_files=[f"{ci}/*.kubeconfig"])
 
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
-        wait_for("prometheus ready", prometheus_for.ready, timeout=60)
-        wait_for("the daemon scraped", prometheus_for.scraped_up, timeout=60)
+        d.notify.expect("READY")
+        wait_for("prometheus ready", prometheus_for.ready)
+        wait_for("the daemon scraped", prometheus_for.scraped_up)
 
         def both_firing() -> dict[str, list[dict[str, str]]] | None:
             firing = prometheus_for.firing()
             wanted = {"RKE2CertificateExpired", "RKE2CertificateRenewalOverdue"}
             return firing if wanted <= set(firing) else None
 
-        firing = wait_for("the alerts firing", both_firing, timeout=60)
+        firing = wait_for("the alerts firing", both_firing)
         (expired,) = firing["RKE2CertificateExpired"]
         assert expired["filepath"] == str(dynamic)
         assert expired["service"] == "rke2-server" and expired["status"] == "expired"
         assert expired["severity"] == "critical"
         overdue = {a["filepath"]: a["service"] for a in firing["RKE2CertificateRenewalOverdue"]}
         assert overdue == {str(ci_config): "watched", str(dynamic): "rke2-server"}
-        for quiet in ("RKE2CAExpiresWithinTwoYears", "RKE2CertdRolloutStopped",
-                      "RKE2CertdNotRescanning", "RKE2CertdDatastoreUnreachable"):  # fmt: skip
+        for quiet in (
+            "RKE2CAExpiresWithinTwoYears",
+            "RKE2CertdRolloutStopped",
+            "RKE2CertdNotRescanning",
+            "RKE2CertdDatastoreUnreachable",
+        ):
             assert quiet not in firing
 
         # RKE2 regenerated its cache at its start; the CI kubeconfig got a fresh cert
@@ -166,5 +171,5 @@ def test_alerts_fire_on_an_expired_and_an_unrenewed_cert_and_clear_after_renewal
             firing = prometheus_for.firing()
             return not ({"RKE2CertificateExpired", "RKE2CertificateRenewalOverdue"} & set(firing))
 
-        wait_for("the alerts cleared", cleared, timeout=60)
+        wait_for("the alerts cleared", cleared)
         assert d.stop() == 0

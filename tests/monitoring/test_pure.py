@@ -61,9 +61,18 @@ def test_bad_listen_addresses_say_what_is_wrong(text: str, says: str) -> None:
 
 def _row(status: Status, path: str = "/d/a.crt", days_left: int = 300) -> Row:
     return Row(
-        Path(path), "kubelet", 0, "cn", "ca", ("ClientAuth",), NOW - DAY,
-        NOW + days_left * DAY, "0a", status, days_left * DAY,
-    )  # fmt: skip
+        Path(path),
+        "kubelet",
+        0,
+        "cn",
+        "ca",
+        ("ClientAuth",),
+        NOW - DAY,
+        NOW + days_left * DAY,
+        "0a",
+        status,
+        days_left * DAY,
+    )
 
 
 def test_verdict_levels_worst_first() -> None:
@@ -191,8 +200,11 @@ def _server(tmp_path: Path) -> Node:
     )
     tls = tmp_path / "data/server/tls"
     tls.mkdir(parents=True)
-    for name, data in (("client-admin.crt", b"CERT"), ("client-admin.key", b"KEY"),
-                       ("server-ca.crt", b"CA")):  # fmt: skip
+    for name, data in (
+        ("client-admin.crt", b"CERT"),
+        ("client-admin.key", b"KEY"),
+        ("server-ca.crt", b"CA"),
+    ):
         (tls / name).write_bytes(data)
     return Node.from_config(cfg)
 
@@ -263,9 +275,13 @@ def _read(facts: CertFacts | None, **kw: object) -> KubeconfigRead:
     }
     base.update(kw)
     return KubeconfigRead(
-        "/d/server/cred/scheduler.kubeconfig", "scheduler", "/d/server/tls/client-scheduler.crt",
-        "/d/server/tls/server-ca.crt", facts, **base,  # type: ignore[arg-type]
-    )  # fmt: skip
+        "/d/server/cred/scheduler.kubeconfig",
+        "scheduler",
+        "/d/server/tls/client-scheduler.crt",
+        "/d/server/tls/server-ca.crt",
+        facts,
+        **base,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.parametrize(
@@ -331,8 +347,17 @@ def test_kubeconfig_entries_say_what_is_wrong(
     entry = judge(read, NOW, 30 * DAY)
     assert (entry.status, entry.problem) == (status, problem), case
     leaf = Row(
-        Path("/d/server/tls/client-scheduler.crt"), "scheduler", 0, "s", "rke2-client-ca@2",
-        ("ClientAuth",), NOW - DAY, NOW + 300 * DAY, "aa", Status.OK, 300 * DAY,
-    )  # fmt: skip
+        Path("/d/server/tls/client-scheduler.crt"),
+        "scheduler",
+        0,
+        "s",
+        "rke2-client-ca@2",
+        ("ClientAuth",),
+        NOW - DAY,
+        NOW + 300 * DAY,
+        "aa",
+        Status.OK,
+        300 * DAY,
+    )
     assert verdict([leaf], [], [], [entry]).level is level, case
     assert verdict([leaf], [], []).level is Level.OK, "without kubeconfigs: today's verdict"

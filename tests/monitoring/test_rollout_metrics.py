@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from tests.daemon.support import DaemonNode
 from tests.monitoring.support import samples, scrape, wait_for
+
+pytestmark = pytest.mark.slow  # whole CA rollouts through a daemon
 
 
 def _port(node: DaemonNode) -> int:
@@ -26,16 +30,16 @@ def test_a_ca_rotation_rollout_in_the_metrics(node: DaemonNode) -> None:
     node.cli("renew")
     node.write_config(restart_command=["true"], health_command=["true"])
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = samples(scrape(_port(node)), "rke2certd_ca_generation_info")[0][0]["generation"]
         os.rename(node.stage_rotation("rotation-1"), node.incoming / "rotation-1")
-        d.wait_event("rollout_node_done", timeout=60)
+        d.wait_event("rollout_node_done")
 
         def done() -> str | None:
             text = scrape(_port(node))
             return text if _gauge(text, "rke2certd_rollout_state", state="done") == 1.0 else None
 
-        text = wait_for("the rollout done in the metrics", done, timeout=60)
+        text = wait_for("the rollout done in the metrics", done)
         assert _gauge(text, "rke2certd_staged_sets_total", result="applied", reason="ok") == 1.0
         renewed = {
             lab["service"]
@@ -59,16 +63,16 @@ def test_a_failed_restart_stops_the_rollout_in_the_metrics(node: DaemonNode) -> 
     node.cli("renew")
     node.write_config(restart_command=["false"], health_command=["true"])
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         os.rename(node.stage_rotation("rotation-1"), node.incoming / "rotation-1")
-        d.wait_event("rollout_failed", timeout=60)
+        d.wait_event("rollout_failed")
 
         def stopped() -> str | None:
             text = scrape(_port(node))
             hit = _gauge(text, "rke2certd_rollout_state", state="stopped") == 1.0
             return text if hit else None
 
-        text = wait_for("the rollout stopped in the metrics", stopped, timeout=60)
+        text = wait_for("the rollout stopped in the metrics", stopped)
         assert (
             _gauge(text, "rke2certd_rollout_node_step", rke2certd_rollout_node_step="failed") == 1.0
         )

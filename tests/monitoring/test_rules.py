@@ -22,8 +22,10 @@ needs_promtool = pytest.mark.skipif(
 def test_the_rules_are_valid() -> None:
     r = subprocess.run(
         [str(promtool), "check", "rules", str(RULES / "rke2certd.rules.yml")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS: 7 rules found" in r.stdout + r.stderr
 
@@ -32,7 +34,10 @@ def test_the_rules_are_valid() -> None:
 def test_the_rules_unit_tests_pass() -> None:
     r = subprocess.run(
         [str(promtool), "test", "rules", "rke2certd.rules.test.yml"],
-        capture_output=True, text=True, check=False, cwd=RULES,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=RULES,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert "SUCCESS" in r.stdout + r.stderr

@@ -220,11 +220,31 @@ def test_sha1_signature_is_refused(tmp_path: Path) -> None:
 def test_upstream_serial_zero_root(tmp_path: Path) -> None:
     """RKE2's CAs have serial 0; cryptography warns on load, load_bundle silences it."""
     key, cert = tmp_path / "ca.key", tmp_path / "ca.crt"
-    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out",
-                    key], check=True, capture_output=True)  # fmt: skip
-    subprocess.run(["openssl", "req", "-x509", "-new", "-key", key, "-subj", "/CN=zero",
-                    "-days", "30", "-set_serial", "0", "-out", cert],
-                   check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        ["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key,
+            "-subj",
+            "/CN=zero",
+            "-days",
+            "30",
+            "-set_serial",
+            "0",
+            "-out",
+            cert,
+        ],
+        check=True,
+        capture_output=True,
+    )
     zero = load_bundle(cert.read_bytes(), cert)[0]  # no warning: load_bundle silences it
     with pytest.warns(UserWarning, match="serial number"):  # reading the serial still warns
         assert zero.serial_number == 0

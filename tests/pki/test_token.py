@@ -37,9 +37,17 @@ def test_parse_short_and_bare_forms() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "   ", f"K10{H[:-1]}::server:pw", f"K10{H}00::server:pw", f"K10{'zz' * 32}::server:pw",
-     f"K10{H}::server:", f"K10{H}::serveronly", "K10abc::u:pw"],
-)  # fmt: skip
+    [
+        "",
+        "   ",
+        f"K10{H[:-1]}::server:pw",
+        f"K10{H}00::server:pw",
+        f"K10{'zz' * 32}::server:pw",
+        f"K10{H}::server:",
+        f"K10{H}::serveronly",
+        "K10abc::u:pw",
+    ],
+)
 def test_malformed_tokens(text: str) -> None:
     with pytest.raises(TokenError) as err:
         parse_token(text)
@@ -114,10 +122,17 @@ def test_custom_topology_hashes_the_root(tmp_path: Path) -> None:
     root = build.self_signed_ca("root", root_key, NOW, days=7300)
     name = x509.Name
     attr = x509.NameAttribute
-    inter = build.signed_ca(name([attr(NameOID.COMMON_NAME, "int")]), int_key.public_key(),
-                            root, root_key, NOW, 3700)  # fmt: skip
-    ca = build.signed_ca(name([attr(NameOID.COMMON_NAME, "server-ca")]), ca_key.public_key(),
-                         inter, int_key, NOW, 3700)  # fmt: skip
+    inter = build.signed_ca(
+        name([attr(NameOID.COMMON_NAME, "int")]), int_key.public_key(), root, root_key, NOW, 3700
+    )
+    ca = build.signed_ca(
+        name([attr(NameOID.COMMON_NAME, "server-ca")]),
+        ca_key.public_key(),
+        inter,
+        int_key,
+        NOW,
+        3700,
+    )
     bundle = bundle_pem([ca, inter, root])
     assert ca_hash(bundle) == _openssl_der_sha256(bundle_pem([root]), tmp_path)
 

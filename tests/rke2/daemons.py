@@ -41,12 +41,21 @@ from tests.daemon.support import NotifySocket, free_port, read_events
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.etcd import EtcdClient
 from tests.harness.rke2.node import NodeBase, RKE2Agent, RKE2Server, leaf_of
+from tests.harness.wait import SAFETY
 
 SCRIPT = Path(__file__).resolve().parent / "restart_request.py"
-FAILURE_EVENTS = frozenset({
-    "startup_failed", "rollout_failed", "rollout_stopped", "rollout_start_failed",
-    "rollout_internal_error", "staging_refused", "supervisor_failed", "reload_failed",
-})  # fmt: skip
+FAILURE_EVENTS = frozenset(
+    {
+        "startup_failed",
+        "rollout_failed",
+        "rollout_stopped",
+        "rollout_start_failed",
+        "rollout_internal_error",
+        "staging_refused",
+        "supervisor_failed",
+        "reload_failed",
+    }
+)
 
 
 @dataclass
@@ -136,8 +145,9 @@ class NodeService:
         with self._locks[name]:
             with self._cond:
                 self._seq += 1
-                entry = Restart(self._seq, name, by, env.get("RKE2CERTD_ROLLOUT"),
-                                env.get("RKE2CERTD_PHASE"))  # fmt: skip
+                entry = Restart(
+                    self._seq, name, by, env.get("RKE2CERTD_ROLLOUT"), env.get("RKE2CERTD_PHASE")
+                )
                 self._log.append(entry)
             try:
                 node.stop()
@@ -216,7 +226,10 @@ def served_cert(host: str, port: int) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         der = tls.getpeercert(binary_form=True)
     assert der is not None
     return der
@@ -276,8 +289,12 @@ class Daemons:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "rke2certd", "-c", str(node.rke2certd_config_path), "run"],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd="/",
-            )  # fmt: skip
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd="/",
+            )
         d = Daemon(node, proc, notify, log)
         self.by_name[node.name] = d
         deadline = time.monotonic() + timeout
@@ -303,9 +320,13 @@ class Daemons:
         node = self.service.nodes[name]
         return subprocess.run(
             [sys.executable, "-m", "rke2certd", "-c", str(node.rke2certd_config_path), *args],
-            capture_output=True, text=True, env=node.hook_env(), cwd="/", timeout=120,
+            capture_output=True,
+            text=True,
+            env=node.hook_env(),
+            cwd="/",
+            timeout=120,
             check=False,
-        )  # fmt: skip
+        )
 
     def status(self, name: str) -> dict[str, Any]:
         res = self.cli(name, "status", "-o", "json")
@@ -321,8 +342,7 @@ class Daemons:
             if found:
                 return found[0]
             if d.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{name}: no {event} {fields} within {timeout}s:\n"
-                                     f"{d.tail()}")  # fmt: skip
+                raise AssertionError(f"{name}: no {event} {fields} within {timeout}s:\n{d.tail()}")
             time.sleep(0.05)
 
     def failures(self) -> dict[str, list[dict[str, Any]]]:
@@ -358,9 +378,11 @@ def rke2_keys(server: RKE2Server, prefix: str) -> dict[str, bytes]:
     end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     doc = client._post(
         "/v3/kv/range",
-        {"key": base64.b64encode(prefix.encode()).decode(),
-         "range_end": base64.b64encode(end.encode()).decode()},
-    )  # fmt: skip
+        {
+            "key": base64.b64encode(prefix.encode()).decode(),
+            "range_end": base64.b64encode(end.encode()).decode(),
+        },
+    )
     return {
         base64.b64decode(kv["key"]).decode(): base64.b64decode(kv.get("value", ""))
         for kv in doc.get("kvs") or []

@@ -32,6 +32,7 @@ import pytest
 from rke2certd.rollout.records import PREFIX
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.node import RKE2Agent, RKE2Server
+from tests.harness.wait import SAFETY
 from tests.rke2.conftest import Cluster
 from tests.rke2.daemons import (
     Daemons,
@@ -62,7 +63,10 @@ def _handshake(host: str, port: int, trusted: bytes) -> None:
     """A real TLS handshake by a client that trusts exactly `trusted`."""
     ctx = ssl.create_default_context(cadata=trusted.decode())
     ctx.check_hostname = False
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         assert tls.version()
 
 
@@ -70,7 +74,7 @@ def _cacerts(server: RKE2Server) -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with urllib.request.urlopen(server.url + "/cacerts", timeout=10, context=ctx) as resp:
+    with urllib.request.urlopen(server.url + "/cacerts", timeout=SAFETY, context=ctx) as resp:
         body: bytes = resp.read()
         return body
 
@@ -79,8 +83,10 @@ def _openssl_verify(cafile: Path, cert: Path) -> None:
     """`openssl verify` of a leaf file (its first cert; the rest of the file as untrusted)."""
     res = subprocess.run(
         ["openssl", "verify", "-CAfile", str(cafile), "-untrusted", str(cert), str(cert)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0, f"{cert} does not verify with {cafile}:\n{res.stdout}{res.stderr}"
 
 
@@ -188,9 +194,13 @@ def test_staged_rotation_rolled_out_in_order_on_etcd_control_plane_and_agent_nod
     cluster: Cluster, daemons: Daemons
 ) -> None:
     e1 = cluster.server(
-        "e1", token="rollout-secret", rke2certd=daemons.config_for("e1"),
-        disable_apiserver=True, disable_controller_manager=True, disable_scheduler=True,
-    )  # fmt: skip
+        "e1",
+        token="rollout-secret",
+        rke2certd=daemons.config_for("e1"),
+        disable_apiserver=True,
+        disable_controller_manager=True,
+        disable_scheduler=True,
+    )
     e1.start()
     c1 = cluster.server("c1", join=e1, disable_etcd=True, rke2certd=daemons.config_for("c1"))
     c1.start()
@@ -218,8 +228,11 @@ def test_staged_rotation_rolled_out_in_order_on_etcd_control_plane_and_agent_nod
     assert isinstance(a1, RKE2Agent) and a1.running
     assert (a1.agent_dir / "server-ca.crt").read_bytes() == new_server_ca
     assert (a1.agent_dir / "client-ca.crt").read_bytes() == stored["ClientCA"][1]
-    for leaf, ca in (("serving-kubelet", "server-ca"), ("client-kubelet", "client-ca"),
-                     ("client-kube-proxy", "client-ca")):  # fmt: skip
+    for leaf, ca in (
+        ("serving-kubelet", "server-ca"),
+        ("client-kubelet", "client-ca"),
+        ("client-kube-proxy", "client-ca"),
+    ):
         _openssl_verify(a1.agent_dir / f"{ca}.crt", a1.agent_dir / f"{leaf}.crt")
     _uses_rke2_etcd(daemons, [e1, c1], rollout["id"])
     for name in ("e1", "c1"):  # a later start has nothing to do: RKE2 writes nothing

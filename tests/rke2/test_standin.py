@@ -118,8 +118,9 @@ def test_a_second_start_with_nothing_to_do_writes_nothing(cluster: Cluster) -> N
     }
 
 
-def _reissue(node: RKE2Server, name: str, days: int, cn: str | None = None,
-             sans: bool = True) -> None:  # fmt: skip
+def _reissue(
+    node: RKE2Server, name: str, days: int, cn: str | None = None, sans: bool = True
+) -> None:
     """Replace a leaf with one from its CA valid `days` more days (other CN, no SANs)."""
     leaf = next(x for x in LEAVES if x.name == name)
     old = load_certs(node.tls / f"{name}.crt")[0]
@@ -194,12 +195,16 @@ def test_rotate_ca_checks_and_writes_the_bootstrap_key(cluster: Cluster, tmp_pat
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "new-server-ca")])
     now = datetime.now(UTC)
     cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(1)
-        .not_valid_before(now).not_valid_after(now + timedelta(days=10))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=10))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
         .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    )
     (new_dir / "server-ca.crt").write_bytes(pem(cert))
     (new_dir / "server-ca.key").write_bytes(ec_pem(key))
     before = s1.stored_bootstrap()

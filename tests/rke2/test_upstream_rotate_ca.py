@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from tests.harness.rke2 import bootstrap as bs
 from tests.harness.rke2.certs import ec_pem, load_certs, load_key, new_ec_key, pem
 from tests.harness.rke2.node import RKE2Server
+from tests.harness.wait import SAFETY
 from tests.rke2.conftest import Cluster
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
@@ -29,8 +30,9 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 CAS = ["server-ca", "client-ca", "request-header-ca", "etcd/server-ca", "etcd/peer-ca"]
 
 
-def _ca(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-        signer: object, days: int) -> x509.Certificate:  # fmt: skip
+def _ca(
+    subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: object, days: int
+) -> x509.Certificate:
     now = datetime.now(UTC)
     return (
         x509.CertificateBuilder()
@@ -58,7 +60,13 @@ def cross_signed_set(tls: Path, out: Path) -> None:
         old_key = load_key(tls / f"{stem}.key")
         root_key, inter_key = new_ec_key(), new_ec_key()
         root_name = f"{stem.replace('/', '-')}-root@new"
-        root = _ca(root_name, root_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, root_name)]), root_key, 7300)  # fmt: skip  # noqa: E501
+        root = _ca(
+            root_name,
+            root_key,
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, root_name)]),
+            root_key,
+            7300,
+        )
         cross = _ca(root_name, root_key, old.subject, old_key, 7300)
         inter = _ca(f"{stem.replace('/', '-')}-ca@new", inter_key, root.subject, root_key, 3700)
         (out / stem).parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +83,10 @@ def cross_signed_set(tls: Path, out: Path) -> None:
 def _handshake(host: str, port: int, cafile: bytes) -> None:
     ctx = ssl.create_default_context(cadata=cafile.decode())
     ctx.check_hostname = False
-    with socket.create_connection((host, port), timeout=5) as sock, ctx.wrap_socket(sock) as tls:
+    with (
+        socket.create_connection((host, port), timeout=SAFETY) as sock,
+        ctx.wrap_socket(sock) as tls,
+    ):
         assert tls.version()
 
 

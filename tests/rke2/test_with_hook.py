@@ -77,9 +77,12 @@ def test_etcd_only_and_control_plane_only_nodes(cluster: Cluster) -> None:
     s1 = cluster.server("s1", token="kinds-secret")
     s1.start()
     etcd_only = cluster.server(
-        "e1", join=s1, disable_apiserver=True, disable_controller_manager=True,
+        "e1",
+        join=s1,
+        disable_apiserver=True,
+        disable_controller_manager=True,
         disable_scheduler=True,
-    )  # fmt: skip
+    )
     cp_only = cluster.server("c1", join=s1, disable_etcd=True)
     for node in (etcd_only, cp_only):
         node.start()

@@ -158,7 +158,7 @@ def make_rke2_node(
 def etcd_client(cluster: EtcdCluster, data: Path | None) -> Datastore:
     """A client of the test's etcd: with the node's etcd client files (https), or none."""
     if cluster.scheme == "http":
-        return open_datastore(cluster.endpoint, data_dir=Path("/nonexistent"), timeout=3.0)
+        return open_datastore(cluster.endpoint, data_dir=Path("/nonexistent"), timeout=30.0)
     assert data is not None
     etcd = data / "server" / "tls" / "etcd"
     return open_datastore(
@@ -167,7 +167,7 @@ def etcd_client(cluster: EtcdCluster, data: Path | None) -> Datastore:
         cafile=etcd / "server-ca.crt",
         certfile=etcd / "client.crt",
         keyfile=etcd / "client.key",
-        timeout=3.0,
+        timeout=30.0,
     )
 
 

@@ -24,7 +24,7 @@ from tests.harness.etcd import EtcdCluster
 
 from .conftest import CRED_FILES, Rke2Node, etcd_client, make_rke2_node, wipe
 
-pytestmark = pytest.mark.etcd
+pytestmark = [pytest.mark.etcd, pytest.mark.slow]  # daemons beside RKE2 stand-ins
 
 
 def _stored(node: Rke2Node, cluster: EtcdCluster) -> dict[str, BootstrapFile]:

@@ -40,14 +40,17 @@ def _units(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *names: str) -> Path
         ({}, ALL),
         ({"disable-etcd": True}, [Role.CONTROL_PLANE, Role.AGENT]),
         (
-            {"disable-apiserver": True, "disable-controller-manager": True,
-             "disable-scheduler": "true"},
+            {
+                "disable-apiserver": True,
+                "disable-controller-manager": True,
+                "disable-scheduler": "true",
+            },
             [Role.ETCD, Role.AGENT],
         ),
         ({"disable-apiserver": True}, ALL),  # the scheduler and controller-manager remain
         ({"disable-etcd": "false"}, ALL),
     ],
-)  # fmt: skip
+)
 def test_server_roles_from_rke2_config(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flags: dict[str, Any], roles: list[Role]
 ) -> None:
@@ -82,8 +85,15 @@ def test_every_component_disabled_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _units(tmp_path, monkeypatch, "rke2-server")
-    flags = {k: True for k in ("disable-etcd", "disable-apiserver",
-                                "disable-controller-manager", "disable-scheduler")}  # fmt: skip
+    flags = {
+        k: True
+        for k in (
+            "disable-etcd",
+            "disable-apiserver",
+            "disable-controller-manager",
+            "disable-scheduler",
+        )
+    }
     with pytest.raises(ConfigError, match="disables etcd and every control-plane component"):
         load_config(_node(tmp_path, flags))
 

@@ -29,6 +29,7 @@ from tests.daemon.support import (
     reissue_shorter,
 )
 from tests.harness.etcd import EtcdCluster
+from tests.harness.wait import SAFETY
 
 from .conftest import Rke2Node, etcd_client, wipe
 
@@ -46,12 +47,18 @@ def _node(
     """An RKE2 server (every role) whose datastore is RKE2's embedded etcd, here `etcd`."""
     rke2_config = tmp_path / "etc-rke2" / "config.yaml"
     dn = DaemonNode.create(
-        tmp_path / "n", logs, label,
-        rke2_config=str(rke2_config), node_ip=["127.0.0.1"],
+        tmp_path / "n",
+        logs,
+        label,
+        rke2_config=str(rke2_config),
+        node_ip=["127.0.0.1"],
         health_etcd_endpoint=etcd.client_url(0),
-        restart_command=["true"], health_command=["true"], registry_ttl=5,
-        log_level="debug", **settings,
-    )  # fmt: skip
+        restart_command=["true"],
+        health_command=["true"],
+        registry_ttl=5,
+        log_level="debug",
+        **settings,
+    )
     rke2_config.parent.mkdir(mode=0o700)
     rke2_config.write_text(yaml.safe_dump({"token": dn.settings["token"]}))
     return dn
@@ -66,7 +73,7 @@ def _rke2_started(dn: DaemonNode, seed: Path, etcd: EtcdCluster, into: Path) -> 
         rke2.started(ds)
 
 
-def _wait_count(d: DaemonProcess, name: str, count: int, timeout: float = 60.0) -> None:
+def _wait_count(d: DaemonProcess, name: str, count: int, timeout: float = SAFETY) -> None:
     """Until the daemon logged `name` `count` times (it must stay up meanwhile)."""
     deadline = time.monotonic() + timeout
     while len(d.events(name)) < count:
@@ -84,9 +91,13 @@ def test_before_rke2s_first_start_it_waits_then_starts(
 ) -> None:
     wipe(etcd_https, seed)
     dn = _node(
-        tmp_path, etcd_https, captured_logs_dir, label_of(request),
-        datastore_retry_min=0.1, datastore_retry_max=0.3,
-    )  # fmt: skip
+        tmp_path,
+        etcd_https,
+        captured_logs_dir,
+        label_of(request),
+        datastore_retry_min=0.1,
+        datastore_retry_max=0.3,
+    )
     assert not dn.data.exists()
     with dn.daemon(watchdog_usec=400_000) as d:
         ready = d.notify.expect("READY")
@@ -125,9 +136,14 @@ def test_rke2s_etcd_down_at_start_and_while_running(
 ) -> None:
     wipe(etcd_https, seed)
     dn = _node(
-        tmp_path, etcd_https, captured_logs_dir, label_of(request),
-        datastore_retry_min=0.1, datastore_retry_max=0.3, rescan_interval=0.5,
-    )  # fmt: skip
+        tmp_path,
+        etcd_https,
+        captured_logs_dir,
+        label_of(request),
+        datastore_retry_min=0.1,
+        datastore_retry_max=0.3,
+        rescan_interval=0.5,
+    )
     _rke2_started(dn, seed, etcd_https, dn.data)
     # a leaf within its renewal window: renewed from disk while the datastore is away
     tls = dn.data / "server" / "tls"
@@ -183,9 +199,13 @@ def test_sighup_while_waiting_tries_at_once(
     """With an hour between retries, only the SIGHUP can have made it try again."""
     wipe(etcd_https, seed)
     dn = _node(
-        tmp_path, etcd_https, captured_logs_dir, label_of(request),
-        datastore_retry_min=3600, datastore_retry_max=3600,
-    )  # fmt: skip
+        tmp_path,
+        etcd_https,
+        captured_logs_dir,
+        label_of(request),
+        datastore_retry_min=3600,
+        datastore_retry_max=3600,
+    )
     _rke2_started(dn, seed, etcd_https, dn.data)
     etcd_https.kill(0)
     try:
@@ -216,9 +236,12 @@ def test_a_configuration_error_still_exits(
     """Waiting cures a datastore that is down, never a configuration RKE2's datastore cannot
     be reached with: a control-plane-only node with no `server` stops at once."""
     dn = _node(
-        tmp_path, etcd_https, captured_logs_dir, label_of(request),
+        tmp_path,
+        etcd_https,
+        captured_logs_dir,
+        label_of(request),
         roles=["control-plane", "agent"],
-    )  # fmt: skip
+    )
     (dn.data / "server").mkdir(parents=True)
     (dn.data / "server" / "token").write_text(dn.settings["token"] + "\n")  # RKE2 ran here
     with dn.daemon() as d:
@@ -235,10 +258,16 @@ def test_an_agent_waits_for_rke2_agents_first_start(
     certificates from `server` at its first start; the daemon neither exits nor makes them."""
     rke2_config = tmp_path / "etc-rke2" / "config.yaml"
     dn = DaemonNode.create(
-        tmp_path / "n", captured_logs_dir, label_of(request),
-        rke2_config=str(rke2_config), node_ip=["127.0.0.1"], roles=["agent"],
-        datastore_retry_min=0.1, datastore_retry_max=0.2, log_level="debug",
-    )  # fmt: skip
+        tmp_path / "n",
+        captured_logs_dir,
+        label_of(request),
+        rke2_config=str(rke2_config),
+        node_ip=["127.0.0.1"],
+        roles=["agent"],
+        datastore_retry_min=0.1,
+        datastore_retry_max=0.2,
+        log_level="debug",
+    )
     rke2_config.parent.mkdir(mode=0o700)
     server = f"https://127.0.0.1:{free_port()}"  # nothing listens: rke2-agent never got in
     rke2_config.write_text(yaml.safe_dump({"token": dn.settings["token"], "server": server}))

@@ -38,11 +38,16 @@ def test_an_external_rotation_is_taken_and_rolled_out(
     wipe(etcd_https, seed)
     rke2_config = tmp_path / "etc-rke2" / "config.yaml"
     dn = DaemonNode.create(
-        tmp_path / "n", captured_logs_dir, label_of(request),
-        rke2_config=str(rke2_config), node_ip=["127.0.0.1"],
+        tmp_path / "n",
+        captured_logs_dir,
+        label_of(request),
+        rke2_config=str(rke2_config),
+        node_ip=["127.0.0.1"],
         health_etcd_endpoint=etcd_https.client_url(0),
-        restart_command=["true"], health_command=["true"], registry_ttl=5,
-    )  # fmt: skip
+        restart_command=["true"],
+        health_command=["true"],
+        registry_ttl=5,
+    )
     token = dn.settings["token"]
     rke2_config.parent.mkdir(mode=0o700)
     rke2_config.write_text(yaml.safe_dump({"token": token}))
@@ -66,7 +71,7 @@ def test_an_external_rotation_is_taken_and_rolled_out(
                     files[name] = BootstrapFile(now, (staged / rel).read_bytes())
             assert ds.compare_and_swap(key, save_value(token, files), kv.mod_revision)
         d.wait_event("bootstrap_changed")
-        started = d.wait_event("rollout_started", timeout=30, rollout_kind="ca")
+        started = d.wait_event("rollout_started", rollout_kind="ca")
         new_generation = disk_generation(Layout(dn.data))
         assert new_generation not in (None, old_generation)
         assert started["rollout_id"] == f"ca-{new_generation}"
@@ -75,6 +80,6 @@ def test_an_external_rotation_is_taken_and_rolled_out(
             path = dn.data / "server" / rel
             assert path.read_bytes() == files[name].content, rel
             assert path.stat().st_mtime_ns == files[name].unix_ns, rel
-        d.wait_event("rollout_node_done", timeout=60, rollout_id=started["rollout_id"])
+        d.wait_event("rollout_node_done", rollout_id=started["rollout_id"])
         assert not (dn.data / "server" / "db" / "rke2certd.sqlite").exists()
         assert d.events("task_failed") == [], d.tail()

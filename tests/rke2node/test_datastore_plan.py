@@ -70,8 +70,7 @@ def test_external_etcd_as_rke2_reaches_it() -> None:
     assert (https.cafile, https.certfile, https.keyfile) == (Path("/ca"), Path("/c"), Path("/k"))
     bare = _plan(rke2_config="/x", datastore_endpoint="https://e1:2379")
     assert (bare.cafile, bare.certfile, bare.keyfile) == (None, None, None), "as RKE2: none"
-    http = _plan(rke2_config="/x", datastore_endpoint="http://e1:2379",
-                 datastore_cafile="/ca")  # fmt: skip
+    http = _plan(rke2_config="/x", datastore_endpoint="http://e1:2379", datastore_cafile="/ca")
     assert (http.cafile, http.certfile, http.keyfile) == (None, None, None)
 
 

@@ -40,11 +40,15 @@ def _files(root: Path) -> set[str]:
         {"server": "https://127.0.0.1:9"},  # a joining server: RKE2 will fetch it
         {"server": "https://127.0.0.1:9", "disable-etcd": True},  # control-plane only
         # datastore-endpoint pointed at the embedded etcd by hand, with its client files
-        {"datastore-endpoint": "https://127.0.0.1:9", "datastore-cafile": "/nonexistent/ca",
-         "datastore-certfile": "/nonexistent/c", "datastore-keyfile": "/nonexistent/k"},
+        {
+            "datastore-endpoint": "https://127.0.0.1:9",
+            "datastore-cafile": "/nonexistent/ca",
+            "datastore-certfile": "/nonexistent/c",
+            "datastore-keyfile": "/nonexistent/k",
+        },
     ],
     ids=["first-server", "joining-server", "control-plane-only", "endpoint-by-hand"],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("args", [("renew", "--offline-ok"), ("renew",), ("renew", "--dry-run")])
 def test_before_rke2_first_start_the_hook_passes_and_creates_nothing(
     tmp_path: Path, rke2: dict[str, object], args: tuple[str, ...]
@@ -241,9 +245,11 @@ def test_control_plane_only_node_uses_the_members_from_db_info(
     }
     handler.members = json.dumps({"members": [member]}).encode()
     node = make_rke2_node(
-        tmp_path / "n", seed=seed, rke2={"server": url, "disable-etcd": True},
+        tmp_path / "n",
+        seed=seed,
+        rke2={"server": url, "disable-etcd": True},
         node_ip=["192.0.2.50"],
-    )  # fmt: skip
+    )
     node.token = token
     node.write()
     with etcd_client(etcd_https, node.data) as ds:
@@ -305,9 +311,12 @@ def test_agent_hook_with_no_server_up_starts_on_valid_certificates(
 
 @pytest.mark.parametrize(
     "args",
-    [("certificate", "rotate"), ("certificate", "rotate-ca", "--path", "/nonexistent"),
-     ("status",)],
-)  # fmt: skip
+    [
+        ("certificate", "rotate"),
+        ("certificate", "rotate-ca", "--path", "/nonexistent"),
+        ("status",),
+    ],
+)
 def test_other_commands_before_rke2_first_start_say_so(
     tmp_path: Path, args: tuple[str, ...]
 ) -> None:

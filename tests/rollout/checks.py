@@ -124,8 +124,9 @@ def age_leaf(cluster: SimCluster, node: str, leaf: str, ca: str, days: int) -> N
     names = [str(v) for v in san.get_values_for_type(x509.DNSName)]
     names += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
     cn = old.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value
-    new = build.leaf(str(cn), (), "server", names, key.public_key(), ca_cert, ca_key,
-                     datetime.now(UTC), days)  # fmt: skip
+    new = build.leaf(
+        str(cn), (), "server", names, key.public_key(), ca_cert, ca_key, datetime.now(UTC), days
+    )
     staged = cert_path.with_name(f".{cert_path.name}.new")
     staged.write_bytes(certs.bundle_pem([new]) + ca_bundle)
     staged.chmod(0o644)

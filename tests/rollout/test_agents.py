@@ -22,11 +22,12 @@ import yaml
 from rke2certd.pki import certs
 from rke2certd.pki.join_token import ca_hash, parse_token
 from tests.harness.cluster import NodeSpec, SimCluster
+from tests.harness.wait import SAFETY
 
 from .checks import assert_order, statuses, view, wait_rollout
 from .conftest import ClusterFactory, standard_specs
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]  # simulated clusters
 
 AGENTS = ("a1", "a2", "a3")
 
@@ -38,8 +39,10 @@ def _specs() -> list[NodeSpec]:
 def _openssl_verify(root: Path, untrusted: Path, leaf: Path) -> None:
     res = subprocess.run(
         ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(untrusted), str(leaf)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0 and ": OK" in res.stdout, res.stdout + res.stderr
 
 
@@ -143,7 +146,7 @@ def _rotate_with_agents(cluster: SimCluster, tmp_path: Path) -> None:
     ctx.load_cert_chain(str(a1 / "client-kubelet.crt"), str(a1 / "client-kubelet.key"))
     port = cluster.nodes["c1"].ports["apiserver"]
     with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        socket.create_connection(("127.0.0.1", port), timeout=SAFETY) as raw,
         ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
     ):
         tls.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")

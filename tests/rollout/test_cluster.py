@@ -16,7 +16,7 @@ from tests.harness.cluster import SimCluster
 from .checks import assert_all_on, assert_order, statuses, wait_rollout
 from .conftest import ClusterFactory
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]  # simulated clusters
 
 
 def _rotate_and_check(cluster: SimCluster, reloaded: str = "c2") -> None:

@@ -82,8 +82,12 @@ def test_unreadable_expected_file(
     [
         (
             ["etcd", "control-plane", "agent"],
-            ["etcd /health", "etcd serves the new server-client.crt",
-             "apiserver /readyz", "apiserver serves the new serving-kube-apiserver.crt"],
+            [
+                "etcd /health",
+                "etcd serves the new server-client.crt",
+                "apiserver /readyz",
+                "apiserver serves the new serving-kube-apiserver.crt",
+            ],
         ),
         (
             ["control-plane"],
@@ -92,7 +96,7 @@ def test_unreadable_expected_file(
         (["etcd"], ["etcd /health", "etcd serves the new server-client.crt"]),
         (["agent"], ["kubelet serves the new serving-kubelet.crt"]),
     ],
-)  # fmt: skip
+)
 def test_default_probes_follow_the_roles_in_phase_order(
     roles: list[str], names: list[str], tmp_path: Path
 ) -> None:

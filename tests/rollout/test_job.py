@@ -3,27 +3,38 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from rke2certd.rollout.health import Probe
 from rke2certd.rollout.job import Gate, JobResult, RestartJob
+from tests.harness.wait import HANG, SAFETY, wait_for
 
 OK = Gate(["true"])
 
 
-def run(restart: list[str], gate: Gate = OK, *, timeout: float = 5, health: float = 5,
-        env: dict[str, str] | None = None) -> JobResult:  # fmt: skip
+def run(
+    restart: list[str],
+    gate: Gate = OK,
+    *,
+    timeout: float = 60,
+    health: float = 60,
+    env: dict[str, str] | None = None,
+) -> JobResult:
     woken = threading.Event()
     job = RestartJob(
-        restart, gate, env or {"PATH": os.environ["PATH"]},
-        restart_timeout=timeout, health_timeout=health, wake=woken.set,
-    )  # fmt: skip
+        restart,
+        gate,
+        env or {"PATH": os.environ["PATH"]},
+        restart_timeout=timeout,
+        health_timeout=health,
+        wake=woken.set,
+    )
     job.start()
-    assert woken.wait(30), "the job never woke the loop"
+    assert woken.wait(SAFETY), "the job never woke the loop"
     assert job.done and job.result is not None
     return job.result
 
@@ -46,15 +57,14 @@ def test_missing_program() -> None:
 
 def test_restart_timeout_kills_the_process_group(tmp_path: Path) -> None:
     pidfile = tmp_path / "child.pid"
-    started = time.monotonic()
-    res = run(["sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"], timeout=0.5)
-    assert time.monotonic() - started < 5
+    # a child of HANG seconds: only the kill lets run() return within its safety deadline
+    res = run(["sh", "-c", f"sleep {HANG:g} & echo $! > {pidfile}; wait"], timeout=0.5)
     assert not res.ok and "did not finish within 0.5s and was killed" in res.message
     pid = int(pidfile.read_text())
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
-        assert time.monotonic() < deadline, "the restart command's child survived"
-        time.sleep(0.05)
+    wait_for(
+        lambda: not Path(f"/proc/{pid}").exists() or "Z" in _state(pid),
+        "the restart command's child to be killed",
+    )
 
 
 def _state(pid: int) -> str:
@@ -64,17 +74,31 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def test_output_is_not_a_pipe_a_lingering_daemon_does_not_hold_us() -> None:
-    started = time.monotonic()
-    res = run(["sh", "-c", "sleep 5 & echo started"])
-    assert res.ok and time.monotonic() - started < 3
+def test_output_is_not_a_pipe_a_lingering_daemon_does_not_hold_us(tmp_path: Path) -> None:
+    pidfile = tmp_path / "daemon.pid"
+    # the lingering child lives HANG seconds: run() returning at all shows it did not wait
+    try:
+        res = run(["sh", "-c", f"sleep {HANG:g} & echo $! > {pidfile}; echo started"])
+        assert res.ok
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
 
 
 def test_gate_is_tried_again_until_it_passes(tmp_path: Path) -> None:
-    flag = tmp_path / "healthy"
-    threading.Timer(0.6, flag.touch).start()
-    res = run(["true"], Gate(["test", "-e", str(flag)]))
-    assert res.ok and 0.5 < res.health_seconds < 3
+    flag, tries = tmp_path / "healthy", tmp_path / "tries"
+    gate = Gate(["sh", "-c", f"echo >> {tries}; test -e {flag}"])
+    healthy_after = threading.Thread(target=_touch_after_tries, args=(tries, 2, flag))
+    healthy_after.start()
+    res = run(["true"], gate, health=HANG)
+    healthy_after.join()
+    assert res.ok and res.health_seconds > 0
+    assert len(tries.read_text().splitlines()) >= 3  # failed twice, then passed
+
+
+def _touch_after_tries(tries: Path, n: int, flag: Path) -> None:
+    wait_for(lambda: tries.exists() and len(tries.read_text().splitlines()) >= n, "gate tries")
+    flag.touch()
 
 
 def test_gate_timeout_keeps_the_last_reason() -> None:
@@ -105,20 +129,27 @@ def test_environment_is_passed(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("where", ["restart", "gate"])
-def test_cancel_stops_at_once(where: str) -> None:
+def test_cancel_stops_at_once(where: str, tmp_path: Path) -> None:
     woken = threading.Event()
-    restart = ["sleep", "30"] if where == "restart" else ["true"]
+    started = tmp_path / "started"  # the restart command is running (not about to be started)
+    running = f"echo $$ > {started}; exec sleep {HANG:g}"
+    restart = ["sh", "-c", running] if where == "restart" else ["true"]
     gate = Gate(["false"])
     job = RestartJob(
-        restart, gate, {"PATH": os.environ["PATH"]},
-        restart_timeout=60, health_timeout=60, wake=woken.set,
-    )  # fmt: skip
+        restart,
+        gate,
+        {"PATH": os.environ["PATH"]},
+        restart_timeout=HANG,
+        health_timeout=HANG,
+        wake=woken.set,
+    )
     job.start()
-    time.sleep(0.5)
-    assert job.describe().startswith("restart command running" if where == "restart"
-                                     else "waiting for the health gate")  # fmt: skip
-    started = time.monotonic()
+    step = "restart command running" if where == "restart" else "waiting for the health gate"
+    wait_for(lambda: job.describe().startswith(step), step)
+    if where == "restart":
+        wait_for(started.exists, "the restart command to run")
     job.cancel()
-    assert woken.wait(5) and time.monotonic() - started < 5
+    # at once: the command and the gate would run for HANG seconds
+    assert woken.wait(SAFETY)
     assert job.result is not None and not job.result.ok
     assert job.result.message == "cancelled: rke2certd is stopping"

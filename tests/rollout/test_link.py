@@ -14,6 +14,7 @@ import pytest
 import requests
 
 from rke2certd.datastore import Datastore, SQLiteDatastore, open_datastore
+from rke2certd.datastore import stream as stream_module
 from rke2certd.datastore.base import (
     KV,
     DatastoreUnavailable,
@@ -45,6 +46,7 @@ from rke2certd.rollout.link import (
 )
 from tests.datastore.tls import EtcdPKI
 from tests.harness.etcd import EtcdCluster
+from tests.harness.wait import HANG, SAFETY, in_background, wait_for
 
 T0 = datetime(2030, 1, 1, tzinfo=UTC)
 R = Rollout("ca-1", RolloutKind.CA, "g", PHASES, None, RolloutState.ACTIVE, "", T0, "e1")
@@ -170,7 +172,7 @@ def _session(pki: EtcdPKI) -> requests.Session:
 
 @pytest.mark.etcd
 def test_stream_follows_fails_over_and_closes(
-    etcd3: EtcdCluster, rollout_pki: EtcdPKI, tmp_path: Path
+    etcd3: EtcdCluster, rollout_pki: EtcdPKI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     c = rollout_pki.client
     ds = open_datastore(
@@ -183,7 +185,7 @@ def test_stream_follows_fails_over_and_closes(
     batches = stream.batches(start)
     first = next(batches)  # history from `start`, then live changes
     assert [(e.type, e.kv.key, e.kv.value) for e in first] == [(EventType.PUT, "/w/a", b"1")]
-    threading.Timer(0.3, _delete, args=(etcd3, rollout_pki, tmp_path, "/w/a")).start()
+    _delete(etcd3, rollout_pki, tmp_path, "/w/a")  # the open stream carries it to the next read
     [deleted] = next(batches)
     assert deleted.type is EventType.DELETE and deleted.kv.key == "/w/a"
     last = deleted.kv.mod_revision
@@ -195,12 +197,14 @@ def test_stream_follows_fails_over_and_closes(
     [again] = next(stream.batches(last + 1))  # from the next revision, on another member
     assert again.kv.key == "/w/b"
 
+    # A quiet stream would wait HANG seconds: only close() can end the read in time.
+    monkeypatch.setattr(stream_module, "IDLE_TIMEOUT", HANG)
     live = stream.batches(again.kv.mod_revision + 1)
-    threading.Timer(0.3, stream.close).start()
-    began = time.monotonic()
+    reading = in_background(lambda: next(live))
+    wait_for(lambda: stream._resp is not None, "the stream to be open and read")
+    stream.close()
     with pytest.raises(Exception):  # noqa: B017 (whatever the closed socket raises)
-        next(live)
-    assert time.monotonic() - began < 5
+        reading.result()
     etcd3.restart(0)
     ds.close()
 
@@ -241,14 +245,14 @@ def test_a_sqlite_server_link_is_woken_by_its_wake_key_not_by_busy_keys(tmp_path
         link = ClusterLink(lambda: ds, 15, rec.node_key("c1"), woken.set, (), server_interest(own))
         link.start(ds.grant_lease(15))
         try:
-            assert woken.wait(10) and link.take_changed()  # the first read
+            assert woken.wait(SAFETY) and link.take_changed()  # the first read
             woken.clear()
             ds.create(rec.status_key("ca-1", "e1"), b"{}")
             ds.create(rec.slot_key(Phase.ETCD, 0), b"{}")
             ds.put(rec.wake_key("c2"), b"{}")
             assert not woken.wait(1.0) and not link.take_changed()
             ds.put(own, rec.encode_wake("e1", "ca-1", T0))
-            assert woken.wait(10) and link.take_changed()
+            assert woken.wait(SAFETY) and link.take_changed()
         finally:
             link.stop()
 
@@ -273,18 +277,18 @@ def test_an_etcd_server_link_hears_only_the_structural_keys_and_its_wake_key(
     link = ClusterLink(open_ds, 15, rec.node_key("c1"), woken.set, streams, server_interest(own))
     link.start(ds.grant_lease(15))
     try:
-        assert woken.wait(10) and link.take_changed()  # the first read
-        time.sleep(0.5)  # both streams open
+        assert woken.wait(SAFETY) and link.take_changed()  # the first read
+        wait_for(lambda: all(s._resp is not None for s in streams), "both streams open")
         woken.clear()
         ds.create(rec.status_key("ca-1", "e2"), rec.encode_status(NodeStatus("e2", NodeState.DONE)))
         ds.create(rec.slot_key(Phase.ETCD, 0), rec.encode_slot(Slot(Phase.ETCD, 0, "e3", "ca-1")))
         ds.create(rec.update_key("e3"), b"{}")
         ds.put(rec.wake_key("c10"), b"{}")
         ds.put(own, rec.encode_wake("e2", "ca-1", T0))
-        assert woken.wait(10) and link.take_changed()
+        assert woken.wait(SAFETY) and link.take_changed()
         woken.clear()
         ds.create(rec.rollout_key("ca-2"), b"{}")  # structural: every node hears it
-        assert woken.wait(10)
+        assert woken.wait(SAFETY)
         time.sleep(0.3)
         heard = {e.kv.key for e in link._recent}
         assert heard == {own, rec.rollout_key("ca-2")}

@@ -51,10 +51,17 @@ def member(name: str, phase: Phase, down_since: datetime | None = None) -> Membe
 
 def ca(rid: str = "ca-1", revision: int = 10, **kw: object) -> Rollout:
     base: dict[str, object] = dict(
-        id=rid, kind=RolloutKind.CA, ca_generation="gen1", phases=PHASES, nodes=None,
-        state=RolloutState.ACTIVE, reason="test", created=T0, created_by="e1",
+        id=rid,
+        kind=RolloutKind.CA,
+        ca_generation="gen1",
+        phases=PHASES,
+        nodes=None,
+        state=RolloutState.ACTIVE,
+        reason="test",
+        created=T0,
+        created_by="e1",
         revision=revision,
-    )  # fmt: skip
+    )
     base.update(kw)
     return Rollout(**base)  # type: ignore[arg-type]
 

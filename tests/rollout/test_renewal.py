@@ -12,7 +12,7 @@ from tests.harness.cluster import NodeSpec
 from .checks import age_leaf, statuses, view
 from .conftest import ClusterFactory
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]  # a simulated cluster
 
 
 def test_renewal_restarts_only_that_node(sim_sqlite: ClusterFactory) -> None:

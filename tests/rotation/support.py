@@ -57,10 +57,23 @@ def make_upstream_node(data_dir: Path, ts: int = 1700000000) -> Layout:
         _ok(openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key))
         _ok(
             openssl(
-                "req", "-x509", "-new", "-key", key, "-config", config, "-days", "3650",
-                "-set_serial", "0", "-subj", f"/CN={CN_PREFIX[ca]}@{ts}", "-out", cert,
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                key,
+                "-config",
+                config,
+                "-days",
+                "3650",
+                "-set_serial",
+                "0",
+                "-subj",
+                f"/CN={CN_PREFIX[ca]}@{ts}",
+                "-out",
+                cert,
             )
-        )  # fmt: skip
+        )
         key.chmod(0o600)
     _ok(openssl("genrsa", "-traditional", "-out", layout.service_key, "2048"))
     config.unlink()

@@ -37,9 +37,13 @@ def test_generated_set_verifies_to_the_root(tmp_path: Path, now: datetime) -> No
         for suffix, mode in ((".pem", 0o644), (".key", 0o600), (".crt", 0o644)):
             assert (out / f"{kind}-ca{suffix}").stat().st_mode & 0o777 == mode
         verdict = openssl(
-            "verify", "-CAfile", out / "root-ca.pem", "-untrusted", out / "intermediate-ca.pem",
+            "verify",
+            "-CAfile",
+            out / "root-ca.pem",
+            "-untrusted",
+            out / "intermediate-ca.pem",
             out / f"{kind}-ca.pem",
-        )  # fmt: skip
+        )
         assert verdict.returncode == 0, verdict.stderr
         bundle = load_bundle((out / f"{kind}-ca.crt").read_bytes(), kind)
         assert len(bundle) == 3 and bundle[2] == first_cert(out / "root-ca.pem")
@@ -93,9 +97,13 @@ def test_reuses_root_and_key_to_make_an_intermediate(tmp_path: Path, now: dateti
         first_cert(out / "intermediate-ca.pem").issuer == first_cert(seed / "root-ca.pem").subject
     )
     verdict = openssl(
-        "verify", "-CAfile", out / "root-ca.pem", "-untrusted", out / "intermediate-ca.pem",
+        "verify",
+        "-CAfile",
+        out / "root-ca.pem",
+        "-untrusted",
+        out / "intermediate-ca.pem",
         out / "client-ca.pem",
-    )  # fmt: skip
+    )
     assert verdict.returncode == 0, verdict.stderr
     assert any("rotate-ca reads DIR/tls" in m for m in result.messages)  # dir not named tls
 
@@ -124,8 +132,13 @@ def test_fresh_node_takes_the_set_and_in_use_node_is_refused(tmp_path: Path, now
     result = generate_custom(fresh.tls, now, "ecdsa-p256", data_dir=fresh.data_dir)
     assert result.next_command == "systemctl start rke2-server"
     ca_set = load_ca_set(fresh)  # what a first start reads
-    assert set(ca_set.cas) == {"server-ca", "client-ca", "request-header-ca",
-                               "etcd/server-ca", "etcd/peer-ca"}  # fmt: skip
+    assert set(ca_set.cas) == {
+        "server-ca",
+        "client-ca",
+        "request-header-ca",
+        "etcd/server-ca",
+        "etcd/peer-ca",
+    }
 
     node = make_upstream_node(tmp_path / "node")
     before = current_files(node.tls)
@@ -133,9 +146,17 @@ def test_fresh_node_takes_the_set_and_in_use_node_is_refused(tmp_path: Path, now
         generate_custom(node.tls, now, "ecdsa-p256", data_dir=node.data_dir)
     assert current_files(node.tls) == before
     assert sorted(p.name for p in node.tls.iterdir()) == sorted(
-        ["etcd", "server-ca.crt", "server-ca.key", "client-ca.crt", "client-ca.key",
-         "request-header-ca.crt", "request-header-ca.key", "service.key"]
-    )  # fmt: skip
+        [
+            "etcd",
+            "server-ca.crt",
+            "server-ca.key",
+            "client-ca.crt",
+            "client-ca.key",
+            "request-header-ca.crt",
+            "request-header-ca.key",
+            "service.key",
+        ]
+    )
 
 
 def test_default_rsa4096_root_and_intermediate(tmp_path: Path, now: datetime) -> None:

@@ -121,8 +121,17 @@ def test_ca_expiring_within_a_year(layout: Layout, staged: Path, now: datetime) 
 def test_leaf_cert_in_ca_slot(layout: Layout, staged: Path, now: datetime) -> None:
     signer, signer_key = old_ca(layout)
     key = new_ec_key()
-    leaf = build.leaf("kube-apiserver", (), "server", ("localhost",), key.public_key(),
-                      signer, signer_key, now, days=800)  # fmt: skip
+    leaf = build.leaf(
+        "kube-apiserver",
+        (),
+        "server",
+        ("localhost",),
+        key.public_key(),
+        signer,
+        signer_key,
+        now,
+        days=800,
+    )
     write_ca(staged, [leaf, signer], key)
     result = check(layout, staged, now)
     assert reasons(result) == {(CRT, Check.NOT_CA)}
@@ -154,9 +163,11 @@ def test_symlinked_directory(layout: Layout, staged: Path, now: datetime) -> Non
     (staged / "tls" / "etcd").symlink_to(staged.parent / "etcd-real")
     result = check(layout, staged, now)
     assert {f for f, c in reasons(result) if c is Check.FILE} == {
-        "tls/etcd/server-ca.crt", "tls/etcd/server-ca.key",
-        "tls/etcd/peer-ca.crt", "tls/etcd/peer-ca.key",
-    }  # fmt: skip
+        "tls/etcd/server-ca.crt",
+        "tls/etcd/server-ca.key",
+        "tls/etcd/peer-ca.crt",
+        "tls/etcd/peer-ca.key",
+    }
 
 
 def test_world_writable_file(layout: Layout, staged: Path, now: datetime) -> None:

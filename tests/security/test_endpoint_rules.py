@@ -38,8 +38,14 @@ def test_refused_sans(names: list[str], ips: list[str], why: str) -> None:
 
 
 def test_an_agents_own_sans_pass_and_every_problem_is_listed() -> None:
-    assert refused_sans(["agent-1", "kubernetes-worker-7", "127.0.0.1"],
-                        ["10.0.0.21", "fe80::1", "fd00::21"], POLICY) == []  # fmt: skip
+    assert (
+        refused_sans(
+            ["agent-1", "kubernetes-worker-7", "127.0.0.1"],
+            ["10.0.0.21", "fe80::1", "fd00::21"],
+            POLICY,
+        )
+        == []
+    )
     assert len(refused_sans(["kubernetes"], ["0.0.0.0", "10.43.0.1"], POLICY)) == 3
 
 

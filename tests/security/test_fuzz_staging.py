@@ -10,8 +10,8 @@ them through the real daemon. For every case:
     (another owner, a writable entry, a link, a FIFO, a huge file, the CA files out of place)
     is refused; the node's files change only after an applied set (the daemon's renew).
 
-The random seed is fixed (printed with the number of cases); RKE2CERTD_FUZZ_SEED=N replays one,
-RKE2CERTD_FUZZ_RANDOM=1 picks a new one, RKE2CERTD_FUZZ_CASES=N changes how many run.
+The random seed is the run's (tests/harness/seed.py: fixed unless `--seed N|random`, printed);
+RKE2CERTD_FUZZ_CASES=N changes how many cases run.
 """
 
 from __future__ import annotations
@@ -41,19 +41,12 @@ from rke2certd.node.node import Node
 from rke2certd.node.staged_copy import MAX_DEPTH
 from rke2certd.plan.staged_set import ROTATABLE, SIZE_LIMIT
 from tests.daemon.support import DaemonNode, DaemonProcess
+from tests.harness.seed import run_seed
+from tests.harness.wait import SAFETY
 
-FIXED_SEED = 1313
 CASES = int(os.environ.get("RKE2CERTD_FUZZ_CASES", "80"))
 DAEMON_CASES = max(4, CASES // 8)
 OTHER_UIDS = (65534, 1000)
-
-
-def fuzz_seed() -> int:
-    if os.environ.get("RKE2CERTD_FUZZ_SEED"):
-        return int(os.environ["RKE2CERTD_FUZZ_SEED"])
-    if os.environ.get("RKE2CERTD_FUZZ_RANDOM") == "1":
-        return random.SystemRandom().randrange(1 << 32)
-    return FIXED_SEED
 
 
 # --- mutations ----------------------------------------------------------------------------------
@@ -229,10 +222,24 @@ def _collide(rng: random.Random, c: Case) -> None:
 
 
 MUTATIONS: list[tuple[Mutation, int]] = [
-    (_truncate, 3), (_flip, 3), (_swap, 2), (_delete, 2), (_empty, 1), (_mode, 3),
-    (_owner, 2), (_symlink, 2), (_fifo, 2), (_nest_tls, 1), (_deep_dirs, 1), (_flatten, 1),
-    (_huge, 1), (_odd_file_name, 1), (_set_name, 2), (_force, 1), (_collide, 1),
-]  # fmt: skip
+    (_truncate, 3),
+    (_flip, 3),
+    (_swap, 2),
+    (_delete, 2),
+    (_empty, 1),
+    (_mode, 3),
+    (_owner, 2),
+    (_symlink, 2),
+    (_fifo, 2),
+    (_nest_tls, 1),
+    (_deep_dirs, 1),
+    (_flatten, 1),
+    (_huge, 1),
+    (_odd_file_name, 1),
+    (_set_name, 2),
+    (_force, 1),
+    (_collide, 1),
+]
 
 
 def mutate(rng: random.Random, base: Path, root: Path, n: int) -> Case:
@@ -326,8 +333,8 @@ def check_filed(outcome: staging.StagingOutcome, c: Case) -> None:
 
 @pytest.fixture
 def seed() -> int:
-    s = fuzz_seed()
-    print(f"\nstaging fuzz: seed {s} (RKE2CERTD_FUZZ_SEED={s} replays it)")
+    s = run_seed()
+    print(f"\nstaging fuzz: seed {s} (--seed {s} replays it)")
     return s
 
 
@@ -385,7 +392,7 @@ def test_fuzz_staged_sets_through_the_real_daemon(fuzzed: Fuzzed, seed: int) -> 
     n = Node.from_config(load_config(node.config))
     counts: dict[str, int] = {}
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         ds = open_for(n)
         try:
             for i in range(DAEMON_CASES):
@@ -414,13 +421,13 @@ def test_fuzz_staged_sets_through_the_real_daemon(fuzzed: Fuzzed, seed: int) -> 
         c = mutate(rng, fuzzed.base, node.staged_dir(f"start-{i}"), 100 + i)
         os.rename(c.root, node.incoming / c.name)
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         assert d.stop() == 0
     print(f"staging fuzz: {DAEMON_CASES} cases through the real daemon, seed {seed}: {counts}")
 
 
 def wait_outcome(d: DaemonProcess, seen: int, i: int, c: Case) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + SAFETY
     while True:
         for e in d.events()[seen:]:
             if str(e.get("event", "")).startswith("staged_set_") and e["event"] not in (

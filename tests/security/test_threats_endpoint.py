@@ -94,10 +94,13 @@ def _csr_headers(
 
 def _post_csr(endpoint: SupervisorHandle, server: ServerNode, path: str, **kw: Any) -> Any:
     return call(
-        endpoint.port, server.file("server-ca.crt"), "POST", path, make_csr(), _csr_headers(
-            server, **kw
-        ),
-    )  # fmt: skip
+        endpoint.port,
+        server.file("server-ca.crt"),
+        "POST",
+        path,
+        make_csr(),
+        _csr_headers(server, **kw),
+    )
 
 
 def _cluster(
@@ -168,9 +171,12 @@ def test_t10_one_address_trickling_128_tls_connections_blocks_no_one(
     assert _cacerts(held, server) == server.file("server-ca.crt").read_bytes()
     # and an agent's authenticated request too
     reply = call(
-        held.port, server.file("server-ca.crt"), "GET", "/v1-rke2/client-ca.crt",
+        held.port,
+        server.file("server-ca.crt"),
+        "GET",
+        "/v1-rke2/client-ca.crt",
         headers=basic("node", server.password),
-    )  # fmt: skip
+    )
     assert reply.status == 200
 
 
@@ -198,9 +204,12 @@ def test_t10_many_addresses_cannot_crowd_out_clients(
         attacker.open(MAX_PER_ADDRESS)
     assert _cacerts(held, server) == server.file("server-ca.crt").read_bytes()
     reply = call(
-        held.port, server.file("server-ca.crt"), "GET", "/v1-rke2/client-ca.crt",
+        held.port,
+        server.file("server-ca.crt"),
+        "GET",
+        "/v1-rke2/client-ca.crt",
         headers=basic("node", server.password),
-    )  # fmt: skip
+    )
     assert reply.status == 200
     assert sum(a.still_open() for a in attackers) <= MAX_UNAUTHENTICATED
 
@@ -212,9 +221,10 @@ def test_t10_a_trickling_connection_is_cut_at_its_deadline(
     0.2 s (each socket read succeeds) is still cut, as is one that never starts its handshake."""
     with (
         SQLiteDatastore(tmp_path / "pw.sqlite") as passwords,
-        start(server.node, host=HOST, port=0, passwords=passwords,
-              limits=Limits(deadline=1.0)) as handle,
-    ):  # fmt: skip
+        start(
+            server.node, host=HOST, port=0, passwords=passwords, limits=Limits(deadline=1.0)
+        ) as handle,
+    ):
         trickler = Attacker(HOST, handle.port, "127.0.0.2")
         idle = Attacker(HOST, handle.port, "127.0.0.3")
         try:
@@ -297,8 +307,10 @@ def test_t11_an_agents_own_names_are_still_signed(
     san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"agent-1", "localhost"}
     assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {
-        "10.0.0.21", "fd00::21", "127.0.0.1",
-    }  # fmt: skip
+        "10.0.0.21",
+        "fd00::21",
+        "127.0.0.1",
+    }
 
 
 # T12 Agents writing as other nodes ---------------------------------------------------------------

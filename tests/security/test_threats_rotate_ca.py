@@ -104,10 +104,23 @@ class OpenSSL:
         crt, key = self.work / f"{name}.crt", self.key(name)
         _ok(
             openssl(
-                "req", "-x509", "-new", "-key", key, "-config", self.cnf, "-extensions", ext,
-                "-subj", f"/CN={name}", "-days", "3650", "-out", crt,
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                key,
+                "-config",
+                self.cnf,
+                "-extensions",
+                ext,
+                "-subj",
+                f"/CN={name}",
+                "-days",
+                "3650",
+                "-out",
+                crt,
             )
-        )  # fmt: skip
+        )
         return Made(crt, key)
 
     def signed(self, name: str, issuer: Made, ext: str = "ca", *, as_file: str = "") -> Made:
@@ -115,15 +128,33 @@ class OpenSSL:
         (a cross-signed copy of a root has the root's name and key)."""
         key = self.key(name)
         crt, csr = self.work / f"{as_file or name}.crt", self.work / f"{as_file or name}.csr"
-        _ok(openssl("req", "-new", "-key", key, "-config", self.cnf, "-subj", f"/CN={name}",
-                    "-out", csr))  # fmt: skip
         _ok(
             openssl(
-                "x509", "-req", "-in", csr, "-CA", issuer.crt, "-CAkey", issuer.key,
-                "-extfile", self.cnf, "-extensions", ext, "-days", "3650",
-                "-set_serial", f"0x{secrets.token_hex(8)}", "-out", crt,
+                "req", "-new", "-key", key, "-config", self.cnf, "-subj", f"/CN={name}", "-out", csr
             )
-        )  # fmt: skip
+        )
+        _ok(
+            openssl(
+                "x509",
+                "-req",
+                "-in",
+                csr,
+                "-CA",
+                issuer.crt,
+                "-CAkey",
+                issuer.key,
+                "-extfile",
+                self.cnf,
+                "-extensions",
+                ext,
+                "-days",
+                "3650",
+                "-set_serial",
+                f"0x{secrets.token_hex(8)}",
+                "-out",
+                crt,
+            )
+        )
         return Made(crt, key)
 
 
@@ -522,10 +553,15 @@ def test_force_still_rotates_away_from_an_expired_ca(node: Layout, tmp_path: Pat
     cross = build.signed_ca(root.subject, root_key.public_key(), old_cert, old_key, later, 3650)
     inter = build.signed_ca(
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "after-expiry-ca")]),
-        inter_key.public_key(), root, root_key, later, 3650,
-    )  # fmt: skip
-    staged = stage(tmp_path / "staged", bundle_pem([inter, cross, root, old_cert]),
-                   key_to_pem(inter_key))  # fmt: skip
+        inter_key.public_key(),
+        root,
+        root_key,
+        later,
+        3650,
+    )
+    staged = stage(
+        tmp_path / "staged", bundle_pem([inter, cross, root, old_cert]), key_to_pem(inter_key)
+    )
     result = check(node, staged, later)
     assert checks(result) == {"chain"}, result.problems
     assert result.accepted(force=True) and not result.accepted(force=False)

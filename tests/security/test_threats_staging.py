@@ -38,6 +38,7 @@ from rke2certd.datastore.base import Datastore
 from rke2certd.node.node import Node
 from tests.conftest import run_cli
 from tests.daemon.support import DaemonNode, DaemonProcess, age_tree
+from tests.harness.wait import SAFETY
 
 NOBODY = 65534
 TLS_CA = ("server-ca.crt", "server-ca.key")
@@ -75,7 +76,7 @@ FILED_EVENTS = ("staged_set_applied", "staged_set_unchanged", "staged_set_reject
 
 
 def wait_filed(
-    d: DaemonProcess, node: DaemonNode, name: str, timeout: float = 30.0
+    d: DaemonProcess, node: DaemonNode, name: str, timeout: float = SAFETY
 ) -> tuple[Path, dict[str, Any]]:
     """(filed dir, result.json) once the daemon logged the set as filed."""
     deadline = time.monotonic() + timeout
@@ -164,7 +165,7 @@ def test_a_set_of_another_owner_swapped_through_a_kept_handle_is_refused(
         os.fchown(fd, NOBODY, NOBODY)
         os.close(fd)
         with node.daemon() as d:
-            d.notify.expect("READY", timeout=60)
+            d.notify.expect("READY")
             before = server_ca(node)
             os.rename(src, node.incoming / "hostile")
             path, result = wait_filed(d, node, "hostile")
@@ -258,7 +259,7 @@ def test_entries_a_set_must_not_hold_get_it_refused_and_change_nothing(node: Dae
         spoil(s)
         sets[case] = s
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = server_ca(node)
         for case, s in sets.items():
             os.rename(s, node.incoming / case)
@@ -286,7 +287,7 @@ def test_no_set_name_stops_the_daemon_or_keeps_it_from_ready(node: DaemonNode, n
     started(node)
     src = node.stage_rotation("odd-name")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = server_ca(node)
         os.rename(src, node.incoming / name)
         path, result = wait_filed(d, node, name)
@@ -305,7 +306,7 @@ def test_no_set_name_stops_the_daemon_or_keeps_it_from_ready(node: DaemonNode, n
     (node.incoming / name / "notes.txt").write_text("no CA here\n")
     age_tree(node.incoming / name, 60)  # staged while the daemon was down
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         # taken during the start, before READY
         assert [r["status"] for p, r in filed(node).values() if p.parent.name == ".rejected"] == [
             "rejected"
@@ -364,7 +365,7 @@ def test_a_valid_set_holding_result_json_is_saved_rolled_out_and_filed(node: Dae
     (src / "result.json").mkdir()
     (src / "result.txt").write_text("the operator's own notes\n")
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = server_ca(node)
         os.rename(src, node.incoming / "collides")
         path, result = wait_filed(d, node, "collides")
@@ -401,7 +402,7 @@ def test_ca_files_outside_tls_are_refused_as_a_wrong_layout(
     src = node.stage_rotation("flat")
     spoil(src)
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         before = server_ca(node)
         os.rename(src, node.incoming / "flat")
         _path, result = wait_filed(d, node, "flat")
@@ -441,7 +442,7 @@ def test_rejected_keeps_no_huge_file_and_a_bounded_number_of_sets(node: DaemonNo
         (s / "tls/server-ca.crt").write_text("not a certificate\n")
         many.append(s)
     with node.daemon() as d:
-        d.notify.expect("READY", timeout=60)
+        d.notify.expect("READY")
         os.rename(huge, node.incoming / "huge")
         path, result = wait_filed(d, node, "huge")
         assert result["status"] == "rejected"

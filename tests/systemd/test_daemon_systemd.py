@@ -26,8 +26,9 @@ import yaml
 from tests.daemon.support import CapturedLogs
 from tests.harness.journald import decode_entry
 from tests.harness.nspawn import Container, booted
+from tests.harness.wait import SAFETY
 
-pytestmark = pytest.mark.systemd
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]  # boots containers
 
 DATA = "/var/lib/rancher/rke2"
 TLS = f"{DATA}/server/tls"
@@ -116,7 +117,7 @@ def show(ct: Container, unit: str, *props: str, fmt: str | None = None) -> dict[
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+def wait_for(cond: Callable[[], Any], timeout: float = SAFETY, what: str = "condition") -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -164,7 +165,7 @@ def stage(ct: Container, name: str, prepare: str = "") -> None:
     ct.exec(["mv", f"{MADE}/{name}", f"{INCOMING}/{name}"], check=True)
 
 
-def wait_result(ct: Container, name: str, timeout: float = 30.0) -> tuple[str, dict[str, Any]]:
+def wait_result(ct: Container, name: str, timeout: float = SAFETY) -> tuple[str, dict[str, Any]]:
     """(".applied" or ".rejected", result.json) once the daemon filed the set."""
     script = (
         f"for f in {INCOMING}/.applied/{name}-*/result.json "
@@ -192,8 +193,15 @@ def test_start_returns_only_after_ready_with_the_certificates_on_disk(ct: Contai
     # right after `start` returned (Type=notify: it waits for READY=1)
     present = ct.sh(f"for f in {' '.join(NODE_FILES)}; do test -s $f || echo MISSING $f; done")
     assert present.stdout == "", present.stdout
-    props = show(ct, "rke2certd", "ActiveState", "SubState", "StatusText", "ActiveEnterTimestamp",
-                 fmt="us+utc")  # fmt: skip
+    props = show(
+        ct,
+        "rke2certd",
+        "ActiveState",
+        "SubState",
+        "StatusText",
+        "ActiveEnterTimestamp",
+        fmt="us+utc",
+    )
     assert (props["ActiveState"], props["SubState"]) == ("active", "running")
     status = props["StatusText"]
     assert f"watching {INCOMING}" in status, status
@@ -248,7 +256,7 @@ def test_a_good_set_renamed_in_is_applied(ct: Container, logs: CapturedLogs) -> 
     assert applied["CERT_PATH"].startswith(f"{INCOMING}/.applied/good-")
     assert events(ct, "ca_rotated", f"CA_GENERATION={result['caGeneration']['new']}")
     # the daemon took the new CAs and says what must restart
-    wait_for(lambda: sha256(ct, f"{TLS}/server-ca.crt") != ca_before, 10, "the new CA on disk")
+    wait_for(lambda: sha256(ct, f"{TLS}/server-ca.crt") != ca_before, SAFETY, "the new CA on disk")
     restart = wait_for(
         lambda: events(ct, "restart_needed", "REASON=staged set good applied"), 10, "restart"
     )
@@ -275,8 +283,16 @@ def test_a_bad_set_is_rejected_with_every_reason(ct: Container, logs: CapturedLo
 def test_an_unrelated_root_needs_the_force_marker(ct: Container, logs: CapturedLogs) -> None:
     ensure_running(ct)
     for name in ("custom", "custom-forced"):
-        cli(ct, logs, "ca", "generate-custom", "--out", f"{MADE}/{name}/tls",
-            "--key-type", "ecdsa-p256")  # fmt: skip
+        cli(
+            ct,
+            logs,
+            "ca",
+            "generate-custom",
+            "--out",
+            f"{MADE}/{name}/tls",
+            "--key-type",
+            "ecdsa-p256",
+        )
     stage(ct, "custom")
     bucket, refused = wait_result(ct, "custom")
     assert (bucket, refused["status"], refused["force"]) == (".rejected", "rejected", False)
@@ -319,7 +335,7 @@ def test_reload_renews_a_cert_that_entered_the_window(
         assert renewed[0]["CERT_SERVICE"] == "kubelet"
         assert serial(ct, KUBELET) != short
         assert events(ct, "reloading", "REASON=SIGHUP")
-        wait_for(lambda: events(ct, "restart_needed", "REASON=reload"), 10, "restart_needed")
+        wait_for(lambda: events(ct, "restart_needed", "REASON=reload"), SAFETY, "restart_needed")
         # the reload is over (READY=1 again): still active, same process
         props = show(ct, "rke2certd", "ActiveState", "StatusText", "NRestarts")
         assert props["ActiveState"] == "active" and "next expiry" in props["StatusText"]
@@ -329,14 +345,22 @@ def test_reload_renews_a_cert_that_entered_the_window(
 
 
 def test_the_watchdog_kills_a_stopped_loop_and_systemd_restarts_it(ct: Container) -> None:
-    ct.write(WATCHDOG_DROPIN, "[Service]\nWatchdogSec=2s\nRestartSec=500ms\n")
+    # 4 s: a ping (every 2 s) must be 2 s late before systemd kills a loop that runs
+    ct.write(WATCHDOG_DROPIN, "[Service]\nWatchdogSec=4s\nRestartSec=500ms\n")
     ct.exec(["systemctl", "daemon-reload"], check=True)
     try:
         ct.exec(["systemctl", "restart", "rke2certd"], check=True, timeout=120)
         props = show(ct, "rke2certd", "MainPID", "NRestarts", "WatchdogUSec")
-        assert props["WatchdogUSec"] == "2s"
+        assert props["WatchdogUSec"] == "4s"
         old_pid, restarts = props["MainPID"], int(props["NRestarts"])
-        time.sleep(3)  # longer than WatchdogSec: the running loop's pings keep it alive
+        # systemd stamps every ping it takes: three of them, and the loop's pings kept it alive
+        stamps: set[str] = set()
+
+        def pinged() -> bool:
+            stamps.add(show(ct, "rke2certd", "WatchdogTimestampMonotonic").popitem()[1])
+            return len(stamps) >= 4  # the start's stamp and three pings
+
+        wait_for(pinged, SAFETY, "systemd to take three watchdog pings")
         assert show(ct, "rke2certd", "MainPID", "ActiveState") == {
             "MainPID": old_pid,
             "ActiveState": "active",
@@ -351,7 +375,7 @@ def test_the_watchdog_kills_a_stopped_loop_and_systemd_restarts_it(ct: Container
                 and int(now["NRestarts"]) > restarts
             )
 
-        wait_for(restarted, 40, "a watchdog restart")
+        wait_for(restarted, SAFETY, "a watchdog restart")
         messages = ct.journal("-u", "rke2certd", "-o", "cat")
         assert "Watchdog timeout" in messages
         assert len(events(ct, "ready")) >= 2  # the new process said READY again
@@ -364,8 +388,16 @@ def test_the_watchdog_kills_a_stopped_loop_and_systemd_restarts_it(ct: Container
 def test_the_dropin_runs_renew_before_a_standin_rke2_server(ct: Container) -> None:
     # the daemon is not needed for this (and may not even be running on a real node)
     ct.exec(["systemctl", "stop", "rke2certd"], check=True)
-    ct.exec(["rm", "-f", KUBELET, f"{DATA}/agent/client-kubelet.key",
-             f"{TLS}/serving-kube-apiserver.crt"], check=True)  # fmt: skip
+    ct.exec(
+        [
+            "rm",
+            "-f",
+            KUBELET,
+            f"{DATA}/agent/client-kubelet.key",
+            f"{TLS}/serving-kube-apiserver.crt",
+        ],
+        check=True,
+    )
     ct.write("/etc/systemd/system/rke2-server.service", STANDIN_SERVER)
     ct.exec(["systemctl", "daemon-reload"], check=True)
     pre = show(ct, "rke2-server", "ExecStartPre")["ExecStartPre"]
@@ -404,7 +436,7 @@ def test_a_config_error_ends_in_a_failed_unit_that_says_why(ct: Container, passw
             )
             return props if props["ActiveState"] == "failed" else None
 
-        props = wait_for(failed, 30, "the unit to be failed")
+        props = wait_for(failed, SAFETY, "the unit to be failed")
         assert (props["Result"], props["ExecMainStatus"]) == ("exit-code", "78"), props
         assert int(props["NRestarts"]) == before, props  # not restarted
         said = ct.journal("-u", "rke2certd", "-o", "cat")
@@ -430,13 +462,17 @@ def test_on_an_rke2_node_the_daemon_waits_for_rke2_active(ct: Container, passwor
         pid, restarts = props["MainPID"], props["NRestarts"]
         wait_for(
             lambda: len(events(ct, "datastore_retry_failed", f"_PID={pid}")) >= 2,
-            90, "two retries",
-        )  # fmt: skip
+            90,
+            "two retries",
+        )
         now = show(ct, "rke2certd", "MainPID", "NRestarts", "ActiveState", "SubState", "StatusText")
         assert now["StatusText"].startswith("waiting for RKE2's"), now
         assert {k: now[k] for k in ("MainPID", "NRestarts", "ActiveState", "SubState")} == {
-            "MainPID": pid, "NRestarts": restarts, "ActiveState": "active", "SubState": "running",
-        }  # fmt: skip
+            "MainPID": pid,
+            "NRestarts": restarts,
+            "ActiveState": "active",
+            "SubState": "running",
+        }
         assert len(events(ct, "datastore_waiting", f"_PID={pid}")) == 1
         if now["StatusText"] == "waiting for RKE2's first start":  # this test alone: fresh node
             assert ct.exec(["test", "-e", TLS]).returncode != 0

@@ -22,7 +22,7 @@ from tests.harness.nspawn import Container, booted
 
 REPO = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.systemd
+pytestmark = [pytest.mark.systemd, pytest.mark.slow]  # builds packages
 
 PROBE_DROPIN = """\
 [Service]

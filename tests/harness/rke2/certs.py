@@ -66,14 +66,20 @@ LEAVES: tuple[Leaf, ...] = (
     Leaf("client-kube-apiserver", "system:apiserver", MASTERS, CLIENT, "client-ca", "none"),
     Leaf("client-kube-proxy", "system:kube-proxy", (), CLIENT, "client-ca", "none"),
     Leaf("client-rke2-controller", "system:rke2-controller", (), CLIENT, "client-ca", "none"),
-    Leaf("client-rke2-cloud-controller", "rke2-cloud-controller-manager", (), CLIENT,
-         "client-ca", "none"),
+    Leaf(
+        "client-rke2-cloud-controller",
+        "rke2-cloud-controller-manager",
+        (),
+        CLIENT,
+        "client-ca",
+        "none",
+    ),
     Leaf("serving-kube-apiserver", "kube-apiserver", (), SERVER, "server-ca", "apiserver"),
     Leaf("client-auth-proxy", "system:auth-proxy", (), CLIENT, "request-header-ca", "none"),
     Leaf("etcd/client", "etcd-client", (), CLIENT, "etcd/server-ca", "none"),
     Leaf("etcd/peer-server-client", "etcd-peer", (), BOTH, "etcd/peer-ca", "etcd"),
     Leaf("etcd/server-client", "etcd-server", (), BOTH, "etcd/server-ca", "etcd"),
-)  # fmt: skip
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,13 @@ def wanted_sans(leaf: Leaf, ident: Identity) -> tuple[list[str], list[str]]:
     names: list[str] = []
     if leaf.sans == "apiserver":
         domain = ident.cluster_domain
-        names = ["kubernetes", "kubernetes.default", "kubernetes.default.svc",
-                 f"kubernetes.default.svc.{domain}", *ident.server_sans()]  # fmt: skip
+        names = [
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            f"kubernetes.default.svc.{domain}",
+            *ident.server_sans(),
+        ]
     elif leaf.sans == "etcd":
         names = ["kine.sock", *ident.server_sans()]
     dns: list[str] = []

@@ -53,9 +53,11 @@ class EtcdClient:
         ctx = self.tls.context() if self.tls else None
         for ep in self.endpoints:
             req = urllib.request.Request(
-                ep + path, data=json.dumps(body).encode(), method="POST",
+                ep + path,
+                data=json.dumps(body).encode(),
+                method="POST",
                 headers={"Content-Type": "application/json"},
-            )  # fmt: skip
+            )
             try:
                 with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
                     result: dict[str, Any] = json.load(resp)
@@ -176,9 +178,12 @@ class EtcdMember:
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
 
     def wait_serving(self, timeout: float = 30) -> None:
         """Until the member answers a serializable read (it may have no quorum yet)."""
@@ -242,18 +247,26 @@ def read_key_from_local_copy(data_dir: Path, key: str, log_path: Path) -> bytes 
         shutil.copytree(data_dir, copy)
         url = f"http://127.0.0.1:{port}"
         args = [
-            str(bin_dir / "etcd"), "--name=temporary", f"--data-dir={copy}",
-            f"--listen-client-urls={url}", f"--advertise-client-urls={url}",
+            str(bin_dir / "etcd"),
+            "--name=temporary",
+            f"--data-dir={copy}",
+            f"--listen-client-urls={url}",
+            f"--advertise-client-urls={url}",
             f"--listen-peer-urls=http://127.0.0.1:{peer}",
             f"--initial-advertise-peer-urls=http://127.0.0.1:{peer}",
             f"--initial-cluster=temporary=http://127.0.0.1:{peer}",
-            "--force-new-cluster", "--unsafe-no-fsync=true", "--log-level=warn",
-        ]  # fmt: skip
+            "--force-new-cluster",
+            "--unsafe-no-fsync=true",
+            "--log-level=warn",
+        ]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         try:
             client = EtcdClient([url], None)
             deadline = time.monotonic() + 30

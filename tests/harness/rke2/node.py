@@ -185,9 +185,13 @@ def _basic(user: str, pw: str) -> str:
 
 
 def _fetch(
-    url: str, ctx: ssl.SSLContext, auth: str | None = None, data: bytes | None = None,
-    headers: dict[str, str] | None = None, timeout: float = 10,
-) -> bytes:  # fmt: skip
+    url: str,
+    ctx: ssl.SSLContext,
+    auth: str | None = None,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> bytes:
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     if auth:
         req.add_header("Authorization", auth)
@@ -321,9 +325,14 @@ class NodeBase:
         """Every ExecStartPre= of the unit, as systemd runs them; HookFailed stops the start."""
         for ignore, argv in exec_start_pre(self.unit):
             res = subprocess.run(
-                self.hook_argv(argv), capture_output=True, text=True, env=self.hook_env(),
-                cwd="/", timeout=120, check=False,
-            )  # fmt: skip
+                self.hook_argv(argv),
+                capture_output=True,
+                text=True,
+                env=self.hook_env(),
+                cwd="/",
+                timeout=120,
+                check=False,
+            )
             self.hook_runs.append(res)
             if res.returncode != 0 and not ignore:
                 raise HookFailed(res)
@@ -343,9 +352,12 @@ class RKE2Server(NodeBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.etcd = EtcdMember(
-            self.node_name, self.host, self.server_dir / "db/etcd", self.tls / "etcd",
+            self.node_name,
+            self.host,
+            self.server_dir / "db/etcd",
+            self.tls / "etcd",
             self.root / "etcd.log",
-        )  # fmt: skip
+        )
 
     # -- config --------------------------------------------------------------------------------
 
@@ -447,9 +459,10 @@ class RKE2Server(NodeBase):
                 raise bs.BootstrapFatal("a token is required to join a cluster")
             ctx = pinned_context(self.config["server"], token)
             raw = _fetch(
-                self.config["server"].rstrip("/") + "/v1-rke2/server-bootstrap", ctx,
+                self.config["server"].rstrip("/") + "/v1-rke2/server-bootstrap",
+                ctx,
                 _basic("server", bs.passphrase(token)),
-            )  # fmt: skip
+            )
             self.last_written = bs.reconcile(self.server_dir, bs.decode_files(raw)).written
         else:
             save = True
@@ -608,8 +621,9 @@ class RKE2Server(NodeBase):
         ctx.check_hostname = False
         url = self.url + "/v1-rke2/cert/cacerts" + ("?force=true" if force else "")
         try:
-            _fetch(url, ctx, _basic("server", self.passwords()["server"]),
-                   data=bs.encode_files(files))  # fmt: skip
+            _fetch(
+                url, ctx, _basic("server", self.passwords()["server"]), data=bs.encode_files(files)
+            )
         except urllib.error.HTTPError as exc:
             raise ValueError(exc.read().decode().strip()) from exc
 
@@ -650,10 +664,12 @@ class RKE2Agent(NodeBase):
                 .sign(key, hashes.SHA256())  # type: ignore[arg-type]
             )
             crt = _fetch(
-                f"{server}/v1-rke2/{name}.crt", ctx, auth,
+                f"{server}/v1-rke2/{name}.crt",
+                ctx,
+                auth,
                 data=csr.public_bytes(serialization.Encoding.PEM),
                 headers={"rke2-Node-Name": self.node_name, "rke2-Node-IP": ",".join(ips)},
-            )  # fmt: skip
+            )
             write_file(agent / f"{name}.crt", crt, 0o644)
         self.running = True
 

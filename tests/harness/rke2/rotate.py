@@ -30,8 +30,12 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
         return False
 
 
-def chains_to(cert: x509.Certificate, roots: list[x509.Certificate],
-              pool: list[x509.Certificate], depth: int = 6) -> bool:  # fmt: skip
+def chains_to(
+    cert: x509.Certificate,
+    roots: list[x509.Certificate],
+    pool: list[x509.Certificate],
+    depth: int = 6,
+) -> bool:
     if any(_signed_by(cert, r) for r in roots):
         return True
     if depth == 0:

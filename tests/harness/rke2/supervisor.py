@@ -180,8 +180,15 @@ class _Handler(BaseHTTPRequestHandler):
             cn, orgs, usage, ca_name = AGENT_LEAVES[name]
             hosts = [node_name, "localhost", "127.0.0.1", *node_ips] if usage == "server" else []
             ca_certs = load_certs(node.tls / f"{ca_name}.crt")
-            cert = _sign(ca_certs[0], load_key(node.tls / f"{ca_name}.key"), csr.public_key(),
-                         cn.format(node=node_name), orgs, usage, hosts)  # fmt: skip
+            cert = _sign(
+                ca_certs[0],
+                load_key(node.tls / f"{ca_name}.key"),
+                csr.public_key(),
+                cn.format(node=node_name),
+                orgs,
+                usage,
+                hosts,
+            )
             return self._send(200, pem(cert) + b"".join(pem(c) for c in ca_certs), "text/plain")
         self._send(404, b"not found\n", "text/plain")
 
@@ -243,8 +250,7 @@ class Supervisor:
             )
 
     def _serve(self, srv: ThreadingHTTPServer, run: Callable[[], None] | None = None) -> None:
-        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                             daemon=True)  # fmt: skip
+        t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         t.start()
         self.servers.append(srv)
         self.threads.append(t)
