@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import statistics
 import sys
@@ -80,6 +81,7 @@ from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
+RETRY_HOME = 30  # preferred-server-retry: the product's default
 GRACE = 5  # agent-unavailable-grace: the dead agent is skipped soon after its turn
 SERVERS = ("e1", "c1", "c2")
 TARGETS = {
@@ -146,21 +148,40 @@ class SimAgent:
 
     def __post_init__(self) -> None:
         self.urls = supervisor_urls(self.cfg)
-        self.remote = RemoteDatastore(self.urls, lambda: self.token, lambda: self.trust, self.name)
+        self.password = secrets.token_hex(16)  # its node password (proves its name)
+        self.remote = RemoteDatastore(
+            self.urls,
+            lambda: self.token,
+            lambda: self.trust,
+            self.name,
+            node_password=lambda: self.password,
+            prefer_again=self.cfg.preferred_server_retry,
+        )
         self.csr_der = _csr(self.name)
         self.runner = RolloutRunner(
-            Node.from_config(self.cfg), self.remote, open_ds=lambda: self.remote,
-            apply=self._apply, generation=lambda: self.gen, clock=system_clock,
-            wake=self.wake.set, housekeep=self.remote.housekeep,
-        )  # fmt: skip
+            Node.from_config(self.cfg),
+            self.remote,
+            open_ds=lambda: self.remote,
+            apply=self._apply,
+            generation=lambda: self.gen,
+            clock=system_clock,
+            wake=self.wake.set,
+            housekeep=self.remote.housekeep,
+        )
         self.thread = threading.Thread(target=self._loop, name=f"sim-{self.name}", daemon=True)
 
     def csr(self) -> float:
         started = time.monotonic()
         request_cert(
-            self.remote.choice.order(started), self.token, self.trust,
-            cert_route("client-kubelet"), self.csr_der, self.name, ["10.9.0.1"],
-        )  # fmt: skip
+            self.remote.choice.order(started),
+            self.token,
+            self.trust,
+            cert_route("client-kubelet"),
+            self.csr_der,
+            self.name,
+            ["10.9.0.1"],
+            node_password=self.password,
+        )
         return time.monotonic() - started
 
     def join(self) -> None:
@@ -245,9 +266,11 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         spec.env.update(SERVER_ENV)
     specs += [NodeSpec(f"r{i}", ("agent",)) for i in range(1, real + 1)]
     config = {
-        "restart-command": ["true"], "health-command": ["true"],
+        "restart-command": ["true"],
+        "health-command": ["true"],
         "agent-unavailable-grace": GRACE,
-    }  # fmt: skip
+        "preferred-server-retry": RETRY_HOME,
+    }
     cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
     sims: list[SimAgent] = []
     try:
@@ -260,11 +283,19 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         join_ms: list[float] = []
         for i in range(n):
             name = f"sim-{i:04d}"
-            cfg = Config.from_mapping({
-                "data-dir": str(root / "sim" / name), "node-name": name, "roles": ["agent"],
-                "node-ip": ["10.9.0.1"], "server": servers, "token": token,
-                "supervisor-port": port, "registry-ttl": TTL, **config,
-            })  # fmt: skip
+            cfg = Config.from_mapping(
+                {
+                    "data-dir": str(root / "sim" / name),
+                    "node-name": name,
+                    "roles": ["agent"],
+                    "node-ip": ["10.9.0.1"],
+                    "server": servers,
+                    "token": token,
+                    "supervisor-port": port,
+                    "registry-ttl": TTL,
+                    **config,
+                }
+            )
             sims.append(SimAgent(name, cfg, token, trust, join_ms))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
@@ -280,7 +311,21 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         time.sleep(2 * float(SERVER_ENV["RKE2CERTD_LIMITS_SECONDS"]))  # limits follow the fleet
 
         server_of = {u: s for s, a in cluster.addresses.items() for u in [f"https://{a}:{port}"]}
+        # settled: an agent that failed over while the servers were busy with the join is back
+        # on its preferred server once that answers (a try every preferred-server-retry)
+        away = [a for a in sims if a.remote.choice.current != a.remote.choice.preferred]
+        settle = time.monotonic()
+        while away and time.monotonic() - settle < 3 * RETRY_HOME + 30:
+            time.sleep(1.0)  # the agents' own calls move them: only looking here
+            away = [a for a in away if a.remote.choice.current != a.remote.choice.preferred]
+        print(
+            f"  N={n}: {n - len(away)}/{n} agents on their preferred server "
+            f"after {time.monotonic() - settle:.0f} s",
+            flush=True,
+        )
         per_server = Counter(server_of[a.remote.choice.current] for a in sims)
+        home = Counter(server_of[a.remote.choice.preferred] for a in sims)
+        print(f"  N={n}: preferred servers (the hash alone): {dict(home)}", flush=True)
         for i in range(1, real + 1):
             per_server[server_of[supervisor_urls(_real_cfg(cluster, f"r{i}"))[0]]] += 1
 
@@ -345,13 +390,23 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         if r.state.value != "done" or len(agent_done) != n - 1 + real:
             print(f"  N={n}: rollout {r.state.value}: {r.state_reason}", flush=True)
         return Result(
-            n, n + real, dict(per_server), percentile(join_ms, 0.5) / 1000,
-            percentile(join_ms, 0.99) / 1000, idle_cpu, percentile(csr_ms, 0.5) / 1000,
-            percentile(csr_ms, 0.99) / 1000, wall, rollout_cpu, phase, len(agent_done),
+            n,
+            n + real,
+            dict(per_server),
+            percentile(join_ms, 0.5) / 1000,
+            percentile(join_ms, 0.99) / 1000,
+            idle_cpu,
+            percentile(csr_ms, 0.5) / 1000,
+            percentile(csr_ms, 0.99) / 1000,
+            wall,
+            rollout_cpu,
+            phase,
+            len(agent_done),
             statistics.fmean(gates) if gates else float("nan"),
-            r.state.value == "done" and len(agent_done) == n - 1 + real, skipped,
+            r.state.value == "done" and len(agent_done) == n - 1 + real,
+            skipped,
             statistics.median(gaps) if gaps else float("nan"),
-        )  # fmt: skip
+        )
     finally:
         for a in sims:
             a.close()

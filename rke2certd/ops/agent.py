@@ -98,9 +98,11 @@ def agent_token(node: Node) -> str:
     if not token:
         raise ConfigError(
             "no join token for this agent",
-            ["token or token-file: set it to the server's agent token "
-             "(<data>/server/agent-token on a server)"],
-        )  # fmt: skip
+            [
+                "token or token-file: set it to the server's agent token "
+                "(<data>/server/agent-token on a server)"
+            ],
+        )
     return token
 
 
@@ -126,10 +128,12 @@ def node_password(node: Node) -> str:
     if not password or not password.isprintable():
         raise ConfigError(
             "this node's password file is unusable",
-            [f"node-password-file {path}: empty or not text; restore it from a backup (the "
-             "servers know this node by it) or remove the node with `rke2certd node remove` "
-             "and the file, to register afresh"],
-        )  # fmt: skip
+            [
+                f"node-password-file {path}: empty or not text; restore it from a backup (the "
+                "servers know this node by it) or remove the node with `rke2certd node remove` "
+                "and the file, to register afresh"
+            ],
+        )
     return password
 
 
@@ -198,9 +202,15 @@ def _obtain(
     key_pem = existing if existing is not None else keys.key_to_pem(key)
     want = _wanted(spec, node, up)
     answer = request_cert(
-        up.urls, up.token, up.bundles["server-ca"], cert_route(spec.name), _csr(key, want.cn),
-        node.ident.node_name, node.ident.node_ips, node_password=node_password(node),
-    )  # fmt: skip
+        up.urls,
+        up.token,
+        up.bundles["server-ca"],
+        cert_route(spec.name),
+        _csr(key, want.cn),
+        node.ident.node_name,
+        node.ident.node_ips,
+        node_password=node_password(node),
+    )
     cert = _check_answer(spec, answer, key, want, up, now)
     chain = certs.bundle_pem([cert]) + up.bundles[spec.signer]
     # The key is listed even when kept: write_files skips it unless its mode is looser.
@@ -209,9 +219,13 @@ def _obtain(
 
 def _apply(decision: Decision, node: Node, up: Upstream, now: datetime, dry_run: bool) -> Change:
     return apply_decision(
-        decision, node, unit=AGENT_UNIT, bundle=up.bundles[decision.spec.signer],
-        obtain=lambda: _obtain(decision, node, up, now), dry_run=dry_run,
-    )  # fmt: skip
+        decision,
+        node,
+        unit=AGENT_UNIT,
+        bundle=up.bundles[decision.spec.signer],
+        obtain=lambda: _obtain(decision, node, up, now),
+        dry_run=dry_run,
+    )
 
 
 def _ca_copies(node: Node, up: Upstream, dry_run: bool) -> list[Path]:

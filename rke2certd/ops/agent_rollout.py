@@ -48,9 +48,13 @@ def trusted_bundle(node: Node) -> bytes:
 
 def remote_store(node: Node, token: Callable[[], str]) -> RemoteDatastore:
     return RemoteDatastore(
-        supervisor_urls(node.cfg), token, lambda: trusted_bundle(node), node.cfg.node,
+        supervisor_urls(node.cfg),
+        token,
+        lambda: trusted_bundle(node),
+        node.cfg.node,
         node_password=lambda: node_password(node),
-    )  # fmt: skip
+        prefer_again=node.cfg.preferred_server_retry,
+    )
 
 
 def adopt_rotated_ca(node: Node, token: str, *, dry_run: bool = False) -> str | None:
@@ -69,10 +73,13 @@ def adopt_rotated_ca(node: Node, token: str, *, dry_run: bool = False) -> str | 
     new_token = format_token(new_hash, parsed.username or AGENT_USER, parsed.password)
     files = rewrite_config_tokens(node, new_hash, dry_run=dry_run)
     log.info(
-        "ca_adopted", server_url=url, ca_hash=new_hash, old_ca_hash=parsed.ca_hash,
+        "ca_adopted",
+        server_url=url,
+        ca_hash=new_hash,
+        old_ca_hash=parsed.ca_hash,
         files=",".join(str(f) for f in files),
         reason="the server proved itself with the CA on disk and serves a rotated CA",
-    )  # fmt: skip
+    )
     return new_token
 
 

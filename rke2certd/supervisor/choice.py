@@ -8,7 +8,8 @@ Adding or removing a server moves only the agents that preferred it.
 
 `ServerChoice` keeps an agent on the server that answered last (a dead preferred server costs
 one failed attempt, not one per request), and tries its preferred server first again once
-every `prefer_again` seconds, so that the agents move back when it returns. Nothing an agent
+every `prefer_again` seconds (the `preferred-server-retry` setting), so that the agents move
+back when it returns. Nothing an agent
 holds lives in one server's memory (registration, leases, watch revisions are the datastore's),
 so a move costs the agent nothing but the request that failed.
 """
@@ -16,12 +17,12 @@ so a move costs the agent nothing but the request that failed.
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Sequence
 
-# How often an agent away from its preferred server tries that one first again.
-PREFER_AGAIN = float(os.environ.get("RKE2CERTD_PREFER_AGAIN_SECONDS", "30"))
+# How often an agent away from its preferred server tries that one first again, by default
+# (the `preferred-server-retry` setting).
+PREFER_AGAIN = 30.0
 
 
 def preferred_order(urls: Sequence[str], node: str) -> list[str]:

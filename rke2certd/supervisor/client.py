@@ -264,8 +264,12 @@ def locate_cacerts(
     def attempt(url: str) -> tuple[str, bytes]:
         bundle, got = _get_cacerts(url, insecure_context(), timeout)
         if parsed.ca_hash is None:
-            log.warning("ca_not_pinned", server_url=url, ca_hash=got,
-                        reason="the token has no CA hash: the CA is trusted as served")  # fmt: skip
+            log.warning(
+                "ca_not_pinned",
+                server_url=url,
+                ca_hash=got,
+                reason="the token has no CA hash: the CA is trusted as served",
+            )
         elif got != parsed.ca_hash:
             raise _Mismatch(_mismatch(url, parsed.ca_hash, got))
         else:

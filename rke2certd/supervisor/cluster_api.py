@@ -141,10 +141,14 @@ class ClusterAPI:
                 self._watching += 1
             first_busy, self._full = busy and not self._full, busy or self._full
         if first_busy:
-            log.warning("cluster_watches_full", limit=self.max_watches, node=node,
-                        reason=f"{self.max_watches} agents hold a watch here; others poll every "
-                        f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
-                        "until a place frees up")  # fmt: skip
+            log.warning(
+                "cluster_watches_full",
+                limit=self.max_watches,
+                node=node,
+                reason=f"{self.max_watches} agents hold a watch here; others poll every "
+                f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
+                "until a place frees up",
+            )
         if busy:
             answer = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
             return answer | {"retry_after": wire.BUSY_RETRY_SECONDS}

@@ -32,7 +32,7 @@ from rke2certd.datastore.base import (
 from rke2certd.errors import DatastoreError, TokenError
 from rke2certd.log import log
 from rke2certd.supervisor import CLUSTER_PATH, wire
-from rke2certd.supervisor.choice import ServerChoice
+from rke2certd.supervisor.choice import PREFER_AGAIN, ServerChoice
 from rke2certd.supervisor.client import (
     DEFAULT_TIMEOUT,
     RefusedError,
@@ -57,9 +57,10 @@ class RemoteDatastore(Datastore):
         *,
         node_password: Callable[[], str],
         timeout: float = DEFAULT_TIMEOUT,
+        prefer_again: float = PREFER_AGAIN,
     ) -> None:
         self.urls = list(urls)  # ranked for this node (supervisor_urls)
-        self.choice = ServerChoice(self.urls)
+        self.choice = ServerChoice(self.urls, prefer_again)
         self._token = token
         self._node_password = node_password
         self._trust = trust

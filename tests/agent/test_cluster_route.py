@@ -307,42 +307,96 @@ def test_refusals_change_nothing(
     before = {kv.key: kv.value for kv in store.get_prefix("/")}
 
     refused: list[tuple[str, Callable[[], object]]] = [
-        ("another node's registration", lambda: cs.register(
-            Registration("e1", ("etcd",), Phase.ETCD, "t", None), lease)),
-        ("a server phase", lambda: cs.register(
-            Registration("agent-1", ("etcd",), Phase.ETCD, "t", None), lease)),
-        ("another node's membership", lambda: remote.create(
-            rec.member_key("a2"), rec.encode_member(Member("a2", ("agent",), Phase.AGENT)))),
-        ("a status under another name", lambda: remote.create(
-            rec.status_key("ca-1", "agent-1"),
-            rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
+        (
+            "another node's registration",
+            lambda: cs.register(Registration("e1", ("etcd",), Phase.ETCD, "t", None), lease),
+        ),
+        (
+            "a server phase",
+            lambda: cs.register(Registration("agent-1", ("etcd",), Phase.ETCD, "t", None), lease),
+        ),
+        (
+            "another node's membership",
+            lambda: remote.create(
+                rec.member_key("a2"), rec.encode_member(Member("a2", ("agent",), Phase.AGENT))
+            ),
+        ),
+        (
+            "a status under another name",
+            lambda: remote.create(
+                rec.status_key("ca-1", "agent-1"),
+                rec.encode_status(NodeStatus("e1", NodeState.DONE)),
+            ),
+        ),
         ("another node's status", lambda: cs.set_status(ROLLOUT, NodeStatus("e1", NodeState.DONE))),
-        ("another node's status, old layout", lambda: remote.create(
-            rec.old_status_key("ca-1", "e1"), rec.encode_status(NodeStatus("e1", NodeState.DONE)))),
-        ("another node's updates", lambda: cs.report(
-            Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease)),
-        ("another node's updates, as its own", lambda: remote.create(rec.update_key("e1"),
-            rec.encode_registration(Registration("agent-1", ("agent",), Phase.AGENT, "t", None)))),
-        ("a server's wake key", lambda: cs.wake(
-            "e1", rec.encode_wake("agent-1", "ca-1", NOW), lease)),
+        (
+            "another node's status, old layout",
+            lambda: remote.create(
+                rec.old_status_key("ca-1", "e1"),
+                rec.encode_status(NodeStatus("e1", NodeState.DONE)),
+            ),
+        ),
+        (
+            "another node's updates",
+            lambda: cs.report(Registration("e1", ("etcd",), Phase.ETCD, "t", None), server_lease),
+        ),
+        (
+            "another node's updates, as its own",
+            lambda: remote.create(
+                rec.update_key("e1"),
+                rec.encode_registration(
+                    Registration("agent-1", ("agent",), Phase.AGENT, "t", None)
+                ),
+            ),
+        ),
+        (
+            "a server's wake key",
+            lambda: cs.wake("e1", rec.encode_wake("agent-1", "ca-1", NOW), lease),
+        ),
         ("its own wake key", lambda: remote.put(rec.wake_key("agent-1"), b"{}")),
-        ("a put of another node's updates", lambda: remote.put(rec.update_key("e1"),
-            rec.encode_registration(Registration("e1", ("etcd",), Phase.ETCD, "t", None)))),
-        ("a put on a server's lease", lambda: remote.put(rec.update_key("agent-1"),
-            rec.encode_registration(Registration("agent-1", ("agent",), Phase.AGENT, "t", None)),
-            server_lease)),
-        ("a rollout record", lambda: other.ds.get(rec.rollout_key("ca-1")) and remote.delete(
-            rec.rollout_key("ca-1"))),
+        (
+            "a put of another node's updates",
+            lambda: remote.put(
+                rec.update_key("e1"),
+                rec.encode_registration(Registration("e1", ("etcd",), Phase.ETCD, "t", None)),
+            ),
+        ),
+        (
+            "a put on a server's lease",
+            lambda: remote.put(
+                rec.update_key("agent-1"),
+                rec.encode_registration(
+                    Registration("agent-1", ("agent",), Phase.AGENT, "t", None)
+                ),
+                server_lease,
+            ),
+        ),
+        (
+            "a rollout record",
+            lambda: (
+                other.ds.get(rec.rollout_key("ca-1")) and remote.delete(rec.rollout_key("ca-1"))
+            ),
+        ),
         ("an etcd slot", lambda: cs.take_slot(Slot(Phase.ETCD, 0, "agent-1", "ca-1"), lease)),
-        ("a slot for another node", lambda: remote.create(
-            rec.slot_key(Phase.AGENT, 1), rec.encode_slot(Slot(Phase.AGENT, 1, "a2", "ca-1")))),
-        ("a key on a server's lease", lambda: remote.compare_and_swap(
-            rec.status_key("ca-1", "agent-1"),
-            rec.encode_status(NodeStatus("agent-1", NodeState.APPLIED)), 0, server_lease)),
+        (
+            "a slot for another node",
+            lambda: remote.create(
+                rec.slot_key(Phase.AGENT, 1), rec.encode_slot(Slot(Phase.AGENT, 1, "a2", "ca-1"))
+            ),
+        ),
+        (
+            "a key on a server's lease",
+            lambda: remote.compare_and_swap(
+                rec.status_key("ca-1", "agent-1"),
+                rec.encode_status(NodeStatus("agent-1", NodeState.APPLIED)),
+                0,
+                server_lease,
+            ),
+        ),
         ("reading outside /rke2certd/", lambda: remote.get("/bootstrap/secret")),
         ("listing outside /rke2certd/", lambda: remote.snapshot("/")),
         ("watching outside /rke2certd/", lambda: remote.watch_prefix("/bootstrap/", 1, 1)),
-    ]  # fmt: skip
+    ]
     for what, attempt in refused:
         with pytest.raises(DatastoreError) as err:
             attempt()
@@ -371,9 +425,13 @@ def test_refusals_change_nothing(
         assert got == status and text in body, (doc, got, body)
     # wrong credentials: 401 before anything is read
     reply = call(
-        cluster_endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, b"{}",
+        cluster_endpoint.port,
+        server.file("server-ca.crt"),
+        "POST",
+        CLUSTER_PATH,
+        b"{}",
         {**basic("node", "wrong"), "rke2-Node-Name": "agent-1"},
-    )  # fmt: skip
+    )
     assert reply.status == 401
     assert {kv.key: kv.value for kv in store.get_prefix("/")} == before
 

@@ -56,10 +56,15 @@ def test_an_idle_agent_reads_only_the_rollout_records(
         servers.register(Registration(name, ("agent",), Phase.AGENT), lease)
     node, remote = agent_remote
     runner = RolloutRunner(
-        node, remote, open_ds=lambda: remote, apply=lambda r: ApplyOutcome(r.ca_generation),
-        generation=lambda: None, clock=lambda: NOW, wake=lambda: None,
+        node,
+        remote,
+        open_ds=lambda: remote,
+        apply=lambda r: ApplyOutcome(r.ca_generation),
+        generation=lambda: None,
+        clock=lambda: NOW,
+        wake=lambda: None,
         housekeep=remote.housekeep,
-    )  # fmt: skip
+    )
     runner.registered_lease = remote.grant_lease(30)
     runner._register(runner.registered_lease)
     runner.tick()  # the first look: everything

@@ -6,6 +6,7 @@ granted there."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -117,9 +118,12 @@ def test_an_agent_moves_keeps_its_lease_and_moves_back(
         node: Node = agent_factory("agent-1", supervisor_port=first.port)
         renew_agent(node)
         remote = RemoteDatastore(
-            [first.url, second.url], lambda: server.agent_token, lambda: trusted_bundle(node),
-            "agent-1", node_password=lambda: node_password(node),
-        )  # fmt: skip
+            [first.url, second.url],
+            lambda: server.agent_token,
+            lambda: trusted_bundle(node),
+            "agent-1",
+            node_password=lambda: node_password(node),
+        )
         remote.choice.prefer_again = 3600
         cs = ClusterStore(remote)
         lease = remote.grant_lease(30)  # granted by the first server, which then fails
@@ -165,9 +169,12 @@ def test_a_lease_is_still_no_other_agents(
 
         def remote(name: str, url: str) -> RemoteDatastore:
             return RemoteDatastore(
-                [url], lambda: server.agent_token, lambda: trusted_bundle(nodes[name]), name,
+                [url],
+                lambda: server.agent_token,
+                lambda: trusted_bundle(nodes[name]),
+                name,
                 node_password=lambda: node_password(nodes[name]),
-            )  # fmt: skip
+            )
 
         lease = remote("agent-1", first.url).grant_lease(30)
         thief = ClusterStore(remote("agent-2", second.url))
@@ -179,3 +186,47 @@ def test_a_lease_is_still_no_other_agents(
     finally:
         first.stop()
         second.stop()
+
+
+def test_an_agent_that_started_on_a_fallback_goes_home_by_itself(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+    events: list[dict[str, Any]],
+) -> None:
+    """The preferred server is not up yet when the agent starts (a fleet starting with its
+    servers): the agent works through the next one, then moves back to its first choice once
+    that answers, by itself (its `prefer_again`, passed in), keeping its lease."""
+    first, second = _endpoint(server, store), _endpoint(server, store)
+    first.stop()  # not up yet
+    running = [second]
+    try:
+        node: Node = agent_factory("agent-1", supervisor_port=second.port)
+        renew_agent(node)
+        remote = RemoteDatastore(
+            [first.url, second.url],
+            lambda: server.agent_token,
+            lambda: trusted_bundle(node),
+            "agent-1",
+            node_password=lambda: node_password(node),
+            prefer_again=0.05,
+        )
+        assert remote.choice.prefer_again == 0.05
+        lease = remote.grant_lease(30)
+        assert remote.choice.current == second.url  # started on the fallback
+        first = _endpoint(server, store, port=first.port)  # the preferred server comes up
+        running.append(first)
+        deadline = time.monotonic() + 60  # a guard against hanging, not a bound measured
+        while remote.choice.current != first.url:  # what the agent does anyway: its calls
+            assert time.monotonic() < deadline, "the agent never went back"
+            assert remote.refresh_lease(lease) > 0
+        chosen = [
+            (e["server_url"], e["preferred"]) for e in events if e["event"] == "server_chosen"
+        ]
+        assert chosen == [(second.url, False), (first.url, True)]
+        assert remote.refresh_lease(lease) > 0  # the lease goes on at home
+        assert remote.choice.current == first.url  # and it stays there
+        assert remote.revoke_lease(lease)
+    finally:
+        for handle in running:
+            handle.stop()

@@ -110,8 +110,12 @@ def test_many_long_polls_one_datastore_watch(ds: SQLiteDatastore, tmp_path: Path
     api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), hub=hub)
     try:
         start = ds.snapshot(rec.PREFIX).revision + 1
-        doc = {"op": "watch", "prefix": wire.key_out(rec.PREFIX), "start_revision": start,
-               "timeout": 20}  # fmt: skip
+        doc = {
+            "op": "watch",
+            "prefix": wire.key_out(rec.PREFIX),
+            "start_revision": start,
+            "timeout": 20,
+        }
         answers: list[dict[str, Any]] = []
         polls = [
             threading.Thread(target=lambda i=i: answers.append(api.handle(f"a{i}", doc)))
@@ -157,8 +161,13 @@ def test_the_route_says_up_to_where_it_looked(ds: SQLiteDatastore) -> None:
     ds.put(rec.update_key("a1"), b"1")
     ds.put(rec.status_key("ca-1", "a1"), b"1")
     last = ds.snapshot(rec.PREFIX).revision
-    doc = {"op": "watch", "prefix": wire.key_out(rec.PREFIX), "start_revision": start,
-           "timeout": 0, "only": [wire.key_out(rec.SLOTS)]}  # fmt: skip
+    doc = {
+        "op": "watch",
+        "prefix": wire.key_out(rec.PREFIX),
+        "start_revision": start,
+        "timeout": 0,
+        "only": [wire.key_out(rec.SLOTS)],
+    }
     plain = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
     assert plain.handle("a2", doc) == {"events": [], "revision": last + 1}
     hub = _hub(ds)
