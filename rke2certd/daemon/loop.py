@@ -366,6 +366,7 @@ class Daemon:
                 self._endpoint_ds, self.clock, lambda: ServedCA.on_disk(self.node.layout),
                 availability=self.cfg.availability, hub=self._hub,
                 max_watches=limits.watches, max_connections=limits.connections,
+                home=limits.home,
             )  # fmt: skip
         try:
             self.supervisor = server.start(
@@ -481,7 +482,7 @@ class Daemon:
         if self._api is not None and time.monotonic() >= self._next_limits:
             self._next_limits = time.monotonic() + LIMITS_EVERY
             limits = self._fleet_limits()
-            self._api.resize(limits.connections, limits.watches)
+            self._api.resize(limits.connections, limits.watches, limits.home)
 
     def _certs_summary(self) -> str:
         if self._certs_text is None:

@@ -11,6 +11,9 @@ by its node password before this module sees it, and never a server's: `node_aut
 - watch as a long poll only while the server holds fewer than MAX_WATCHES of them: beyond, a
   watch is answered at once with the changes so far and a time to ask again, so that many
   agents on one server never take the connections that short requests need;
+- be told the server is crowded: an answer carries `"crowded": true` when the server already
+  has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them; the
+  agent then uses its next server (choice.py). It is served all the same: never refused;
 - ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
 - learn which CA generation the server holds, and the digests of the bundles it serves.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +40,7 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
+from rke2certd.supervisor.fleet_limits import MIN_HOME
 from rke2certd.supervisor.watch_hub import WatchHub
 
 MIN_TTL, MAX_TTL = 2, 600
@@ -45,6 +50,9 @@ MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client go
 MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
 MAX_ONLY = 256  # keys in a watch's filter (a barrier names each node it waits for)
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
+# An agent counts as one of this server's while it asked something within this (its long poll
+# asks at least every MAX_WATCH_SECONDS, its lease refresh every ttl/3).
+HOME_SEEN_SECONDS = 2 * wire.MAX_WATCH_SECONDS + 10
 
 
 class ClusterRefused(Exception):
@@ -77,12 +85,14 @@ class ClusterAPI:
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
     max_connections: int = MAX_CONNECTIONS  # the endpoint's (limits.py: from the fleet)
+    home: int = MIN_HOME  # agents taken as this server's own (fleet_limits.py)
     availability: Availability = field(default_factory=Availability)  # the config's policy
     hub: WatchHub | None = None  # the server's one watch for all long polls (started by owner)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
     _full: bool = False  # busy answered and logged; cleared once the load has halved
+    _own: dict[str, float] = field(default_factory=dict)  # this server's agents -> last seen
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)
@@ -90,10 +100,24 @@ class ClusterAPI:
     def __post_init__(self) -> None:
         self._store = ClusterStore(self.ds)
 
-    def resize(self, connections: int, watches: int) -> None:
+    def resize(self, connections: int, watches: int, home: int | None = None) -> None:
         """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
         with self._lock:
             self.max_connections, self.max_watches = connections, watches
+            self.home = self.home if home is None else home
+
+    def crowded(self, node: str, now: float) -> bool:
+        """Whether to tell `node` to use its next server: this one has its share of agents
+        (seen lately) and `node` is not one of them. Otherwise `node` is (still) one of them."""
+        with self._lock:
+            if node not in self._own and len(self._own) >= self.home:
+                gone = [n for n, seen in self._own.items() if now - seen > HOME_SEEN_SECONDS]
+                for n in gone:
+                    del self._own[n]
+                if len(self._own) >= self.home:
+                    return True
+            self._own[node] = now
+            return False
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
@@ -111,6 +135,8 @@ class ClusterAPI:
             raise ClusterRefused(404, f"lease not found: {exc}") from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
+        if self.crowded(node, time.monotonic()):
+            result["crowded"] = True
         return result
 
     # reads --------------------------------------------------------------------------------

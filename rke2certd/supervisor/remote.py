@@ -87,12 +87,15 @@ class RemoteDatastore(Datastore):
             except TokenError as exc:  # this server serves a CA we do not trust (yet)
                 mismatch = mismatch or exc
                 continue
-            if self.choice.answered(url) is not None:
+            crowded = answer.get("crowded") is True  # served; the next request goes elsewhere
+            if crowded:
+                self.choice.crowded(url, time.monotonic())
+            if not crowded and self.choice.answered(url) is not None:
                 home = url == self.choice.preferred
                 log.info(
                     "server_chosen", node=self.node_name, server_url=url, preferred=home,
                     reason="its preferred server answers again" if home else
-                    f"{'; '.join(problems) or 'the server before did not answer'}",
+                    f"{'; '.join(problems) or 'the server before did not answer or is crowded'}",
                 )  # fmt: skip
             return answer
         if mismatch is not None:
