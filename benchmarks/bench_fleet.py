@@ -52,6 +52,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -80,6 +81,7 @@ from rke2certd.supervisor.client import (  # noqa: E402
 from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
+T = TypeVar("T")
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
 RETRY_HOME = 10  # preferred-server-retry (30 s by default): the spread settles sooner
 GRACE = 5  # agent-unavailable-grace: the dead agent is skipped soon after its turn
@@ -131,6 +133,16 @@ def _csr(name: str) -> bytes:
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{name}")])
     csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
     return csr.public_bytes(Encoding.DER)
+
+
+def _again(call: Callable[[], T]) -> T:
+    pause = 0.5
+    while True:
+        try:
+            return call()
+        except (DatastoreUnavailable, UnreachableError):
+            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
+            pause = min(10.0, pause * 2)
 
 
 @dataclass
@@ -185,9 +197,11 @@ class SimAgent:
         return time.monotonic() - started
 
     def join(self) -> None:
-        self.gen = self.remote.served_generation()[0]
-        self.csr_ms.append(self.csr() * 1000)
-        self.runner.start()
+        """As a daemon starts: servers that push back (busy, their limits not yet grown with
+        the fleet) are asked again after a pause, never given up on."""
+        self.gen = _again(lambda: self.remote.served_generation()[0])
+        self.csr_ms.append(_again(self.csr) * 1000)
+        _again(self.runner.start)
         self.thread.start()
 
     def _apply(self, r: Rollout) -> ApplyOutcome:
@@ -349,8 +363,10 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         rng = random.Random(16)
         end = time.monotonic() + opts.csr_seconds
 
-        def timed(agent: SimAgent) -> None:
-            csr_ms.append(agent.csr() * 1000)
+        def timed(agent: SimAgent) -> None:  # a retry after back-pressure counts in its time
+            started = time.monotonic()
+            _again(agent.csr)
+            csr_ms.append((time.monotonic() - started) * 1000)
 
         with ThreadPoolExecutor(8) as pool:
             futures = []

@@ -4,7 +4,8 @@ endpoint's `POST /v1-rke2/cluster` runs one datastore operation for them on the 
 What an agent may do (its name is the `rke2-Node-Name` header of an agent-token request, proved
 by its node password before this module sees it, and never a server's: `node_auth.py`):
 - read every key under /rke2certd/ (registrations, rollouts, statuses, slots: nothing secret,
-  and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll);
+  and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll); a read
+  may ask for the changes since the revision of its last one (mirror.py);
 - write only its own records, each checked to be what it claims: its registration and
   membership (phase agent), its status in a rollout, the agent phase's restart slots;
 - take leases, and refresh or revoke only a lease it took here or that its registration is on;
@@ -31,7 +32,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.base import KV, Datastore, Event, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.log import log
 from rke2certd.ops.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
@@ -41,6 +43,7 @@ from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
 from rke2certd.supervisor.fleet_limits import MIN_HOME
+from rke2certd.supervisor.watch_hub import NOTHING as _NOTHING
 from rke2certd.supervisor.watch_hub import WatchHub
 
 MIN_TTL, MAX_TTL = 2, 600
@@ -53,6 +56,7 @@ BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at onc
 # An agent counts as one of this server's while it asked something within this (its long poll
 # asks at least every MAX_WATCH_SECONDS, its lease refresh every ttl/3).
 HOME_SEEN_SECONDS = 2 * wire.MAX_WATCH_SECONDS + 10
+MAX_DELTA = 2048  # changes answered for a `since` read; beyond, the whole keys are smaller
 
 
 class ClusterRefused(Exception):
@@ -151,8 +155,29 @@ class ClusterAPI:
         return {"kv": wire.kv_out(kv) if kv else None}
 
     def _op_snapshot(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
-        snap = self.ds.snapshot(self._readable(wire.key_in(doc.get("prefix"), "prefix")))
-        return {"snapshot": wire.snapshot_out(snap)}
+        prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
+        since = wire.integer(doc.get("since"), "since", optional=True)
+        if since is not None and isinstance(self.ds, SQLiteDatastore):
+            delta = self._changes(prefix, since)
+            if delta is not None:
+                return {"delta": wire.events_out(delta[0]), "revision": delta[1]}
+        return {"snapshot": wire.snapshot_out(self.ds.snapshot(prefix))}
+
+    def _changes(self, prefix: str, since: int) -> tuple[list[Event], int] | None:
+        """The changes under `prefix` after revision `since`, and the revision the keys are
+        then at (mirror.py); None when a whole read is due (history gone, or it is smaller).
+        SQLite only: its history read is one query, complete up to the moment it runs (an
+        etcd watch sends the history in batches of its own choosing)."""
+        now = self.ds.snapshot(_NOTHING).revision  # first: the changes read next reach it
+        if since > now:
+            return None  # a revision this store never had: the whole keys
+        try:
+            events = self.ds.watch_prefix(prefix, since + 1, 0)
+        except WatchCompacted:
+            return None
+        if len(events) > MAX_DELTA:
+            return None
+        return events, max([now, *(e.kv.mod_revision for e in events)])
 
     def _op_watch(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
         prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))

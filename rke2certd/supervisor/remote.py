@@ -31,6 +31,7 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.errors import DatastoreError, TokenError
 from rke2certd.log import log
+from rke2certd.rollout.records import PREFIX
 from rke2certd.supervisor import CLUSTER_PATH, wire
 from rke2certd.supervisor.choice import PREFER_AGAIN, ServerChoice
 from rke2certd.supervisor.client import (
@@ -39,6 +40,7 @@ from rke2certd.supervisor.client import (
     UnreachableError,
     post_json,
 )
+from rke2certd.supervisor.mirror import Mirror
 
 _T = TypeVar("_T")
 
@@ -69,6 +71,7 @@ class RemoteDatastore(Datastore):
         self.location = f"the coordination keys of {', '.join(self.urls)}"
         self._old_server = False  # a server answered that it has no "put"
         self._closed = threading.Event()
+        self._mirror = Mirror(PREFIX)
 
     def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, to the servers in the choice's order; the first answer counts."""
@@ -131,6 +134,10 @@ class RemoteDatastore(Datastore):
         return self._parse(lambda: wire.kv_in(answer["kv"]) if answer["kv"] else None)
 
     def snapshot(self, prefix: str) -> Snapshot:
+        if prefix == self._mirror.prefix:  # the whole keys: the changes since the last read
+            with self._mirror.lock:
+                answer = self._call(self._mirror.request())
+                return self._parse(lambda: self._mirror.take(answer))
         answer = self._call({"op": "snapshot", "prefix": wire.key_out(prefix)})
         return self._parse(lambda: wire.snapshot_in(answer["snapshot"]))
 
