@@ -15,8 +15,11 @@ instant (`true`): what is measured is rke2certd's own work.
 
 Per size, in order:
 - join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
-  (a fleet starting at once is a burst, not the steady state);
-- spread: agents per server, from each agent's current server (real agents: their preferred);
+  (a fleet starting at once is a burst, not the steady state); a server that pushes back is
+  asked again after a pause, as a daemon does;
+- spread: agents per server once it has settled (no agent moved for two preferred-server-retry
+  periods, at most 3 minutes): from each agent's current server (real agents: their last
+  move, else their preferred); the hash's own spread is printed beside it;
 - idle: the servers' CPU over `--idle` seconds with nothing to do, per agent (CPU seconds per
   agent per minute) after the endpoints' limits followed the fleet;
 - CSR: `--csr-rate` CSRs per second from random agents for `--csr-seconds`: p50/p99 latency;

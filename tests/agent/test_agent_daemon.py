@@ -20,15 +20,22 @@ def _agent_config(root: Path, server: ServerNode, port: int, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     cfg = root / "rke2certd.yaml"
     cfg.write_text(
-        yaml.safe_dump({
-            "data-dir": str(root / "data"), "roles": ["agent"], "node-name": name,
-            "node-ip": ["127.0.0.1"], "server": "https://127.0.0.1:9345",
-            "supervisor-port": port, "token": server.agent_token, "log-format": "json",
-            "rescan-interval": 1,  # the retry while the servers are away: every second here
-            "node-password-file": str(root / "node-password"),
-            "metrics-address": "",  # not the shared default port
-        })
-    )  # fmt: skip
+        yaml.safe_dump(
+            {
+                "data-dir": str(root / "data"),
+                "roles": ["agent"],
+                "node-name": name,
+                "node-ip": ["127.0.0.1"],
+                "server": "https://127.0.0.1:9345",
+                "supervisor-port": port,
+                "token": server.agent_token,
+                "log-format": "json",
+                "rescan-interval": 1,  # the retry while the servers are away: every second here
+                "node-password-file": str(root / "node-password"),
+                "metrics-address": "",  # not the shared default port
+            }
+        )
+    )
     cfg.chmod(0o600)
     return cfg
 

@@ -42,8 +42,10 @@ def _verify_new(cluster: SimCluster, agent: str, tmp_path: Path) -> None:
     leaf = cluster.nodes[agent].layout.agent / "client-kubelet.crt"
     res = subprocess.run(
         ["openssl", "verify", "-CAfile", str(root), "-untrusted", str(inter), str(leaf)],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert res.returncode == 0 and ": OK" in res.stdout, res.stdout + res.stderr
 
 
@@ -69,14 +71,19 @@ def test_down_agents_are_skipped_and_catch_up_when_they_return(
     rid, gen = r["id"], r["caGeneration"]
     nodes = {n["name"]: n for n in r["nodes"]}
     assert {n: nodes[n]["state"] for n in nodes} == {
-        "e1": "done", "c1": "done", "a1": "done", "a2": "skipped", "a3": "skipped",
-    }  # fmt: skip
+        "e1": "done",
+        "c1": "done",
+        "a1": "done",
+        "a2": "skipped",
+        "a3": "skipped",
+    }
     assert "into its turn" in nodes["a3"]["message"] and not nodes["a3"]["live"]
     assert "2 skipped" in r["stateReason"] and "a2, a3" in r["stateReason"]
     blocked = [e for n in ("e1", "c1") for e in cluster.nodes[n].log_events("rollout_blocked")]
     assert {(e["node"], e["action"], e["rollout_id"]) for e in blocked} == {
-        ("a2", "skip", rid), ("a3", "skip", rid),
-    }  # fmt: skip
+        ("a2", "skip", rid),
+        ("a3", "skip", rid),
+    }
     assert len(blocked) == 2  # once each, by the server that skipped it
     assert not [x for x in cluster.restarts(rid) if x["node"] in ("a2", "a3")]
 
