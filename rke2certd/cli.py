@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rke2certd import __version__
 from rke2certd.clock import system_clock
 from rke2certd.config import Config, load_config
+from rke2certd.constants import LOG_FORMATS, LOG_LEVELS
 from rke2certd.errors import Rke2certdError
 from rke2certd.log import setup as log_setup
 from rke2certd.ops.node import Node
@@ -31,8 +32,8 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", type=Path, default=s, help="config file "
                    "(default /etc/rke2certd/config.yaml; missing = defaults)")  # fmt: skip
     p.add_argument("--data-dir", "-d", type=Path, default=s, help="RKE2 data dir")
-    p.add_argument("--log-format", choices=["auto", "journald", "json", "console"], default=s)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=s)
+    p.add_argument("--log-format", choices=LOG_FORMATS, default=s)
+    p.add_argument("--log-level", choices=LOG_LEVELS, default=s)
     p.add_argument("--debug", action="store_true", default=s, help="same as --log-level debug")
     return p
 
@@ -442,13 +443,13 @@ def cmd_stage_service_key(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
-    from rke2certd import logs
     from rke2certd.daemon.loop import Daemon
+    from rke2certd.log import output
 
-    # The daemon configures logging now, not at its first rke2certd.log event (see log.py):
-    # modules that log through structlog directly (the loop, the rollout) may log first, and
-    # would otherwise go to structlog's default, console text on stdout, not stderr/journald.
-    logs.configure(cfg.log_format, cfg.log_level)
+    # The daemon configures logging now, not at its first rke2certd.log event (see log/):
+    # libraries (watchdog, etcd clients) may log through stdlib logging first, and would
+    # otherwise bypass the sink and the redaction.
+    output.configure(cfg.log_format, cfg.log_level)
     first = [cfg]
 
     def load() -> Config:

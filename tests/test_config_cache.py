@@ -1,4 +1,4 @@
-"""The validated-config cache (rke2certd/config_cache.py): a hit gives what a fresh load gives,
+"""The validated-config cache (rke2certd/config/cache.py): a hit gives what a fresh load gives,
 without yaml or pydantic; any changed input is read and validated again; a cache file we could
 not have written is ignored; no cache dir, no cache, no noise.
 
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from rke2certd.config import Config, load_config
-from rke2certd.config_model import ConfigModel
+from rke2certd.config.validate import ConfigModel
 from rke2certd.errors import ConfigError
 from tests.conftest import ROOT, run_cli, write_node_config
 
@@ -43,8 +43,12 @@ print(json.dumps({
 """
 
 
-def load(cfg: Path | None, runtime: Path | str, overrides: dict[str, Any] | None = None,
-         env: dict[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+def load(
+    cfg: Path | None,
+    runtime: Path | str,
+    overrides: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
     res = subprocess.run(
         [sys.executable, "-c", PROBE, str(cfg or ""), json.dumps(overrides or {})],
         capture_output=True,

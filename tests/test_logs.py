@@ -1,5 +1,6 @@
-"""rke2certd.logs: redaction in every format, JSON lines, the journald wire format, and the
-journald sink against a real systemd-journald (read back with journalctl)."""
+"""rke2certd.log's set-up (output.py, redact.py, journald.py): redaction in every format, JSON
+lines, the journald wire format, and the journald sink against a real systemd-journald (read
+back with journalctl)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from rke2certd import logs
+from rke2certd.constants import LogFormat
 from rke2certd.errors import ConfigError
+from rke2certd.log import journald, output, redact
 from tests.harness.journald import Journald
 from tests.harness.journald import missing_requirements as journald_missing
 
@@ -90,7 +92,7 @@ def log_every_kind_of_secret() -> None:
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     yield
-    logs.reset()
+    output.reset()
     logging.getLogger().setLevel(logging.WARNING)
 
 
@@ -117,7 +119,7 @@ def _reset_logging() -> Iterator[None]:
     ],
 )
 def test_secret_names(name: str) -> None:
-    assert logs.is_secret_name(name)
+    assert redact.is_secret_name(name)
 
 
 @pytest.mark.parametrize(
@@ -137,13 +139,13 @@ def test_secret_names(name: str) -> None:
     ],
 )
 def test_harmless_names(name: str) -> None:
-    assert not logs.is_secret_name(name)
+    assert not redact.is_secret_name(name)
 
 
 @pytest.mark.parametrize("kind", sorted(PEMS))
 def test_every_pem_private_key_kind_is_masked(kind: str) -> None:
     text = f"before\n{PEMS[kind]}after"
-    masked = logs.redact_text(text)
+    masked = redact.redact_text(text)
     assert secrets_in(masked) == []
     assert masked.startswith("before\n[REDACTED PRIVATE KEY]")
     assert masked.endswith("after")
@@ -151,27 +153,25 @@ def test_every_pem_private_key_kind_is_masked(kind: str) -> None:
 
 def test_cut_short_pem_key_is_masked_to_the_end() -> None:
     pem = PEMS["pkcs1"]
-    assert secrets_in(logs.redact_text("x " + pem[: len(pem) // 2])) == []
+    assert secrets_in(redact.redact_text("x " + pem[: len(pem) // 2])) == []
 
 
 def test_certificates_and_bare_hashes_stay_readable() -> None:
     cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
-    assert logs.redact_text(cert) == cert
+    assert redact.redact_text(cert) == cert
     ca_hash = "K10" + "0f" * 32  # a hash without credentials is no secret
-    assert logs.redact_text(ca_hash) == ca_hash
+    assert redact.redact_text(ca_hash) == ca_hash
 
 
 def test_join_tokens_masked_in_text() -> None:
-    masked = logs.redact_text(f"token {TOKEN}, agent {NODE_TOKEN}")
+    masked = redact.redact_text(f"token {TOKEN}, agent {NODE_TOKEN}")
     assert secrets_in(masked) == []
     assert masked.count("K10[REDACTED TOKEN]") == 2
 
 
 @pytest.mark.parametrize("fmt", ["json", "console"])
-def test_no_secret_in_stream_formats(
-    fmt: logs.LogFormat, capfd: pytest.CaptureFixture[str]
-) -> None:
-    logs.configure(fmt, "debug")
+def test_no_secret_in_stream_formats(fmt: LogFormat, capfd: pytest.CaptureFixture[str]) -> None:
+    output.configure(fmt, "debug")
     log_every_kind_of_secret()
     out, err = capfd.readouterr()
     assert out == ""  # logs never go to stdout: it is for command output
@@ -183,7 +183,7 @@ def test_no_secret_in_stream_formats(
 
 
 def test_json_lines(capfd: pytest.CaptureFixture[str]) -> None:
-    logs.configure("json", "info")
+    output.configure("json", "info")
     log = structlog.get_logger("rke2certd")
     log.debug("not_shown")
     log.info(
@@ -200,14 +200,14 @@ def test_json_lines(capfd: pytest.CaptureFixture[str]) -> None:
 
 
 def test_levels_and_errors(capfd: pytest.CaptureFixture[str]) -> None:
-    logs.configure("json", "WARNING")
+    output.configure("json", "WARNING")
     structlog.get_logger("rke2certd").info("quiet")
     structlog.get_logger("rke2certd").warning("loud")
     assert [json.loads(x)["event"] for x in capfd.readouterr().err.splitlines()] == ["loud"]
     with pytest.raises(ConfigError, match="log-level 'chatty'"):
-        logs.configure("json", "chatty")
+        output.configure("json", "chatty")
     with pytest.raises(ConfigError, match="log-format"):
-        logs.configure("xml", "info")  # type: ignore[arg-type]
+        output.configure("xml", "info")  # type: ignore[arg-type]
 
 
 # --- choosing the sink ---------------------------------------------------------------------------
@@ -215,20 +215,20 @@ def test_levels_and_errors(capfd: pytest.CaptureFixture[str]) -> None:
 
 def test_auto_picks_journald_when_stderr_is_the_journal_stream() -> None:
     st = os.fstat(2)
-    assert logs.detect_format({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}) == "journald"
+    assert output.detect_format({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}) == "journald"
     # inherited from a parent whose stderr went to the journal, but ours goes elsewhere now
-    assert logs.detect_format({"JOURNAL_STREAM": f"{st.st_dev}:1"}) != "journald"
-    assert logs.detect_format({"JOURNAL_STREAM": "garbage"}) != "journald"
+    assert output.detect_format({"JOURNAL_STREAM": f"{st.st_dev}:1"}) != "journald"
+    assert output.detect_format({"JOURNAL_STREAM": "garbage"}) != "journald"
 
 
 def test_auto_under_systemd_with_journal_socket(tmp_path: Path) -> None:
     sock = tmp_path / "socket"
     env = {"INVOCATION_ID": "0123456789abcdef0123456789abcdef"}
     plain = "console" if os.isatty(2) else "json"
-    assert logs.detect_format(env, journal_socket=str(sock)) == plain  # no journald there
+    assert output.detect_format(env, journal_socket=str(sock)) == plain  # no journald there
     sock.touch()
-    assert logs.detect_format(env, journal_socket=str(sock)) == "journald"
-    assert logs.detect_format({}, journal_socket=str(sock)) == plain
+    assert output.detect_format(env, journal_socket=str(sock)) == "journald"
+    assert output.detect_format({}, journal_socket=str(sock)) == plain
 
 
 # --- journald wire format (a socket of the test's own; no root) ----------------------------------
@@ -273,7 +273,7 @@ def receive(sock: socket.socket) -> list[tuple[str, str]]:
 
 
 def test_journal_wire_format(journal_socket: socket.socket) -> None:
-    logs.configure("journald", "debug", journal_socket=journal_socket.getsockname())
+    output.configure("journald", "debug", journal_socket=journal_socket.getsockname())
     log = structlog.get_logger("rke2certd")
     log.warning(
         "cert_renewed",
@@ -305,7 +305,7 @@ def test_journal_wire_format(journal_socket: socket.socket) -> None:
 
 
 def test_journal_no_secrets_on_the_wire(journal_socket: socket.socket) -> None:
-    logs.configure("journald", "debug", journal_socket=journal_socket.getsockname())
+    output.configure("journald", "debug", journal_socket=journal_socket.getsockname())
     log_every_kind_of_secret()
     for _ in range(4):
         fields = receive(journal_socket)
@@ -318,8 +318,8 @@ def test_journal_no_secrets_on_the_wire(journal_socket: socket.socket) -> None:
 def test_journal_big_entry_goes_by_memfd(
     journal_socket: socket.socket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(logs, "MAX_JOURNAL_VALUE", 8 * 1024 * 1024)
-    logs.configure("journald", "info", journal_socket=journal_socket.getsockname())
+    monkeypatch.setattr(journald, "MAX_JOURNAL_VALUE", 8 * 1024 * 1024)
+    output.configure("journald", "info", journal_socket=journal_socket.getsockname())
     sndbuf = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).getsockopt(
         socket.SOL_SOCKET, socket.SO_SNDBUF
     )
@@ -329,16 +329,16 @@ def test_journal_big_entry_goes_by_memfd(
 
 
 def test_journal_values_are_capped(journal_socket: socket.socket) -> None:
-    logs.configure("journald", "info", journal_socket=journal_socket.getsockname())
-    structlog.get_logger("rke2certd").info("huge", blob="y" * (logs.MAX_JOURNAL_VALUE * 2))
+    output.configure("journald", "info", journal_socket=journal_socket.getsockname())
+    structlog.get_logger("rke2certd").info("huge", blob="y" * (journald.MAX_JOURNAL_VALUE * 2))
     blob = dict(receive(journal_socket))["BLOB"]
-    assert blob.endswith("...[truncated]") and len(blob) < logs.MAX_JOURNAL_VALUE + 100
+    assert blob.endswith("...[truncated]") and len(blob) < journald.MAX_JOURNAL_VALUE + 100
 
 
 def test_journal_unreachable_falls_back_to_stderr(
     tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    logs.configure("journald", "info", journal_socket=str(tmp_path / "nothing-here"))
+    output.configure("journald", "info", journal_socket=str(tmp_path / "nothing-here"))
     structlog.get_logger("rke2certd").info("first", token=TOKEN)
     structlog.get_logger("rke2certd").info("second")
     err = capfd.readouterr().err.splitlines()
@@ -356,9 +356,9 @@ def test_real_journald_fields_filter_and_no_secrets(
     reason = journald_missing()
     if reason:
         pytest.skip(f"standalone journald: {reason}")
-    monkeypatch.setattr(logs, "MAX_JOURNAL_VALUE", 1024 * 1024)
+    monkeypatch.setattr(journald, "MAX_JOURNAL_VALUE", 1024 * 1024)
     with Journald(tmp_path / "jd") as jd:
-        logs.configure("journald", "info", journal_socket=str(jd.socket))
+        output.configure("journald", "info", journal_socket=str(jd.socket))
         log = structlog.get_logger("rke2certd")
         log.info(
             "cert_renewed",

@@ -14,11 +14,8 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import select
 import sqlite3
-import struct
 import threading
 import time
 import weakref
@@ -39,6 +36,7 @@ from rke2certd.datastore.base import (
     key_str,
     prefix_end,
 )
+from rke2certd.datastore.change_watch import ChangeWatch
 from rke2certd.errors import DatastoreError
 from rke2certd.log import log
 from rke2certd.store.atomic import ensure_dir
@@ -70,7 +68,6 @@ CREATE TABLE IF NOT EXISTS events (
 IDLE_POLL = 4.0
 ACTIVE_WINDOW = 10.0
 LEASE_MARGIN = 0.01  # wake this long after the next lease expiry, not just before it
-SETTLE_MS = 5  # after a write wakes a watch, how long it lets the writer finish
 
 
 class SQLiteDatastore(Datastore):
@@ -374,7 +371,7 @@ class SQLiteDatastore(Datastore):
             if change is not None:
                 change.close()
 
-    def _change_watch(self) -> _ChangeWatch | None:
+    def _change_watch(self) -> ChangeWatch | None:
         """A new inotify watch on the database, or None (logged once) to poll instead."""
         try:
             with self._lock:
@@ -384,7 +381,7 @@ class SQLiteDatastore(Datastore):
                     # would be worse); it goes with the object
                     weakref.finalize(self, os.close, self._interrupt)
             # SQLite follows a symlinked path: its WAL is next to the real file
-            return _ChangeWatch(Path(os.path.realpath(self.path)), self._interrupt)
+            return ChangeWatch(Path(os.path.realpath(self.path)), self._interrupt)
         except (OSError, AttributeError) as exc:  # no inotify/eventfd, or out of watches
             if not self._polling_logged:
                 log.warning(
@@ -420,75 +417,6 @@ class SQLiteDatastore(Datastore):
             (next_expiry,) = conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
         events = [Event(EventType.DELETE if r[5] else EventType.PUT, _kv(r[:5])) for r in rows]
         return events, next_expiry
-
-
-# -- inotify -------------------------------------------------------------------------------------
-
-_IN_MODIFY, _IN_MOVED_TO, _IN_ONLYDIR = 0x2, 0x80, 0x1000000
-_IN_Q_OVERFLOW, _IN_IGNORED = 0x4000, 0x8000
-_INOTIFY_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then the name, NUL-padded
-
-
-class _ChangeWatch:
-    """inotify on the database's directory (not recursive): wakes for a write to the database or
-    its WAL/journal by any process on this host, or a file renamed over it. One per watch call
-    and closed by it, so no inotify fd outlives its user."""
-
-    def __init__(self, path: Path, interrupt: int) -> None:
-        import ctypes  # only here: a CLI that never waits does not load it
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self.fd = fd
-        directory = os.fsencode(path.parent)
-        if libc.inotify_add_watch(fd, directory, _IN_MODIFY | _IN_MOVED_TO | _IN_ONLYDIR) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, f"inotify_add_watch {path.parent}: {os.strerror(err)}")
-        self._names = {os.fsencode(path.name + suffix) for suffix in ("", "-wal", "-journal")}
-        self._interrupt = interrupt
-        self._poller = select.poll()
-        self._poller.register(fd, select.POLLIN)
-        self._poller.register(interrupt, select.POLLIN)
-        self.broken = False  # the directory went away: the caller polls instead
-
-    def wait(self, timeout: float) -> bool:
-        """Until a change, close() or `timeout` seconds; True unless it timed out."""
-        ready = self._poller.poll(math.ceil(timeout * 1000))
-        if any(fd == self._interrupt for fd, _ in ready):
-            return True
-        if not (ready and self._drain()):
-            return False
-        # Let the writer finish its commit (more writes, a sync): reading at its first write
-        # would queue behind it for the connection lock and the GIL when it is this process
-        # (the lease refresh), which costs both threads several more context switches.
-        if self._poller.poll(SETTLE_MS):
-            self._drain()
-        return True
-
-    def _drain(self) -> bool:
-        changed = False
-        while True:
-            try:
-                buf = os.read(self.fd, 65536)
-            except BlockingIOError:
-                return changed
-            offset = 0
-            while offset < len(buf):
-                _wd, mask, _cookie, length = _INOTIFY_EVENT.unpack_from(buf, offset)
-                offset += _INOTIFY_EVENT.size
-                name = buf[offset : offset + length].rstrip(b"\0")
-                offset += length
-                if mask & _IN_IGNORED:  # the directory was removed or unmounted
-                    self.broken = changed = True
-                elif mask & _IN_Q_OVERFLOW or name in self._names:
-                    changed = True
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 _SELECT_KV = "SELECT key, value, create_revision, mod_revision, lease FROM kv"

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from rke2certd.config import Config
+from rke2certd.constants import RKE2_SUPERVISOR_PORT
 from rke2certd.errors import ConfigError, PKIError, UsageError
 from rke2certd.log import log
 from rke2certd.ops.bootstrap import configured_token
@@ -75,7 +76,10 @@ def supervisor_urls(cfg: Config) -> list[str]:
     if not cfg.server:
         raise ConfigError(
             "this agent-only node does not know its servers",
-            ["server: set it to the RKE2 server URL, e.g. https://server-1:9345 (comma list)"],
+            [
+                "server: set it to the RKE2 server URL, e.g. "
+                f"https://server-1:{RKE2_SUPERVISOR_PORT} (comma list)"
+            ],
         )
     urls: dict[str, str] = {}  # as configured -> on supervisor-port
     problems = []

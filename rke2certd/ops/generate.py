@@ -24,6 +24,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from rke2certd.constants import DEFAULT_DATA_DIR
 from rke2certd.errors import PKIError, UsageError
 from rke2certd.log import log
 from rke2certd.ops.staged_read import current_files
@@ -63,7 +64,6 @@ from rke2certd.plan.staged_set import (
 from rke2certd.store.atomic import FileWrite, ensure_dir, read_optional, recover, write_files
 from rke2certd.store.lock import node_lock
 
-DEFAULT_DATA_DIR = Path("/var/lib/rancher/rke2")
 KEY_TYPES = ("rsa4096", "ecdsa-p256")
 ROOT_DAYS = 7300
 INTERMEDIATE_DAYS = 3700

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from rke2certd.config import Config, Role
+from rke2certd.constants import RKE2_SUPERVISOR_PORT
 from rke2certd.datastore import open_datastore
 from rke2certd.datastore.base import DatastoreUnavailable
 from rke2certd.errors import ConfigError, TokenError
@@ -121,8 +122,9 @@ def plan_datastore(cfg: Config, layout: Layout) -> DatastorePlan:
         raise ConfigError(
             "this control-plane-only node (no etcd role) has no `server` to join",
             [
-                f"RKE2's config {cfg.rke2_config} must set `server: https://<server>:9345` "
-                "on a node with disable-etcd: its datastore is the etcd members of that cluster"
+                f"RKE2's config {cfg.rke2_config} must set "
+                f"`server: https://<server>:{RKE2_SUPERVISOR_PORT}` on a node with disable-etcd: "
+                "its datastore is the etcd members of that cluster"
             ],
         )
     return DatastorePlan(

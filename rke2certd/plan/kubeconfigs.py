@@ -65,10 +65,16 @@ def judge(read: KubeconfigRead, now: datetime, window: timedelta) -> KubeconfigE
     facts = read.facts
     if facts is None:
         return KubeconfigEntry(
-            read.path, read.service, read.cert, read.ca, "", None, None,
+            read.path,
+            read.service,
+            read.cert,
+            read.ca,
+            "",
+            None,
+            None,
             MISSING if read.unreadable else Status.OK.value,
             read.unreadable,
-        )  # fmt: skip
+        )
     problems: list[str] = []
     st = status(facts, now, window)
     word = st.value
@@ -93,6 +99,13 @@ def judge(read: KubeconfigRead, now: datetime, window: timedelta) -> KubeconfigE
         if word == Status.OK.value:
             word = Status.WARNING.value
     return KubeconfigEntry(
-        read.path, read.service, read.cert, read.ca, facts.subject, facts.not_after,
-        facts.not_after - now, word, "; ".join(problems),
-    )  # fmt: skip
+        read.path,
+        read.service,
+        read.cert,
+        read.ca,
+        facts.subject,
+        facts.not_after,
+        facts.not_after - now,
+        word,
+        "; ".join(problems),
+    )

@@ -14,7 +14,6 @@ ROUTE_PREFIX = "/v1-rke2"
 CACERTS_PATH = "/cacerts"
 SERVER_CA_PATH = f"{ROUTE_PREFIX}/server-ca.crt"
 CLIENT_CA_PATH = f"{ROUTE_PREFIX}/client-ca.crt"
-ROLLOUT_PATH = f"{ROUTE_PREFIX}/rollout"
 CLUSTER_PATH = f"{ROUTE_PREFIX}/cluster"  # coordination keys for agents (cluster_api.py)
 NODE_NAME_HEADER = "rke2-Node-Name"
 NODE_IP_HEADER = "rke2-Node-IP"

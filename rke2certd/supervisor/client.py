@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from rke2certd.constants import SUPERVISOR_PORT
 from rke2certd.errors import PKIError, Rke2certdError, TokenError
 from rke2certd.log import log
 from rke2certd.pki.token import SERVER_USER, Token, ca_hash, parse_token
@@ -40,12 +41,10 @@ from rke2certd.supervisor import (
     NODE_IP_HEADER,
     NODE_NAME_HEADER,
     NODE_PASSWORD_HEADER,
-    ROLLOUT_PATH,
     cert_route,
     wire,
 )
 
-DEFAULT_PORT = 9346
 DEFAULT_TIMEOUT = 10.0
 MAX_RESPONSE = 1024 * 1024  # CA bundles and leaf chains are a few KiB
 # the coordination keys of a large fleet: ~1 KiB per agent when read whole (records.py)
@@ -63,11 +62,13 @@ class UnreachableError(SupervisorError):
 
 
 class RefusedError(SupervisorError):
-    """A server refused the request (4xx); `status` is the HTTP status."""
+    """A server refused the request (4xx); `status` is the HTTP status, `code` the server's
+    machine-readable reason when it gave one (wire.py's error codes)."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 class _Skip(Exception):
@@ -85,6 +86,7 @@ class _Answer:
     status: int
     reason: str
     body: bytes
+    code: str | None = None  # the ERROR_HEADER of a refusal
 
 
 # URLs and TLS contexts -----------------------------------------------------------------------
@@ -101,7 +103,7 @@ def split_urls(urls: Urls) -> list[str]:
 def _endpoint(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     try:
-        port = parts.port or DEFAULT_PORT
+        port = parts.port or SUPERVISOR_PORT
     except ValueError:
         raise SupervisorError(f"{url}: the port is not a number") from None
     if parts.scheme != "https" or not parts.hostname:
@@ -161,7 +163,7 @@ def _exchange(
         conn.close()
     if len(data) > limit:
         raise _Skip(f"it answered more than {limit} bytes")
-    return _Answer(response.status, response.reason, data)
+    return _Answer(response.status, response.reason, data, response.getheader(wire.ERROR_HEADER))
 
 
 def _why(exc: BaseException) -> str:
@@ -193,7 +195,7 @@ def _expect_ok(url: str, answer: _Answer, what: str) -> bytes:
         )
     else:
         message = f"the server at {url} refused {what}: {answer.status} {detail}"
-    raise RefusedError(message, answer.status)
+    raise RefusedError(message, answer.status, answer.code)
 
 
 def _failover(urls: Urls, attempt: Callable[[str], _T], what: str) -> _T:
@@ -392,26 +394,6 @@ def fetch_client_ca(
 ) -> bytes:
     """The client CA bundle (`server/tls/client-ca.crt` of the server), over a pinned channel."""
     return _get(urls, token, cacerts, CLIENT_CA_PATH, timeout)
-
-
-def fetch_rollout(
-    urls: Urls,
-    token: str,
-    cacerts: bytes,
-    node_name: str | None = None,
-    *,
-    timeout: float = DEFAULT_TIMEOUT,
-) -> dict[str, Any]:
-    """The rollout state the server's daemon publishes (a JSON object)."""
-    extra = {NODE_NAME_HEADER: node_name} if node_name else {}
-    body = _get(urls, token, cacerts, ROLLOUT_PATH, timeout, extra)
-    try:
-        doc = json.loads(body)
-    except ValueError as exc:
-        raise SupervisorError(f"the rollout state is not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise SupervisorError("the rollout state is not a JSON object")
-    return doc
 
 
 def get_as_server(urls: Urls, token: str, path: str, *, timeout: float = DEFAULT_TIMEOUT) -> bytes:

@@ -62,10 +62,11 @@ MAX_DELTA = 2048  # changes answered for a `since` read; beyond, the whole keys 
 class ClusterRefused(Exception):
     """An operation the caller may not do, or a malformed request: an HTTP error answer."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, code: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.code = code  # machine-readable, for the client (wire.py's error codes)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ClusterAPI:
     _watching: int = 0  # long polls in progress
     _full: bool = False  # busy answered and logged; cleared once the load has halved
     _own: dict[str, float] = field(default_factory=dict)  # this server's agents -> last seen
+    _resize_hooks: list[Callable[[int], None]] = field(default_factory=list)  # endpoint's gate
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)
@@ -109,6 +111,19 @@ class ClusterAPI:
         with self._lock:
             self.max_connections, self.max_watches = connections, watches
             self.home = self.home if home is None else home
+            for hook in self._resize_hooks:
+                hook(connections)
+
+    def follow_resize(self, hook: Callable[[int], None]) -> None:
+        """Call `hook` with the connection limit now and at each resize (the endpoint's gate)."""
+        with self._lock:
+            self._resize_hooks.append(hook)
+            hook(self.max_connections)
+
+    def unfollow_resize(self, hook: Callable[[int], None]) -> None:
+        with self._lock:
+            if hook in self._resize_hooks:
+                self._resize_hooks.remove(hook)
 
     def crowded(self, node: str, now: float) -> bool:
         """Whether to tell `node` to use its next server: this one has its share of agents
@@ -136,7 +151,7 @@ class ClusterAPI:
         except wire.WireError as exc:
             raise ClusterRefused(400, str(exc)) from None
         except LeaseNotFound as exc:
-            raise ClusterRefused(404, f"lease not found: {exc}") from None
+            raise ClusterRefused(404, f"lease not found: {exc}", wire.LEASE_NOT_FOUND) from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
         if self.crowded(node, time.monotonic()):
@@ -317,7 +332,8 @@ class ClusterAPI:
             return
         reg = self.ds.get(rec.node_key(node))
         if reg is None or reg.lease != lease:
-            raise ClusterRefused(status, f"lease {lease} is not this agent's")
+            code = wire.LEASE_NOT_FOUND if status == 404 else None
+            raise ClusterRefused(status, f"lease {lease} is not this agent's", code)
 
     def _op_create(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
         key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")

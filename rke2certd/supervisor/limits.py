@@ -119,6 +119,12 @@ class ConnectionGate:
                 ticket.cut = True
             ticket.sock = None
 
+    def resize(self, max_total: int) -> None:
+        """A new total (the fleet grew or shrank): connections over it stay; new ones cut the
+        oldest pending to make room, as at any full gate."""
+        with self._cond:
+            self.max_total = max_total
+
     def counts(self) -> tuple[int, int]:
         """(live, pending) connections (tests and metrics)."""
         with self._cond:

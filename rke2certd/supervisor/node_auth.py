@@ -60,9 +60,13 @@ def hash_record(password: str, salt: bytes | None = None) -> bytes:
     salt = salt or secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
     doc = {
-        "apiVersion": rec.API_VERSION, "kind": _KIND, "scheme": "scrypt", **_SCRYPT,
-        "salt": base64.b64encode(salt).decode(), "hash": base64.b64encode(digest).decode(),
-    }  # fmt: skip
+        "apiVersion": rec.API_VERSION,
+        "kind": _KIND,
+        "scheme": "scrypt",
+        **_SCRYPT,
+        "salt": base64.b64encode(salt).decode(),
+        "hash": base64.b64encode(digest).decode(),
+    }
     return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -105,9 +109,10 @@ class NodePasswords:
         """Raises NodeRefused unless `password` proves `name` (recording it at first use)."""
         if not password:
             raise NodeRefused(
-                400, "the rke2-Node-Password header is required (the agent's node password, "
+                400,
+                "the rke2-Node-Password header is required (the agent's node password, "
                 "/etc/rancher/node/password); upgrade rke2certd on this agent",
-            )  # fmt: skip
+            )
         if len(password) > MAX_PASSWORD or not password.isprintable():
             raise NodeRefused(400, "the node password is not usable (printable, <= 256 chars)")
         self.refuse_server_name(name)
@@ -134,10 +139,11 @@ class NodePasswords:
                 self._remember(name, kv.value, password)
                 return
         raise NodeRefused(
-            403, f"node {name} is already registered with another node password; another "
+            403,
+            f"node {name} is already registered with another node password; another "
             "node uses this name, or this agent's /etc/rancher/node/password changed (remove "
             "the node with `rke2certd node remove` to let it register again)",
-        )  # fmt: skip
+        )
 
     def refuse_server_name(self, name: str) -> None:
         if name == self.own_name or _is_server(self.ds, name):
@@ -149,8 +155,10 @@ class NodePasswords:
 
 
 def _is_server(ds: Datastore, name: str) -> bool:
-    for key, decode in ((rec.member_key(name), rec.decode_member),
-                        (rec.node_key(name), rec.decode_registration)):  # fmt: skip
+    for key, decode in (
+        (rec.member_key(name), rec.decode_member),
+        (rec.node_key(name), rec.decode_registration),
+    ):
         kv = ds.get(key)
         if kv is None:
             continue

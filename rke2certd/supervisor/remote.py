@@ -8,8 +8,8 @@ that an agent that has just taken a rotated CA set keeps talking to servers that
 the new one, and to those that do not yet.
 
 Errors map onto the contract: no server answered -> DatastoreUnavailable (retried by the
-rollout code), 404 on a lease -> LeaseNotFound, a compacted watch -> WatchCompacted, any other
-refusal -> DatastoreError with the server's reason.
+rollout code), a refusal coded `lease-not-found` (wire.py) -> LeaseNotFound, a compacted watch ->
+WatchCompacted, any other refusal -> DatastoreError with the server's reason.
 """
 
 from __future__ import annotations
@@ -45,10 +45,6 @@ from rke2certd.supervisor.mirror import Mirror
 _T = TypeVar("_T")
 
 
-class _UnknownOperation(DatastoreError):
-    """The server is an older rke2certd without this operation."""
-
-
 class RemoteDatastore(Datastore):
     def __init__(
         self,
@@ -69,7 +65,6 @@ class RemoteDatastore(Datastore):
         self.node_name = node_name
         self.timeout = timeout
         self.location = f"the coordination keys of {', '.join(self.urls)}"
-        self._old_server = False  # a server answered that it has no "put"
         self._closed = threading.Event()
         self._mirror = Mirror(PREFIX)
 
@@ -81,9 +76,15 @@ class RemoteDatastore(Datastore):
         for url in self.choice.order(time.monotonic()):
             try:
                 answer = post_json(
-                    [url], token, trust, CLUSTER_PATH, doc, self.node_name,
-                    node_password=password, timeout=timeout,
-                )  # fmt: skip
+                    [url],
+                    token,
+                    trust,
+                    CLUSTER_PATH,
+                    doc,
+                    self.node_name,
+                    node_password=password,
+                    timeout=timeout,
+                )
             except UnreachableError as exc:
                 problems.append(str(exc))
                 continue
@@ -96,10 +97,14 @@ class RemoteDatastore(Datastore):
             if not crowded and self.choice.answered(url) is not None:
                 home = url == self.choice.preferred
                 log.info(
-                    "server_chosen", node=self.node_name, server_url=url, preferred=home,
-                    reason="its preferred server answers again" if home else
-                    f"{'; '.join(problems) or 'the server before did not answer or is crowded'}",
-                )  # fmt: skip
+                    "server_chosen",
+                    node=self.node_name,
+                    server_url=url,
+                    preferred=home,
+                    reason="its preferred server answers again"
+                    if home
+                    else "; ".join(problems) or "the server before did not answer or is crowded",
+                )
             return answer
         if mismatch is not None:
             raise mismatch
@@ -113,10 +118,8 @@ class RemoteDatastore(Datastore):
         except TokenError as exc:
             raise DatastoreError(str(exc)) from exc
         except RefusedError as exc:
-            if exc.status == 404 and "lease" in doc.get("op", ""):
+            if exc.code == wire.LEASE_NOT_FOUND:
                 raise LeaseNotFound(str(exc)) from exc
-            if exc.status == 400 and "unknown operation" in str(exc):
-                raise _UnknownOperation(str(exc)) from exc
             raise DatastoreError(str(exc)) from exc
         if "compacted" in answer:
             revision = answer["compacted"]
@@ -153,23 +156,19 @@ class RemoteDatastore(Datastore):
     def compare_and_swap(
         self, key: str, value: bytes, expected_mod_revision: int, lease: int | None = None
     ) -> bool:
-        return self._ok({
-            "op": "cas", "key": wire.key_out(key), "value": wire.b64(value),
-            "expected_mod_revision": expected_mod_revision, "lease": lease,
-        })  # fmt: skip
+        return self._ok(
+            {
+                "op": "cas",
+                "key": wire.key_out(key),
+                "value": wire.b64(value),
+                "expected_mod_revision": expected_mod_revision,
+                "lease": lease,
+            }
+        )
 
     def put(self, key: str, value: bytes, lease: int | None = None) -> None:
-        """One request; against an older server without it, the base read-and-swap loop."""
-        if not self._old_server:
-            try:
-                self._ok({
-                    "op": "put", "key": wire.key_out(key), "value": wire.b64(value),
-                    "lease": lease,
-                })  # fmt: skip
-                return
-            except _UnknownOperation:
-                self._old_server = True
-        super().put(key, value, lease)
+        doc = {"op": "put", "key": wire.key_out(key), "value": wire.b64(value), "lease": lease}
+        self._ok(doc)
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
         return self._ok(
@@ -202,9 +201,11 @@ class RemoteDatastore(Datastore):
         revision up to which the server looked, when it says (go on from there)."""
         wait = min(timeout, wire.MAX_WATCH_SECONDS)
         doc: dict[str, Any] = {
-            "op": "watch", "prefix": wire.key_out(prefix), "start_revision": start_revision,
+            "op": "watch",
+            "prefix": wire.key_out(prefix),
+            "start_revision": start_revision,
             "timeout": wait,
-        }  # fmt: skip
+        }
         if only is not None:
             doc["only"] = [wire.key_out(k) for k in only]
         answer = self._call(doc, timeout=wait + self.timeout)

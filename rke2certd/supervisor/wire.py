@@ -19,6 +19,9 @@ MAX_WATCH_SECONDS = 25.0  # one long poll; the client's read timeout is longer
 # changed and this many seconds to wait before asking again: the agent polls until a place
 # frees up, and no change is lost (it asks again from the same revision).
 BUSY_RETRY_SECONDS = 10.0
+# A refusal the client acts on carries a code in this header (the text is for people):
+ERROR_HEADER = "rke2certd-Error"
+LEASE_NOT_FOUND = "lease-not-found"  # the lease expired, was revoked, or is not this node's
 
 
 class WireError(ValueError):

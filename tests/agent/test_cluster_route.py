@@ -36,6 +36,7 @@ from rke2certd.plan.rollout import (
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.store import ClusterStore
 from rke2certd.supervisor import CLUSTER_PATH, NODE_PASSWORD_HEADER, wire
+from rke2certd.supervisor.client import RefusedError
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
@@ -138,33 +139,6 @@ def _count_calls(remote: RemoteDatastore) -> list[str]:
 
     remote._call = counted  # type: ignore[method-assign]
     return ops
-
-
-def test_an_older_server_without_put_gets_a_read_and_swap(
-    server: ServerNode,
-    store: SQLiteDatastore,
-    agent_factory: Callable[..., Node],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """An agent upgraded before its server: the server answers "unknown operation" to a put;
-    the agent writes with a read and a compare-and-swap instead, and asks no more."""
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    monkeypatch.setattr(api, "_op_put", None)  # what the older server has: no such operation
-    handle = start(server.node, host=HOST, port=0, cluster=api)
-    try:
-        node = agent_factory("agent-1", supervisor_port=handle.port)
-        renew_agent(node)
-        remote = remote_store(node, lambda: server.agent_token)
-        cs, lease = _register(remote, "agent-1")
-        calls = _count_calls(remote)
-        for health in ("ok", "degraded"):
-            cs.report(Registration("agent-1", ("agent",), Phase.AGENT, "t", "g", health), lease)
-        assert calls == ["put", "get", "cas", "get", "cas"]
-        update = store.get(rec.update_key("agent-1"))
-        assert update is not None and update.lease == lease
-        assert cs.read(everything=True).view.live["agent-1"].health == "degraded"
-    finally:
-        handle.stop()
 
 
 class _Waits:
@@ -284,6 +258,41 @@ def _raw(
     body = doc if isinstance(doc, bytes) else json.dumps(doc).encode()
     reply = call(endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, body, headers)
     return reply.status, reply.body.decode(errors="replace")
+
+
+def test_a_lost_lease_is_a_coded_refusal(
+    remote_for: Callable[[str], tuple[Node, RemoteDatastore]],
+    cluster_endpoint: SupervisorHandle,
+    server: ServerNode,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server says `lease-not-found` in a header, not only in words; the agent maps that
+    code, and nothing else (not a 404 by itself, not the operation), to LeaseNotFound."""
+    agent_node, remote = remote_for("agent-1")
+    headers = {
+        **basic("node", server.password),
+        "Content-Type": "application/json",
+        "rke2-Node-Name": "agent-1",
+        NODE_PASSWORD_HEADER: node_password(agent_node),
+    }
+    body = json.dumps({"op": "refresh_lease", "lease": 987654321}).encode()
+    reply = call(
+        cluster_endpoint.port, server.file("server-ca.crt"), "POST", CLUSTER_PATH, body, headers
+    )
+    assert reply.status == 404
+    assert reply.headers[wire.ERROR_HEADER.lower()] == wire.LEASE_NOT_FOUND
+    with pytest.raises(LeaseNotFound):
+        remote.refresh_lease(987654321)
+
+    # A stand-in for a server's answer (no real server answers a lease op 404 without the
+    # code): the status alone does not make a lost lease.
+    def uncoded(_doc: dict[str, Any], _timeout: float) -> dict[str, Any]:
+        raise RefusedError("the server refused POST /v1-rke2/cluster: 404 gone", 404)
+
+    monkeypatch.setattr(remote, "_post", uncoded)
+    with pytest.raises(DatastoreError) as err:
+        remote.refresh_lease(987654321)
+    assert not isinstance(err.value, LeaseNotFound)
 
 
 def _b64(text: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import http.client
-import json
 import shutil
 import socket
 import subprocess
@@ -25,8 +24,7 @@ from rke2certd.pki import build
 from rke2certd.pki.profiles import server_sans
 from rke2certd.pki.token import format_token, parse_token
 from rke2certd.supervisor import NODE_IP_HEADER, NODE_NAME_HEADER, NODE_PASSWORD_HEADER
-from rke2certd.supervisor.client import fetch_rollout
-from rke2certd.supervisor.server import Caller, SupervisorHandle, start
+from rke2certd.supervisor.server import SupervisorHandle, start
 
 from .helpers import (
     HOST,
@@ -500,40 +498,16 @@ def test_token_change_takes_effect_without_restart(tmp_path: Path):
         assert new.status == 200
 
 
-# Rollout state -------------------------------------------------------------------------------
+# No rollout route -----------------------------------------------------------------------------
 
 
-def test_rollout_default_and_callback(
-    endpoint: SupervisorHandle, server: ServerNode, events: Events
-):
+def test_no_rollout_route(endpoint: SupervisorHandle, server: ServerNode):
+    """Agents read the rollout through the cluster route: `/v1-rke2/rollout` is no route."""
     ca_file = server.file("server-ca.crt")
-    assert call(endpoint.port, ca_file, "GET", "/v1-rke2/rollout").status == 401
     reply = call(
         endpoint.port, ca_file, "GET", "/v1-rke2/rollout", None, basic("node", server.password)
     )
-    assert reply.status == 200 and json.loads(reply.body) == {}
-
-    seen: list[Caller] = []
-
-    def state(caller: Caller) -> dict[str, Any]:
-        seen.append(caller)
-        return {"phase": "servers", "serversDone": ["server-1"], "you": caller.node_name}
-
-    with start(server.node, host=HOST, port=0, rollout=state) as other:
-        bundle = ca_file.read_bytes()
-        doc = fetch_rollout(other.url, server.agent_token, bundle, "agent-3")
-        assert doc == {"phase": "servers", "serversDone": ["server-1"], "you": "agent-3"}
-        assert seen[0].user == "node" and seen[0].node_name == "agent-3"
-
-    def broken(_caller: Caller) -> dict[str, Any]:
-        raise RuntimeError("not ready")
-
-    with start(server.node, host=HOST, port=0, rollout=broken) as other:
-        reply = call(
-            other.port, ca_file, "GET", "/v1-rke2/rollout", None, basic("node", server.password)
-        )
-        assert reply.status == 500
-    assert server.password not in repr(events)
+    assert reply.status == 404
 
 
 def test_stop_closes_the_port(server: ServerNode):

@@ -90,3 +90,16 @@ def test_the_endpoint_follows_a_resized_limit(
             finally:
                 for sock in held:
                     sock.close()
+
+
+def test_the_cluster_api_calls_its_resize_hooks(server: ServerNode, tmp_path: Path) -> None:
+    """A follower gets the limit at once and at each resize, and nothing once it unfollows
+    (a stopped endpoint)."""
+    seen: list[int] = []
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+        api.follow_resize(seen.append)
+        api.resize(40, 30)
+        api.unfollow_resize(seen.append)
+        api.resize(50, 37)
+    assert seen == [MAX_CONNECTIONS, 40]

@@ -264,7 +264,7 @@ def test_without_inotify_a_watch_polls_and_says_so_once(
     def no_inotify(*_args: object) -> None:
         raise OSError(24, "inotify_init1: Too many open files")
 
-    monkeypatch.setattr(sqlite_module, "_ChangeWatch", no_inotify)
+    monkeypatch.setattr(sqlite_module, "ChangeWatch", no_inotify)
     path = tmp_path / "s.sqlite"
     with (
         capture_logs() as logs,

@@ -203,7 +203,7 @@ def nobody() -> Iterator[Unprivileged]:
         pytest.skip("needs root and setpriv")
     prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
     # Every dependency a command may import (most are imported lazily, on first use).
-    imports = "import rke2certd.cli, rke2certd.config_model, cryptography.x509, structlog"
+    imports = "import rke2certd.cli, rke2certd.config.validate, cryptography.x509, structlog"
     probe = subprocess.run(
         [*prefix, sys.executable, "-c", imports], capture_output=True, check=False
     )

@@ -1,7 +1,7 @@
 """A real, private systemd-journald for tests (root), without booting systemd.
 
     with Journald(tmp_path) as jd:            # starts it, waits for its socket, always stops it
-        logs.configure("journald", "info", journal_socket=str(jd.socket))
+        output.configure("journald", "info", journal_socket=str(jd.socket))
         ...
         entries = jd.entries("CERT_SERVICE=kubelet", expect=1)   # journalctl -D ... -o json
 

@@ -129,3 +129,23 @@ def test_gate_keeps_places_for_authenticated_connections(
     assert isinstance(t, Ticket)
     t2, _ = _admit(gate, pairs, "10.0.2.2")  # the total is full: the pending one makes room
     assert isinstance(t2, Ticket) and t.cut and not any(a.cut for a in agents[1:])
+
+
+def test_gate_resize_changes_the_total_and_cuts_nobody(
+    gate: ConnectionGate, pairs: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    """The fleet shrank: connections already in stay; a new one finds the smaller total full.
+    The fleet grew: room again."""
+    held = []
+    for address in ("10.0.0.1", "10.0.0.2"):
+        ticket, peer = _admit(gate, pairs, address)
+        assert isinstance(ticket, Ticket)
+        gate.promote(ticket)  # authenticated: never cut to make room
+        held.append((ticket, peer))
+    gate.resize(2)
+    refused, _ = _admit(gate, pairs, "10.0.0.3")
+    assert isinstance(refused, Refusal) and "2 authenticated" in refused.reason
+    assert all(not t.cut for t, _ in held) and gate.counts() == (2, 0)
+    gate.resize(3)
+    admitted, _ = _admit(gate, pairs, "10.0.0.3")
+    assert isinstance(admitted, Ticket) and gate.counts() == (3, 1)

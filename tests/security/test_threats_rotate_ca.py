@@ -536,7 +536,7 @@ def test_stage_rotation_stays_within_the_bundle_limit(
 ) -> None:
     """With the limit at 10, the fourth rotation would hold 13 certificates: stage-rotation
     leaves out older generations, and the set passes and verifies against the current CA."""
-    monkeypatch.setattr("rke2certd.plan.staged_set.MAX_BUNDLE_CERTS", 10)
+    monkeypatch.setattr("rke2certd.plan.staged_ca.MAX_BUNDLE_CERTS", 10)
     monkeypatch.setattr("rke2certd.ops.generate.MAX_BUNDLE_CERTS", 10)
     layout = make_upstream_node(tmp_path / "data")
     start = datetime.now(UTC) + timedelta(minutes=1)

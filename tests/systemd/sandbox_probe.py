@@ -2,7 +2,7 @@
 drop-in) inside the nspawn container, to prove that the unit's sandbox lets the daemon's
 building blocks work and that they speak to the real systemd and journald:
 
-- logs.configure("auto") picks journald; events carry their fields (and the redaction works);
+- output.configure("auto") picks journald; events carry their fields (and the redaction works);
 - cryptography (keys, certs, signatures), pydantic and watchdog's inotify under
   MemoryDenyWriteExecute= and the syscall filter;
 - writes with chmod/chown under the data dir, and a write outside ReadWritePaths= fails;
@@ -33,8 +33,8 @@ from pydantic import BaseModel
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from rke2certd import logs
 from rke2certd.daemon.notify import Notifier
+from rke2certd.log import output
 
 DATA = Path("/var/lib/rancher/rke2/server/tls/probe")
 RESULT = Path("/run/rke2certd/probe.json")
@@ -47,11 +47,11 @@ class Settings(BaseModel):
 
 
 def main() -> int:
-    logs.configure("auto", "debug")
+    output.configure("auto", "debug")
     log = structlog.get_logger("rke2certd")
     notifier = Notifier()
     found: dict[str, object] = {
-        "format": logs.detect_format(),
+        "format": output.detect_format(),
         "pid": os.getpid(),
         "notify": notifier.enabled,
         "watchdog_interval": notifier.watchdog_interval(),

@@ -314,6 +314,6 @@ def test_rpm_builds_and_installs(tmp_path: Path) -> None:
         verify = c.exec(["systemd-analyze", "verify", "rke2certd.service"])
         assert (verify.returncode, verify.stderr) == (0, "")
         c.exec(["/usr/bin/rke2certd", "--help"])  # runs once the CLI exists (see test_cli_help)
-        c.exec(["/opt/rke2certd/bin/python", "-c", "import rke2certd.logs"], check=True)
+        c.exec(["/opt/rke2certd/bin/python", "-c", "import rke2certd.log.output"], check=True)
         assert c.exec(["stat", "-c", "%a", "/etc/rke2certd/config.yaml"]).stdout.strip() == "600"
         c.exec(["test", "-d", "/var/lib/rancher/rke2"], check=True)  # %post ran tmpfiles

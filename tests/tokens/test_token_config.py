@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rke2certd import logs
 from rke2certd.errors import ConfigError, TokenError
+from rke2certd.log import output
 from rke2certd.ops.token_config import (
     journal_root,
     rewrite_token_file_text,
@@ -382,9 +382,9 @@ def test_stray_temps_of_an_uncommitted_write_are_removed(tmp_path: Path) -> None
 
 @pytest.fixture
 def json_logs() -> Iterator[None]:
-    logs.configure("json", "debug")
+    output.configure("json", "debug")
     yield
-    logs.reset()
+    output.reset()
     logging.getLogger().setLevel(logging.WARNING)
 
 
@@ -411,12 +411,12 @@ def test_one_event_per_changed_file_and_no_secret(
 
 
 def test_dry_run_logs_nothing(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    logs.configure("json", "debug")
+    output.configure("json", "debug")
     try:
         cfg = put(tmp_path / "config.yaml", f"token: {TOKEN}\n")
         assert rewrite_token_hashes([cfg], [], NEW, dry_run=True) == [cfg]
     finally:
-        logs.reset()
+        output.reset()
         logging.getLogger().setLevel(logging.WARNING)
     assert capfd.readouterr().err == ""
 

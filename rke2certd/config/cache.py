@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rke2certd import __version__
-from rke2certd.config import (
+from rke2certd.config.sources import (
     RKE2_CONFIG_ENV,
     UNIT_DIRS_ENV,
     Inputs,
@@ -30,13 +30,18 @@ from rke2certd.store.private_cache import cache_dir, read_private, write_private
 
 FORMAT = 1
 _HERE = Path(__file__).resolve().parent
+# The code that reads and validates: this package and the constants its defaults come from.
+_CODE = (_HERE.parent / "constants.py",)
 
 
 def _code_digest() -> str | None:
     """The validating code's identity: a changed rule or default must not reuse old values."""
+    ours = sorted(_HERE.glob("*.py"))
     try:
-        parts = [(_HERE / name).read_bytes() for name in ("config.py", "config_model.py")]
+        parts = [f.read_bytes() for f in (*ours, *_CODE)]
     except OSError:
+        parts = []
+    if not ours or not parts:
         return None  # no sources to hash (a frozen build): do not cache
     return digest(b"\0".join([__version__.encode(), *parts]))
 
@@ -60,7 +65,7 @@ class ConfigCache:
             "code": code,
             "config": os.path.abspath(config),
             "env": env,
-            # the defaults of RKE2's config and of the unit dirs (see config.py)
+            # the defaults of RKE2's config and of the unit dirs (see sources.py)
             "rke2_env": os.environ.get(RKE2_CONFIG_ENV),
             "units_env": os.environ.get(UNIT_DIRS_ENV),
             "overrides": {k: str(v) for k, v in sorted(overrides.items())},

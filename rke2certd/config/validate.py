@@ -1,18 +1,17 @@
 """The configuration's rules: keys, defaults, types and checks, as a pydantic model.
 
 Imported only to validate (a changed config, `Config.from_mapping`): pydantic costs ~60 ms at
-import, and the startup hook runs before every RKE2 start. The result is `config.Config`.
+import, and the startup hook runs before every RKE2 start. The result is the values that
+`model.from_values` makes a `Config` of.
 """
 
 from __future__ import annotations
 
-import os
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-
-# rke2certd uses no pydantic plugins; looking them up (importlib.metadata) costs ~10 ms.
-os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -23,14 +22,16 @@ from pydantic import (
     field_validator,
 )
 
-from rke2certd.config import DEFAULT_DATA_DIR, Role, _str_list
+from rke2certd.config.types import LogFormat, LogLevel, Role, str_list
+from rke2certd.constants import DEFAULT_DATA_DIR, SUPERVISOR_PORT
 from rke2certd.errors import ConfigError
+from rke2certd.plan.listen import parse_listen
 
-StrList = Annotated[list[str], BeforeValidator(_str_list)]
+StrList = Annotated[list[str], BeforeValidator(str_list)]
 
 
 class ConfigModel(BaseModel):
-    """Field names are `config.Config`'s; aliases are the YAML keys."""
+    """Field names are `model.Config`'s; aliases are the YAML keys."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
@@ -55,15 +56,15 @@ class ConfigModel(BaseModel):
     roles: list[Role] = Field(default_factory=lambda: [Role.ETCD, Role.CONTROL_PLANE, Role.AGENT])
     renew_before_days: int = Field(90, alias="renew-before-days", ge=1, le=364)
     staging_dir: Path | None = Field(None, alias="staging-dir")
-    log_format: Literal["auto", "journald", "json", "console"] = Field("auto", alias="log-format")
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", alias="log-level")
+    log_format: LogFormat = Field("auto", alias="log-format")
+    log_level: LogLevel = Field("info", alias="log-level")
     rescan_interval: float = Field(3600, alias="rescan-interval", gt=0)
     datastore_retry_min: float = Field(2, alias="datastore-retry-min", gt=0)
     datastore_retry_max: float = Field(30, alias="datastore-retry-max", gt=0)
     max_unavailable: int = Field(1, alias="max-unavailable", ge=1)
     restart_command: list[str] | None = Field(None, alias="restart-command")
     health_command: list[str] | None = Field(None, alias="health-command")
-    supervisor_port: int = Field(9346, alias="supervisor-port", ge=1, le=65535)
+    supervisor_port: int = Field(SUPERVISOR_PORT, alias="supervisor-port", ge=1, le=65535)
     supervisor_bind_address: str = Field("0.0.0.0", alias="supervisor-bind-address")
     lock_timeout: float = Field(120, alias="lock-timeout", gt=0)
     # Rollout coordination (see rke2certd/rollout/).
@@ -88,8 +89,6 @@ class ConfigModel(BaseModel):
     @field_validator("metrics_address")
     @classmethod
     def _listen(cls, v: str) -> str:
-        from rke2certd.plan.listen import parse_listen
-
         parse_listen(v)  # ValueError says what is wrong
         return v.strip()
 
@@ -106,8 +105,6 @@ class ConfigModel(BaseModel):
     @field_validator("supervisor_bind_address")
     @classmethod
     def _address(cls, v: str) -> str:
-        import ipaddress
-
         try:
             ipaddress.ip_address(v)
         except ValueError:
@@ -122,8 +119,6 @@ class ConfigModel(BaseModel):
     @field_validator("service_cidr")
     @classmethod
     def _cidrs(cls, v: list[str]) -> list[str]:
-        import ipaddress
-
         for cidr in v:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -141,8 +136,6 @@ class ConfigModel(BaseModel):
     @field_validator("health_etcd_endpoint", "health_apiserver_endpoint", "health_kubelet_endpoint")
     @classmethod
     def _https_url(cls, v: str) -> str:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(v)
         if parts.scheme != "https" or not parts.hostname or parts.path not in ("", "/"):
             raise ValueError(f"{v!r} is not an https://host:port URL")

@@ -1,8 +1,9 @@
-"""The logger every module uses.
+"""The logger every module uses: `from rke2certd.log import log`, then structured events,
+`log.info("cert_renewed", cert_path=..., cert_service="kubelet")` (lowercase snake-case names).
 
-structlog (and the set-up in `logs.py`) is imported on the first event, not at start: the
-startup hook runs before every RKE2 start, and a run with nothing to do logs nothing, so it
-should not pay for the logging stack.
+structlog and the set-up (`output.py`: formats and sinks; `journald.py`, `redact.py`) are
+imported on the first event, not at start: the startup hook runs before every RKE2 start, and a
+run with nothing to do logs nothing, so it should not pay for the logging stack.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from rke2certd.constants import LogFormat
+
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-_settings: dict[str, str] = {}
+# (format, level) from setup(), applied at the first event.
+_settings: list[tuple[LogFormat, str]] = []
 
 # Called with (event, fields) for every event, whatever the log level: the daemon's metrics
 # count what happened from the events the code logs anyway (rke2certd/daemon/metrics.py).
@@ -39,9 +43,9 @@ def notify(event: str, **fields: Any) -> None:
             fn(event, fields)
 
 
-def setup(fmt: str, level: str) -> None:
+def setup(fmt: LogFormat, level: str) -> None:
     """Remember the log settings; they are applied when the first event is logged."""
-    _settings.update(fmt=fmt, level=level)
+    _settings[:] = [(fmt, level)]
     _Lazy.real = None
 
 
@@ -53,9 +57,11 @@ class _Lazy:
             import structlog
 
             if _settings:
-                from rke2certd import logs
+                # Imported at the first event for its cost (structlog); output.py does not
+                # import this module.
+                from rke2certd.log import output
 
-                logs.configure(_settings["fmt"], _settings["level"])  # type: ignore[arg-type]
+                output.configure(*_settings[0])
             _Lazy.real = structlog.get_logger("rke2certd")
         method = getattr(_Lazy.real, name)
         if not _observers or (name not in _EMITTERS and name != "log"):
