@@ -15,8 +15,11 @@ instant (`true`): what is measured is rke2certd's own work.
 
 Per size, in order:
 - join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
-  (a fleet starting at once is a burst, not the steady state);
-- spread: agents per server, from each agent's current server (real agents: their preferred);
+  (a fleet starting at once is a burst, not the steady state); a server that pushes back is
+  asked again after a pause, as a daemon does;
+- spread: agents per server once it has settled (no agent moved for two preferred-server-retry
+  periods, at most 3 minutes): from each agent's current server (real agents: their last
+  move, else their preferred); the hash's own spread is printed beside it;
 - idle: the servers' CPU over `--idle` seconds with nothing to do, per agent (CPU seconds per
   agent per minute) after the endpoints' limits followed the fleet;
 - CSR: `--csr-rate` CSRs per second from random agents for `--csr-seconds`: p50/p99 latency;
@@ -35,11 +38,13 @@ exponents say how the cost grows.
 from __future__ import annotations
 
 import argparse
+import http.client
 import itertools
 import logging
 import math
 import os
 import random
+import secrets
 import shutil
 import statistics
 import sys
@@ -51,6 +56,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -71,7 +77,7 @@ from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
 from rke2certd.roles.agent import AgentRollout  # noqa: E402
 from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
-from rke2certd.supervisor import cert_route  # noqa: E402
+from rke2certd.supervisor import NODE_NAME_HEADER, cert_route  # noqa: E402
 from rke2certd.supervisor.client import (  # noqa: E402
     UnreachableError,
     fetch_cacerts_trusted,
@@ -80,7 +86,9 @@ from rke2certd.supervisor.client import (  # noqa: E402
 from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
+T = TypeVar("T")
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
+RETRY_HOME = 10  # preferred-server-retry (30 s by default): the spread settles sooner
 GRACE = 5  # agent-unavailable-grace: the dead agent is skipped soon after its turn
 SERVERS = ("e1", "c1", "c2")
 TARGETS = {
@@ -132,6 +140,37 @@ def _csr(name: str) -> bytes:
     return csr.public_bytes(Encoding.DER)
 
 
+# Each simulated agent connects from an address of its own (127.1.x.y), as agents on their own
+# machines do: the endpoint's per-address limits (16 connections still in their handshake from
+# one address) are for one host, not a fleet behind one address.
+_ADDRESSES: dict[str, str] = {}
+_request = http.client.HTTPSConnection.request
+
+
+def _from_own_address(
+    self: http.client.HTTPSConnection,
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: Any = None,
+    **kw: Any,
+) -> None:
+    name = (headers or {}).get(NODE_NAME_HEADER)
+    if name in _ADDRESSES and self.sock is None:
+        self.source_address = (_ADDRESSES[name], 0)
+    _request(self, method, url, body, headers or {}, **kw)
+
+
+def _again(call: Callable[[], T]) -> T:
+    pause = 0.5
+    while True:
+        try:
+            return call()
+        except (DatastoreUnavailable, UnreachableError):
+            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
+            pause = min(10.0, pause * 2)
+
+
 @dataclass
 class SimAgent:
     """One simulated agent: the real remote datastore and rollout runner, a light apply."""
@@ -147,7 +186,15 @@ class SimAgent:
 
     def __post_init__(self) -> None:
         self.urls = supervisor_urls(self.cfg)
-        self.remote = RemoteDatastore(self.urls, lambda: self.token, lambda: self.trust, self.name)
+        self.password = secrets.token_hex(16)  # its node password (proves its name)
+        self.remote = RemoteDatastore(
+            self.urls,
+            lambda: self.token,
+            lambda: self.trust,
+            self.name,
+            node_password=lambda: self.password,
+            prefer_again=self.cfg.preferred_server_retry,
+        )
         self.csr_der = _csr(self.name)
         role = AgentRollout(self.remote, self._apply, lambda: self.gen)
         self.runner = RolloutRunner(
@@ -158,15 +205,23 @@ class SimAgent:
     def csr(self) -> float:
         started = time.monotonic()
         request_cert(
-            self.remote.choice.order(started), self.token, self.trust,
-            cert_route("client-kubelet"), self.csr_der, self.name, ["10.9.0.1"],
-        )  # fmt: skip
+            self.remote.choice.order(started),
+            self.token,
+            self.trust,
+            cert_route("client-kubelet"),
+            self.csr_der,
+            self.name,
+            ["10.9.0.1"],
+            node_password=self.password,
+        )
         return time.monotonic() - started
 
     def join(self) -> None:
-        self.gen = self.remote.served_generation()[0]
-        self.csr_ms.append(self.csr() * 1000)
-        self.runner.start()
+        """As a daemon starts: servers that push back (busy, their limits not yet grown with
+        the fleet) are asked again after a pause, never given up on."""
+        self.gen = _again(lambda: self.remote.served_generation()[0])
+        self.csr_ms.append(_again(self.csr) * 1000)
+        _again(self.runner.start)
         self.thread.start()
 
     def _apply(self, r: Rollout) -> ApplyOutcome:
@@ -245,9 +300,11 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         spec.env.update(SERVER_ENV)
     specs += [NodeSpec(f"r{i}", ("agent",)) for i in range(1, real + 1)]
     config = {
-        "restart-command": ["true"], "health-command": ["true"],
+        "restart-command": ["true"],
+        "health-command": ["true"],
         "agent-unavailable-grace": GRACE,
-    }  # fmt: skip
+        "preferred-server-retry": RETRY_HOME,
+    }
     cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
     sims: list[SimAgent] = []
     try:
@@ -260,11 +317,20 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         join_ms: list[float] = []
         for i in range(n):
             name = f"sim-{i:04d}"
-            cfg = Config.from_mapping({
-                "data-dir": str(root / "sim" / name), "node-name": name, "roles": ["agent"],
-                "node-ip": ["10.9.0.1"], "server": servers, "token": token,
-                "supervisor-port": port, "registry-ttl": TTL, **config,
-            })  # fmt: skip
+            cfg = Config.from_mapping(
+                {
+                    "data-dir": str(root / "sim" / name),
+                    "node-name": name,
+                    "roles": ["agent"],
+                    "node-ip": ["10.9.0.1"],
+                    "server": servers,
+                    "token": token,
+                    "supervisor-port": port,
+                    "registry-ttl": TTL,
+                    **config,
+                }
+            )
+            _ADDRESSES[name] = f"127.1.{i // 250}.{i % 250 + 1}"
             sims.append(SimAgent(name, cfg, token, trust, join_ms))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
@@ -280,9 +346,32 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         time.sleep(2 * float(SERVER_ENV["RKE2CERTD_LIMITS_SECONDS"]))  # limits follow the fleet
 
         server_of = {u: s for s, a in cluster.addresses.items() for u in [f"https://{a}:{port}"]}
+
+        # settled: agents that failed over while the servers were busy with the join are back
+        # home (a try every preferred-server-retry), those beyond a crowded server's share on
+        # their next one: the counts stay the same for two retry periods
+        def counts() -> Counter[str]:
+            return Counter(server_of[a.remote.choice.current] for a in sims)
+
+        settle, last, since = time.monotonic(), counts(), time.monotonic()
+        while time.monotonic() - since < 2 * RETRY_HOME and time.monotonic() - settle < 180:
+            time.sleep(1.0)  # the agents' own calls move them: only looking here
+            now = counts()
+            if now != last:
+                last, since = now, time.monotonic()
+        away = sum(a.remote.choice.current != a.remote.choice.preferred for a in sims)
+        print(
+            f"  N={n}: spread settled after {time.monotonic() - settle:.0f} s; "
+            f"{away}/{n} agents away from their preferred server",
+            flush=True,
+        )
         per_server = Counter(server_of[a.remote.choice.current] for a in sims)
-        for i in range(1, real + 1):
-            per_server[server_of[supervisor_urls(_real_cfg(cluster, f"r{i}"))[0]]] += 1
+        home = Counter(server_of[a.remote.choice.preferred] for a in sims)
+        print(f"  N={n}: preferred servers (the hash alone): {dict(home)}", flush=True)
+        for i in range(1, real + 1):  # a real agent: where its last move took it, else home
+            moves = cluster.nodes[f"r{i}"].log_events("server_chosen")
+            url = moves[-1]["server_url"] if moves else None
+            per_server[server_of[url or supervisor_urls(_real_cfg(cluster, f"r{i}"))[0]]] += 1
 
         # one agent dies now: down (its lease expired) by the time the rollout comes
         dead = sims[0]
@@ -295,8 +384,10 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         rng = random.Random(16)
         end = time.monotonic() + opts.csr_seconds
 
-        def timed(agent: SimAgent) -> None:
-            csr_ms.append(agent.csr() * 1000)
+        def timed(agent: SimAgent) -> None:  # a retry after back-pressure counts in its time
+            started = time.monotonic()
+            _again(agent.csr)
+            csr_ms.append((time.monotonic() - started) * 1000)
 
         with ThreadPoolExecutor(8) as pool:
             futures = []
@@ -345,13 +436,23 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         if r.state.value != "done" or len(agent_done) != n - 1 + real:
             print(f"  N={n}: rollout {r.state.value}: {r.state_reason}", flush=True)
         return Result(
-            n, n + real, dict(per_server), percentile(join_ms, 0.5) / 1000,
-            percentile(join_ms, 0.99) / 1000, idle_cpu, percentile(csr_ms, 0.5) / 1000,
-            percentile(csr_ms, 0.99) / 1000, wall, rollout_cpu, phase, len(agent_done),
+            n,
+            n + real,
+            dict(per_server),
+            percentile(join_ms, 0.5) / 1000,
+            percentile(join_ms, 0.99) / 1000,
+            idle_cpu,
+            percentile(csr_ms, 0.5) / 1000,
+            percentile(csr_ms, 0.99) / 1000,
+            wall,
+            rollout_cpu,
+            phase,
+            len(agent_done),
             statistics.fmean(gates) if gates else float("nan"),
-            r.state.value == "done" and len(agent_done) == n - 1 + real, skipped,
+            r.state.value == "done" and len(agent_done) == n - 1 + real,
+            skipped,
             statistics.median(gaps) if gaps else float("nan"),
-        )  # fmt: skip
+        )
     finally:
         for a in sims:
             a.close()
@@ -427,6 +528,7 @@ def main() -> int:
     # the simulated agents log as daemons do: keep this output to the figures
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
+    http.client.HTTPSConnection.request = _from_own_address  # type: ignore[method-assign]
     print(f"bench_fleet: 3 servers, sizes {sizes} simulated agents + {opts.real_agents} real")
     print("targets: " + "; ".join(TARGETS.values()))
     results = []
@@ -435,8 +537,10 @@ def main() -> int:
         x = results[-1]
         print(
             f"  N={n}: spread {x.per_server}, idle {x.idle_per_agent_min:.4f} CPU-s/agent/min, "
-            f"CSR p99 {x.csr_p99:.3f} s, rollout {x.rollout_wall:.1f} s "
-            f"({'finished' if x.finished else 'NOT finished'})",
+            f"CSR p50/p99 {x.csr_p50:.3f}/{x.csr_p99:.3f} s, rollout {x.rollout_wall:.1f} s "
+            f"({'finished' if x.finished else 'NOT finished'}), rollout CPU/agent "
+            f"{x.rollout_cpu / x.agents:.3f} s, phase/agent {x.phase_per_agent:.3f} s, "
+            f"overhead/agent {x.overhead_per_agent:.3f} s, hand-off {x.handoff:.3f} s",
             flush=True,
         )
     report(results)

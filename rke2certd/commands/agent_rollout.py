@@ -53,6 +53,7 @@ def remote_store(node: Node, token: Callable[[], str]) -> RemoteDatastore:
         lambda: trusted_bundle(node),
         node.cfg.node,
         node_password=lambda: node_password(node),
+        prefer_again=node.cfg.preferred_server_retry,
     )
 
 

@@ -71,6 +71,7 @@ class Config:
     agent_unavailable_grace: float = 600.0
     agent_unavailable: Literal["skip", "wait"] = "skip"
     supervisor_bind_address: str = "0.0.0.0"
+    preferred_server_retry: float = 30.0
 
     # The config files that were read, lowest precedence first (RKE2's config, its drop-ins in
     # order, ours); the last one that sets a key wins. Not part of the configuration's value.

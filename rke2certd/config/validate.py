@@ -73,6 +73,7 @@ class ConfigModel(BaseModel):
     health_timeout: float = Field(300, alias="health-timeout", gt=0)
     agent_unavailable_grace: float = Field(600, alias="agent-unavailable-grace", ge=0)
     agent_unavailable: Literal["skip", "wait"] = Field("skip", alias="agent-unavailable")
+    preferred_server_retry: float = Field(30, alias="preferred-server-retry", gt=0)
     health_etcd_endpoint: str = Field("https://127.0.0.1:2379", alias="health-etcd-endpoint")
     health_apiserver_endpoint: str = Field(
         "https://127.0.0.1:6443", alias="health-apiserver-endpoint"

@@ -63,6 +63,7 @@ class Endpoint:
                 hub=self._hub,
                 max_watches=limits.watches,
                 max_connections=limits.connections,
+                home=limits.home,
             )
         try:
             self.handle = server.start(
@@ -79,7 +80,7 @@ class Endpoint:
             return
         self._next_limits = time.monotonic() + self.limits_every
         limits = self._fleet_limits(ds)
-        self._api.resize(limits.connections, limits.watches)
+        self._api.resize(limits.connections, limits.watches, limits.home)
 
     def _fleet_limits(self, ds: Datastore) -> Limits:
         """The endpoint's limits for the fleet the datastore knows now."""

@@ -223,7 +223,9 @@ class ClusterLink:
             try:
                 ds = ds or self._open()
                 if feed.revision is None:
-                    feed.revision = ds.snapshot(PREFIX).revision + 1
+                    # the revision now: a read of the few rollout keys, not the whole prefix
+                    # (an agent reads through a server: a fleet's worth of records)
+                    feed.revision = ds.snapshot(rec.ROLLOUTS).revision + 1
                     self._poke()  # the main loop reads what it may have missed
                 self._follow(ds, feed)
                 self._ok(feed.name)

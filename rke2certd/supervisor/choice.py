@@ -8,20 +8,25 @@ Adding or removing a server moves only the agents that preferred it.
 
 `ServerChoice` keeps an agent on the server that answered last (a dead preferred server costs
 one failed attempt, not one per request), and tries its preferred server first again once
-every `prefer_again` seconds, so that the agents move back when it returns. Nothing an agent
+every `prefer_again` seconds (the `preferred-server-retry` setting), so that the agents move
+back when it returns. Nothing an agent
 holds lives in one server's memory (registration, leases, watch revisions are the datastore's),
 so a move costs the agent nothing but the request that failed.
+
+A server that has its share of the fleet says so to the agents beyond it (`crowded`,
+fleet_limits.py): the agent avoids it for `prefer_again` seconds and uses the next one in its
+rank that is not avoided (if every one is, it stays where it is: crowded servers still serve).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Sequence
 
-# How often an agent away from its preferred server tries that one first again.
-PREFER_AGAIN = float(os.environ.get("RKE2CERTD_PREFER_AGAIN_SECONDS", "30"))
+# How often an agent away from its preferred server tries that one first again, by default
+# (the `preferred-server-retry` setting).
+PREFER_AGAIN = 30.0
 
 
 def preferred_order(urls: Sequence[str], node: str) -> list[str]:
@@ -44,6 +49,7 @@ class ServerChoice:
         self.prefer_again = prefer_again
         self.current = self.ranked[0] if self.ranked else ""
         self._tried_home = 0.0  # when the preferred server was last tried
+        self._avoid: dict[str, float] = {}  # crowded servers -> until when they are avoided
         self._lock = threading.Lock()
 
     @property
@@ -52,11 +58,21 @@ class ServerChoice:
 
     def order(self, now: float) -> list[str]:
         with self._lock:
+            free = [u for u in self.ranked if self._avoid.get(u, 0.0) <= now]
             first = self.current
-            if first == self.preferred or now - self._tried_home >= self.prefer_again:
+            if first not in free and free:
+                first = free[0]  # crowded: the next server in rank that is not
+            home = self.preferred
+            due = now - self._tried_home >= self.prefer_again
+            if home in free and (first == home or due):
                 self._tried_home = now  # tried (again) now: the next try after prefer_again
-                first = self.preferred
+                first = home
             return [first] + [u for u in self.ranked if u != first]
+
+    def crowded(self, url: str, now: float) -> None:
+        """`url` answered that it has its share of agents: avoid it for a while."""
+        with self._lock:
+            self._avoid[url] = now + self.prefer_again
 
     def answered(self, url: str) -> str | None:
         """`url` answered; the server moved to, if this is a move (None: no change)."""

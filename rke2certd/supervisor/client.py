@@ -47,6 +47,8 @@ from rke2certd.supervisor import (
 
 DEFAULT_TIMEOUT = 10.0
 MAX_RESPONSE = 1024 * 1024  # CA bundles and leaf chains are a few KiB
+# the coordination keys of a large fleet: ~1 KiB per agent when read whole (records.py)
+MAX_JSON_RESPONSE = 64 * 1024 * 1024
 Urls = str | Sequence[str]
 _T = TypeVar("_T")
 
@@ -143,13 +145,14 @@ def _exchange(
     timeout: float,
     body: bytes | None = None,
     headers: Mapping[str, str] | None = None,
+    limit: int = MAX_RESPONSE,
 ) -> _Answer:
     host, port = _endpoint(url)
     conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
         conn.request(method, path, body=body, headers=dict(headers or {}))
         response = conn.getresponse()
-        data = response.read(MAX_RESPONSE + 1)
+        data = response.read(limit + 1)
     except ssl.SSLCertVerificationError as exc:
         raise _Skip(
             f"its certificate does not verify against the pinned CA ({exc.reason})"
@@ -158,8 +161,8 @@ def _exchange(
         raise _Skip(_why(exc)) from exc
     finally:
         conn.close()
-    if len(data) > MAX_RESPONSE:
-        raise _Skip(f"it answered more than {MAX_RESPONSE} bytes")
+    if len(data) > limit:
+        raise _Skip(f"it answered more than {limit} bytes")
     return _Answer(response.status, response.reason, data, response.getheader(wire.ERROR_HEADER))
 
 
@@ -266,8 +269,12 @@ def locate_cacerts(
     def attempt(url: str) -> tuple[str, bytes]:
         bundle, got = _get_cacerts(url, insecure_context(), timeout)
         if parsed.ca_hash is None:
-            log.warning("ca_not_pinned", server_url=url, ca_hash=got,
-                        reason="the token has no CA hash: the CA is trusted as served")  # fmt: skip
+            log.warning(
+                "ca_not_pinned",
+                server_url=url,
+                ca_hash=got,
+                reason="the token has no CA hash: the CA is trusted as served",
+            )
         elif got != parsed.ca_hash:
             raise _Mismatch(_mismatch(url, parsed.ca_hash, got))
         else:
@@ -367,7 +374,9 @@ def post_json(
     context = pinned_context(cacerts)
 
     def attempt(url: str) -> dict[str, Any]:
-        answer = _exchange(url, context, "POST", path, timeout, body=body, headers=headers)
+        answer = _exchange(
+            url, context, "POST", path, timeout, body=body, headers=headers, limit=MAX_JSON_RESPONSE
+        )
         data = _expect_ok(url, answer, f"POST {path}")
         try:
             out = wire.loads(data, MAX_JSON_DEPTH)

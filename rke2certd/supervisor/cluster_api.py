@@ -4,13 +4,17 @@ endpoint's `POST /v1-rke2/cluster` runs one datastore operation for them on the 
 What an agent may do (its name is the `rke2-Node-Name` header of an agent-token request, proved
 by its node password before this module sees it, and never a server's: `node_auth.py`):
 - read every key under /rke2certd/ (registrations, rollouts, statuses, slots: nothing secret,
-  and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll);
+  and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll); a read
+  may ask for the changes since the revision of its last one (mirror.py);
 - write only its own records, each checked to be what it claims: its registration and
   membership (phase agent), its status in a rollout, the agent phase's restart slots;
 - take leases, and refresh or revoke only a lease it took here or that its registration is on;
 - watch as a long poll only while the server holds fewer than MAX_WATCHES of them: beyond, a
   watch is answered at once with the changes so far and a time to ask again, so that many
   agents on one server never take the connections that short requests need;
+- be told the server is crowded: an answer carries `"crowded": true` when the server already
+  has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them; the
+  agent then uses its next server (choice.py). It is served all the same: never refused;
 - ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
 - learn which CA generation the server holds, and the digests of the bundles it serves.
 
@@ -22,12 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rke2certd.datastore.base import KV, Datastore, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.base import KV, Datastore, Event, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.log import log
 from rke2certd.node.ca_material import disk_generation
 from rke2certd.pki.layout import Layout
@@ -36,6 +42,8 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
+from rke2certd.supervisor.fleet_limits import MIN_HOME
+from rke2certd.supervisor.watch_hub import NOTHING as _NOTHING
 from rke2certd.supervisor.watch_hub import WatchHub
 
 MIN_TTL, MAX_TTL = 2, 600
@@ -45,6 +53,10 @@ MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client go
 MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
 MAX_ONLY = 256  # keys in a watch's filter (a barrier names each node it waits for)
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
+# An agent counts as one of this server's while it asked something within this (its long poll
+# asks at least every MAX_WATCH_SECONDS, its lease refresh every ttl/3).
+HOME_SEEN_SECONDS = 2 * wire.MAX_WATCH_SECONDS + 10
+MAX_DELTA = 2048  # changes answered for a `since` read; beyond, the whole keys are smaller
 
 
 class ClusterRefused(Exception):
@@ -78,12 +90,14 @@ class ClusterAPI:
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
     max_connections: int = MAX_CONNECTIONS  # the endpoint's (limits.py: from the fleet)
+    home: int = MIN_HOME  # agents taken as this server's own (fleet_limits.py)
     availability: Availability = field(default_factory=Availability)  # the config's policy
     hub: WatchHub | None = None  # the server's one watch for all long polls (started by owner)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
     _full: bool = False  # busy answered and logged; cleared once the load has halved
+    _own: dict[str, float] = field(default_factory=dict)  # this server's agents -> last seen
     _resize_hooks: list[Callable[[int], None]] = field(default_factory=list)  # endpoint's gate
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
@@ -92,10 +106,11 @@ class ClusterAPI:
     def __post_init__(self) -> None:
         self._store = ClusterStore(self.ds)
 
-    def resize(self, connections: int, watches: int) -> None:
+    def resize(self, connections: int, watches: int, home: int | None = None) -> None:
         """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
         with self._lock:
             self.max_connections, self.max_watches = connections, watches
+            self.home = self.home if home is None else home
             for hook in self._resize_hooks:
                 hook(connections)
 
@@ -109,6 +124,19 @@ class ClusterAPI:
         with self._lock:
             if hook in self._resize_hooks:
                 self._resize_hooks.remove(hook)
+
+    def crowded(self, node: str, now: float) -> bool:
+        """Whether to tell `node` to use its next server: this one has its share of agents
+        (seen lately) and `node` is not one of them. Otherwise `node` is (still) one of them."""
+        with self._lock:
+            if node not in self._own and len(self._own) >= self.home:
+                gone = [n for n, seen in self._own.items() if now - seen > HOME_SEEN_SECONDS]
+                for n in gone:
+                    del self._own[n]
+                if len(self._own) >= self.home:
+                    return True
+            self._own[node] = now
+            return False
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
@@ -126,6 +154,8 @@ class ClusterAPI:
             raise ClusterRefused(404, f"lease not found: {exc}", wire.LEASE_NOT_FOUND) from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
+        if self.crowded(node, time.monotonic()):
+            result["crowded"] = True
         return result
 
     # reads --------------------------------------------------------------------------------
@@ -140,8 +170,29 @@ class ClusterAPI:
         return {"kv": wire.kv_out(kv) if kv else None}
 
     def _op_snapshot(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
-        snap = self.ds.snapshot(self._readable(wire.key_in(doc.get("prefix"), "prefix")))
-        return {"snapshot": wire.snapshot_out(snap)}
+        prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
+        since = wire.integer(doc.get("since"), "since", optional=True)
+        if since is not None and isinstance(self.ds, SQLiteDatastore):
+            delta = self._changes(prefix, since)
+            if delta is not None:
+                return {"delta": wire.events_out(delta[0]), "revision": delta[1]}
+        return {"snapshot": wire.snapshot_out(self.ds.snapshot(prefix))}
+
+    def _changes(self, prefix: str, since: int) -> tuple[list[Event], int] | None:
+        """The changes under `prefix` after revision `since`, and the revision the keys are
+        then at (mirror.py); None when a whole read is due (history gone, or it is smaller).
+        SQLite only: its history read is one query, complete up to the moment it runs (an
+        etcd watch sends the history in batches of its own choosing)."""
+        now = self.ds.snapshot(_NOTHING).revision  # first: the changes read next reach it
+        if since > now:
+            return None  # a revision this store never had: the whole keys
+        try:
+            events = self.ds.watch_prefix(prefix, since + 1, 0)
+        except WatchCompacted:
+            return None
+        if len(events) > MAX_DELTA:
+            return None
+        return events, max([now, *(e.kv.mod_revision for e in events)])
 
     def _op_watch(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
         prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
@@ -156,10 +207,14 @@ class ClusterAPI:
                 self._watching += 1
             first_busy, self._full = busy and not self._full, busy or self._full
         if first_busy:
-            log.warning("cluster_watches_full", limit=self.max_watches, node=node,
-                        reason=f"{self.max_watches} agents hold a watch here; others poll every "
-                        f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
-                        "until a place frees up")  # fmt: skip
+            log.warning(
+                "cluster_watches_full",
+                limit=self.max_watches,
+                node=node,
+                reason=f"{self.max_watches} agents hold a watch here; others poll every "
+                f"{wire.BUSY_RETRY_SECONDS / 2:g}-{wire.BUSY_RETRY_SECONDS:g} s "
+                "until a place frees up",
+            )
         if busy:
             answer = self._watch(prefix, start, BUSY_WATCH_SECONDS, only)
             return answer | {"retry_after": wire.BUSY_RETRY_SECONDS}

@@ -12,9 +12,19 @@ datastore work, so the limit is what the fleet needs, within what the host can g
 - never below the defaults (a small fleet keeps the limits it always had).
 
 Long polls get three quarters of the connections, the short requests of a rollout's turn the
-rest. Beyond the limits the server pushes back, and agents retry, never fail: a long poll
-beyond its limit is answered at once with a time to ask again; a connection beyond its limit
-is closed, and the agent tries its next server, then again after a pause.
+rest.
+
+Spread. Each agent's preferred server is a hash of its name (choice.py), even only on average
+(a hundred agents over three servers: about 33 +- 5 each; sim-0000..sim-0099 land 22/36/42).
+So a server takes as its own
+at most `home` agents, a tenth over its fair share (never fewer than MIN_HOME: a small fleet
+goes by the hash alone); it serves the others too, and tells them it is crowded, so that they
+use their next server (cluster_api.py). With every server up, no server then holds more than
+a tenth over its share, so none less than a fifth under it (with three).
+
+Beyond the limits the server pushes back, and agents retry, never fail: a long poll beyond its
+limit is answered at once with a time to ask again; a connection beyond its limit is closed,
+and the agent tries its next server, then again after a pause.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from dataclasses import dataclass
 from rke2certd.supervisor import MAX_CONNECTIONS
 
 MAX = 4096  # connections (threads) one endpoint ever holds
+MIN_HOME = 16  # agents a server always takes as its own (the hash alone spreads a small fleet)
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,7 @@ class Limits:
     connections: int
     watches: int
     reason: str
+    home: int = MIN_HOME  # agents this server takes as its own before it says it is crowded
 
 
 def fleet_limits(agents: int, servers: int, open_files: int) -> Limits:
@@ -45,4 +57,5 @@ def fleet_limits(agents: int, servers: int, open_files: int) -> Limits:
         f"{agents} agent(s) over {servers} server(s): up to {share} here with one server down; "
         f"the host allows {capacity} connections"
     )
-    return Limits(connections, connections * 3 // 4, reason)
+    home = max(MIN_HOME, agents * 11 // (10 * max(1, servers)))
+    return Limits(connections, connections * 3 // 4, reason, home)

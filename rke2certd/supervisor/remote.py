@@ -31,14 +31,16 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.errors import DatastoreError, TokenError
 from rke2certd.log import log
+from rke2certd.rollout.records import PREFIX
 from rke2certd.supervisor import CLUSTER_PATH, wire
-from rke2certd.supervisor.choice import ServerChoice
+from rke2certd.supervisor.choice import PREFER_AGAIN, ServerChoice
 from rke2certd.supervisor.client import (
     DEFAULT_TIMEOUT,
     RefusedError,
     UnreachableError,
     post_json,
 )
+from rke2certd.supervisor.mirror import Mirror
 
 _T = TypeVar("_T")
 
@@ -53,9 +55,10 @@ class RemoteDatastore(Datastore):
         *,
         node_password: Callable[[], str],
         timeout: float = DEFAULT_TIMEOUT,
+        prefer_again: float = PREFER_AGAIN,
     ) -> None:
         self.urls = list(urls)  # ranked for this node (supervisor_urls)
-        self.choice = ServerChoice(self.urls)
+        self.choice = ServerChoice(self.urls, prefer_again)
         self._token = token
         self._node_password = node_password
         self._trust = trust
@@ -63,6 +66,7 @@ class RemoteDatastore(Datastore):
         self.timeout = timeout
         self.location = f"the coordination keys of {', '.join(self.urls)}"
         self._closed = threading.Event()
+        self._mirror = Mirror(PREFIX)
 
     def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, to the servers in the choice's order; the first answer counts."""
@@ -87,7 +91,10 @@ class RemoteDatastore(Datastore):
             except TokenError as exc:  # this server serves a CA we do not trust (yet)
                 mismatch = mismatch or exc
                 continue
-            if self.choice.answered(url) is not None:
+            crowded = answer.get("crowded") is True  # served; the next request goes elsewhere
+            if crowded:
+                self.choice.crowded(url, time.monotonic())
+            if not crowded and self.choice.answered(url) is not None:
                 home = url == self.choice.preferred
                 log.info(
                     "server_chosen",
@@ -96,7 +103,7 @@ class RemoteDatastore(Datastore):
                     preferred=home,
                     reason="its preferred server answers again"
                     if home
-                    else f"{'; '.join(problems) or 'the server before did not answer'}",
+                    else "; ".join(problems) or "the server before did not answer or is crowded",
                 )
             return answer
         if mismatch is not None:
@@ -130,6 +137,10 @@ class RemoteDatastore(Datastore):
         return self._parse(lambda: wire.kv_in(answer["kv"]) if answer["kv"] else None)
 
     def snapshot(self, prefix: str) -> Snapshot:
+        if prefix == self._mirror.prefix:  # the whole keys: the changes since the last read
+            with self._mirror.lock:
+                answer = self._call(self._mirror.request())
+                return self._parse(lambda: self._mirror.take(answer))
         answer = self._call({"op": "snapshot", "prefix": wire.key_out(prefix)})
         return self._parse(lambda: wire.snapshot_in(answer["snapshot"]))
 

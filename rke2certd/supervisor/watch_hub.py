@@ -25,7 +25,7 @@ from rke2certd.rollout import records as rec
 SLICE = 30.0  # one datastore watch call (a stopped hub exits after the call in flight)
 KEEP = 8192  # changes held (a rollout of a 1000-agent fleet writes a few per agent)
 BACKOFF_MAX = 10.0
-_NOTHING = "/rke2certd-hub-empty/"  # read for the current revision only: no key lives there
+NOTHING = "/rke2certd-hub-empty/"  # read for the current revision only: no key lives there
 
 
 class WatchHub:
@@ -88,7 +88,7 @@ class WatchHub:
         while not self._stop.is_set():
             try:
                 if self._next == 0:
-                    revision = self.ds.snapshot(_NOTHING).revision + 1
+                    revision = self.ds.snapshot(NOTHING).revision + 1
                     with self._cond:
                         self._events, self._revs = [], []
                         self._next = self._from = revision

@@ -6,6 +6,7 @@ granted there."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -21,8 +22,10 @@ from rke2certd.node.node import Node
 from rke2certd.plan.rollout import Member, Phase, Registration, Slot
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
+from rke2certd.supervisor import MAX_CONNECTIONS
 from rke2certd.supervisor.choice import ServerChoice, preferred_order
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.cluster_api import HOME_SEEN_SECONDS, ClusterAPI, ServedCA
+from rke2certd.supervisor.fleet_limits import MIN_HOME, fleet_limits
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
@@ -81,6 +84,41 @@ def test_sticky_until_the_preferred_server_is_tried_again() -> None:
     assert choice.order(61) == URLS
 
 
+def test_a_crowded_server_is_avoided_for_a_while() -> None:
+    choice = ServerChoice(URLS, prefer_again=30)
+    assert choice.order(0) == URLS
+    choice.crowded(URLS[0], 0)  # home has its share: the next in rank, not home
+    assert choice.order(1)[0] == URLS[1]
+    assert choice.answered(URLS[1]) == URLS[1]
+    choice.crowded(URLS[1], 2)  # that one too: the third
+    assert choice.order(3)[0] == URLS[2]
+    assert choice.answered(URLS[2]) == URLS[2]
+    for url in URLS[:2]:
+        choice.crowded(url, 10)
+    choice.crowded(URLS[2], 10)  # every one crowded: stay (a crowded server still serves)
+    assert choice.order(11)[0] == URLS[2]
+    assert choice.order(41)[0] == URLS[0]  # home tried again once it is not avoided
+
+
+def test_a_server_takes_a_tenth_over_its_share_as_its_own() -> None:
+    assert fleet_limits(10, 3, 1024).home == MIN_HOME  # a small fleet: the hash alone
+    assert fleet_limits(103, 3, 1024).home == 37  # 34.3 each; at most 37, so at least 29
+    assert fleet_limits(1003, 3, 1 << 20).home == 367
+
+
+def test_the_endpoint_counts_its_own_agents(tmp_path: Path) -> None:
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=2)
+        assert not api.crowded("a1", 0) and not api.crowded("a2", 1)
+        assert api.crowded("a3", 2)  # two are its own already
+        assert not api.crowded("a1", 50)  # its own stay its own
+        assert api.crowded("a3", 1 + HOME_SEEN_SECONDS)  # a2 was seen lately enough
+        assert not api.crowded("a3", 2 + HOME_SEEN_SECONDS)  # a2 is gone: a3 in its place
+        api.resize(MAX_CONNECTIONS, MAX_CONNECTIONS // 2, home=3)
+        assert not api.crowded("a4", 3 + HOME_SEEN_SECONDS)
+        assert api.crowded("a5", 4 + HOME_SEEN_SECONDS)
+
+
 def test_supervisor_urls_are_ranked_for_the_node(tmp_path: Path) -> None:
     from tests.agent.helpers import make_agent_node
 
@@ -100,8 +138,10 @@ def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
         yield ds
 
 
-def _endpoint(server: ServerNode, store: SQLiteDatastore, port: int = 0) -> SupervisorHandle:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+def _endpoint(
+    server: ServerNode, store: SQLiteDatastore, port: int = 0, home: int = MIN_HOME
+) -> SupervisorHandle:
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout), home=home)
     return start(server.node, host=HOST, port=port, cluster=api)
 
 
@@ -185,3 +225,103 @@ def test_a_lease_is_still_no_other_agents(
     finally:
         first.stop()
         second.stop()
+
+
+def test_an_agent_that_started_on_a_fallback_goes_home_by_itself(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+    events: list[dict[str, Any]],
+) -> None:
+    """The preferred server is not up yet when the agent starts (a fleet starting with its
+    servers): the agent works through the next one, then moves back to its first choice once
+    that answers, by itself (its `prefer_again`, passed in), keeping its lease."""
+    first, second = _endpoint(server, store), _endpoint(server, store)
+    first.stop()  # not up yet
+    running = [second]
+    try:
+        node: Node = agent_factory("agent-1", supervisor_port=second.port)
+        renew_agent(node)
+        remote = RemoteDatastore(
+            [first.url, second.url],
+            lambda: server.agent_token,
+            lambda: trusted_bundle(node),
+            "agent-1",
+            node_password=lambda: node_password(node),
+            prefer_again=0.05,
+        )
+        assert remote.choice.prefer_again == 0.05
+        lease = remote.grant_lease(30)
+        assert remote.choice.current == second.url  # started on the fallback
+        first = _endpoint(server, store, port=first.port)  # the preferred server comes up
+        running.append(first)
+        deadline = time.monotonic() + 60  # a guard against hanging, not a bound measured
+        while remote.choice.current != first.url:  # what the agent does anyway: its calls
+            assert time.monotonic() < deadline, "the agent never went back"
+            assert remote.refresh_lease(lease) > 0
+        chosen = [
+            (e["server_url"], e["preferred"]) for e in events if e["event"] == "server_chosen"
+        ]
+        assert chosen == [(second.url, False), (first.url, True)]
+        assert remote.refresh_lease(lease) > 0  # the lease goes on at home
+        assert remote.choice.current == first.url  # and it stays there
+        assert remote.revoke_lease(lease)
+    finally:
+        for handle in running:
+            handle.stop()
+
+
+def test_a_crowded_server_sends_the_agents_beyond_its_share_to_their_next(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+    events: list[dict[str, Any]],
+) -> None:
+    """Three real endpoints, each taking 5 agents as its own; 12 agents, 8 of which prefer the
+    first server: 3 of them are told it is crowded and settle on their next servers, served
+    throughout; no server keeps more than its 5."""
+    ends = [_endpoint(server, store, home=5) for _ in range(3)]
+    try:
+        urls = [e.url for e in ends]
+        node: Node = agent_factory("agent-x", supervisor_port=ends[0].port)
+        renew_agent(node)
+        want = {urls[0]: 8, urls[1]: 2, urls[2]: 2}
+        names: list[str] = []
+        for i in range(2000):  # the first names whose preferences fit `want`
+            name = f"agent-{i}"
+            home = preferred_order(urls, name)[0]
+            if sum(preferred_order(urls, n)[0] == home for n in names) < want[home]:
+                names.append(name)
+            if len(names) == 12:
+                break
+        assert len(names) == 12
+        remotes = {
+            name: RemoteDatastore(
+                preferred_order(urls, name),
+                lambda: server.agent_token,
+                lambda: trusted_bundle(node),
+                name,
+                node_password=lambda: "0" * 32,
+                prefer_again=3600,
+            )
+            for name in names
+        }
+        where: dict[str, str] = {}
+        for _round in range(10):  # a few calls each: each move is one request
+            before = dict(where)
+            for name, remote in remotes.items():
+                assert remote.get(rec.node_key(name)) is None  # served, crowded or not
+                where[name] = remote.choice.order(0)[0]
+            if where == before:
+                break
+        assert where == before, "the agents did not settle"
+        load = Counter(where.values())
+        assert max(load.values()) <= 5 and sum(load.values()) == 12, load
+        assert load[urls[0]] == 5
+        movers = {e["node"] for e in events if e["event"] == "server_chosen"}
+        assert len(movers) == 3 and all(preferred_order(urls, m)[0] == urls[0] for m in movers)
+        reasons = {e["reason"] for e in events if e["event"] == "server_chosen"}
+        assert reasons == {"the server before did not answer or is crowded"}
+    finally:
+        for end in ends:
+            end.stop()

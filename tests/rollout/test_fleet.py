@@ -128,10 +128,11 @@ def test_agents_move_when_the_server_most_use_dies_mid_rollout(
     server most of them prefer is killed once the agent phase has begun: its agents move to
     their next servers (their leases, registrations and watches go on there) and the rollout
     finishes; when it returns, they move back."""
-    slow = {"SIM_RESTART_DELAY": "1.5", "RKE2CERTD_PREFER_AGAIN_SECONDS": "1"}
+    slow = {"SIM_RESTART_DELAY": "1.5"}
     specs = [NodeSpec("e1", ("etcd",)), NodeSpec("c1", ("control-plane",))]
     specs += [NodeSpec("c2", ("control-plane",))]
-    specs += [NodeSpec(a, ("agent",), env=dict(slow)) for a in FLEET]
+    retry = {"preferred-server-retry": 1}
+    specs += [NodeSpec(a, ("agent",), env=dict(slow), config=dict(retry)) for a in FLEET]
     cluster = sim_sqlite(specs, spread=True)
     cluster.wait_for(lambda: set(FLEET) <= set(view(cluster).live), 60, "agents registered")
 

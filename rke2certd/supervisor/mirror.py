@@ -1,0 +1,57 @@
+"""An agent's whole read of the coordination keys, brought up to date by the changes since.
+
+An agent decides each step on a read of the whole prefix (rollout/runner.py), through a server:
+in a fleet of N agents that is N registrations and memberships, so every read cost the server
+and the agent work in N, and a rollout's agent phase (a few reads per agent, one agent after
+another) grew with N squared. The agent keeps its last whole read here and asks the server for
+the changes since its revision (`since`); the server answers them (cluster_api.py), or the whole
+prefix when it cannot say (its datastore's history is gone, or an older server): either way the
+result is the keys as they are at one revision, a consistent snapshot as a whole read would be.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from rke2certd.datastore.base import KV, EventType, Snapshot
+from rke2certd.supervisor import wire
+
+
+class Mirror:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.revision: int | None = None  # of the read held (None: none yet)
+        self._kvs: dict[str, KV] = {}
+        self.lock = threading.Lock()  # a request and the answer it gets go together
+
+    def request(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"op": "snapshot", "prefix": wire.key_out(self.prefix)}
+        if self.revision is not None:
+            doc["since"] = self.revision
+        return doc
+
+    def take(self, answer: dict[str, Any]) -> Snapshot:
+        """The keys at the answer's revision (raises wire.WireError, KeyError, TypeError on a
+        malformed answer, and then forgets what it held: the next read is a whole one)."""
+        try:
+            if "delta" in answer and self.revision is not None:
+                events = wire.events_in(answer["delta"])
+                revision = wire.integer(answer["revision"], "revision", low=self.revision)
+                assert revision is not None
+                for event in events:
+                    if not event.kv.key.startswith(self.prefix):
+                        raise wire.WireError(f"a change of {event.kv.key!r} outside the prefix")
+                    if event.type is EventType.DELETE:
+                        self._kvs.pop(event.kv.key, None)
+                    else:
+                        self._kvs[event.kv.key] = event.kv
+            else:
+                snap = wire.snapshot_in(answer["snapshot"])
+                self._kvs = {kv.key: kv for kv in snap.kvs}
+                revision = snap.revision
+        except Exception:
+            self.revision, self._kvs = None, {}
+            raise
+        self.revision = revision
+        return Snapshot([self._kvs[k] for k in sorted(self._kvs)], revision)

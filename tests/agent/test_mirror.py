@@ -1,0 +1,136 @@
+"""An agent's whole read of the coordination keys as the changes since its last one
+(supervisor/mirror.py, the `since` read of cluster_api.py): through a real endpoint on a real
+SQLite store, every read equals a direct read of the store, writes, deletes and expired leases
+included; and the answers carry the changes, not the fleet."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rke2certd.commands.agent import node_password
+from rke2certd.commands.agent_rollout import trusted_bundle
+from rke2certd.datastore.base import Snapshot
+from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.rollout import records as rec
+from rke2certd.supervisor import wire
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.mirror import Mirror
+from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import start
+
+from .helpers import HOST, ServerNode, renew_agent
+
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> datetime:
+        return NOW + timedelta(seconds=self.t)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: FakeClock) -> Iterator[SQLiteDatastore]:
+    with SQLiteDatastore(tmp_path / "coord.sqlite", clock=clock) as ds:
+        yield ds
+
+
+def _same(a: Snapshot, b: Snapshot) -> None:
+    assert [(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in a.kvs] == [
+        (kv.key, kv.value, kv.mod_revision, kv.lease) for kv in b.kvs
+    ]
+
+
+def test_reads_are_the_changes_since_and_equal_the_store(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    clock: FakeClock,
+    agent_factory: Callable[..., Any],
+) -> None:
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    handle = start(server.node, host=HOST, port=0, cluster=api)
+    try:
+        node = agent_factory("agent-1", supervisor_port=handle.port)
+        renew_agent(node)
+        remote = RemoteDatastore(
+            [handle.url],
+            lambda: server.agent_token,
+            lambda: trusted_bundle(node),
+            "agent-1",
+            node_password=lambda: node_password(node),
+        )
+        answers: list[dict[str, Any]] = []
+        call = remote._call
+
+        def spy(doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+            answer = call(doc, timeout)
+            answers.append(answer)
+            return answer
+
+        remote._call = spy  # type: ignore[method-assign]
+        for i in range(50):  # a fleet's records, some on a lease
+            store.put(rec.PREFIX + f"nodes/n{i}", b"x" * 100)
+        lease = store.grant_lease(10)
+        store.put(rec.PREFIX + "nodes/leased", b"on a lease", lease)
+        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
+        assert "snapshot" in answers[-1]  # the first read is whole
+
+        store.put(rec.PREFIX + "nodes/n3", b"changed")
+        store.delete(rec.PREFIX + "nodes/n4")
+        store.put(rec.PREFIX + "rollouts/r1", b"new")
+        store.put("/elsewhere/k", b"not under the prefix")
+        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
+        assert [e["kv"]["key"] for e in answers[-1]["delta"]] == [
+            wire.key_out(rec.PREFIX + k) for k in ("nodes/n3", "nodes/n4", "rollouts/r1")
+        ]
+        revision = answers[-1]["revision"]
+
+        snap = remote.snapshot(rec.PREFIX)  # nothing changed: nothing sent
+        assert answers[-1]["delta"] == [] and snap.revision >= revision
+
+        clock.t += 11  # the lease expires: its key goes at the server's next read
+        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
+        assert rec.PREFIX + "nodes/leased" not in {kv.key for kv in remote.snapshot(rec.PREFIX).kvs}
+
+        other = remote.snapshot(rec.ROLLOUTS)  # another prefix: a whole read, as ever
+        assert "snapshot" in answers[-1] and [kv.key for kv in other.kvs] == [
+            rec.PREFIX + "rollouts/r1"
+        ]
+    finally:
+        handle.stop()
+
+
+def test_history_gone_means_a_whole_read(tmp_path: Path, clock: FakeClock) -> None:
+    """A store whose history was pruned past the agent's revision answers the whole keys."""
+    with SQLiteDatastore(tmp_path / "c.sqlite", clock=clock, history=20) as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
+        mirror = Mirror(rec.PREFIX)
+        ds.put(rec.PREFIX + "a", b"1")
+        mirror.take(api.handle("n", mirror.request()))
+        for i in range(100):
+            ds.put(rec.PREFIX + f"b{i % 5}", str(i).encode())
+        answer = api.handle("n", mirror.request())
+        assert "snapshot" in answer
+        _same(mirror.take(answer), ds.snapshot(rec.PREFIX))
+
+
+def test_a_malformed_delta_forgets_what_was_held() -> None:
+    mirror = Mirror(rec.PREFIX)
+    mirror.take({"snapshot": {"kvs": [], "revision": 5}})
+    kv = {"key": wire.key_out("/other/k"), "value": "", "mod_revision": 6, "create_revision": 6}
+    bad = {"delta": [{"type": "PUT", "kv": kv}]}
+    with pytest.raises(wire.WireError, match="outside the prefix"):
+        mirror.take(bad | {"revision": 6})
+    assert mirror.revision is None and "since" not in mirror.request()
