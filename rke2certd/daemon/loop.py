@@ -296,7 +296,7 @@ class Daemon:
             if self.role.datastore is None and self.runner is not None:  # out until the next
                 self.runner.close()
                 self.runner = None
-        self.monitor.configure(self.cfg)
+        self.monitor.configure(self.cfg, self.role)
         self._safe(lambda: self._renew("reload"))
         self._start_supervisor()
         self.staging.start(self.role.staging, self.wake.poke)
@@ -428,7 +428,7 @@ class Daemon:
     def run(self) -> int:
         signals.install(self.flags, self.wake)
         try:
-            self.monitor.configure(self.cfg)
+            self.monitor.configure(self.cfg, self.role)
             self._try_connect("start")
         except Rke2certdError as exc:
             return self._fail(exc)

@@ -15,13 +15,13 @@ from rke2certd.clock import Clock
 from rke2certd.commands.check import CheckResult
 from rke2certd.config import Config
 from rke2certd.log import log
-from rke2certd.node.node import Node
 from rke2certd.plan.inventory import Row, rows_for
 from rke2certd.plan.verdict import Level, Verdict, verdict
 
 if TYPE_CHECKING:
     from rke2certd.daemon.loop import Daemon
     from rke2certd.daemon.metrics import Metrics
+    from rke2certd.roles.base import NodeRole
 
 
 class Monitor:
@@ -33,7 +33,7 @@ class Monitor:
 
     # configuration ------------------------------------------------------------------------------
 
-    def configure(self, cfg: Config) -> None:
+    def configure(self, cfg: Config, role: NodeRole) -> None:
         """Start, move or stop the endpoint and the textfile for this config."""
         old, self.cfg = self.cfg, cfg
         wanted = bool(cfg.metrics_address.strip()) or cfg.textfile_dir is not None
@@ -43,12 +43,7 @@ class Monitor:
         if self.metrics is None:
             from rke2certd.daemon.metrics import Metrics  # prometheus_client: ~15 ms, daemon only
 
-            routes: frozenset[str] = frozenset()
-            if cfg.is_server:
-                from rke2certd.supervisor.server import ROUTES
-
-                routes = ROUTES
-            self.metrics = Metrics(self.clock, routes)
+            self.metrics = Metrics(self.clock, role.served_routes)
         elif old is not None and old.metrics_address != cfg.metrics_address:
             self.metrics.stop()
         self.metrics.update(
@@ -68,7 +63,7 @@ class Monitor:
 
     # the loop's news -------------------------------------------------------------------------
 
-    def certs(self, node: Node, result: CheckResult) -> None:
+    def certs(self, role: NodeRole, result: CheckResult) -> None:
         """A fresh inventory (right after a renew): the verdict, the all-OK event, the metrics."""
         new = verdict(result.rows, result.errors, result.warnings, result.kubeconfigs)
         old, self.verdict = self.verdict, new
@@ -82,11 +77,11 @@ class Monitor:
 
         self.metrics.update(
             rows=list(result.rows),
-            ca_rows=ca_rows(node, result),
+            ca_rows=ca_rows(role, result),
             errors=list(result.errors),
             overdue=overdue_rows(result.rows),
             verdict=new,
-            generation=_generation(node),
+            generation=role.disk_generation(),
         )
 
     def rescanned(self) -> None:
@@ -109,20 +104,17 @@ class Monitor:
         return f"{self.verdict.level.name}: {self.verdict.text}"
 
 
-def ca_rows(node: Node, result: CheckResult) -> list[Row]:
+def ca_rows(role: NodeRole, result: CheckResult) -> list[Row]:
     """The CA files' certificates (x509 series and the soonest CA expiry); not in `check`."""
     from rke2certd.daemon.metrics import CA_SERVICE
     from rke2certd.errors import PKIError
     from rke2certd.files.atomic import read_optional
     from rke2certd.node.cert_facts import FactsCache
-    from rke2certd.pki.layout import CA_NAMES
 
-    cache = FactsCache.for_data_dir(node.layout.data_dir)
+    cache = FactsCache.for_data_dir(role.node.layout.data_dir)
     window = timedelta(days=result.window_days)
-    paths = [node.layout.ca_cert(ca) for ca in CA_NAMES] if node.cfg.is_server else []
-    paths += [node.layout.agent_server_ca, node.layout.agent_client_ca]
     rows: list[Row] = []
-    for path in paths:
+    for path in role.ca_files():
         data = read_optional(path)
         if data is None:
             continue
@@ -132,14 +124,6 @@ def ca_rows(node: Node, result: CheckResult) -> list[Row]:
             result.errors.append(str(exc))
     cache.save()
     return rows
-
-
-def _generation(node: Node) -> str | None:
-    if not node.cfg.is_server:
-        return None
-    from rke2certd.node.ca_material import disk_generation
-
-    return disk_generation(node.layout)
 
 
 def _datastore_up(d: Daemon) -> bool:

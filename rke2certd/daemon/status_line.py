@@ -45,7 +45,7 @@ class StatusLine:
     def _certs(self, d: Daemon) -> str:
         if self.certs is None:
             result = check(d.node, [], d.clock())
-            d.monitor.certs(d.node, result)
+            d.monitor.certs(d.role, result)
             rows = [r for r in result.rows if r.index == 0]
             self.certs = ""
             if rows:

@@ -46,9 +46,17 @@ class AgentNode:
         self.remote: RemoteDatastore | None = None
         self._token: str | None = None  # adopted after a CA rotation, until the next reload
 
+    served_routes: frozenset[str] = frozenset()
+
     @property
     def store(self) -> Datastore | None:
         return self.remote
+
+    def ca_files(self) -> list[Path]:
+        return [self.node.layout.agent_server_ca, self.node.layout.agent_client_ca]
+
+    def disk_generation(self) -> str | None:
+        return None  # its CA bundles come from a server; the generation is the server's
 
     def token(self) -> str:
         from rke2certd.commands.agent import agent_token

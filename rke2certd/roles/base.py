@@ -61,6 +61,19 @@ class NodeRole(Protocol):
         """May start, and join the rollouts, while no server answers (then tries again)."""
         ...
 
+    @property
+    def served_routes(self) -> frozenset[str]:
+        """The endpoint's routes it serves (the metrics count requests per route)."""
+        ...
+
+    def ca_files(self) -> list[Path]:
+        """The CA certificate files this node holds (the metrics show when each expires)."""
+        ...
+
+    def disk_generation(self) -> str | None:
+        """The CA generation of the CA set on this disk (None: the node holds no CA set)."""
+        ...
+
     # -- the daemon --------------------------------------------------------------------------
     def open(self) -> None:
         """Open the store (raises what keeps it closed)."""

@@ -62,6 +62,26 @@ class ServerNode:
     def staging(self) -> Path | None:
         return self.node.cfg.staging
 
+    @property
+    def served_routes(self) -> frozenset[str]:
+        from rke2certd.supervisor.server import ROUTES
+
+        return frozenset(ROUTES)
+
+    def ca_files(self) -> list[Path]:
+        from rke2certd.pki.layout import CA_NAMES
+
+        layout = self.node.layout
+        return [layout.ca_cert(ca) for ca in CA_NAMES] + [
+            layout.agent_server_ca,
+            layout.agent_client_ca,
+        ]
+
+    def disk_generation(self) -> str | None:
+        from rke2certd.node.ca_material import disk_generation
+
+        return disk_generation(self.node.layout)
+
     # -- the daemon --------------------------------------------------------------------------
 
     def open(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from rke2certd.roles.server import FIRST_START
 
 def _node(tmp_path: Path, **extra: object) -> Node:
     settings = {"data-dir": str(tmp_path / "data"), "node-name": "n1", **extra}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(settings, default=str))  # JSON is YAML
     return Node.from_config(load_config(path))
@@ -52,6 +54,27 @@ def test_a_server_waits_for_rke2s_first_start_only_on_an_rke2_node(tmp_path: Pat
     rke2 = tmp_path / "rke2.yaml"
     rke2.write_text("token: x\n")
     assert role_for(_node(tmp_path, **{"rke2-config": rke2})).first_start() == FIRST_START
+
+
+def test_what_the_metrics_show_comes_from_the_role(tmp_path: Path) -> None:
+    """The monitor asks the role which CA files, routes and generation a node has."""
+    from rke2certd.commands.renew import renew
+    from rke2certd.node.ca_material import disk_generation
+    from rke2certd.supervisor.server import ROUTES
+
+    server = role_for(_node(tmp_path / "s"))
+    layout = server.node.layout
+    assert server.served_routes == ROUTES
+    assert layout.ca_cert("server-ca") in server.ca_files()
+    assert layout.agent_server_ca in server.ca_files()
+    renew(server.node, datetime.now(UTC))
+    assert server.disk_generation() == disk_generation(layout) is not None
+
+    agent = role_for(_node(tmp_path / "a", roles=["agent"], server="https://10.0.0.1:9345"))
+    a = agent.node.layout
+    assert agent.served_routes == frozenset()
+    assert agent.ca_files() == [a.agent_server_ca, a.agent_client_ca]
+    assert agent.disk_generation() is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
