@@ -46,8 +46,12 @@ def cli(cfg: Path) -> float:
     t0 = time.perf_counter()
     res = subprocess.run(
         [sys.executable, "-m", "rke2certd", "-c", str(cfg), "renew"],
-        capture_output=True, text=True, env=clean_env(), cwd="/", check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        cwd="/",
+        check=False,
+    )
     elapsed = time.perf_counter() - t0
     if res.returncode != 0:
         raise SystemExit(f"renew failed:\n{res.stderr}")

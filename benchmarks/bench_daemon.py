@@ -204,9 +204,13 @@ def run(work: Path, runs: int, idle_seconds: float, quiet: float) -> int:
         try:
             started = time.monotonic()
             rotate_ca(
-                proc_node, in_proc.staged_dir("set"), force=False, dry_run=False,
-                now=datetime.now(UTC), datastore=ds,
-            )  # fmt: skip
+                proc_node,
+                in_proc.staged_dir("set"),
+                force=False,
+                dry_run=False,
+                now=datetime.now(UTC),
+                datastore=ds,
+            )
             inproc_times.append(time.monotonic() - started)
         finally:
             ds.close()
@@ -238,25 +242,33 @@ def run(work: Path, runs: int, idle_seconds: float, quiet: float) -> int:
 
     med = statistics.median(latencies)
     cli_med, work_med = statistics.median(cli_times), statistics.median(inproc_times)
-    print(f"rke2certd run: {runs} runs, each a cross-signed rotation renamed into the watched "
-          f"dir of a fresh node; staging-quiet {quiet * 1000:.0f} ms")  # fmt: skip
-    print(f"  rename -> result.json   median {ms(med)}   min {ms(min(latencies))}   "
-          f"max {ms(max(latencies))}")  # fmt: skip
+    print(
+        f"rke2certd run: {runs} runs, each a cross-signed rotation renamed into the watched "
+        f"dir of a fresh node; staging-quiet {quiet * 1000:.0f} ms"
+    )
+    print(
+        f"  rename -> result.json   median {ms(med)}   min {ms(min(latencies))}   "
+        f"max {ms(max(latencies))}"
+    )
     print(f"    of which quiet period        {ms(quiet)}")
     print(f"    our work (median - quiet)    {ms(med - quiet)}")
     print("baselines, same runs, alternating, on copies of the same node and set:")
     print(f"  CLI certificate rotate-ca      {ms(cli_med)} (a process per call)")
     print(f"  rotate_ca() in-process         {ms(work_med)} (the checks and the save alone)")
-    print(f"  daemon: our work - rotate_ca   {ms(med - quiet - work_med)} "
-          "(inotify, waking the loop, result files, filing)")  # fmt: skip
+    print(
+        f"  daemon: our work - rotate_ca   {ms(med - quiet - work_med)} "
+        "(inotify, waking the loop, result files, filing)"
+    )
     print(f"  daemon: our work / CLI         {(med - quiet) / cli_med:.2f}x")
     cpu_pct = ticks / HZ / elapsed * 100
     print(f"idle {elapsed:.0f} s after applying a set (WATCHDOG_USEC=60 s: a ping every 30 s):")
     print(f"  CPU      {ticks} ticks of 1/{HZ} s = {cpu_pct:.3f} % of a core")
-    print(f"  RSS      at READY {rss_ready:.1f} MiB; idle median {statistics.median(rss):.1f}, "
-          f"max {max(rss):.1f} MiB (anon {kib(st['RssAnon']) / 1024:.1f}, "
-          f"file {kib(st['RssFile']) / 1024:.1f}); peak (VmHWM) {kib(st['VmHWM']) / 1024:.1f} "
-          f"MiB; target < {RSS_TARGET_MIB:.0f} MiB")  # fmt: skip
+    print(
+        f"  RSS      at READY {rss_ready:.1f} MiB; idle median {statistics.median(rss):.1f}, "
+        f"max {max(rss):.1f} MiB (anon {kib(st['RssAnon']) / 1024:.1f}, "
+        f"file {kib(st['RssFile']) / 1024:.1f}); peak (VmHWM) {kib(st['VmHWM']) / 1024:.1f} "
+        f"MiB; target < {RSS_TARGET_MIB:.0f} MiB"
+    )
     wakes = {
         tid: (
             t.voluntary - threads0[tid].voluntary,
@@ -268,20 +280,28 @@ def run(work: Path, runs: int, idle_seconds: float, quiet: float) -> int:
     }
     woke, preempted = sum(w[0] for w in wakes.values()), sum(w[1] for w in wakes.values())
     cpu_ms = sum(w[2] for w in wakes.values())
-    print(f"           {cpu_ms:.1f} ms on a CPU (schedstat) = {cpu_ms / elapsed * 60:.1f} ms "
-          "per minute")  # fmt: skip
-    print(f"  wake-ups {woke} ({woke / elapsed:.2f}/s) over {st['Threads']} threads, "
-          f"{preempted} preemptions ({preempted / elapsed:.2f}/s), "
-          f"{notes} sd_notify messages")  # fmt: skip
+    print(
+        f"           {cpu_ms:.1f} ms on a CPU (schedstat) = {cpu_ms / elapsed * 60:.1f} ms "
+        "per minute"
+    )
+    print(
+        f"  wake-ups {woke} ({woke / elapsed:.2f}/s) over {st['Threads']} threads, "
+        f"{preempted} preemptions ({preempted / elapsed:.2f}/s), "
+        f"{notes} sd_notify messages"
+    )
     for tid, (w, p, ms_on_cpu) in sorted(wakes.items()):
         who = "main thread" if tid == pid else f"thread {tid}"
-        print(f"    {who:14} sleeping in {threads1[tid].sleeps_in:16} "
-              f"{w / elapsed:5.2f} wake-ups/s, {p / elapsed:5.2f} preemptions/s, "
-              f"{ms_on_cpu:5.1f} ms CPU")  # fmt: skip
+        print(
+            f"    {who:14} sleeping in {threads1[tid].sleeps_in:16} "
+            f"{w / elapsed:5.2f} wake-ups/s, {p / elapsed:5.2f} preemptions/s, "
+            f"{ms_on_cpu:5.1f} ms CPU"
+        )
     rss_ok, cpu_ok = max(rss) < RSS_TARGET_MIB, ticks == 0
-    print(f"targets: RSS {'met' if rss_ok else 'MISSED'} "
-          f"({RSS_TARGET_MIB - max(rss):.1f} MiB of headroom), "
-          f"no measurable CPU {'met' if cpu_ok else 'MISSED'}")  # fmt: skip
+    print(
+        f"targets: RSS {'met' if rss_ok else 'MISSED'} "
+        f"({RSS_TARGET_MIB - max(rss):.1f} MiB of headroom), "
+        f"no measurable CPU {'met' if cpu_ok else 'MISSED'}"
+    )
     return 0 if rss_ok and cpu_ok else 1
 
 

@@ -130,12 +130,22 @@ def alternate(a: Callable[[], float], b: Callable[[], float], runs: int) -> tupl
 # Modules whose cumulative import time a warm idle renew or check pays (each counted where
 # first imported); pydantic and yaml only on a cold run.
 PROFILED = (
-    "rke2certd.cli", "rke2certd.config", "rke2certd.config.validate", "pydantic", "yaml",
-    "rke2certd.log.output", "structlog",
-    "rke2certd.datastore", "requests", "etcd3gw", "sqlite3",
-    "rke2certd.commands.renew", "cryptography.x509",
-    "rke2certd.commands.check", "rke2certd.node.cert_facts",
-)  # fmt: skip
+    "rke2certd.cli",
+    "rke2certd.config",
+    "rke2certd.config.validate",
+    "pydantic",
+    "yaml",
+    "rke2certd.log.output",
+    "structlog",
+    "rke2certd.datastore",
+    "requests",
+    "etcd3gw",
+    "sqlite3",
+    "rke2certd.commands.renew",
+    "cryptography.x509",
+    "rke2certd.commands.check",
+    "rke2certd.node.cert_facts",
+)
 
 
 def import_profile(cfg: Path, *args: str) -> list[tuple[str, float]]:

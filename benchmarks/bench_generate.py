@@ -121,8 +121,13 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def bench(name: str, ours: Callable[[Path], object], theirs: Callable[[Path], object],
-          work: Path, runs: int) -> None:  # fmt: skip
+def bench(
+    name: str,
+    ours: Callable[[Path], object],
+    theirs: Callable[[Path], object],
+    work: Path,
+    runs: int,
+) -> None:
     ours_t: list[float] = []
     theirs_t: list[float] = []
     for i in range(runs):
@@ -132,8 +137,10 @@ def bench(name: str, ours: Callable[[Path], object], theirs: Callable[[Path], ob
             out.append(timed(lambda fn=fn, target=target: fn(target)))  # type: ignore[misc]
             shutil.rmtree(target)
     mo, ms = statistics.median(ours_t), statistics.median(theirs_t)
-    print(f"{name:<28} rke2certd {mo * 1000:8.1f} ms   openssl sequence {ms * 1000:8.1f} ms   "
-          f"ratio openssl/rke2certd {ms / mo:5.2f}x")  # fmt: skip
+    print(
+        f"{name:<28} rke2certd {mo * 1000:8.1f} ms   openssl sequence {ms * 1000:8.1f} ms   "
+        f"ratio openssl/rke2certd {ms / mo:5.2f}x"
+    )
 
 
 def main() -> None:

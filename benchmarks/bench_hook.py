@@ -53,8 +53,9 @@ def main() -> int:
             assert raw
 
             def hook() -> None:
-                res = subprocess.run(hook_cmd, capture_output=True, text=True, env=env,
-                                     cwd="/", check=False)  # fmt: skip
+                res = subprocess.run(
+                    hook_cmd, capture_output=True, text=True, env=env, cwd="/", check=False
+                )
                 if res.returncode != 0:
                     raise SystemExit(f"the hook failed:\n{res.stderr}")
 

@@ -82,10 +82,22 @@ def check_seconds(node: DaemonNode, runs: int) -> list[float]:
     for _ in range(runs):
         started = time.perf_counter()
         subprocess.run(
-            [sys.executable, "-m", "rke2certd", "-c", str(node.config), "certificate", "check",
-             "-o", "json"],
-            env=ENV_BASE, capture_output=True, check=True, cwd="/",
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "rke2certd",
+                "-c",
+                str(node.config),
+                "certificate",
+                "check",
+                "-o",
+                "json",
+            ],
+            env=ENV_BASE,
+            capture_output=True,
+            check=True,
+            cwd="/",
+        )
         out.append(time.perf_counter() - started)
     return out
 

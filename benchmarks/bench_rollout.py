@@ -281,28 +281,41 @@ GROWTH: dict[str, Callable[[Run], float]] = {
 def report(tries: dict[int, list[Run]], datastore: str) -> None:
     sizes = sorted(tries)
     growth = list(GROWTH) if datastore == "etcd" else list(GROWTH)[:-4]
-    med = {n: {k: statistics.median(f(r) for r in tries[n]) for k, f in GROWTH.items()}
-           for n in sizes}  # fmt: skip
+    med = {
+        n: {k: statistics.median(f(r) for r in tries[n]) for k, f in GROWTH.items()} for n in sizes
+    }
     reps = min(len(tries[n]) for n in sizes)
-    print(f"\nfull CA rollout, {datastore} datastore, instant restarts and gates; "
-          f"median of {reps} run(s) per size [min-max]")  # fmt: skip
+    print(
+        f"\nfull CA rollout, {datastore} datastore, instant restarts and gates; "
+        f"median of {reps} run(s) per size [min-max]"
+    )
     print(f"load average now: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'nodes':>5} {'wall s':>7} {'apply s':>7} {'restarts s':>10} {'floor s':>7} "
-          f"{'hand-off s: all, once applied':>29}  "
-          "overhead per node s: all, apply, sequential")  # fmt: skip
+    print(
+        f"{'nodes':>5} {'wall s':>7} {'apply s':>7} {'restarts s':>10} {'floor s':>7} "
+        f"{'hand-off s: all, once applied':>29}  "
+        "overhead per node s: all, apply, sequential"
+    )
     for n in sizes:
         runs = tries[n]
         m = med[n]
         floor = statistics.median(r.floor for r in runs)
         handoff = statistics.median(r.handoff for r in runs)
         late = statistics.median(r.late_handoff for r in runs)
-        print(f"{n:5d} {m['wall']:7.2f} {m['apply']:7.2f} {m['sequential restarts']:10.2f} "
-              f"{floor:7.3f} {handoff:16.3f}, {late:11.3f}  "
-              f"{spread([r.overhead / n for r in runs], '{:.3f}')}, "
-              f"{spread([r.apply / n for r in runs], '{:.3f}')}, "
-              f"{spread([(r.restarts - r.floor) / n for r in runs], '{:.3f}')}")  # fmt: skip
-    print(f"\nper node: {'CPU s':>7} " + (f"{'etcd CPU s':>10} {'reads':>6} {'writes':>6} "
-          f"{'requests':>8} {'watch msgs':>10}" if datastore == "etcd" else ""))  # fmt: skip
+        print(
+            f"{n:5d} {m['wall']:7.2f} {m['apply']:7.2f} {m['sequential restarts']:10.2f} "
+            f"{floor:7.3f} {handoff:16.3f}, {late:11.3f}  "
+            f"{spread([r.overhead / n for r in runs], '{:.3f}')}, "
+            f"{spread([r.apply / n for r in runs], '{:.3f}')}, "
+            f"{spread([(r.restarts - r.floor) / n for r in runs], '{:.3f}')}"
+        )
+    print(
+        f"\nper node: {'CPU s':>7} "
+        + (
+            f"{'etcd CPU s':>10} {'reads':>6} {'writes':>6} {'requests':>8} {'watch msgs':>10}"
+            if datastore == "etcd"
+            else ""
+        )
+    )
     for n in sizes:
         m = med[n]
         req = statistics.median(r.requests for r in tries[n])
@@ -318,8 +331,10 @@ def report(tries: dict[int, list[Run]], datastore: str) -> None:
     ns = [float(n) for n in sizes]
     a, b = fit(ns, [med[n]["wall"] for n in sizes])
     print(f"\nwall time fit (medians): {a:.2f} s + {b:.3f} s/node")
-    print("growth over N, log-log exponent (1.00 = linear, 2.00 = quadratic): of the medians; "
-          "per repetition median [min-max]")  # fmt: skip
+    print(
+        "growth over N, log-log exponent (1.00 = linear, 2.00 = quadratic): of the medians; "
+        "per repetition median [min-max]"
+    )
     for name in growth:
         of_medians = exponent(ns, [med[n][name] for n in sizes])
         per_rep = [exponent(ns, [GROWTH[name](tries[n][i]) for n in sizes]) for i in range(reps)]
@@ -373,8 +388,10 @@ def parse_costs(sizes: list[int], history: int = 20, rounds: int = 50) -> None:
         for _ in range(rounds):
             rec.parse(snap, cache)
         warm = (time.perf_counter() - t0) / rounds
-        print(f"  N={n:3d}: {len(snap.kvs):5d} keys, every record decoded {cold * 1e3:6.2f} ms, "
-              f"only changed ones {warm * 1e3:5.2f} ms ({cold / warm:.0f}x less)")  # fmt: skip
+        print(
+            f"  N={n:3d}: {len(snap.kvs):5d} keys, every record decoded {cold * 1e3:6.2f} ms, "
+            f"only changed ones {warm * 1e3:5.2f} ms ({cold / warm:.0f}x less)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,8 +414,11 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 shutil.rmtree(root, ignore_errors=True)
             tries[n].append(run)
-            print(f"  run {rep + 1}/{opts.repeat} N={n:3d}: wall {run.wall:.2f} s "
-                  f"(cluster start {run.startup:.1f} s)", flush=True)  # fmt: skip
+            print(
+                f"  run {rep + 1}/{opts.repeat} N={n:3d}: wall {run.wall:.2f} s "
+                f"(cluster start {run.startup:.1f} s)",
+                flush=True,
+            )
     report(tries, opts.datastore)
     parse_costs(sizes)
     return 0

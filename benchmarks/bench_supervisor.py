@@ -67,8 +67,10 @@ def _slowloris(url: str, port: int, token: str) -> None:
             held = sum(a.still_open() for a in attackers)
             busy = _cacerts_latency(url, token)
             verdict = "ok" if busy < 5.0 else "TOO SLOW (> 5 s)"
-            print(f"/cacerts while {label} trickle ({held} held): median {busy * 1000:.1f} ms, "
-                  f"x{busy / idle:.2f} of idle, {verdict}")  # fmt: skip
+            print(
+                f"/cacerts while {label} trickle ({held} held): median {busy * 1000:.1f} ms, "
+                f"x{busy / idle:.2f} of idle, {verdict}"
+            )
         finally:
             for a in attackers:
                 a.close()
@@ -93,15 +95,19 @@ def main() -> None:
             for threads in (1, args.threads):
                 t0 = time.perf_counter()
                 with ThreadPoolExecutor(threads) as pool:
-                    lat = list(pool.map(
-                        lambda i: _timed_request(handle.url, token, bundle, csrs[i], i),
-                        range(args.requests),
-                    ))  # fmt: skip
+                    lat = list(
+                        pool.map(
+                            lambda i: _timed_request(handle.url, token, bundle, csrs[i], i),
+                            range(args.requests),
+                        )
+                    )
                 wall = time.perf_counter() - t0
                 q = statistics.quantiles(lat, n=20)
-                print(f"{threads:>2} thread(s): {args.requests / wall:7.1f} certs/s, "
-                      f"median {statistics.median(lat) * 1000:6.1f} ms, "
-                      f"p95 {q[18] * 1000:6.1f} ms")  # fmt: skip
+                print(
+                    f"{threads:>2} thread(s): {args.requests / wall:7.1f} certs/s, "
+                    f"median {statistics.median(lat) * 1000:6.1f} ms, "
+                    f"p95 {q[18] * 1000:6.1f} ms"
+                )
             runs = []
             for i in range(10):
                 node = make_agent_node(
@@ -110,8 +116,10 @@ def main() -> None:
                 t0 = time.perf_counter()
                 agent_renew(node, datetime.now(UTC))
                 runs.append(time.perf_counter() - t0)
-            print(f"agent renew (pin + client CA + 4 CSRs): median "
-                  f"{statistics.median(runs) * 1000:.1f} ms")  # fmt: skip
+            print(
+                f"agent renew (pin + client CA + 4 CSRs): median "
+                f"{statistics.median(runs) * 1000:.1f} ms"
+            )
             print(f"signed in total: {handle.signed_count}")
             _slowloris(handle.url, handle.port, token)
 
