@@ -166,6 +166,12 @@ class Datastore(ABC):
         """End the lease now, deleting its keys. False if it had already ended."""
 
     @abstractmethod
+    def lease_alive(self, lease_id: int) -> bool:
+        """Whether the lease exists and has not expired, without refreshing it. False for an
+        expired, revoked or never granted lease: the keys attached to it are gone (or never
+        were), which a missing key alone cannot tell from "never attached"."""
+
+    @abstractmethod
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
         """Wait for changes under `prefix` at revision >= `start_revision`.
 

@@ -285,6 +285,14 @@ class EtcdDatastore(Datastore):
         except LeaseNotFound:
             return False
 
+    def lease_alive(self, lease_id: int) -> bool:
+        # LeaseTimeToLive answers TTL -1 for a lease that expired, was revoked or never existed
+        # (no error, unlike a refresh) and does not refresh it. A live lease in its last second
+        # has TTL 0, which the JSON gateway leaves out.
+        payload = {"ID": lease_id}
+        result = self._call(lambda c: c.post(c.get_url("/lease/timetolive"), json=payload))
+        return int(result.get("TTL", 0)) >= 0
+
     # -- watch -----------------------------------------------------------------------------------
 
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:

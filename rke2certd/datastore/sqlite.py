@@ -269,6 +269,11 @@ class SQLiteDatastore(Datastore):
             self._drop_lease(conn, lease_id)
             return True
 
+    def lease_alive(self, lease_id: int) -> bool:
+        with self._read_txn() as conn:
+            row = conn.execute("SELECT expires_at FROM leases WHERE id=?", (lease_id,)).fetchone()
+            return row is not None and row[0] > self._now()
+
     # -- keys ------------------------------------------------------------------------------------
 
     def get(self, key: str) -> KV | None:

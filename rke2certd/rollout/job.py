@@ -93,7 +93,8 @@ class RestartJob:
 
     def cancel(self, wait: float = 5.0) -> None:
         """Stop at once (daemon shutdown): kill the running command and its process group."""
-        self._cancel.set()
+        with self._lock:  # ordered with _command's store of the process: see there
+            self._cancel.set()
         self._kill()
         self._thread.join(wait)
 
@@ -174,8 +175,13 @@ class RestartJob:
                 )
             except OSError as exc:
                 return 127, f": cannot run it: {exc.strerror or exc}"
+            # Stored and checked under one lock: a cancel() that came after the check above
+            # (and found no process to kill) is seen here, one that comes later finds it.
             with self._lock:
                 self._proc = proc
+                cancelled = self._cancel.is_set()
+            if cancelled:
+                self._kill()
             try:
                 code: int | None = proc.wait(timeout)
             except subprocess.TimeoutExpired:

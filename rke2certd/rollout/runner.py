@@ -172,9 +172,11 @@ class RolloutRunner:
         if old is not None and old.lease and old.lease != lease:
             # our previous run's lease: its slots must not outlive it
             self.store.ds.revoke_lease(old.lease)
-        self.store.ensure_member(self._member())
+        # The registration first: a member without one is "down" to every server's
+        # housekeeping, which would report a node that is only joining.
         self.presence.lease = lease
         self.presence.write(self.store, self.clock(), force=True)
+        self.store.ensure_member(self._member())
         log.info(
             "node_registered", node=self.me, phase=self.phase.value, ca_generation=self.presence.gen
         )

@@ -5,6 +5,10 @@ goes on with the next one (supervisor/choice.py), refreshing the same lease and 
 records on it. So the owner is written beside the lease, on the lease itself (it goes when the
 lease goes), under a prefix of its own outside /rke2certd/: agents cannot read it, and no
 rollout read or watch carries it. Any server then accepts the lease from its owner.
+
+No owner key is thus either a lease that ended (the agent must be told "lease not found" and
+take a new one) or a live lease that no agent owns (a server's own: refused); the cluster API
+tells them apart with `Datastore.lease_alive`.
 """
 
 from __future__ import annotations

@@ -320,9 +320,11 @@ class ClusterAPI:
     def _own_lease(self, node: str, lease: int, status: int = 403) -> None:
         """Granted to `node` here or by any other server (agent_leases: the owner lives in the
         datastore, so an agent's lease survives the server that granted it), or its
-        registration is on it (a lease granted by an older server). For refresh/revoke a
-        foreign lease is "not found" (404): an agent whose lease expired while it was cut off
-        learns so and takes a new one."""
+        registration is on it (a lease granted by an older server). A lease that is not alive
+        is "not found" (404, coded) for every operation: its owner key went with it, and the
+        agent that held it must learn so and take a new one. A live lease of another node (a
+        server's own has no owner key) is refused (403) for a write; for refresh/revoke it is
+        "not found" (404) too, so the agent never touches it."""
         with self._lock:
             if self._leases.get(lease) == node:
                 return
@@ -332,6 +334,10 @@ class ClusterAPI:
             return
         reg = self.ds.get(rec.node_key(node))
         if reg is None or reg.lease != lease:
+            if not self.ds.lease_alive(lease):
+                raise ClusterRefused(
+                    404, f"lease {lease} expired or was revoked", wire.LEASE_NOT_FOUND
+                )
             code = wire.LEASE_NOT_FOUND if status == 404 else None
             raise ClusterRefused(status, f"lease {lease} is not this agent's", code)
 

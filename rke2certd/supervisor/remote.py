@@ -190,6 +190,14 @@ class RemoteDatastore(Datastore):
     def revoke_lease(self, lease_id: int) -> bool:
         return self._ok({"op": "revoke_lease", "lease": lease_id})
 
+    def lease_alive(self, lease_id: int) -> bool:
+        # Not an operation of the cluster route: an agent learns that its own lease is gone
+        # from LeaseNotFound on a refresh or a write, and may not probe other nodes' leases.
+        raise DatastoreError(
+            f"{self.location}: an agent cannot ask whether lease {lease_id} is alive; "
+            "refresh it instead"
+        )
+
     def watch_prefix(self, prefix: str, start_revision: int, timeout: float) -> list[Event]:
         return self.watch_only(prefix, start_revision, timeout, None)[0]
 

@@ -8,7 +8,7 @@ import base64
 import json
 import threading
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -297,6 +297,56 @@ def test_a_lost_lease_is_a_coded_refusal(
 
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def test_an_expired_lease_is_not_found_on_a_server_that_did_not_grant_it(
+    server: ServerNode, agent_factory: Callable[..., Node], tmp_path: Path
+) -> None:
+    """An agent's lease, granted by one server, expires while the agent is cut off; its owner
+    key goes with it. Another server must answer the agent's next write on it with the coded
+    "lease not found" (so the agent takes a new lease and registers again), not with the 403
+    that a live lease of another node gets. The datastore runs on an injected clock."""
+    now = [NOW]
+    with SQLiteDatastore(tmp_path / "coord.sqlite", clock=lambda: now[0]) as ds:
+        granting = ClusterAPI(ds, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+        handle = start(server.node, host=HOST, port=0, cluster=api)
+        try:
+            node = agent_factory("agent-1", supervisor_port=handle.port)
+            renew_agent(node)
+            remote = remote_store(node, lambda: server.agent_token)
+            # the agent's first server: its lease, its registration on it
+            lease = granting.handle("agent-1", {"op": "grant_lease", "ttl": 30})["lease"]
+            reg = Registration("agent-1", ("agent",), Phase.AGENT, "t", None)
+            put = {
+                "op": "put",
+                "key": wire.key_out(rec.node_key("agent-1")),
+                "value": wire.b64(rec.encode_registration(reg)),
+                "lease": lease,
+            }
+            granting.handle("agent-1", put)
+            assert ds.get(rec.node_key("agent-1")) is not None
+            cs = ClusterStore(remote)  # the agent, moved to this server
+
+            now[0] = NOW + timedelta(seconds=31)  # the lease expires
+            assert not ds.lease_alive(lease)
+            before = {kv.key: kv.value for kv in ds.get_prefix("/")}
+            for what, attempt in [
+                ("a report", lambda: cs.report(reg, lease)),
+                ("a registration", lambda: cs.register(reg, lease)),
+                ("a refresh", lambda: remote.refresh_lease(lease)),
+            ]:
+                with pytest.raises(LeaseNotFound):
+                    attempt()
+                assert {kv.key: kv.value for kv in ds.get_prefix("/")} == before, what
+
+            # what the agent then does: a new lease, the registration on it
+            fresh = remote.grant_lease(30)
+            cs.register(reg, fresh)
+            again = ds.get(rec.node_key("agent-1"))
+            assert again is not None and again.lease == fresh
+        finally:
+            handle.stop()
 
 
 def test_refusals_change_nothing(

@@ -185,6 +185,21 @@ def test_lease_refresh_keeps_keys_and_revoke_deletes(store: Datastore, ns: str) 
     assert not store.revoke_lease(lease)
 
 
+def test_lease_alive_tells_a_live_lease_from_an_ended_one(store: Datastore, ns: str) -> None:
+    """Alive while granted (and asking does not refresh it); not alive once it expired, was
+    revoked, or for an id never granted. A key that was on the lease is gone in each case."""
+    held, short = store.grant_lease(30), store.grant_lease(1)
+    store.create(ns + "held", b"x", lease=held)
+    store.create(ns + "short", b"x", lease=short)
+    assert store.lease_alive(held) and store.lease_alive(short)
+    wait_for(lambda: not store.lease_alive(short), "the 1 s lease to expire")
+    assert store.get(ns + "short") is None
+    assert store.lease_alive(held) and store.get(ns + "held") is not None
+    assert store.revoke_lease(held)
+    assert not store.lease_alive(held)
+    assert not store.lease_alive(0x7FFF_FFFF_0000_0001)  # never granted
+
+
 def test_write_with_ended_lease_is_refused(store: Datastore, ns: str) -> None:
     lease = store.grant_lease(5)
     store.revoke_lease(lease)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,3 +155,37 @@ def test_cancel_stops_at_once(where: str, tmp_path: Path) -> None:
     assert woken.wait(SAFETY)
     assert job.result is not None and not job.result.ok
     assert job.result.message == "cancelled: rke2certd is stopping"
+
+
+def test_a_cancel_while_the_command_starts_kills_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel comes after the job checked for one and before it stored the process it
+    started (the real Popen, held back by a wrapper until the cancel was made): the process
+    is killed at once, not left to run out the restart timeout."""
+    real_popen = subprocess.Popen
+    spawned, cancelled = threading.Event(), threading.Event()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        proc: subprocess.Popen[bytes] = real_popen(*args, **kwargs)
+        procs.append(proc)
+        spawned.set()
+        assert cancelled.wait(SAFETY), "the test never cancelled"
+        return proc
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    woken = threading.Event()
+    job = RestartJob(
+        ["sleep", f"{HANG:g}"],
+        OK,
+        {"PATH": os.environ["PATH"]},
+        restart_timeout=HANG,
+        health_timeout=HANG,
+        wake=woken.set,
+    )
+    job.start()
+    wait_for(spawned.is_set, "the restart command to be started")
+    job.cancel(wait=0)  # the job's thread is inside Popen: do not wait for it here
+    cancelled.set()
+    assert woken.wait(SAFETY), "the cancelled job ran on (it would for HANG seconds)"
+    assert job.result is not None and job.result.message == "cancelled: rke2certd is stopping"
+    assert procs[0].returncode == -signal.SIGKILL
