@@ -43,10 +43,7 @@ class RolloutState(StrEnum):
 
 
 class NodeState(StrEnum):
-    APPLIED = "applied"  # new files on disk, waiting for its turn
-    # restart command, then health gate: now said by the node's slot (see restart_slot), not
-    # written; an earlier version's record, or an earlier run's, still reads
-    RESTARTING = "restarting"
+    APPLIED = "applied"  # new files on disk, waiting for its turn (restarting: its slot says so)
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"  # the rollout stopped before this node's turn
@@ -59,7 +56,7 @@ TERMINAL_NODE_STATES = frozenset(
     {NodeState.DONE, NodeState.FAILED, NodeState.STOPPED, NodeState.SKIPPED}
 )
 # what a returning agent still has to do in a rollout that went on (or finished) without it
-CATCHING_UP = frozenset({NodeState.SKIPPED, NodeState.APPLIED, NodeState.RESTARTING})
+CATCHING_UP = frozenset({NodeState.SKIPPED, NodeState.APPLIED})
 
 
 class Unavailable(StrEnum):

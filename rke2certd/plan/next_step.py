@@ -184,7 +184,7 @@ def next_step(view: ClusterView, me: str, max_unavailable: int) -> Step:
             if member.phase is Phase.AGENT:
                 return _barrier(view, r, member) or Apply(r)
             return Apply(r)
-        # APPLIED, or RESTARTING left by an earlier run of this daemon: (re)do the restart.
+        # APPLIED (also after a daemon killed during its restart): (re)do the restart.
         return _barrier(view, r, member) or _slot(view, r, member, max_unavailable)
     return Idle()
 
@@ -322,7 +322,7 @@ def _queue(view: ClusterView, r: Rollout, phase: Phase) -> list[str]:
             and m.name in view.live
             and m.name not in holders
             and st is not None
-            and st.state in (NodeState.APPLIED, NodeState.RESTARTING)
+            and st.state is NodeState.APPLIED
         ):
             waiting.append((st.revision, m.name))
     return [name for _, name in sorted(waiting)]

@@ -188,7 +188,7 @@ def node_rows(view: ClusterView, rollout: Rollout) -> list[NodeRow]:
         reg = view.live.get(m.name)
         st = view.status(rollout, m.name)
         if (since := restarting_since(view, rollout, m.name)) is not None:
-            state, message = NodeState.RESTARTING.value, since
+            state, message = "restarting", since
         elif st is not None:
             state, message = st.state.value, st.message
         elif rollout.state is RolloutState.STOPPED:

@@ -62,7 +62,7 @@ def status(node: str, state: NodeState) -> Event:
 
 def test_a_barrier_waiter_wakes_when_its_blocker_is_done() -> None:
     wake = interest(Wait(R, "waiting", "e1", "barrier"), Phase.CONTROL_PLANE)
-    assert not wake(status("e1", NodeState.RESTARTING))
+    assert not wake(status("e1", NodeState.APPLIED))
     assert wake(status("e1", NodeState.DONE))
     assert wake(status("e1", NodeState.FAILED))
     assert not wake(status("e2", NodeState.DONE))  # someone else's progress
@@ -75,7 +75,7 @@ def test_a_barrier_waiter_wakes_once_when_the_last_node_it_waits_for_is_done() -
     wait = Wait(R, "waiting", "e1", "barrier", pending=("e1", "e2", "e3"))
     wake = interest(wait, Phase.CONTROL_PLANE)
     assert not wake(status("e2", NodeState.DONE))
-    assert not wake(status("e1", NodeState.RESTARTING))
+    assert not wake(status("e1", NodeState.APPLIED))
     assert not wake(status("e1", NodeState.DONE))
     assert not wake(status("e1", NodeState.DONE))  # the same one again does not count twice
     assert wake(status("e3", NodeState.FAILED))  # the last one: the barrier opens (or stops)
