@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from tests.daemon.support import (
     reissue_shorter,
 )
 from tests.harness.etcd import EtcdCluster
-from tests.harness.wait import SAFETY
+from tests.harness.wait import wait_for
 
 from .conftest import Rke2Node, etcd_client, wipe
 
@@ -73,13 +72,17 @@ def _rke2_started(dn: DaemonNode, seed: Path, etcd: EtcdCluster, into: Path) -> 
         rke2.started(ds)
 
 
-def _wait_count(d: DaemonProcess, name: str, count: int, timeout: float = SAFETY) -> None:
+def _wait_count(d: DaemonProcess, name: str, count: int) -> None:
     """Until the daemon logged `name` `count` times (it must stay up meanwhile)."""
-    deadline = time.monotonic() + timeout
-    while len(d.events(name)) < count:
-        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}:\n{d.tail()}"
-        assert time.monotonic() < deadline, f"fewer than {count} {name} in {timeout}s:\n{d.tail()}"
-        time.sleep(0.02)
+
+    def logged() -> bool:
+        assert d.proc.poll() is None, f"daemon exited {d.proc.returncode}"
+        return len(d.events(name)) >= count
+
+    try:
+        wait_for(logged, f"{count} {name} events")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}:\n{d.tail()}") from None
 
 
 def test_before_rke2s_first_start_it_waits_then_starts(
