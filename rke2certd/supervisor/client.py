@@ -21,6 +21,7 @@ requests would honour REQUESTS_CA_BUNDLE from the environment over our pinned bu
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import ssl
@@ -121,7 +122,17 @@ def insecure_context() -> ssl.SSLContext:
 
 
 def pinned_context(cacerts: bytes) -> ssl.SSLContext:
-    """Verify the server against `cacerts` only (no system CAs, no host name; see module doc)."""
+    """Verify the server against `cacerts` only (no system CAs, no host name; see module doc).
+
+    One context per bundle, shared: building one parses every CA of the bundle, which was
+    most of an agent's CPU per request (a lease refresh every ttl/3, a long poll, each
+    rollout step). A context is never changed after it is built, and OpenSSL contexts may be
+    shared between threads; a bundle that changes (a rotation) is another key."""
+    return _pinned(bytes(cacerts))
+
+
+@functools.lru_cache(maxsize=8)  # the current bundle and the one before, with room to spare
+def _pinned(cacerts: bytes) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = False

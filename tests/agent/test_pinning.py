@@ -17,9 +17,11 @@ from rke2certd.pki.join_token import ca_hash, parse_token
 from rke2certd.supervisor.choice import preferred_order
 from rke2certd.supervisor.client import (
     RefusedError,
+    SupervisorError,
     UnreachableError,
     fetch_cacerts,
     fetch_client_ca,
+    pinned_context,
     request_cert,
 )
 from rke2certd.supervisor.server import SupervisorHandle, start
@@ -201,3 +203,23 @@ def test_mid_rotation_the_agent_asks_the_server_its_token_pins(
     # after pinning, the pinned server is asked first: the other one is never even tried
     assert [e for e in events if e["event"] == "server_skipped"] == []
     assert not [e for e in events if e["event"] == "request_refused"]
+
+
+def test_one_pinned_context_per_bundle_and_a_new_one_after_a_rotation(tmp_path: Path):
+    """Building a context parses the whole bundle: an agent builds it once per bundle (a
+    request per lease refresh would otherwise pay for it), and a rotated bundle gets its own,
+    which trusts only what that bundle holds."""
+    first = make_server_node(tmp_path / "a", "server-a")
+    second = make_server_node(tmp_path / "b", "server-b")
+    old = first.file("server-ca.crt").read_bytes()
+    new = second.file("server-ca.crt").read_bytes()
+    ctx = pinned_context(old)
+    assert pinned_context(bytearray(old)) is ctx  # the same bytes, whatever their type
+    rotated = pinned_context(new)
+    assert rotated is not ctx
+    serials = [c["serialNumber"] for c in rotated.get_ca_certs()]
+    assert serials and serials != [c["serialNumber"] for c in ctx.get_ca_certs()]
+    # an unusable bundle is refused every time: a failure is never remembered as a context
+    for _ in range(2):
+        with pytest.raises(SupervisorError, match="pinned CA bundle is unusable"):
+            pinned_context(b"-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
