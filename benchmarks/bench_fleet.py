@@ -38,6 +38,7 @@ exponents say how the cost grows.
 from __future__ import annotations
 
 import argparse
+import heapq
 import http.client
 import itertools
 import logging
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -171,6 +173,55 @@ def _again(call: Callable[[], T]) -> T:
             pause = min(10.0, pause * 2)
 
 
+class Timers:
+    """Every simulated agent's timers on one thread: its runner's next tick (at the runner's
+    deadline, or at once when woken) and its lease refresh (every ttl/3); a small pool runs
+    them. A real agent has a thread for each; a thread per timer for a thousand agents (and
+    the GIL handed between them at every wake-up) would make this process the bottleneck."""
+
+    def __init__(self, workers: int = 32) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._seq = itertools.count()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-work")
+        self._closed = False
+        threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
+
+    def at(self, when: float, job: Callable[[], None]) -> None:
+        with self._cond:
+            heapq.heappush(self._heap, (when, next(self._seq), job))
+            if self._heap[0][2] is job:
+                self._cond.notify()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            if not self._closed:
+                self._pool.submit(self._guard, job)
+
+    @staticmethod
+    def _guard(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:  # a bug in the bench: say so, keep the other agents going
+            traceback.print_exc()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                delay = self._heap[0][0] - time.monotonic() if self._heap else None
+                if delay is None or delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                job = heapq.heappop(self._heap)[2]
+                self._pool.submit(self._guard, job)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 @dataclass
 class SimAgent:
     """One simulated agent: the real remote datastore and rollout runner, a light apply."""
@@ -180,8 +231,8 @@ class SimAgent:
     token: str
     trust: bytes
     csr_ms: list[float]  # the join's CSR latencies (ms), shared by every agent
+    timers: Timers
     stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
     gen: str | None = None
 
     def __post_init__(self) -> None:
@@ -196,11 +247,14 @@ class SimAgent:
             prefer_again=self.cfg.preferred_server_retry,
         )
         self.csr_der = _csr(self.name)
-        role = AgentRollout(self.remote, self._apply, lambda: self.gen)
+        role = AgentRollout(self.remote, self._apply, lambda: self.gen, lease_thread=False)
         self.runner = RolloutRunner(
-            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self.wake.set
+            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self._wake
         )
-        self.thread = threading.Thread(target=self._loop, name=f"sim-{self.name}", daemon=True)
+        # one tick at a time: queued (in the pool), ticking, woken while ticking (tick again)
+        self._lock = threading.Lock()
+        self._queued = self._ticking = self._again = False
+        self._timer_at = math.inf  # the earliest tick timer pending
 
     def csr(self) -> float:
         started = time.monotonic()
@@ -222,7 +276,10 @@ class SimAgent:
         self.gen = _again(lambda: self.remote.served_generation()[0])
         self.csr_ms.append(_again(self.csr) * 1000)
         _again(self.runner.start)
-        self.thread.start()
+        link = self.runner.link
+        assert link is not None
+        self.timers.at(time.monotonic() + link.ttl / 3, self._keep_alive)
+        self._wake()
 
     def _apply(self, r: Rollout) -> ApplyOutcome:
         # adopt the rotated CA from a server that proves itself with the CA held, then a CSR;
@@ -237,24 +294,57 @@ class SimAgent:
         self.gen = r.ca_generation
         return ApplyOutcome(self.gen)
 
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            self.wake.wait(max(0.0, min(60.0, self.runner.deadline() - time.monotonic())))
-            self.wake.clear()
-            if self.stop.is_set():
-                break
-            self.runner.tick()
+    def _wake(self) -> None:
+        """The runner's wake-up (its link's watch, its restart job): a tick, one at a time."""
+        with self._lock:
+            if self._ticking:
+                self._again = True
+                return
+            if self._queued or self.stop.is_set():
+                return
+            self._queued = True
+        self.timers.run(self._tick)
+
+    def _tick(self) -> None:
+        with self._lock:
+            self._queued, self._ticking = False, True
+        try:
+            if not self.stop.is_set():
+                self.runner.tick()
+        finally:
+            with self._lock:
+                self._ticking = False
+                again, self._again = self._again, False
+        if again:
+            self._wake()
+            return
+        now = time.monotonic()
+        when = max(now, min(now + 60.0, self.runner.deadline()))
+        with self._lock:
+            if self._timer_at <= now or when < self._timer_at:
+                self._timer_at = when
+                self.timers.at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer_at <= time.monotonic():
+                self._timer_at = math.inf
+        self._wake()
+
+    def _keep_alive(self) -> None:
+        link = self.runner.link
+        if link is None or link.stopped or self.stop.is_set():
+            return
+        self.timers.at(time.monotonic() + link.keep_alive(), self._keep_alive)
 
     def kill(self) -> None:
         """Gone without a word: the lease is left to expire, as when a machine dies."""
         self.stop.set()
-        self.wake.set()
         if self.runner.link is not None:
             self.runner.link.stop(wait=0)
 
     def close(self) -> None:
         self.stop.set()
-        self.wake.set()
         self.runner.interrupted = True  # no revoke: quicker, and the cluster goes away anyway
         if self.runner.link is not None:
             self.runner.link.stop(wait=0)
@@ -268,6 +358,7 @@ class Result:
     join_p50: float
     join_p99: float
     idle_cpu: float  # servers' CPU seconds per second, idle
+    bench_cpu: float  # this process's CPU seconds per second, idle (the simulated agents)
     csr_p50: float
     csr_p99: float
     rollout_wall: float
@@ -307,6 +398,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     }
     cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
     sims: list[SimAgent] = []
+    timers = Timers()
     try:
         cluster.start(timeout=120)
         c1 = cluster.nodes["c1"]
@@ -331,7 +423,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                 }
             )
             _ADDRESSES[name] = f"127.1.{i // 250}.{i % 250 + 1}"
-            sims.append(SimAgent(name, cfg, token, trust, join_ms))
+            sims.append(SimAgent(name, cfg, token, trust, join_ms, timers))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
         with ThreadPoolExecutor(20) as pool:
@@ -359,6 +451,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             now = counts()
             if now != last:
                 last, since = now, time.monotonic()
+                if opts.verbose:
+                    print(f"    {time.monotonic() - settle:5.0f} s: {dict(sorted(now.items()))}")
         away = sum(a.remote.choice.current != a.remote.choice.preferred for a in sims)
         print(
             f"  N={n}: spread settled after {time.monotonic() - settle:.0f} s; "
@@ -376,9 +470,16 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         # one agent dies now: down (its lease expired) by the time the rollout comes
         dead = sims[0]
         dead.kill()
-        cpu0, t0 = servers_cpu(cluster), time.monotonic()
+        cpu0, own0, t0 = servers_cpu(cluster), proc_cpu(os.getpid()), time.monotonic()
         time.sleep(opts.idle)  # measuring: nothing else to wait for
         idle_cpu = (servers_cpu(cluster) - cpu0) / (time.monotonic() - t0)
+        bench_cpu = (proc_cpu(os.getpid()) - own0) / (time.monotonic() - t0)
+        print(
+            f"  N={n}: idle CPU per agent per minute: servers {idle_cpu / (n + real) * 60:.4f} s, "
+            f"this process (the {n} simulated agents) {bench_cpu / n * 60:.4f} s "
+            f"({bench_cpu:.2f} of a core)",
+            flush=True,
+        )
 
         csr_ms: list[float] = []
         rng = random.Random(16)
@@ -442,6 +543,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             percentile(join_ms, 0.5) / 1000,
             percentile(join_ms, 0.99) / 1000,
             idle_cpu,
+            bench_cpu,
             percentile(csr_ms, 0.5) / 1000,
             percentile(csr_ms, 0.99) / 1000,
             wall,
@@ -456,6 +558,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     finally:
         for a in sims:
             a.close()
+        timers.close()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -524,6 +627,7 @@ def main() -> int:
     parser.add_argument("--csr-rate", type=float, default=5.0, help="CSRs per second")
     parser.add_argument("--csr-seconds", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="for one rollout")
+    parser.add_argument("--verbose", action="store_true", help="print the spread as it settles")
     opts = parser.parse_args()
     # the simulated agents log as daemons do: keep this output to the figures
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
