@@ -14,7 +14,8 @@ holds lives in one server's memory (registration, leases, watch revisions are th
 so a move costs the agent nothing but the request that failed.
 
 A server that has its share of the fleet says so to the agents beyond it (`crowded`,
-fleet_limits.py): the agent avoids it for `prefer_again` seconds and uses the next one in its
+fleet_limits.py), keeping those that rank it highest (each request says where the server is in
+the agent's rank): the agent avoids it for `prefer_again` seconds and uses the next one in its
 rank that is not avoided (if every one is, it stays where it is: crowded servers still serve).
 """
 
@@ -56,6 +57,10 @@ class ServerChoice:
     def preferred(self) -> str:
         return self.ranked[0]
 
+    def rank(self, url: str) -> int:
+        """Where `url` is in this agent's rank (0: its preferred server)."""
+        return self.ranked.index(url) if url in self.ranked else len(self.ranked)
+
     def order(self, now: float) -> list[str]:
         with self._lock:
             free = [u for u in self.ranked if self._avoid.get(u, 0.0) <= now]
@@ -67,7 +72,10 @@ class ServerChoice:
             if home in free and (first == home or due):
                 self._tried_home = now  # tried (again) now: the next try after prefer_again
                 first = home
-            return [first] + [u for u in self.ranked if u != first]
+            # then the others in rank, the crowded ones last: an agent told that its server
+            # is crowded tries every other one before it (its next may not answer)
+            rest = [u for u in self.ranked if u != first]
+            return [first] + [u for u in rest if u in free] + [u for u in rest if u not in free]
 
     def crowded(self, url: str, now: float) -> None:
         """`url` answered that it has its share of agents: avoid it for a while."""

@@ -80,7 +80,7 @@ class RemoteDatastore(Datastore):
                     token,
                     trust,
                     CLUSTER_PATH,
-                    doc,
+                    doc | {"rank": self.choice.rank(url)},  # the server's place (crowded)
                     self.node_name,
                     node_password=password,
                     timeout=timeout,
