@@ -6,12 +6,14 @@
 Each size is a fresh simulated cluster (tests/harness/cluster.py) on one shared SQLite file:
 three real server daemons (`rke2certd run`: e1 etcd, c1 and c2 control-plane), each with its
 endpoint on its own loopback address and one port, as servers on their own hosts; a handful of
-real agent daemons; and N simulated agents from this one process. A simulated agent speaks the
-agent protocol as a real one does, with the same code: the remote datastore over the endpoint
-(its own server choice, lease refreshes, long-poll watch) and the rollout runner (registration,
-statuses, slots, its restart as an instant command); only its apply step is lighter (adopt the
-rotated CA by the chain it holds, one CSR) and it holds no files. Restarts and health gates are
-instant (`true`): what is measured is rke2certd's own work.
+real agent daemons; and N simulated agents from this one process (loadgen.py). A simulated
+agent speaks the agent protocol as a real one does, with the same code: the remote datastore
+over the endpoint (its own server choice, lease refreshes, long-poll watch) and the rollout
+runner (registration, statuses, slots, its restart as an instant command); only its apply step
+is lighter (adopt the rotated CA by the chain it holds, one CSR) and it holds no files; their
+timers share one thread. Restarts and health gates are instant (`true`): what is measured is
+rke2certd's own work. This process's own CPU per agent is printed beside the servers', so that
+a reader sees the generator is not the bottleneck.
 
 Per size, in order:
 - join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
@@ -38,57 +40,36 @@ exponents say how the cost grows.
 from __future__ import annotations
 
 import argparse
-import heapq
-import http.client
 import itertools
 import logging
 import math
 import os
 import random
-import secrets
 import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import traceback
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from loadgen import SimAgent, Timers, address, again, own_addresses  # noqa: E402
 
-from rke2certd.clock import system_clock  # noqa: E402
 from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
-from rke2certd.datastore.base import DatastoreUnavailable  # noqa: E402
-from rke2certd.node.node import Node  # noqa: E402
-from rke2certd.pki import keys  # noqa: E402
 from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
-from rke2certd.roles.agent import AgentRollout  # noqa: E402
 from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
-from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
-from rke2certd.supervisor import NODE_NAME_HEADER, cert_route  # noqa: E402
-from rke2certd.supervisor.client import (  # noqa: E402
-    UnreachableError,
-    fetch_cacerts_trusted,
-    request_cert,
-)
-from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
-T = TypeVar("T")
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
 RETRY_HOME = 10  # preferred-server-retry (30 s by default): the spread settles sooner
 GRACE = 5  # agent-unavailable-grace: the dead agent is skipped soon after its turn
@@ -133,221 +114,6 @@ def slope(xs: list[float], ys: list[float]) -> float:
     my = statistics.fmean(p[1] for p in pts)
     den = sum((p[0] - mx) ** 2 for p in pts)
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else float("nan")
-
-
-def _csr(name: str) -> bytes:
-    key = keys.new_ec_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{name}")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(Encoding.DER)
-
-
-# Each simulated agent connects from an address of its own (127.1.x.y), as agents on their own
-# machines do: the endpoint's per-address limits (16 connections still in their handshake from
-# one address) are for one host, not a fleet behind one address.
-_ADDRESSES: dict[str, str] = {}
-_request = http.client.HTTPSConnection.request
-
-
-def _from_own_address(
-    self: http.client.HTTPSConnection,
-    method: str,
-    url: str,
-    body: Any = None,
-    headers: Any = None,
-    **kw: Any,
-) -> None:
-    name = (headers or {}).get(NODE_NAME_HEADER)
-    if name in _ADDRESSES and self.sock is None:
-        self.source_address = (_ADDRESSES[name], 0)
-    _request(self, method, url, body, headers or {}, **kw)
-
-
-def _again(call: Callable[[], T]) -> T:
-    pause = 0.5
-    while True:
-        try:
-            return call()
-        except (DatastoreUnavailable, UnreachableError):
-            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
-            pause = min(10.0, pause * 2)
-
-
-class Timers:
-    """Every simulated agent's timers on one thread: its runner's next tick (at the runner's
-    deadline, or at once when woken) and its lease refresh (every ttl/3); a small pool runs
-    them. A real agent has a thread for each; a thread per timer for a thousand agents (and
-    the GIL handed between them at every wake-up) would make this process the bottleneck."""
-
-    def __init__(self, workers: int = 32) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
-        self._seq = itertools.count()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-work")
-        self._closed = False
-        threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
-
-    def at(self, when: float, job: Callable[[], None]) -> None:
-        with self._cond:
-            heapq.heappush(self._heap, (when, next(self._seq), job))
-            if self._heap[0][2] is job:
-                self._cond.notify()
-
-    def run(self, job: Callable[[], None]) -> None:
-        with self._cond:
-            if not self._closed:
-                self._pool.submit(self._guard, job)
-
-    @staticmethod
-    def _guard(job: Callable[[], None]) -> None:
-        try:
-            job()
-        except Exception:  # a bug in the bench: say so, keep the other agents going
-            traceback.print_exc()
-
-    def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                delay = self._heap[0][0] - time.monotonic() if self._heap else None
-                if delay is None or delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                job = heapq.heappop(self._heap)[2]
-                self._pool.submit(self._guard, job)
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-@dataclass
-class SimAgent:
-    """One simulated agent: the real remote datastore and rollout runner, a light apply."""
-
-    name: str
-    cfg: Config
-    token: str
-    trust: bytes
-    csr_ms: list[float]  # the join's CSR latencies (ms), shared by every agent
-    timers: Timers
-    stop: threading.Event = field(default_factory=threading.Event)
-    gen: str | None = None
-
-    def __post_init__(self) -> None:
-        self.urls = supervisor_urls(self.cfg)
-        self.password = secrets.token_hex(16)  # its node password (proves its name)
-        self.remote = RemoteDatastore(
-            self.urls,
-            lambda: self.token,
-            lambda: self.trust,
-            self.name,
-            node_password=lambda: self.password,
-            prefer_again=self.cfg.preferred_server_retry,
-        )
-        self.csr_der = _csr(self.name)
-        role = AgentRollout(self.remote, self._apply, lambda: self.gen, lease_thread=False)
-        self.runner = RolloutRunner(
-            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self._wake
-        )
-        # one tick at a time: queued (in the pool), ticking, woken while ticking (tick again)
-        self._lock = threading.Lock()
-        self._queued = self._ticking = self._again = False
-        self._timer_at = math.inf  # the earliest tick timer pending
-
-    def csr(self) -> float:
-        started = time.monotonic()
-        request_cert(
-            self.remote.choice.order(started),
-            self.token,
-            self.trust,
-            cert_route("client-kubelet"),
-            self.csr_der,
-            self.name,
-            ["10.9.0.1"],
-            node_password=self.password,
-        )
-        return time.monotonic() - started
-
-    def join(self) -> None:
-        """As a daemon starts: servers that push back (busy, their limits not yet grown with
-        the fleet) are asked again after a pause, never given up on."""
-        self.gen = _again(lambda: self.remote.served_generation()[0])
-        self.csr_ms.append(_again(self.csr) * 1000)
-        _again(self.runner.start)
-        link = self.runner.link
-        assert link is not None
-        self.timers.at(time.monotonic() + link.ttl / 3, self._keep_alive)
-        self._wake()
-
-    def _apply(self, r: Rollout) -> ApplyOutcome:
-        # adopt the rotated CA from a server that proves itself with the CA held, then a CSR;
-        # servers that do not answer (busy): try again later, as the daemon does
-        try:
-            urls = self.remote.choice.order(0)
-            _url, bundle, _hash = fetch_cacerts_trusted(urls, self.trust)
-            self.trust = bundle
-            self.csr()
-        except UnreachableError as exc:
-            raise DatastoreUnavailable(str(exc)) from exc
-        self.gen = r.ca_generation
-        return ApplyOutcome(self.gen)
-
-    def _wake(self) -> None:
-        """The runner's wake-up (its link's watch, its restart job): a tick, one at a time."""
-        with self._lock:
-            if self._ticking:
-                self._again = True
-                return
-            if self._queued or self.stop.is_set():
-                return
-            self._queued = True
-        self.timers.run(self._tick)
-
-    def _tick(self) -> None:
-        with self._lock:
-            self._queued, self._ticking = False, True
-        try:
-            if not self.stop.is_set():
-                self.runner.tick()
-        finally:
-            with self._lock:
-                self._ticking = False
-                again, self._again = self._again, False
-        if again:
-            self._wake()
-            return
-        now = time.monotonic()
-        when = max(now, min(now + 60.0, self.runner.deadline()))
-        with self._lock:
-            if self._timer_at <= now or when < self._timer_at:
-                self._timer_at = when
-                self.timers.at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        with self._lock:
-            if self._timer_at <= time.monotonic():
-                self._timer_at = math.inf
-        self._wake()
-
-    def _keep_alive(self) -> None:
-        link = self.runner.link
-        if link is None or link.stopped or self.stop.is_set():
-            return
-        self.timers.at(time.monotonic() + link.keep_alive(), self._keep_alive)
-
-    def kill(self) -> None:
-        """Gone without a word: the lease is left to expire, as when a machine dies."""
-        self.stop.set()
-        if self.runner.link is not None:
-            self.runner.link.stop(wait=0)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.runner.interrupted = True  # no revoke: quicker, and the cluster goes away anyway
-        if self.runner.link is not None:
-            self.runner.link.stop(wait=0)
 
 
 @dataclass
@@ -422,7 +188,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                     **config,
                 }
             )
-            _ADDRESSES[name] = f"127.1.{i // 250}.{i % 250 + 1}"
+            address(name, i)
             sims.append(SimAgent(name, cfg, token, trust, join_ms, timers))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
@@ -453,6 +219,10 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                 last, since = now, time.monotonic()
                 if opts.verbose:
                     print(f"    {time.monotonic() - settle:5.0f} s: {dict(sorted(now.items()))}")
+                    for move in MOVES[:]:
+                        MOVES.remove(move)
+                        where = server_of.get(str(move.get("server_url")), "?")
+                        print(f"      {move.get('node')} -> {where}: {move.get('reason')}")
         away = sum(a.remote.choice.current != a.remote.choice.preferred for a in sims)
         print(
             f"  N={n}: spread settled after {time.monotonic() - settle:.0f} s; "
@@ -477,7 +247,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         print(
             f"  N={n}: idle CPU per agent per minute: servers {idle_cpu / (n + real) * 60:.4f} s, "
             f"this process (the {n} simulated agents) {bench_cpu / n * 60:.4f} s "
-            f"({bench_cpu:.2f} of a core)",
+            f"({bench_cpu:.2f} of a core, {threading.active_count()} threads)",
             flush=True,
         )
 
@@ -487,7 +257,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
 
         def timed(agent: SimAgent) -> None:  # a retry after back-pressure counts in its time
             started = time.monotonic()
-            _again(agent.csr)
+            again(agent.csr)
             csr_ms.append((time.monotonic() - started) * 1000)
 
         with ThreadPoolExecutor(8) as pool:
@@ -524,8 +294,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             for node, st in sts.items()
             if phases.get(node) is Phase.AGENT and st.state is NodeState.DONE and st.finished
         ]
-        last = max((st.finished for st in agent_done if st.finished), default=None)
-        phase = (last - servers_done).total_seconds() if last and servers_done else float("nan")
+        end = max((st.finished for st in agent_done if st.finished), default=None)
+        phase = (end - servers_done).total_seconds() if end and servers_done else float("nan")
         gates = [(st.restart_seconds or 0) + (st.health_seconds or 0) for st in agent_done]
         spans = sorted(
             (st.restart_started, st.finished)
@@ -569,6 +339,15 @@ def _real_cfg(cluster: SimCluster, name: str) -> Config:
     doc = yaml.safe_load(cluster.nodes[name].config.read_text())
     rke2 = yaml.safe_load((cluster.nodes[name].dir / "rke2" / "config.yaml").read_text())
     return Config.from_mapping({**doc, "server": rke2["server"], "token": rke2["token"]})
+
+
+MOVES: list[dict[str, Any]] = []
+
+
+def _moves(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    if event.get("event") == "server_chosen":
+        MOVES.append(dict(event))
+    raise structlog.DropEvent
 
 
 def report(results: list[Result]) -> None:
@@ -631,8 +410,13 @@ def main() -> int:
     opts = parser.parse_args()
     # the simulated agents log as daemons do: keep this output to the figures
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    if opts.verbose:  # and the agents' moves, to say why the spread changes
+        structlog.configure(
+            processors=[_moves],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        )
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
-    http.client.HTTPSConnection.request = _from_own_address  # type: ignore[method-assign]
+    own_addresses()
     print(f"bench_fleet: 3 servers, sizes {sizes} simulated agents + {opts.real_agents} real")
     print("targets: " + "; ".join(TARGETS.values()))
     results = []
