@@ -51,6 +51,7 @@ class ServerChoice:
         self.current = self.ranked[0] if self.ranked else ""
         self._tried_home = 0.0  # when the preferred server was last tried
         self._avoid: dict[str, float] = {}  # crowded servers -> until when they are avoided
+        self.moves = 0  # how many times it moved: an answer to a request sent before is late
         self._lock = threading.Lock()
 
     @property
@@ -82,10 +83,14 @@ class ServerChoice:
         with self._lock:
             self._avoid[url] = now + self.prefer_again
 
-    def answered(self, url: str) -> str | None:
-        """`url` answered; the server moved to, if this is a move (None: no change)."""
+    def answered(self, url: str, moves: int | None = None) -> str | None:
+        """`url` answered a request sent after `moves` moves; the server moved to, if this is a
+        move (None: no change). An answer to a request sent before the agent last moved does
+        not move it back: a long poll sent to the server it was on ends up to 25 s later, and
+        would undo every move home made meanwhile (then the next poll goes there again)."""
         with self._lock:
-            if url == self.current:
+            if url == self.current or (moves is not None and moves != self.moves):
                 return None
             self.current = url
+            self.moves += 1
             return url

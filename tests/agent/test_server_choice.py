@@ -32,7 +32,7 @@ from rke2certd.supervisor.cluster_api import (
 from rke2certd.supervisor.fleet_limits import MIN_HOME, fleet_limits
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
-from tests.harness.wait import wait_for
+from tests.harness.wait import HANG, in_background, wait_for
 
 from .helpers import HOST, ServerNode, renew_agent
 
@@ -87,6 +87,17 @@ def test_sticky_until_the_preferred_server_is_tried_again() -> None:
     assert choice.order(60) == URLS
     assert choice.answered(URLS[0]) == URLS[0]  # home answered: back
     assert choice.order(61) == URLS
+
+
+def test_a_late_answer_does_not_move_the_agent_back() -> None:
+    choice = ServerChoice(URLS, prefer_again=30)
+    away = choice.moves
+    assert choice.answered(URLS[1], away) == URLS[1]  # its preferred did not answer
+    sent = choice.moves  # a long poll goes to the second
+    assert choice.answered(URLS[0], sent) == URLS[0]  # home again, while the poll is out
+    assert choice.answered(URLS[1], sent) is None  # the poll ends: it stays home
+    assert choice.current == URLS[0]
+    assert choice.answered(URLS[1]) == URLS[1]  # an answer that is not late moves it
 
 
 def test_a_crowded_server_is_avoided_for_a_while() -> None:
@@ -406,3 +417,36 @@ def test_agents_that_failed_over_give_way_to_those_that_prefer_the_server(
     finally:
         for end in ends:
             end.stop()
+
+
+def test_a_long_poll_that_ends_after_the_agent_went_home_leaves_it_home(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+) -> None:
+    """An agent away from its preferred server holds a long poll on the one it is on; it goes
+    home at its next try there; the poll then ends with a change, on the other server: the
+    agent stays home (it went back with each poll, and moved home again at each try)."""
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    first, second = _endpoint(server, store), start(server.node, host=HOST, cluster=api)
+    running = [first, second]
+    try:
+        node: Node = agent_factory("agent-1", supervisor_port=first.port)
+        renew_agent(node)
+        remote = _remote(server, node, [first.url, second.url], prefer_again=0)
+        running.remove(first)
+        first.stop()
+        rev = remote.snapshot(rec.ROLLOUTS).revision  # home does not answer: the second does
+        assert remote.choice.current == second.url
+        poll = in_background(lambda: remote.watch_prefix(rec.PREFIX, rev + 1, HANG))
+        wait_for(lambda: api._watching > 0, "the poll held by the second server")
+        first = _endpoint(server, store, port=first.port)  # home returns
+        running.append(first)
+        assert remote.get(rec.node_key("agent-1")) is None  # tried home first: it answers
+        assert remote.choice.current == first.url
+        store.put(rec.member_key("other"), b"{}")  # the poll ends, on the second server
+        assert [e.kv.key for e in poll.result()] == [rec.member_key("other")]
+        assert remote.choice.current == first.url
+    finally:
+        for handle in running:
+            handle.stop()
