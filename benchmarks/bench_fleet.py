@@ -267,6 +267,11 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                 time.sleep(1 / opts.csr_rate)  # the load's pace, not a synchronisation
             for f in futures:
                 f.result()
+        print(
+            f"  N={n}: CSR p50/p99 {percentile(csr_ms, 0.5) / 1000:.3f}/"
+            f"{percentile(csr_ms, 0.99) / 1000:.3f} s ({len(csr_ms)} CSRs)",
+            flush=True,
+        )
 
         cpu0, t0 = servers_cpu(cluster), time.monotonic()
         cluster.stage_rotation("e1")

@@ -105,21 +105,26 @@ def again(call: Callable[[], T]) -> T:
 
 class Timers:
     """Every simulated agent's timers on one thread: its runner's next tick (at the runner's
-    deadline, or at once when woken) and its lease refresh (every ttl/3); a small pool runs
+    deadline, or at once when woken) and its lease refresh (every ttl/3); small pools run
     them. A real agent has a thread for each; a thread per timer for a thousand agents (and
-    the GIL handed between them at every wake-up) would make this process the bottleneck."""
+    the GIL handed between them at every wake-up) would make this process the bottleneck.
+    The lease refreshes have a pool of their own, as a real agent has a thread for them: a
+    rollout wakes every agent at once, and refreshes queued behind a thousand ticks (each a
+    few requests to a busy server) would let the leases expire."""
 
-    def __init__(self, workers: int = 32) -> None:
+    def __init__(self, workers: int = 32, lease_workers: int = 32) -> None:
         self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._heap: list[tuple[float, int, Callable[[], None], ThreadPoolExecutor]] = []
         self._seq = itertools.count()
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-work")
+        self._leases = ThreadPoolExecutor(lease_workers, thread_name_prefix="sim-lease")
         self._closed = False
         threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
 
-    def at(self, when: float, job: Callable[[], None]) -> None:
+    def at(self, when: float, job: Callable[[], None], *, lease: bool = False) -> None:
         with self._cond:
-            heapq.heappush(self._heap, (when, next(self._seq), job))
+            pool = self._leases if lease else self._pool
+            heapq.heappush(self._heap, (when, next(self._seq), job, pool))
             if self._heap[0][2] is job:
                 self._cond.notify()
 
@@ -142,14 +147,15 @@ class Timers:
                 if delay is None or delay > 0:
                     self._cond.wait(delay)
                     continue
-                job = heapq.heappop(self._heap)[2]
-                self._pool.submit(self._guard, job)
+                _, _, job, pool = heapq.heappop(self._heap)
+                pool.submit(self._guard, job)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
             self._cond.notify()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._leases.shutdown(wait=False, cancel_futures=True)
 
 
 @dataclass
@@ -208,7 +214,7 @@ class SimAgent:
         again(self.runner.start)
         link = self.runner.link
         assert link is not None
-        self.timers.at(time.monotonic() + link.ttl / 3, self._keep_alive)
+        self.timers.at(time.monotonic() + link.ttl / 3, self._keep_alive, lease=True)
         self._wake()
 
     def _apply(self, r: Rollout) -> ApplyOutcome:
@@ -265,7 +271,7 @@ class SimAgent:
         link = self.runner.link
         if link is None or link.stopped or self.stop.is_set():
             return
-        self.timers.at(time.monotonic() + link.keep_alive(), self._keep_alive)
+        self.timers.at(time.monotonic() + link.keep_alive(), self._keep_alive, lease=True)
 
     def kill(self) -> None:
         """Gone without a word: the lease is left to expire, as when a machine dies."""
