@@ -6,12 +6,14 @@
 Each size is a fresh simulated cluster (tests/harness/cluster.py) on one shared SQLite file:
 three real server daemons (`rke2certd run`: e1 etcd, c1 and c2 control-plane), each with its
 endpoint on its own loopback address and one port, as servers on their own hosts; a handful of
-real agent daemons; and N simulated agents from this one process. A simulated agent speaks the
-agent protocol as a real one does, with the same code: the remote datastore over the endpoint
-(its own server choice, lease refreshes, long-poll watch) and the rollout runner (registration,
-statuses, slots, its restart as an instant command); only its apply step is lighter (adopt the
-rotated CA by the chain it holds, one CSR) and it holds no files. Restarts and health gates are
-instant (`true`): what is measured is rke2certd's own work.
+real agent daemons; and N simulated agents from this one process (loadgen.py). A simulated
+agent speaks the agent protocol as a real one does, with the same code: the remote datastore
+over the endpoint (its own server choice, lease refreshes, long-poll watch) and the rollout
+runner (registration, statuses, slots, its restart as an instant command); only its apply step
+is lighter (adopt the rotated CA by the chain it holds, one CSR) and it holds no files; their
+timers share one thread. Restarts and health gates are instant (`true`): what is measured is
+rke2certd's own work. This process's own CPU per agent is printed beside the servers', so that
+a reader sees the generator is not the bottleneck.
 
 Per size, in order:
 - join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
@@ -38,13 +40,11 @@ exponents say how the cost grows.
 from __future__ import annotations
 
 import argparse
-import http.client
 import itertools
 import logging
 import math
 import os
 import random
-import secrets
 import shutil
 import statistics
 import sys
@@ -52,41 +52,24 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import hashes  # noqa: E402
-from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
+from loadgen import SimAgent, Timers, address, again, own_addresses  # noqa: E402
 
-from rke2certd.clock import system_clock  # noqa: E402
 from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
-from rke2certd.datastore.base import DatastoreUnavailable  # noqa: E402
-from rke2certd.node.node import Node  # noqa: E402
-from rke2certd.pki import keys  # noqa: E402
 from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
-from rke2certd.roles.agent import AgentRollout  # noqa: E402
 from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
-from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner  # noqa: E402
-from rke2certd.supervisor import NODE_NAME_HEADER, cert_route  # noqa: E402
-from rke2certd.supervisor.client import (  # noqa: E402
-    UnreachableError,
-    fetch_cacerts_trusted,
-    request_cert,
-)
-from rke2certd.supervisor.remote import RemoteDatastore  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
 
-T = TypeVar("T")
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
 RETRY_HOME = 10  # preferred-server-retry (30 s by default): the spread settles sooner
 GRACE = 5  # agent-unavailable-grace: the dead agent is skipped soon after its turn
@@ -133,133 +116,6 @@ def slope(xs: list[float], ys: list[float]) -> float:
     return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else float("nan")
 
 
-def _csr(name: str) -> bytes:
-    key = keys.new_ec_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{name}")])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
-    return csr.public_bytes(Encoding.DER)
-
-
-# Each simulated agent connects from an address of its own (127.1.x.y), as agents on their own
-# machines do: the endpoint's per-address limits (16 connections still in their handshake from
-# one address) are for one host, not a fleet behind one address.
-_ADDRESSES: dict[str, str] = {}
-_request = http.client.HTTPSConnection.request
-
-
-def _from_own_address(
-    self: http.client.HTTPSConnection,
-    method: str,
-    url: str,
-    body: Any = None,
-    headers: Any = None,
-    **kw: Any,
-) -> None:
-    name = (headers or {}).get(NODE_NAME_HEADER)
-    if name in _ADDRESSES and self.sock is None:
-        self.source_address = (_ADDRESSES[name], 0)
-    _request(self, method, url, body, headers or {}, **kw)
-
-
-def _again(call: Callable[[], T]) -> T:
-    pause = 0.5
-    while True:
-        try:
-            return call()
-        except (DatastoreUnavailable, UnreachableError):
-            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
-            pause = min(10.0, pause * 2)
-
-
-@dataclass
-class SimAgent:
-    """One simulated agent: the real remote datastore and rollout runner, a light apply."""
-
-    name: str
-    cfg: Config
-    token: str
-    trust: bytes
-    csr_ms: list[float]  # the join's CSR latencies (ms), shared by every agent
-    stop: threading.Event = field(default_factory=threading.Event)
-    wake: threading.Event = field(default_factory=threading.Event)
-    gen: str | None = None
-
-    def __post_init__(self) -> None:
-        self.urls = supervisor_urls(self.cfg)
-        self.password = secrets.token_hex(16)  # its node password (proves its name)
-        self.remote = RemoteDatastore(
-            self.urls,
-            lambda: self.token,
-            lambda: self.trust,
-            self.name,
-            node_password=lambda: self.password,
-            prefer_again=self.cfg.preferred_server_retry,
-        )
-        self.csr_der = _csr(self.name)
-        role = AgentRollout(self.remote, self._apply, lambda: self.gen)
-        self.runner = RolloutRunner(
-            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self.wake.set
-        )
-        self.thread = threading.Thread(target=self._loop, name=f"sim-{self.name}", daemon=True)
-
-    def csr(self) -> float:
-        started = time.monotonic()
-        request_cert(
-            self.remote.choice.order(started),
-            self.token,
-            self.trust,
-            cert_route("client-kubelet"),
-            self.csr_der,
-            self.name,
-            ["10.9.0.1"],
-            node_password=self.password,
-        )
-        return time.monotonic() - started
-
-    def join(self) -> None:
-        """As a daemon starts: servers that push back (busy, their limits not yet grown with
-        the fleet) are asked again after a pause, never given up on."""
-        self.gen = _again(lambda: self.remote.served_generation()[0])
-        self.csr_ms.append(_again(self.csr) * 1000)
-        _again(self.runner.start)
-        self.thread.start()
-
-    def _apply(self, r: Rollout) -> ApplyOutcome:
-        # adopt the rotated CA from a server that proves itself with the CA held, then a CSR;
-        # servers that do not answer (busy): try again later, as the daemon does
-        try:
-            urls = self.remote.choice.order(0)
-            _url, bundle, _hash = fetch_cacerts_trusted(urls, self.trust)
-            self.trust = bundle
-            self.csr()
-        except UnreachableError as exc:
-            raise DatastoreUnavailable(str(exc)) from exc
-        self.gen = r.ca_generation
-        return ApplyOutcome(self.gen)
-
-    def _loop(self) -> None:
-        while not self.stop.is_set():
-            self.wake.wait(max(0.0, min(60.0, self.runner.deadline() - time.monotonic())))
-            self.wake.clear()
-            if self.stop.is_set():
-                break
-            self.runner.tick()
-
-    def kill(self) -> None:
-        """Gone without a word: the lease is left to expire, as when a machine dies."""
-        self.stop.set()
-        self.wake.set()
-        if self.runner.link is not None:
-            self.runner.link.stop(wait=0)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.wake.set()
-        self.runner.interrupted = True  # no revoke: quicker, and the cluster goes away anyway
-        if self.runner.link is not None:
-            self.runner.link.stop(wait=0)
-
-
 @dataclass
 class Result:
     n: int
@@ -268,6 +124,7 @@ class Result:
     join_p50: float
     join_p99: float
     idle_cpu: float  # servers' CPU seconds per second, idle
+    bench_cpu: float  # this process's CPU seconds per second, idle (the simulated agents)
     csr_p50: float
     csr_p99: float
     rollout_wall: float
@@ -307,6 +164,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     }
     cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
     sims: list[SimAgent] = []
+    timers = Timers()
     try:
         cluster.start(timeout=120)
         c1 = cluster.nodes["c1"]
@@ -330,8 +188,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                     **config,
                 }
             )
-            _ADDRESSES[name] = f"127.1.{i // 250}.{i % 250 + 1}"
-            sims.append(SimAgent(name, cfg, token, trust, join_ms))
+            address(name, i)
+            sims.append(SimAgent(name, cfg, token, trust, join_ms, timers))
         threading.stack_size(512 * 1024)
         started = time.monotonic()
         with ThreadPoolExecutor(20) as pool:
@@ -359,6 +217,12 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             now = counts()
             if now != last:
                 last, since = now, time.monotonic()
+                if opts.verbose:
+                    print(f"    {time.monotonic() - settle:5.0f} s: {dict(sorted(now.items()))}")
+                    for move in MOVES[:]:
+                        MOVES.remove(move)
+                        where = server_of.get(str(move.get("server_url")), "?")
+                        print(f"      {move.get('node')} -> {where}: {move.get('reason')}")
         away = sum(a.remote.choice.current != a.remote.choice.preferred for a in sims)
         print(
             f"  N={n}: spread settled after {time.monotonic() - settle:.0f} s; "
@@ -376,9 +240,16 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         # one agent dies now: down (its lease expired) by the time the rollout comes
         dead = sims[0]
         dead.kill()
-        cpu0, t0 = servers_cpu(cluster), time.monotonic()
+        cpu0, own0, t0 = servers_cpu(cluster), proc_cpu(os.getpid()), time.monotonic()
         time.sleep(opts.idle)  # measuring: nothing else to wait for
         idle_cpu = (servers_cpu(cluster) - cpu0) / (time.monotonic() - t0)
+        bench_cpu = (proc_cpu(os.getpid()) - own0) / (time.monotonic() - t0)
+        print(
+            f"  N={n}: idle CPU per agent per minute: servers {idle_cpu / (n + real) * 60:.4f} s, "
+            f"this process (the {n} simulated agents) {bench_cpu / n * 60:.4f} s "
+            f"({bench_cpu:.2f} of a core, {threading.active_count()} threads)",
+            flush=True,
+        )
 
         csr_ms: list[float] = []
         rng = random.Random(16)
@@ -386,7 +257,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
 
         def timed(agent: SimAgent) -> None:  # a retry after back-pressure counts in its time
             started = time.monotonic()
-            _again(agent.csr)
+            again(agent.csr)
             csr_ms.append((time.monotonic() - started) * 1000)
 
         with ThreadPoolExecutor(8) as pool:
@@ -396,6 +267,11 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
                 time.sleep(1 / opts.csr_rate)  # the load's pace, not a synchronisation
             for f in futures:
                 f.result()
+        print(
+            f"  N={n}: CSR p50/p99 {percentile(csr_ms, 0.5) / 1000:.3f}/"
+            f"{percentile(csr_ms, 0.99) / 1000:.3f} s ({len(csr_ms)} CSRs)",
+            flush=True,
+        )
 
         cpu0, t0 = servers_cpu(cluster), time.monotonic()
         cluster.stage_rotation("e1")
@@ -423,8 +299,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             for node, st in sts.items()
             if phases.get(node) is Phase.AGENT and st.state is NodeState.DONE and st.finished
         ]
-        last = max((st.finished for st in agent_done if st.finished), default=None)
-        phase = (last - servers_done).total_seconds() if last and servers_done else float("nan")
+        end = max((st.finished for st in agent_done if st.finished), default=None)
+        phase = (end - servers_done).total_seconds() if end and servers_done else float("nan")
         gates = [(st.restart_seconds or 0) + (st.health_seconds or 0) for st in agent_done]
         spans = sorted(
             (st.restart_started, st.finished)
@@ -442,6 +318,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             percentile(join_ms, 0.5) / 1000,
             percentile(join_ms, 0.99) / 1000,
             idle_cpu,
+            bench_cpu,
             percentile(csr_ms, 0.5) / 1000,
             percentile(csr_ms, 0.99) / 1000,
             wall,
@@ -456,6 +333,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     finally:
         for a in sims:
             a.close()
+        timers.close()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -466,6 +344,15 @@ def _real_cfg(cluster: SimCluster, name: str) -> Config:
     doc = yaml.safe_load(cluster.nodes[name].config.read_text())
     rke2 = yaml.safe_load((cluster.nodes[name].dir / "rke2" / "config.yaml").read_text())
     return Config.from_mapping({**doc, "server": rke2["server"], "token": rke2["token"]})
+
+
+MOVES: list[dict[str, Any]] = []
+
+
+def _moves(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+    if event.get("event") == "server_chosen":
+        MOVES.append(dict(event))
+    raise structlog.DropEvent
 
 
 def report(results: list[Result]) -> None:
@@ -524,11 +411,17 @@ def main() -> int:
     parser.add_argument("--csr-rate", type=float, default=5.0, help="CSRs per second")
     parser.add_argument("--csr-seconds", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="for one rollout")
+    parser.add_argument("--verbose", action="store_true", help="print the spread as it settles")
     opts = parser.parse_args()
     # the simulated agents log as daemons do: keep this output to the figures
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    if opts.verbose:  # and the agents' moves, to say why the spread changes
+        structlog.configure(
+            processors=[_moves],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        )
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
-    http.client.HTTPSConnection.request = _from_own_address  # type: ignore[method-assign]
+    own_addresses()
     print(f"bench_fleet: 3 servers, sizes {sizes} simulated agents + {opts.real_agents} real")
     print("targets: " + "; ".join(TARGETS.values()))
     results = []

@@ -192,9 +192,11 @@ class AgentRollout:
     apply: Callable[[Rollout], ApplyOutcome]
     generation: Callable[[], str | None]
     restart_unit: str = AGENT_UNIT
+    # False: the link's lease is kept by the caller's timer (ClusterLink.keep_alive)
+    lease_thread: bool = True
 
     def link(self, node: Node, wake: Callable[[], None]) -> ClusterLink:
-        return relayed_link(node, lambda: self.remote, wake)
+        return relayed_link(node, lambda: self.remote, wake, lease_thread=self.lease_thread)
 
     def follow(self, link: ClusterLink, step: Step, phase: Phase, revision: int) -> None:
         """Keep the long poll to what `step` waits for (here, and on the server's side)."""

@@ -74,9 +74,13 @@ class ClusterLink:
         wake: Callable[[], None],
         streams: Sequence[WatchStream] = (),
         interest: Callable[[Event], bool] | None = None,
+        *,
+        lease_thread: bool = True,
     ) -> None:
         """`streams`: etcd watch streams, one thread each (none: the whole prefix through the
-        datastore's watch); `interest`: a fixed filter (servers) instead of one set per step."""
+        datastore's watch); `interest`: a fixed filter (servers) instead of one set per step;
+        `lease_thread` False: no keep-alive thread, the caller calls `keep_alive` when it says
+        (a process that runs many nodes keeps their leases with one timer, not a thread each)."""
         self._open = open_ds
         self.ttl = ttl
         self._own_key = own_key
@@ -84,9 +88,10 @@ class ClusterLink:
         self._feeds = [_Feed(s, f"watch-{i}") for i, s in enumerate(streams)] or [_Feed(None)]
         self._stop = threading.Event()
         self._changed = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True)
-        ]
+        self._threads = []
+        if lease_thread:
+            lease = threading.Thread(target=self._keepalive, name="rke2certd-lease", daemon=True)
+            self._threads.append(lease)
         for feed in self._feeds:
             name = f"rke2certd-{feed.name}"
             self._threads.append(
@@ -108,11 +113,17 @@ class ClusterLink:
         self._only: tuple[str, ...] | None = None
         self._rewind: int | None = None
         self._interest_set = threading.Event()
+        self._lease_ds: Datastore | None = None
+        self._lease_backoff = 0.5
 
     def start(self, lease: int) -> None:
         self.lease = lease
         for t in self._threads:
             t.start()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self, wait: float = 1.0) -> None:
         self._stop.set()
@@ -169,13 +180,16 @@ class ClusterLink:
 
     def _failed(self, who: str, exc: Exception, backoff: float) -> float:
         """Log a failure once (not at every retry), wake the loop for its status line, pause."""
+        self._report(who, exc, backoff)
+        self._stop.wait(backoff)
+        return min(BACKOFF_MAX, backoff * 2)
+
+    def _report(self, who: str, exc: Exception, backoff: float) -> None:
         message = str(exc) if isinstance(exc, Rke2certdError) else repr(exc)
         if message != self._errors.get(who):
             log.warning("cluster_link_failed", reason=message, retry_in=backoff, thread=who)
         self._errors[who] = message
         self._poke()
-        self._stop.wait(backoff)
-        return min(BACKOFF_MAX, backoff * 2)
 
     def _ok(self, who: str) -> None:
         if self._errors.pop(who, None) is not None:
@@ -185,20 +199,28 @@ class ClusterLink:
     # -- keep-alive thread -------------------------------------------------------------------
 
     def _keepalive(self) -> None:
-        ds: Datastore | None = None
-        backoff = 0.5
-        while not self._stop.wait(self.ttl / 3):
-            while not self._stop.is_set():
-                try:
-                    ds = ds or self._open()
-                    self._refresh(ds)
-                    self._ok("lease")
-                    backoff = 0.5
-                    break
-                except Exception as exc:  # never die: the node would fall out of the cluster
-                    if self._stop.is_set():
-                        return
-                    backoff = self._failed("lease", exc, backoff)
+        delay = self.ttl / 3
+        while not self._stop.wait(delay):
+            delay = self.keep_alive()
+
+    def keep_alive(self) -> float:
+        """Refresh the lease once (take a new one when it was lost); the seconds until the
+        next call: ttl/3, or after a failure a pause that doubles up to BACKOFF_MAX."""
+        if self._stop.is_set():
+            return self.ttl / 3
+        try:
+            self._lease_ds = self._lease_ds or self._open()
+            self._refresh(self._lease_ds)
+        except Exception as exc:  # never die: the node would fall out of the cluster
+            if self._stop.is_set():
+                return self.ttl / 3
+            backoff = self._lease_backoff
+            self._report("lease", exc, backoff)
+            self._lease_backoff = min(BACKOFF_MAX, backoff * 2)
+            return backoff
+        self._ok("lease")
+        self._lease_backoff = 0.5
+        return self.ttl / 3
 
     def _refresh(self, ds: Datastore) -> None:
         lease = self.lease
@@ -294,10 +316,15 @@ def direct_link(
 
 
 def relayed_link(
-    node: Node, open_ds: Callable[[], Datastore], wake: Callable[[], None]
+    node: Node,
+    open_ds: Callable[[], Datastore],
+    wake: Callable[[], None],
+    *,
+    lease_thread: bool = True,
 ) -> ClusterLink:
     """An agent's link: the whole prefix through a server, filtered by each step's interest."""
-    return ClusterLink(open_ds, node.cfg.registry_ttl, rec.node_key(node.cfg.node), wake)
+    own = rec.node_key(node.cfg.node)
+    return ClusterLink(open_ds, node.cfg.registry_ttl, own, wake, lease_thread=lease_thread)
 
 
 def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:

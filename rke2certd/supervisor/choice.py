@@ -14,7 +14,8 @@ holds lives in one server's memory (registration, leases, watch revisions are th
 so a move costs the agent nothing but the request that failed.
 
 A server that has its share of the fleet says so to the agents beyond it (`crowded`,
-fleet_limits.py): the agent avoids it for `prefer_again` seconds and uses the next one in its
+fleet_limits.py), keeping those that rank it highest (each request says where the server is in
+the agent's rank): the agent avoids it for `prefer_again` seconds and uses the next one in its
 rank that is not avoided (if every one is, it stays where it is: crowded servers still serve).
 """
 
@@ -50,11 +51,16 @@ class ServerChoice:
         self.current = self.ranked[0] if self.ranked else ""
         self._tried_home = 0.0  # when the preferred server was last tried
         self._avoid: dict[str, float] = {}  # crowded servers -> until when they are avoided
+        self.moves = 0  # how many times it moved: an answer to a request sent before is late
         self._lock = threading.Lock()
 
     @property
     def preferred(self) -> str:
         return self.ranked[0]
+
+    def rank(self, url: str) -> int:
+        """Where `url` is in this agent's rank (0: its preferred server)."""
+        return self.ranked.index(url) if url in self.ranked else len(self.ranked)
 
     def order(self, now: float) -> list[str]:
         with self._lock:
@@ -67,17 +73,24 @@ class ServerChoice:
             if home in free and (first == home or due):
                 self._tried_home = now  # tried (again) now: the next try after prefer_again
                 first = home
-            return [first] + [u for u in self.ranked if u != first]
+            # then the others in rank, the crowded ones last: an agent told that its server
+            # is crowded tries every other one before it (its next may not answer)
+            rest = [u for u in self.ranked if u != first]
+            return [first] + [u for u in rest if u in free] + [u for u in rest if u not in free]
 
     def crowded(self, url: str, now: float) -> None:
         """`url` answered that it has its share of agents: avoid it for a while."""
         with self._lock:
             self._avoid[url] = now + self.prefer_again
 
-    def answered(self, url: str) -> str | None:
-        """`url` answered; the server moved to, if this is a move (None: no change)."""
+    def answered(self, url: str, moves: int | None = None) -> str | None:
+        """`url` answered a request sent after `moves` moves; the server moved to, if this is a
+        move (None: no change). An answer to a request sent before the agent last moved does
+        not move it back: a long poll sent to the server it was on ends up to 25 s later, and
+        would undo every move home made meanwhile (then the next poll goes there again)."""
         with self._lock:
-            if url == self.current:
+            if url == self.current or (moves is not None and moves != self.moves):
                 return None
             self.current = url
+            self.moves += 1
             return url

@@ -14,7 +14,13 @@ by its node password before this module sees it, and never a server's: `node_aut
   agents on one server never take the connections that short requests need;
 - be told the server is crowded: an answer carries `"crowded": true` when the server already
   has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them; the
-  agent then uses its next server (choice.py). It is served all the same: never refused;
+  agent then uses its next server (choice.py). It is served all the same: never refused.
+  Each request says where this server is in the agent's rank (`rank`, 0: its preferred one);
+  a full server takes an agent that ranks it higher than one of its own does in that one's
+  place (the one that ranks it lowest, seen least lately), which is told at its next request.
+  So the agents that prefer a server are never kept out by others that merely failed over to
+  it (while it was busy, say): those go back home or on to their next, and the fleet settles
+  on what the hash gives, each server capped at its share;
 - ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
 - learn which CA generation the server holds, and the digests of the bundles it serves.
 
@@ -97,7 +103,8 @@ class ClusterAPI:
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
     _full: bool = False  # busy answered and logged; cleared once the load has halved
-    _own: dict[str, float] = field(default_factory=dict)  # this server's agents -> last seen
+    # this server's agents -> (last seen, where this server is in the agent's rank)
+    _own: dict[str, tuple[float, int]] = field(default_factory=dict)
     _resize_hooks: list[Callable[[int], None]] = field(default_factory=list)  # endpoint's gate
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
@@ -125,17 +132,23 @@ class ClusterAPI:
             if hook in self._resize_hooks:
                 self._resize_hooks.remove(hook)
 
-    def crowded(self, node: str, now: float) -> bool:
+    def crowded(self, node: str, now: float, rank: int = 0) -> bool:
         """Whether to tell `node` to use its next server: this one has its share of agents
-        (seen lately) and `node` is not one of them. Otherwise `node` is (still) one of them."""
+        (seen lately), `node` is not one of them, and none of them ranks this server lower
+        than `node` does (`rank`: 0 for its preferred server). Otherwise `node` is (still)
+        one of them, in the place of the one that ranks it lowest if it had to be."""
         with self._lock:
-            if node not in self._own and len(self._own) >= self.home:
-                gone = [n for n, seen in self._own.items() if now - seen > HOME_SEEN_SECONDS]
+            own = self._own
+            if node not in own and len(own) >= self.home:
+                gone = [n for n, (seen, _) in own.items() if now - seen > HOME_SEEN_SECONDS]
                 for n in gone:
-                    del self._own[n]
-                if len(self._own) >= self.home:
-                    return True
-            self._own[node] = now
+                    del own[n]
+                if len(own) >= self.home:
+                    last = max(own, key=lambda n: (own[n][1], -own[n][0]))
+                    if own[last][1] <= rank:
+                        return True
+                    del own[last]  # told it is crowded at its next request
+            own[node] = (now, rank)
             return False
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
@@ -146,6 +159,10 @@ class ClusterAPI:
         handler = getattr(self, f"_op_{op}", None)
         if handler is None:
             raise ClusterRefused(400, f"unknown operation {op[:40]!r}")
+        try:  # an agent that does not say ranks every server as its preferred one
+            rank = wire.integer(doc.get("rank"), "rank", optional=True) or 0
+        except wire.WireError as exc:
+            raise ClusterRefused(400, str(exc)) from None
         try:
             result: dict[str, Any] = handler(node, doc)
         except wire.WireError as exc:
@@ -154,7 +171,7 @@ class ClusterAPI:
             raise ClusterRefused(404, f"lease not found: {exc}", wire.LEASE_NOT_FOUND) from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
-        if self.crowded(node, time.monotonic()):
+        if self.crowded(node, time.monotonic(), rank):
             result["crowded"] = True
         return result
 

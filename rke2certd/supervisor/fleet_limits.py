@@ -18,9 +18,10 @@ Spread. Each agent's preferred server is a hash of its name (choice.py), even on
 (a hundred agents over three servers: about 33 +- 5 each; sim-0000..sim-0099 land 22/36/42).
 So a server takes as its own
 at most `home` agents, a tenth over its fair share (never fewer than MIN_HOME: a small fleet
-goes by the hash alone); it serves the others too, and tells them it is crowded, so that they
-use their next server (cluster_api.py). With every server up, no server then holds more than
-a tenth over its share, so none less than a fifth under it (with three).
+goes by the hash alone), those that prefer it first; it serves the others too, and tells them
+it is crowded, so that they use their next server (cluster_api.py). With every server up,
+no server then holds more than a tenth over its share, so none less than a fifth under it
+(with three).
 
 Beyond the limits the server pushes back, and agents retry, never fail: a long poll beyond its
 limit is answered at once with a time to ask again; a connection beyond its limit is closed,

@@ -73,6 +73,7 @@ class RemoteDatastore(Datastore):
         problems: list[str] = []
         mismatch: TokenError | None = None
         token, trust, password = self._token(), self._trust(), self._node_password()
+        moves = self.choice.moves  # a move while this request is out makes its answer late
         for url in self.choice.order(time.monotonic()):
             try:
                 answer = post_json(
@@ -80,7 +81,7 @@ class RemoteDatastore(Datastore):
                     token,
                     trust,
                     CLUSTER_PATH,
-                    doc,
+                    doc | {"rank": self.choice.rank(url)},  # the server's place (crowded)
                     self.node_name,
                     node_password=password,
                     timeout=timeout,
@@ -94,7 +95,7 @@ class RemoteDatastore(Datastore):
             crowded = answer.get("crowded") is True  # served; the next request goes elsewhere
             if crowded:
                 self.choice.crowded(url, time.monotonic())
-            if not crowded and self.choice.answered(url) is not None:
+            if not crowded and self.choice.answered(url, moves) is not None:
                 home = url == self.choice.preferred
                 log.info(
                     "server_chosen",

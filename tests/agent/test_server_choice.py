@@ -23,11 +23,16 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.supervisor import MAX_CONNECTIONS
 from rke2certd.supervisor.choice import ServerChoice, preferred_order
-from rke2certd.supervisor.cluster_api import HOME_SEEN_SECONDS, ClusterAPI, ServedCA
+from rke2certd.supervisor.cluster_api import (
+    HOME_SEEN_SECONDS,
+    ClusterAPI,
+    ClusterRefused,
+    ServedCA,
+)
 from rke2certd.supervisor.fleet_limits import MIN_HOME, fleet_limits
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
-from tests.harness.wait import wait_for
+from tests.harness.wait import HANG, in_background, wait_for
 
 from .helpers import HOST, ServerNode, renew_agent
 
@@ -84,14 +89,25 @@ def test_sticky_until_the_preferred_server_is_tried_again() -> None:
     assert choice.order(61) == URLS
 
 
+def test_a_late_answer_does_not_move_the_agent_back() -> None:
+    choice = ServerChoice(URLS, prefer_again=30)
+    away = choice.moves
+    assert choice.answered(URLS[1], away) == URLS[1]  # its preferred did not answer
+    sent = choice.moves  # a long poll goes to the second
+    assert choice.answered(URLS[0], sent) == URLS[0]  # home again, while the poll is out
+    assert choice.answered(URLS[1], sent) is None  # the poll ends: it stays home
+    assert choice.current == URLS[0]
+    assert choice.answered(URLS[1]) == URLS[1]  # an answer that is not late moves it
+
+
 def test_a_crowded_server_is_avoided_for_a_while() -> None:
     choice = ServerChoice(URLS, prefer_again=30)
     assert choice.order(0) == URLS
     choice.crowded(URLS[0], 0)  # home has its share: the next in rank, not home
     assert choice.order(1)[0] == URLS[1]
     assert choice.answered(URLS[1]) == URLS[1]
-    choice.crowded(URLS[1], 2)  # that one too: the third
-    assert choice.order(3)[0] == URLS[2]
+    choice.crowded(URLS[1], 2)  # that one too: the third, then the crowded ones
+    assert choice.order(3) == [URLS[2], URLS[0], URLS[1]]
     assert choice.answered(URLS[2]) == URLS[2]
     for url in URLS[:2]:
         choice.crowded(url, 10)
@@ -117,6 +133,37 @@ def test_the_endpoint_counts_its_own_agents(tmp_path: Path) -> None:
         api.resize(MAX_CONNECTIONS, MAX_CONNECTIONS // 2, home=3)
         assert not api.crowded("a4", 3 + HOME_SEEN_SECONDS)
         assert api.crowded("a5", 4 + HOME_SEEN_SECONDS)
+
+
+def test_a_full_server_keeps_the_agents_that_rank_it_highest(tmp_path: Path) -> None:
+    """Agents that failed over to a server do not keep out those that prefer it: each one
+    that ranks it higher takes the place of the one that ranks it lowest (seen least lately)."""
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=3)
+        assert not any(api.crowded(n, t, rank=r) for t, (n, r) in enumerate(FAILED_OVER))
+        assert api.crowded("f4", 3, rank=2)  # full, and nobody ranks it lower
+        assert not api.crowded("p1", 4, rank=0)  # in the place of f2 (rank 2, seen before f3)
+        assert api.crowded("f2", 5, rank=2)  # told at its next request
+        assert not api.crowded("p2", 6, rank=0)  # f3's place
+        assert not api.crowded("f1", 7, rank=1)  # still its own
+        assert not api.crowded("p3", 8, rank=0)  # f1's place, the last one ranked lower
+        assert api.crowded("p4", 9, rank=0) and api.crowded("f1", 10, rank=1)
+        assert not api.crowded("p1", 11, rank=0)
+
+
+FAILED_OVER = [("f1", 1), ("f2", 2), ("f3", 2)]
+
+
+def test_a_rank_that_is_not_a_place_is_refused(tmp_path: Path) -> None:
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=2)
+        for bad in (-1, "0", 1.5, True):
+            with pytest.raises(ClusterRefused) as caught:
+                api.handle("a1", {"op": "generation", "rank": bad})
+            assert caught.value.status == 400 and "rank" in caught.value.reason
+        assert not api._own  # nothing changed
+        assert api.handle("a1", {"op": "generation", "rank": 1})["generation"] is None
+        assert api.handle("a1", {"op": "generation"})["generation"] is None  # older agents
 
 
 def test_supervisor_urls_are_ranked_for_the_node(tmp_path: Path) -> None:
@@ -322,3 +369,84 @@ def test_a_crowded_server_sends_the_agents_beyond_its_share_to_their_next(
     finally:
         for end in ends:
             end.stop()
+
+
+def test_agents_that_failed_over_give_way_to_those_that_prefer_the_server(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+) -> None:
+    """Two real endpoints taking 2 agents each. Two agents whose preferred server does not
+    answer fail over to the first endpoint and fill it; the two agents that prefer it then
+    take their places, and the two that failed over settle on their next server: each
+    endpoint ends with 2, served throughout."""
+    ends = [_endpoint(server, store, home=2) for _ in range(2)]
+    try:
+        a, b = (e.url for e in ends)
+        node: Node = agent_factory("agent-x", supervisor_port=ends[0].port)
+        renew_agent(node)
+        dead = f"https://{HOST}:1"  # nothing listens there
+
+        def remote(name: str, urls: list[str]) -> RemoteDatastore:
+            return RemoteDatastore(
+                urls,
+                lambda: server.agent_token,
+                lambda: trusted_bundle(node),
+                name,
+                node_password=lambda: "0" * 32,
+                prefer_again=3600,
+            )
+
+        away = {n: remote(n, [dead, a, b]) for n in ("f1", "f2")}
+        home = {n: remote(n, [a, b]) for n in ("p1", "p2")}
+        for name, r in away.items():
+            assert r.get(rec.node_key(name)) is None
+            assert r.choice.current == a  # failed over: the first endpoint's own
+        for name, r in home.items():
+            assert r.get(rec.node_key(name)) is None
+            assert r.choice.current == a  # in the place of one that failed over
+        for _round in range(3):  # told at their next request; settled at the one after
+            for name, r in (away | home).items():
+                assert r.get(rec.node_key(name)) is None  # served, crowded or not
+        assert {n: r.choice.current for n, r in (away | home).items()} == {
+            "f1": b,
+            "f2": b,
+            "p1": a,
+            "p2": a,
+        }
+    finally:
+        for end in ends:
+            end.stop()
+
+
+def test_a_long_poll_that_ends_after_the_agent_went_home_leaves_it_home(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+) -> None:
+    """An agent away from its preferred server holds a long poll on the one it is on; it goes
+    home at its next try there; the poll then ends with a change, on the other server: the
+    agent stays home (it went back with each poll, and moved home again at each try)."""
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    first, second = _endpoint(server, store), start(server.node, host=HOST, cluster=api)
+    running = [first, second]
+    try:
+        node: Node = agent_factory("agent-1", supervisor_port=first.port)
+        renew_agent(node)
+        remote = _remote(server, node, [first.url, second.url], prefer_again=0)
+        running.remove(first)
+        first.stop()
+        rev = remote.snapshot(rec.ROLLOUTS).revision  # home does not answer: the second does
+        assert remote.choice.current == second.url
+        poll = in_background(lambda: remote.watch_prefix(rec.PREFIX, rev + 1, HANG))
+        wait_for(lambda: api._watching > 0, "the poll held by the second server")
+        first = _endpoint(server, store, port=first.port)  # home returns
+        running.append(first)
+        assert remote.get(rec.node_key("agent-1")) is None  # tried home first: it answers
+        assert remote.choice.current == first.url
+        store.put(rec.member_key("other"), b"{}")  # the poll ends, on the second server
+        assert [e.kv.key for e in poll.result()] == [rec.member_key("other")]
+        assert remote.choice.current == first.url
+    finally:
+        for handle in running:
+            handle.stop()

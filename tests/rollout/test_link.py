@@ -347,3 +347,37 @@ def test_the_server_filter_holds_what_an_agent_waits_for() -> None:
                 assert event.kv.key.startswith(only), (step, event.kv.key)
         assert not put(rec.update_key("x")).kv.key.startswith(only)  # nobody's business
     assert server_filter(Idle(), Phase.AGENT) == (rec.ROLLOUTS,)
+
+
+def test_a_link_without_a_lease_thread_keeps_its_lease_when_called(tmp_path: Path) -> None:
+    """A process that runs many agents keeps their leases with one timer: `keep_alive` does
+    what the lease thread does once, and says when to call it again."""
+    woken: list[int] = []
+    fail = False
+    with SQLiteDatastore(tmp_path / "db.sqlite", poll_interval=0.01) as ds:
+
+        def open_ds() -> Datastore:
+            if fail:
+                raise DatastoreUnavailable("no server answered")
+            return ds
+
+        link = ClusterLink(
+            open_ds, 15, rec.node_key("a1"), lambda: woken.append(1), lease_thread=False
+        )
+        link.start(ds.grant_lease(15))
+        try:
+            assert [t.name for t in link._threads] == ["rke2certd-watch"]  # no lease thread
+            first = link.lease
+            assert link.keep_alive() == 5.0 and link.lease == first and link.error is None
+            assert first is not None and ds.revoke_lease(first)
+            assert link.keep_alive() == 5.0  # lost: a new lease, and the main loop told
+            assert link.lease != first and link.lease is not None
+            assert ds.lease_alive(link.lease) and woken
+            link._lease_ds, fail = None, True
+            assert [link.keep_alive() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+            assert link.error == "no server answered"
+            fail = False
+            assert link.keep_alive() == 5.0 and link.error is None
+        finally:
+            link.stop()
+        assert link.stopped and link.keep_alive() == 5.0

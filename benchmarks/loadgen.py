@@ -1,0 +1,286 @@
+"""A load generator: many simulated agents in one process, each speaking the agent protocol
+with the product's own code.
+
+A simulated agent has its own name, node password, source address (127.1.x.y: the endpoint's
+per-address limits are for one host), CSR and CA trust; its datastore is the real
+RemoteDatastore over the endpoint (its own server choice, lease, long-poll watch), its rollout
+the real RolloutRunner with the agent's role (registration, statuses, slots; its restart is
+the configured command). Only its apply step is lighter (adopt the rotated CA by the chain it
+holds, one CSR), and it holds no files.
+
+What makes a thousand of them fit on a small machine: a real agent has a thread for its main
+loop, one for its lease and one for its long poll; here the main loops' ticks and the lease
+refreshes of every agent run from one heap of deadlines (`Timers`) and a small pool, and only
+the long polls (each blocked in a server for up to 25 s) keep a thread each.
+"""
+
+from __future__ import annotations
+
+import heapq
+import http.client
+import itertools
+import math
+import random
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from rke2certd.clock import system_clock
+from rke2certd.commands.agent import supervisor_urls
+from rke2certd.config import Config
+from rke2certd.datastore.base import DatastoreUnavailable
+from rke2certd.node.node import Node
+from rke2certd.pki import keys
+from rke2certd.plan.rollout import Rollout
+from rke2certd.roles.agent import AgentRollout
+from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
+from rke2certd.supervisor import NODE_NAME_HEADER, cert_route
+from rke2certd.supervisor.client import (
+    UnreachableError,
+    fetch_cacerts_trusted,
+    request_cert,
+)
+from rke2certd.supervisor.remote import RemoteDatastore
+
+T = TypeVar("T")
+
+
+def _csr(name: str) -> bytes:
+    key = keys.new_ec_key()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"system:node:{name}")])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+    return csr.public_bytes(Encoding.DER)
+
+
+# Each simulated agent connects from an address of its own (127.1.x.y), as agents on their own
+# machines do: the endpoint's per-address limits (16 connections still in their handshake from
+# one address) are for one host, not a fleet behind one address.
+_ADDRESSES: dict[str, str] = {}
+_request = http.client.HTTPSConnection.request
+
+
+def _from_own_address(
+    self: http.client.HTTPSConnection,
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: Any = None,
+    **kw: Any,
+) -> None:
+    name = (headers or {}).get(NODE_NAME_HEADER)
+    if name in _ADDRESSES and self.sock is None:
+        self.source_address = (_ADDRESSES[name], 0)  # type: ignore[attr-defined]  # not in stubs
+    _request(self, method, url, body, headers or {}, **kw)
+
+
+def own_addresses() -> None:
+    """From now on, each simulated agent's requests come from its address (`address`)."""
+    http.client.HTTPSConnection.request = _from_own_address  # type: ignore[method-assign,assignment]
+
+
+def address(name: str, i: int) -> None:
+    """Agent `name` (the i-th) connects from 127.1.x.y."""
+    _ADDRESSES[name] = f"127.1.{i // 250}.{i % 250 + 1}"
+
+
+def again(call: Callable[[], T]) -> T:
+    pause = 0.5
+    while True:
+        try:
+            return call()
+        except (DatastoreUnavailable, UnreachableError):
+            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
+            pause = min(10.0, pause * 2)
+
+
+class Timers:
+    """Every simulated agent's timers on one thread: its runner's next tick (at the runner's
+    deadline, or at once when woken) and its lease refresh (every ttl/3); small pools run
+    them. A real agent has a thread for each; a thread per timer for a thousand agents (and
+    the GIL handed between them at every wake-up) would make this process the bottleneck.
+    The lease refreshes have a pool of their own, as a real agent has a thread for them: a
+    rollout wakes every agent at once, and refreshes queued behind a thousand ticks (each a
+    few requests to a busy server) would let the leases expire."""
+
+    def __init__(self, workers: int = 32, lease_workers: int = 32) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, Callable[[], None], ThreadPoolExecutor]] = []
+        self._seq = itertools.count()
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-work")
+        self._leases = ThreadPoolExecutor(lease_workers, thread_name_prefix="sim-lease")
+        self._closed = False
+        threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
+
+    def at(self, when: float, job: Callable[[], None], *, lease: bool = False) -> None:
+        with self._cond:
+            pool = self._leases if lease else self._pool
+            heapq.heappush(self._heap, (when, next(self._seq), job, pool))
+            if self._heap[0][2] is job:
+                self._cond.notify()
+
+    def run(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            if not self._closed:
+                self._pool.submit(self._guard, job)
+
+    @staticmethod
+    def _guard(job: Callable[[], None]) -> None:
+        try:
+            job()
+        except Exception:  # a bug in the bench: say so, keep the other agents going
+            traceback.print_exc()
+
+    def _run(self) -> None:
+        with self._cond:
+            while not self._closed:
+                delay = self._heap[0][0] - time.monotonic() if self._heap else None
+                if delay is None or delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                _, _, job, pool = heapq.heappop(self._heap)
+                pool.submit(self._guard, job)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._leases.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class SimAgent:
+    """One simulated agent: the real remote datastore and rollout runner, a light apply."""
+
+    name: str
+    cfg: Config
+    token: str
+    trust: bytes
+    csr_ms: list[float]  # the join's CSR latencies (ms), shared by every agent
+    timers: Timers
+    stop: threading.Event = field(default_factory=threading.Event)
+    gen: str | None = None
+
+    def __post_init__(self) -> None:
+        self.urls = supervisor_urls(self.cfg)
+        self.password = secrets.token_hex(16)  # its node password (proves its name)
+        self.remote = RemoteDatastore(
+            self.urls,
+            lambda: self.token,
+            lambda: self.trust,
+            self.name,
+            node_password=lambda: self.password,
+            prefer_again=self.cfg.preferred_server_retry,
+        )
+        self.csr_der = _csr(self.name)
+        role = AgentRollout(self.remote, self._apply, lambda: self.gen, lease_thread=False)
+        self.runner = RolloutRunner(
+            Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self._wake
+        )
+        # one tick at a time: queued (in the pool), ticking, woken while ticking (tick again)
+        self._lock = threading.Lock()
+        self._queued = self._ticking = self._again = False
+        self._timer_at = math.inf  # the earliest tick timer pending
+
+    def csr(self) -> float:
+        started = time.monotonic()
+        request_cert(
+            self.remote.choice.order(started),
+            self.token,
+            self.trust,
+            cert_route("client-kubelet"),
+            self.csr_der,
+            self.name,
+            ["10.9.0.1"],
+            node_password=self.password,
+        )
+        return time.monotonic() - started
+
+    def join(self) -> None:
+        """As a daemon starts: servers that push back (busy, their limits not yet grown with
+        the fleet) are asked again after a pause, never given up on."""
+        self.gen = again(lambda: self.remote.served_generation()[0])
+        self.csr_ms.append(again(self.csr) * 1000)
+        again(self.runner.start)
+        link = self.runner.link
+        assert link is not None
+        self.timers.at(time.monotonic() + link.ttl / 3, self._keep_alive, lease=True)
+        self._wake()
+
+    def _apply(self, r: Rollout) -> ApplyOutcome:
+        # adopt the rotated CA from a server that proves itself with the CA held, then a CSR;
+        # servers that do not answer (busy): try again later, as the daemon does
+        try:
+            urls = self.remote.choice.order(0)
+            _url, bundle, _hash = fetch_cacerts_trusted(urls, self.trust)
+            self.trust = bundle
+            self.csr()
+        except UnreachableError as exc:
+            raise DatastoreUnavailable(str(exc)) from exc
+        self.gen = r.ca_generation
+        return ApplyOutcome(self.gen)
+
+    def _wake(self) -> None:
+        """The runner's wake-up (its link's watch, its restart job): a tick, one at a time."""
+        with self._lock:
+            if self._ticking:
+                self._again = True
+                return
+            if self._queued or self.stop.is_set():
+                return
+            self._queued = True
+        self.timers.run(self._tick)
+
+    def _tick(self) -> None:
+        with self._lock:
+            self._queued, self._ticking = False, True
+        try:
+            if not self.stop.is_set():
+                self.runner.tick()
+        finally:
+            with self._lock:
+                self._ticking = False
+                again, self._again = self._again, False
+        if again:
+            self._wake()
+            return
+        now = time.monotonic()
+        when = max(now, min(now + 60.0, self.runner.deadline()))
+        with self._lock:
+            if self._timer_at <= now or when < self._timer_at:
+                self._timer_at = when
+                self.timers.at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        with self._lock:
+            if self._timer_at <= time.monotonic():
+                self._timer_at = math.inf
+        self._wake()
+
+    def _keep_alive(self) -> None:
+        link = self.runner.link
+        if link is None or link.stopped or self.stop.is_set():
+            return
+        self.timers.at(time.monotonic() + link.keep_alive(), self._keep_alive, lease=True)
+
+    def kill(self) -> None:
+        """Gone without a word: the lease is left to expire, as when a machine dies."""
+        self.stop.set()
+        if self.runner.link is not None:
+            self.runner.link.stop(wait=0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.runner.interrupted = True  # no revoke: quicker, and the cluster goes away anyway
+        if self.runner.link is not None:
+            self.runner.link.stop(wait=0)
