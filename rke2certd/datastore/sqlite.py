@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS events (
 IDLE_POLL = 4.0
 ACTIVE_WINDOW = 10.0
 LEASE_MARGIN = 0.01  # wake this long after the next lease expiry, not just before it
+MIN_LEASE_TTL = 1  # seconds (etcd's minimum is larger): what bounds the reaping's looks
 
 
 class SQLiteDatastore(Datastore):
@@ -91,6 +92,9 @@ class SQLiteDatastore(Datastore):
         self._lock = threading.RLock()  # one connection, shared by the daemon's threads
         self._interrupt: int | None = None  # eventfd: close() wakes the watches waiting
         self._polling_logged = False
+        # the last look for expired leases (injected clock), and when one may be due next
+        self._checked_at = float("inf")
+        self._reap_due = float("-inf")
         self._conn = self._open(busy_timeout)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -212,19 +216,31 @@ class SQLiteDatastore(Datastore):
     # -- leases --------------------------------------------------------------------------------
 
     def _reap_if_due(self) -> None:
-        """Delete expired leases and their keys; a cheap read first, a write only if needed."""
+        """Delete expired leases and their keys; a cheap read first, a write only if needed.
+
+        Only when a lease may have expired since the last look (`_reap_due`), not at every
+        access: the look takes the store lock, which every request of a busy server waits for.
+        """
+        now = self._now()
+        if self._checked_at <= now < self._reap_due:
+            return
         with self._lock, self._sqlite_errors():
-            row = self._conn.execute(
-                "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (self._now(),)
-            ).fetchone()
-            if row is None:
-                return
-            with self._write_txn() as conn:
-                expired = conn.execute(
-                    "SELECT id FROM leases WHERE expires_at <= ?", (self._now(),)
-                ).fetchall()
-                for (lease_id,) in expired:
-                    self._drop_lease(conn, lease_id)
+            now = self._now()
+            (first,) = self._conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
+            if first is not None and first <= now:
+                with self._write_txn() as conn:
+                    expired = conn.execute(
+                        "SELECT id FROM leases WHERE expires_at <= ?", (now,)
+                    ).fetchall()
+                    for (lease_id,) in expired:
+                        self._drop_lease(conn, lease_id)
+                    (first,) = conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
+            # A lease granted after this look (here or by another process) has a TTL of at
+            # least MIN_LEASE_TTL: none can expire before the earliest one known or that.
+            self._checked_at = now
+            self._reap_due = (
+                now + MIN_LEASE_TTL if first is None else min(first, now + MIN_LEASE_TTL)
+            )
 
     def _drop_lease(self, conn: sqlite3.Connection, lease_id: int) -> None:
         keys = [r[0] for r in conn.execute("SELECT key FROM kv WHERE lease=?", (lease_id,))]
@@ -242,7 +258,7 @@ class SQLiteDatastore(Datastore):
             raise LeaseNotFound(f"lease {lease} has expired or was revoked")
 
     def grant_lease(self, ttl_seconds: int) -> int:
-        if ttl_seconds < 1:
+        if ttl_seconds < MIN_LEASE_TTL:
             raise ValueError("a lease TTL must be at least 1 second")
         self._reap_if_due()
         with self._write_txn() as conn:
