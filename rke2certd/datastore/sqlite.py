@@ -321,36 +321,63 @@ class SQLiteDatastore(Datastore):
         self._write(key, value, None, lease)
 
     def _write(self, key: str, value: bytes, expected: int | None, lease: int | None) -> bool:
-        """Write `key` if its mod_revision is `expected` (0: absent; None: whatever it is)."""
-        raw = key_bytes(key)
         self._reap_if_due()
         with self._write_txn() as conn:
-            row = conn.execute(
-                "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
-            ).fetchone()
-            if expected is not None and (row[1] if row else 0) != expected:
-                return False
-            self._check_lease(conn, lease)
-            rev = self._bump(conn)
-            created = row[0] if row else rev
-            conn.execute(
-                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
-                (raw, value, created, rev, lease),
-            )
-            conn.execute(
-                "INSERT INTO events VALUES (?, ?, 0, ?, ?, ?)", (rev, raw, value, created, lease)
-            )
-            return True
+            return self._write_in(conn, key_bytes(key), value, expected, lease)
+
+    def _write_in(
+        self,
+        conn: sqlite3.Connection,
+        raw: bytes,
+        value: bytes,
+        expected: int | None,
+        lease: int | None,
+    ) -> bool:
+        """Write `raw` if its mod_revision is `expected` (0: absent; None: whatever it is)."""
+        row = conn.execute(
+            "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
+        ).fetchone()
+        if expected is not None and (row[1] if row else 0) != expected:
+            return False
+        self._check_lease(conn, lease)
+        rev = self._bump(conn)
+        created = row[0] if row else rev
+        conn.execute(
+            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
+            (raw, value, created, rev, lease),
+        )
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, 0, ?, ?, ?)", (rev, raw, value, created, lease)
+        )
+        return True
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
-        raw = key_bytes(key)
         self._reap_if_due()
         with self._write_txn() as conn:
-            row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (raw,)).fetchone()
-            if row is None or expected_mod_revision not in (None, row[0]):
-                return False
-            self._delete_row(conn, raw, self._bump(conn))
-            return True
+            return self._delete_in(conn, key_bytes(key), expected_mod_revision)
+
+    def _delete_in(self, conn: sqlite3.Connection, raw: bytes, expected: int | None) -> bool:
+        row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (raw,)).fetchone()
+        if row is None or expected not in (None, row[0]):
+            return False
+        self._delete_row(conn, raw, self._bump(conn))
+        return True
+
+    def swap_then_delete(
+        self,
+        key: str,
+        value: bytes,
+        expected_mod_revision: int,
+        delete_key: str,
+        delete_expected: int | None,
+        lease: int | None = None,
+    ) -> tuple[bool, bool]:
+        """One transaction: a node woken by either change reads both."""
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            if not self._write_in(conn, key_bytes(key), value, expected_mod_revision, lease):
+                return False, False
+            return True, self._delete_in(conn, key_bytes(delete_key), delete_expected)
 
     @staticmethod
     def _delete_row(conn: sqlite3.Connection, raw: bytes, rev: int) -> None:

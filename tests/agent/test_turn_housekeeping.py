@@ -63,6 +63,8 @@ def test_a_finished_turn_asks_for_housekeeping_only_when_it_may_end_the_rollout(
     agent_factory: Callable[..., Node],
     last: bool,
 ) -> None:
+    """The report and the slot: one request; the server's housekeeping (a full read on the
+    server) only when no other participant is left to report."""
     servers = ClusterStore(store)
     servers.create_rollout(ROLLOUT, NOW)
     server_lease = store.grant_lease(600)
@@ -90,6 +92,7 @@ def test_a_finished_turn_asks_for_housekeeping_only_when_it_may_end_the_rollout(
 
     ops = _count_calls(remote)
     runner.tick()
+    assert ops.count("cas_delete") == 1 and "delete" not in ops and "cas" not in ops
     assert ("housekeep" in ops) is last
     assert store.get(SLOT0) is None
     view = servers.read().view
