@@ -153,6 +153,29 @@ class Datastore(ABC):
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
         """Delete `key` (only at `expected_mod_revision` if given). True if it was deleted."""
 
+    def swap_then_delete(
+        self,
+        key: str,
+        value: bytes,
+        expected_mod_revision: int,
+        delete_key: str,
+        delete_expected: int | None,
+        lease: int | None = None,
+    ) -> tuple[bool, bool]:
+        """`compare_and_swap(key, ...)`, then, only if it wrote, `delete(delete_key,
+        delete_expected)`: (swapped, deleted). One round trip where the store is remote; a
+        store that can do both in one transaction overrides this (both changes then reach a
+        watcher, and any read, together)."""
+        if not self.compare_and_swap(key, value, expected_mod_revision, lease):
+            return False, False
+        return True, self.delete(delete_key, delete_expected)
+
+    def create_then_snapshot(
+        self, key: str, value: bytes, lease: int | None, prefix: str
+    ) -> tuple[bool, Snapshot]:
+        """`create(key, ...)`, then `snapshot(prefix)` read after it: (created, snapshot)."""
+        return self.create(key, value, lease), self.snapshot(prefix)
+
     @abstractmethod
     def grant_lease(self, ttl_seconds: int) -> int:
         """A new lease that expires `ttl_seconds` after its last refresh; returns its id."""

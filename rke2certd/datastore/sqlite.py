@@ -68,6 +68,7 @@ CREATE TABLE IF NOT EXISTS events (
 IDLE_POLL = 4.0
 ACTIVE_WINDOW = 10.0
 LEASE_MARGIN = 0.01  # wake this long after the next lease expiry, not just before it
+MIN_LEASE_TTL = 1  # seconds (etcd's minimum is larger): what bounds the reaping's looks
 
 
 class SQLiteDatastore(Datastore):
@@ -91,6 +92,9 @@ class SQLiteDatastore(Datastore):
         self._lock = threading.RLock()  # one connection, shared by the daemon's threads
         self._interrupt: int | None = None  # eventfd: close() wakes the watches waiting
         self._polling_logged = False
+        # the last look for expired leases (injected clock), and when one may be due next
+        self._checked_at = float("inf")
+        self._reap_due = float("-inf")
         self._conn = self._open(busy_timeout)
 
     # -- set-up ----------------------------------------------------------------------------
@@ -212,19 +216,31 @@ class SQLiteDatastore(Datastore):
     # -- leases --------------------------------------------------------------------------------
 
     def _reap_if_due(self) -> None:
-        """Delete expired leases and their keys; a cheap read first, a write only if needed."""
+        """Delete expired leases and their keys; a cheap read first, a write only if needed.
+
+        Only when a lease may have expired since the last look (`_reap_due`), not at every
+        access: the look takes the store lock, which every request of a busy server waits for.
+        """
+        now = self._now()
+        if self._checked_at <= now < self._reap_due:
+            return
         with self._lock, self._sqlite_errors():
-            row = self._conn.execute(
-                "SELECT 1 FROM leases WHERE expires_at <= ? LIMIT 1", (self._now(),)
-            ).fetchone()
-            if row is None:
-                return
-            with self._write_txn() as conn:
-                expired = conn.execute(
-                    "SELECT id FROM leases WHERE expires_at <= ?", (self._now(),)
-                ).fetchall()
-                for (lease_id,) in expired:
-                    self._drop_lease(conn, lease_id)
+            now = self._now()
+            (first,) = self._conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
+            if first is not None and first <= now:
+                with self._write_txn() as conn:
+                    expired = conn.execute(
+                        "SELECT id FROM leases WHERE expires_at <= ?", (now,)
+                    ).fetchall()
+                    for (lease_id,) in expired:
+                        self._drop_lease(conn, lease_id)
+                    (first,) = conn.execute("SELECT MIN(expires_at) FROM leases").fetchone()
+            # A lease granted after this look (here or by another process) has a TTL of at
+            # least MIN_LEASE_TTL: none can expire before the earliest one known or that.
+            self._checked_at = now
+            self._reap_due = (
+                now + MIN_LEASE_TTL if first is None else min(first, now + MIN_LEASE_TTL)
+            )
 
     def _drop_lease(self, conn: sqlite3.Connection, lease_id: int) -> None:
         keys = [r[0] for r in conn.execute("SELECT key FROM kv WHERE lease=?", (lease_id,))]
@@ -242,7 +258,7 @@ class SQLiteDatastore(Datastore):
             raise LeaseNotFound(f"lease {lease} has expired or was revoked")
 
     def grant_lease(self, ttl_seconds: int) -> int:
-        if ttl_seconds < 1:
+        if ttl_seconds < MIN_LEASE_TTL:
             raise ValueError("a lease TTL must be at least 1 second")
         self._reap_if_due()
         with self._write_txn() as conn:
@@ -305,36 +321,63 @@ class SQLiteDatastore(Datastore):
         self._write(key, value, None, lease)
 
     def _write(self, key: str, value: bytes, expected: int | None, lease: int | None) -> bool:
-        """Write `key` if its mod_revision is `expected` (0: absent; None: whatever it is)."""
-        raw = key_bytes(key)
         self._reap_if_due()
         with self._write_txn() as conn:
-            row = conn.execute(
-                "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
-            ).fetchone()
-            if expected is not None and (row[1] if row else 0) != expected:
-                return False
-            self._check_lease(conn, lease)
-            rev = self._bump(conn)
-            created = row[0] if row else rev
-            conn.execute(
-                "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
-                (raw, value, created, rev, lease),
-            )
-            conn.execute(
-                "INSERT INTO events VALUES (?, ?, 0, ?, ?, ?)", (rev, raw, value, created, lease)
-            )
-            return True
+            return self._write_in(conn, key_bytes(key), value, expected, lease)
+
+    def _write_in(
+        self,
+        conn: sqlite3.Connection,
+        raw: bytes,
+        value: bytes,
+        expected: int | None,
+        lease: int | None,
+    ) -> bool:
+        """Write `raw` if its mod_revision is `expected` (0: absent; None: whatever it is)."""
+        row = conn.execute(
+            "SELECT create_revision, mod_revision FROM kv WHERE key=?", (raw,)
+        ).fetchone()
+        if expected is not None and (row[1] if row else 0) != expected:
+            return False
+        self._check_lease(conn, lease)
+        rev = self._bump(conn)
+        created = row[0] if row else rev
+        conn.execute(
+            "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
+            (raw, value, created, rev, lease),
+        )
+        conn.execute(
+            "INSERT INTO events VALUES (?, ?, 0, ?, ?, ?)", (rev, raw, value, created, lease)
+        )
+        return True
 
     def delete(self, key: str, expected_mod_revision: int | None = None) -> bool:
-        raw = key_bytes(key)
         self._reap_if_due()
         with self._write_txn() as conn:
-            row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (raw,)).fetchone()
-            if row is None or expected_mod_revision not in (None, row[0]):
-                return False
-            self._delete_row(conn, raw, self._bump(conn))
-            return True
+            return self._delete_in(conn, key_bytes(key), expected_mod_revision)
+
+    def _delete_in(self, conn: sqlite3.Connection, raw: bytes, expected: int | None) -> bool:
+        row = conn.execute("SELECT mod_revision FROM kv WHERE key=?", (raw,)).fetchone()
+        if row is None or expected not in (None, row[0]):
+            return False
+        self._delete_row(conn, raw, self._bump(conn))
+        return True
+
+    def swap_then_delete(
+        self,
+        key: str,
+        value: bytes,
+        expected_mod_revision: int,
+        delete_key: str,
+        delete_expected: int | None,
+        lease: int | None = None,
+    ) -> tuple[bool, bool]:
+        """One transaction: a node woken by either change reads both."""
+        self._reap_if_due()
+        with self._write_txn() as conn:
+            if not self._write_in(conn, key_bytes(key), value, expected_mod_revision, lease):
+                return False, False
+            return True, self._delete_in(conn, key_bytes(delete_key), delete_expected)
 
     @staticmethod
     def _delete_row(conn: sqlite3.Connection, raw: bytes, rev: int) -> None:

@@ -18,7 +18,7 @@ from rke2certd.files.lock import node_lock
 from rke2certd.log import log
 from rke2certd.node.node import Node
 from rke2certd.pki.profiles import AGENT_UNIT
-from rke2certd.plan.rollout import ClusterView, Phase, Rollout, Step
+from rke2certd.plan.rollout import ClusterView, Phase, Rollout, Step, finished_rollouts
 from rke2certd.roles.base import RenewHook
 from rke2certd.roles.shared import certs_usable, warm_check_cache
 from rke2certd.rollout import records as rec
@@ -215,8 +215,10 @@ class AgentRollout:
 
     def after_report(self, store: ClusterStore, parsed: rec.Parsed) -> bool:
         """A final status is what may end a rollout, and servers do not watch statuses: ask
-        once after reporting, not at every tick (each ask costs its server a full read)."""
-        if any(r.active for r in parsed.view.rollouts):
+        after a report that may have ended one (each ask costs its server a full read), on
+        `parsed`, read after the report. Of several nodes reporting at once, the last to read
+        sees every report: it asks."""
+        if finished_rollouts(parsed.view):
             return self.remote.housekeep()
         return False
 

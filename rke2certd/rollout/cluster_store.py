@@ -54,7 +54,9 @@ class ClusterStore:
     def reread_slots(self, parsed: rec.Parsed) -> rec.Parsed:
         """`parsed` with the restart slots read again: one small read where only they can
         have changed in a way that matters (a node that just took one checks the limit)."""
-        fresh = self.ds.snapshot(rec.SLOTS)
+        return self._with_slots(parsed, self.ds.snapshot(rec.SLOTS))
+
+    def _with_slots(self, parsed: rec.Parsed, fresh: Snapshot) -> rec.Parsed:
         kvs = {k: kv for k, kv in parsed.kvs.items() if not k.startswith(rec.SLOTS)}
         kvs.update((kv.key, kv) for kv in fresh.kvs)
         merged = Snapshot(sorted(kvs.values(), key=lambda kv: kv.key), parsed.revision)
@@ -217,6 +219,33 @@ class ClusterStore:
         self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
         return stamped
 
+    def report_and_release(
+        self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed, slot: Slot, slot_kv: KV | None
+    ) -> NodeStatus:
+        """`set_status`, then `release_slot`: when neither key changed since `seen` (the
+        common case), one call; otherwise (or a lost answer) the two, as they do it. The
+        status first: a slot freed before it would let the next node restart while this
+        node's report might still fail."""
+        stamped = dataclasses.replace(status, attempt=rollout.attempt)
+        key, value = rec.status_key(rollout.id, status.node), rec.encode_status(stamped)
+        kv = seen.kvs.get(key)
+        if slot_kv is not None and self._holder(slot_kv) == slot.node:
+            try:
+                wrote, freed = self.ds.swap_then_delete(
+                    key, value, kv.mod_revision if kv else 0, slot_kv.key, slot_kv.mod_revision
+                )
+            except OutcomeUnknown:
+                wrote, freed = False, False  # settled below: its value is read back
+            if wrote:
+                if not freed:
+                    self.release_slot(slot)
+                return stamped
+        try:
+            self.put(key, value, None, seen)
+        finally:
+            self.release_slot(slot, slot_kv)
+        return stamped
+
     def skip(self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed) -> bool:
         """Mark a node SKIPPED unless its status changed since `seen` (it came back and
         reported meanwhile). True if this call wrote it (several servers may try at once)."""
@@ -249,19 +278,24 @@ class ClusterStore:
     def take_slot(self, slot: Slot, lease: int) -> bool:
         return self.create(rec.slot_key(slot.phase, slot.index), rec.encode_slot(slot), lease)
 
+    def take_slot_and_reread(
+        self, slot: Slot, lease: int, parsed: rec.Parsed
+    ) -> tuple[bool, rec.Parsed]:
+        """`take_slot`, then `reread_slots(parsed)`, in one call where the store allows."""
+        key, value = rec.slot_key(slot.phase, slot.index), rec.encode_slot(slot)
+        try:
+            taken, fresh = self.ds.create_then_snapshot(key, value, lease, rec.SLOTS)
+        except OutcomeUnknown:
+            return self.take_slot(slot, lease), self.reread_slots(parsed)  # read back
+        return taken, self._with_slots(parsed, fresh)
+
     def release_slot(self, slot: Slot, seen: KV | None = None) -> bool:
         """Delete the slot if it is still `slot.node`'s (`seen`: its key as last read, which
         saves the read when nothing changed since). A lost answer is settled by reading."""
         key = rec.slot_key(slot.phase, slot.index)
         for kv in ([seen] if seen is not None else []) + [None] * CAS_ATTEMPTS:
             kv = kv or self.ds.get(key)
-            if kv is None:
-                return False
-            try:
-                holder = rec.decode_slot(kv).node
-            except (ValueError, KeyError, TypeError):
-                return False
-            if holder != slot.node:
+            if kv is None or self._holder(kv) != slot.node:
                 return False
             try:
                 if self.ds.delete(key, kv.mod_revision):
@@ -269,6 +303,13 @@ class ClusterStore:
             except OutcomeUnknown:
                 continue  # read again: gone (ours went through) or still there (retry)
         return False
+
+    @staticmethod
+    def _holder(kv: KV) -> str | None:
+        try:
+            return rec.decode_slot(kv).node
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 def collectable(

@@ -52,7 +52,9 @@ if TYPE_CHECKING:
 WATCH_SLICE = 30.0  # longest single SQLite watch call (a close() ends it at once)
 BACKOFF_MAX = 10.0
 RECENT = 512  # changes kept to judge again under a new interest (more: wake, to be safe)
-INTEREST_WAIT = 5.0  # longest an agent's watch waits for the main loop's next interest
+# longest an agent's watch waits for the main loop's next interest (then it looks, keeping the
+# changes for that interest, and waits again)
+INTEREST_WAIT = 5.0
 
 
 @dataclass
@@ -271,10 +273,15 @@ class ClusterLink:
             if self._rewind is not None:
                 feed.revision = min(feed.revision, self._rewind)
                 self._rewind = None
+        # The main loop has not said yet what it waits for next (a long step, such as an apply
+        # while the whole fleet applies): a quick look, not a long poll kept to the old keys,
+        # which would hold back a change the next step waits for until it times out.
+        owed = watch_only is not None and only is not None and not self._interest_set.is_set()
         if feed.stream is not None:
             batches = feed.stream.batches(feed.revision)
         elif watch_only is not None:
-            events, looked = watch_only(PREFIX, feed.revision, WATCH_SLICE, only)
+            wait = 0.0 if owed else WATCH_SLICE
+            events, looked = watch_only(PREFIX, feed.revision, wait, only)
             batches = iter([events])
         else:
             batches = iter([ds.watch_prefix(PREFIX, feed.revision, WATCH_SLICE)])
@@ -294,8 +301,11 @@ class ClusterLink:
                     # the next poll goes out with what the main loop waits for next: one
                     # sent with the old keys could hold back a change the new step waits for
                     self._interest_set.wait(INTEREST_WAIT)
+                    owed = False  # waited already
             if self._stop.is_set():
                 break
+        if owed:  # the quick looks, paced, until the main loop says
+            self._interest_set.wait(INTEREST_WAIT)
 
 
 def direct_link(

@@ -371,8 +371,7 @@ class RolloutRunner:
         lease = self.presence.lease
         assert lease is not None
         slot = Slot(step.phase, step.index, self.me, step.rollout.id, self.clock())
-        taken = self.store.take_slot(slot, lease)
-        parsed = self.store.reread_slots(parsed)
+        taken, parsed = self.store.take_slot_and_reread(slot, lease, parsed)
         limit = self.node.cfg.max_unavailable
         if taken and over_limit(parsed.view, step.phase, limit, step.rollout):
             self.store.release_slot(slot)  # raced on a stale view: give it back, wait
@@ -459,20 +458,23 @@ class RolloutRunner:
         res, r = running.job.result, running.rollout
         status, message = running.final_status(self.me, self.clock())
         times = durations(res)
-        try:
-            written = self.store.set_status(r, status, seen=running.seen)
+        if res.ok:  # the report and the slot freed: one call where it can (the hand-off)
+            slot, slot_kv = running.slot, running.slot_kv
+            written = self.store.report_and_release(r, status, running.seen, slot, slot_kv)
             self.follow_up.reported = True
-            if res.ok:
-                self.presence.health = "ok"
-                log.info("rollout_node_done", **self._fields(r), reason=message, **times)
-            else:
+            self.presence.health = "ok"
+            log.info("rollout_node_done", **self._fields(r), reason=message, **times)
+        else:
+            try:
+                written = self.store.set_status(r, status, seen=running.seen)
+                self.follow_up.reported = True
                 self.presence.health = f"failed: {message}"[:200]
                 log.error("rollout_failed", **self._fields(r), reason=message, **times)
                 reason = f"{self.phase} node {self.me} failed: {message}"
-                if self.role.stop_failed(self.store, r, reason):
+                if self.role.stop_failed(self.store, r, reason):  # before the slot is free
                     log.error("rollout_stopped", **self._fields(r), reason=reason)
-        finally:
-            self.store.release_slot(running.slot, running.slot_kv)
+            finally:
+                self.store.release_slot(running.slot, running.slot_kv)
         self.follow_up.freed = True
         self.running = None
         # The next node is known now (the view the restart began on, plus these writes): wake

@@ -7,7 +7,9 @@ by its node password before this module sees it, and never a server's: `node_aut
   and no bootstrap data, which lives elsewhere), and watch that prefix (a long poll); a read
   may ask for the changes since the revision of its last one (mirror.py);
 - write only its own records, each checked to be what it claims: its registration and
-  membership (phase agent), its status in a rollout, the agent phase's restart slots;
+  membership (phase agent), its status in a rollout, the agent phase's restart slots; two of
+  those in one request (its status and the slot it frees; a slot and the slots read after it),
+  each key checked as it is alone;
 - take leases, and refresh or revoke only a lease it took here or that its registration is on;
 - watch as a long poll only while the server holds fewer than MAX_WATCHES of them: beyond, a
   watch is answered at once with the changes so far and a time to ask again, so that many
@@ -383,6 +385,35 @@ class ClusterAPI:
         )
         self._writable(node, key, None)
         return {"ok": self.ds.delete(key, expected)}
+
+    def _op_cas_delete(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """A compare-and-swap, then (only if it wrote) a delete: a node's final status and the
+        restart slot it frees, in one request. Each key checked as its own operation is."""
+        key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")
+        expected = wire.integer(doc.get("expected_mod_revision"), "expected_mod_revision")
+        gone = wire.key_in(doc.get("delete_key"), "delete_key")
+        gone_expected = wire.integer(
+            doc.get("delete_expected_mod_revision"), "delete_expected_mod_revision", optional=True
+        )
+        if gone == key:
+            raise ClusterRefused(400, "delete_key must be another key than key")
+        self._writable(node, key, value)
+        self._writable(node, gone, None)
+        lease = self._lease_of(node, doc)
+        ok, deleted = self.ds.swap_then_delete(
+            key, value, expected or 0, gone, gone_expected, lease
+        )
+        return {"ok": ok, "deleted": deleted}
+
+    def _op_create_snapshot(self, node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """A create, then the keys under `prefix` read after it: a restart slot taken and the
+        slots as they are then (the limit is checked on them), in one request."""
+        key, value = wire.key_in(doc.get("key")), wire.unb64(doc.get("value"), "value")
+        prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
+        self._writable(node, key, value)
+        lease = self._lease_of(node, doc)
+        ok, snap = self.ds.create_then_snapshot(key, value, lease, prefix)
+        return {"ok": ok, "snapshot": wire.snapshot_out(snap)}
 
     # leases -------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from rke2certd.supervisor.client import (
 from rke2certd.supervisor.mirror import Mirror
 
 _T = TypeVar("_T")
+UNKNOWN_OP_RETRY = 600.0  # seconds before a server that did not know an operation is asked again
 
 
 class RemoteDatastore(Datastore):
@@ -67,6 +68,7 @@ class RemoteDatastore(Datastore):
         self.location = f"the coordination keys of {', '.join(self.urls)}"
         self._closed = threading.Event()
         self._mirror = Mirror(PREFIX)
+        self._unknown_ops: dict[str, float] = {}  # refused as unknown -> until when not asked
 
     def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, to the servers in the choice's order; the first answer counts."""
@@ -179,6 +181,62 @@ class RemoteDatastore(Datastore):
                 "expected_mod_revision": expected_mod_revision,
             }
         )
+
+    def swap_then_delete(
+        self,
+        key: str,
+        value: bytes,
+        expected_mod_revision: int,
+        delete_key: str,
+        delete_expected: int | None,
+        lease: int | None = None,
+    ) -> tuple[bool, bool]:
+        doc = {
+            "op": "cas_delete",
+            "key": wire.key_out(key),
+            "value": wire.b64(value),
+            "expected_mod_revision": expected_mod_revision,
+            "delete_key": wire.key_out(delete_key),
+            "delete_expected_mod_revision": delete_expected,
+            "lease": lease,
+        }
+        answer = self._combined(doc)
+        if answer is None:  # an older server: one request each
+            args = (key, value, expected_mod_revision, delete_key, delete_expected, lease)
+            return super().swap_then_delete(*args)
+        return self._parse(lambda: (bool(answer["ok"]), bool(answer["deleted"])))
+
+    def create_then_snapshot(
+        self, key: str, value: bytes, lease: int | None, prefix: str
+    ) -> tuple[bool, Snapshot]:
+        doc = {
+            "op": "create_snapshot",
+            "key": wire.key_out(key),
+            "value": wire.b64(value),
+            "lease": lease,
+            "prefix": wire.key_out(prefix),
+        }
+        answer = self._combined(doc)
+        if answer is None:
+            return super().create_then_snapshot(key, value, lease, prefix)
+        return self._parse(lambda: (bool(answer["ok"]), wire.snapshot_in(answer["snapshot"])))
+
+    def _combined(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        """`doc`'s answer, or None when a server does not know the operation (an older one:
+        nothing was done; the caller makes the requests it stands for). Such a server is
+        asked again only after UNKNOWN_OP_RETRY: it may have been upgraded meanwhile."""
+        op = doc["op"]
+        if time.monotonic() < self._unknown_ops.get(op, 0.0):
+            return None
+        try:
+            return self._call(doc)
+        except DatastoreError as exc:
+            if not isinstance(exc.__cause__, RefusedError) or exc.__cause__.status != 400:
+                raise
+            if f"unknown operation {op!r}" not in str(exc):
+                raise
+        self._unknown_ops[op] = time.monotonic() + UNKNOWN_OP_RETRY
+        return None
 
     def grant_lease(self, ttl_seconds: int) -> int:
         answer = self._call({"op": "grant_lease", "ttl": ttl_seconds})

@@ -130,6 +130,53 @@ def test_lease_expiry_on_injected_clock(tmp_path: Path) -> None:
         assert event.type is EventType.DELETE and event.kv.key == "/nodes/a"
 
 
+def test_expired_leases_are_looked_for_only_when_one_may_have_expired(tmp_path: Path) -> None:
+    """Reads and writes between two possible expiries do not query the leases (the look takes
+    the store lock every request of a busy server waits for)."""
+    clock = FakeClock()
+    with SQLiteDatastore(tmp_path / "s.sqlite", clock=clock) as ds:
+        lease = ds.grant_lease(10)
+        ds.create("/nodes/a", b"a", lease=lease)
+        looks: list[str] = []
+        ds._conn.set_trace_callback(lambda sql: looks.append(sql) if "leases" in sql else None)
+        clock.advance(0.5)
+        for _ in range(5):
+            assert ds.get("/nodes/a") is not None
+            ds.put("/nodes/b", b"b")
+        assert looks == []
+        clock.advance(0.5)  # a lease granted since the last look may expire from now on
+        assert ds.get("/nodes/a") is not None
+        assert any("MIN(expires_at)" in sql for sql in looks)
+
+
+def test_a_lease_granted_elsewhere_is_reaped_at_its_expiry(tmp_path: Path) -> None:
+    """Another process's lease (unknown at this one's last look) expires no earlier than the
+    minimum TTL after that look: this one's next access after its expiry deletes its keys."""
+    clock = FakeClock()
+    path = tmp_path / "s.sqlite"
+    with SQLiteDatastore(path, clock=clock) as here, SQLiteDatastore(path, clock=clock) as there:
+        assert here.get("/nodes/x") is None  # looked: no lease at all
+        clock.advance(0.5)
+        lease = there.grant_lease(1)
+        there.create("/nodes/x", b"x", lease=lease)
+        clock.advance(0.7)
+        assert here.get("/nodes/x") is not None  # looked again: it expires in 0.3 s
+        clock.advance(0.3)
+        assert here.get("/nodes/x") is None
+
+
+def test_a_clock_set_back_looks_for_expired_leases_again(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with SQLiteDatastore(tmp_path / "s.sqlite", clock=clock) as ds:
+        clock.advance(100)
+        assert ds.get("/nodes/a") is None  # looked at t+100: next due at t+101
+        clock.advance(-99)
+        lease = ds.grant_lease(1)
+        ds.create("/nodes/a", b"a", lease=lease)
+        clock.advance(1)  # t+2: expired, long before t+101
+        assert ds.get("/nodes/a") is None
+
+
 def test_file_and_directory_modes(tmp_path: Path) -> None:
     path = tmp_path / "data" / "server" / "db" / "rke2certd.sqlite"
     with SQLiteDatastore(path) as ds:

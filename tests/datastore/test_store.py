@@ -63,6 +63,41 @@ def test_cas_conflict(backend: Opener, ns: str) -> None:
     assert b.compare_and_swap(ns + "k", b"from-b", now.mod_revision)
 
 
+def test_swap_then_delete_deletes_only_after_a_swap(store: Datastore, ns: str) -> None:
+    assert store.create(ns + "status", b"applied") and store.create(ns + "slot", b"held")
+    status, slot = store.get(ns + "status"), store.get(ns + "slot")
+    assert status is not None and slot is not None
+    # the swap fails: nothing changes, the delete is not tried
+    assert store.swap_then_delete(ns + "status", b"done", 1, ns + "slot", None) == (False, False)
+    assert store.get(ns + "status") == status and store.get(ns + "slot") == slot
+    # the swap goes through, the delete's compare fails: the swap stays
+    got = store.swap_then_delete(ns + "status", b"done", status.mod_revision, ns + "slot", 1)
+    assert got == (True, False)
+    assert store.get(ns + "slot") == slot
+    status = store.get(ns + "status")
+    assert status is not None and status.value == b"done"
+    # both
+    got = store.swap_then_delete(
+        ns + "status", b"done again", status.mod_revision, ns + "slot", slot.mod_revision
+    )
+    assert got == (True, True) and store.get(ns + "slot") is None
+    after = store.get(ns + "status")
+    assert after is not None and after.value == b"done again"
+
+
+def test_create_then_snapshot_reads_after_the_create(backend: Opener, ns: str) -> None:
+    a, b = backend(), backend()
+    assert b.create(ns + "slot/1", b"other")
+    created, snap = a.create_then_snapshot(ns + "slot/0", b"mine", None, ns + "slot/")
+    assert created and [(kv.key, kv.value) for kv in snap.kvs] == [
+        (ns + "slot/0", b"mine"),
+        (ns + "slot/1", b"other"),
+    ]
+    created, snap = b.create_then_snapshot(ns + "slot/0", b"late", None, ns + "slot/")
+    assert not created and snap.kvs[0].value == b"mine"
+    assert snap.revision >= snap.kvs[1].mod_revision
+
+
 def test_cas_on_absent_key_with_zero(store: Datastore, ns: str) -> None:
     assert not store.compare_and_swap(ns + "new", b"x", 5)
     assert store.compare_and_swap(ns + "new", b"x", 0)
