@@ -164,7 +164,9 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     }
     cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
     sims: list[SimAgent] = []
-    timers = Timers()
+    # a real agent's lease has a thread of its own: here a refresh may wait on a busy server
+    # for seconds (a refresh every ttl/3 per agent), so the pool grows with the fleet
+    timers = Timers(lease_workers=max(32, n // 4))
     try:
         cluster.start(timeout=120)
         c1 = cluster.nodes["c1"]
