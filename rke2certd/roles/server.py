@@ -22,6 +22,7 @@ from rke2certd.node.node import Node
 from rke2certd.pki.profiles import SERVER_UNIT
 from rke2certd.plan.rollout import (
     ClusterView,
+    Idle,
     Phase,
     Rollout,
     RolloutState,
@@ -35,7 +36,7 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import after_renew, ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
-from rke2certd.rollout.link import ClusterLink, direct_link
+from rke2certd.rollout.link import ClusterLink, direct_link, server_interest
 from rke2certd.rollout.role import ApplyOutcome
 
 FIRST_START = "waiting for RKE2's first start"
@@ -273,7 +274,12 @@ class ServerRollout:
         return direct_link(node, self.connection, wake)
 
     def follow(self, link: ClusterLink, step: Step, phase: Phase, revision: int) -> None:
-        """Its watch is fixed (two etcd streams, or the same filter on SQLite's watch)."""
+        """Its watch is fixed (two etcd streams, or the same filter on SQLite's watch); what of
+        it wakes the main loop depends on the step: idle, nodes arriving do not (a fleet's
+        start would wake every server at each agent), in a rollout they may be what it waits
+        for. A rollout record wakes it either way, and its periodic read sees the rest."""
+        wake_key = rec.wake_key(self.node.cfg.node)
+        link.set_interest(server_interest(wake_key, not isinstance(step, Idle)), revision)
 
     def unchanged(self, store: ClusterStore, seen: frozenset[tuple[str, int]] | None) -> bool:
         return False  # its periodic read is its housekeeping's too

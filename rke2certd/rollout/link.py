@@ -358,16 +358,26 @@ def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
     return None
 
 
-def server_interest(wake_key: str) -> Callable[[Event], bool]:
+def server_interest(wake_key: str, arrivals: bool = True) -> Callable[[Event], bool]:
     """What wakes a server: its wake key being set, a node coming or going (not its updates),
-    membership, rollout records. Exactly what its etcd streams carry."""
+    membership, rollout records. Exactly what its etcd streams carry.
+
+    `arrivals` False (an idle server, see `ServerRollout.follow`): a node's registration or
+    membership being written does not wake it. Nothing an idle server does depends on one, and
+    a fleet starting would otherwise have every server read the whole fleet at each arrival
+    (quadratic in the fleet). A node going (its registration deleted: the server records it
+    down), a membership removed and every rollout record still wake it."""
 
     def relevant(event: Event) -> bool:
         key, kv = event.kv.key, event.kv
         if key == wake_key:
             return event.type is EventType.PUT  # not the writer's lease expiring
         if key.startswith(rec.NODES):
-            return event.type is EventType.DELETE or kv.create_revision == kv.mod_revision
+            if event.type is EventType.DELETE:
+                return True
+            return arrivals and kv.create_revision == kv.mod_revision
+        if key.startswith(rec.MEMBERS) and event.type is EventType.PUT:
+            return arrivals
         return rec.STRUCTURE <= key < rec.STRUCTURE_END
 
     return relevant

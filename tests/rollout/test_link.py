@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -35,6 +36,7 @@ from rke2certd.plan.rollout import (
     Slot,
     Wait,
 )
+from rke2certd.roles.server import ServerRollout
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.link import (
     ClusterLink,
@@ -234,6 +236,49 @@ def test_a_server_wakes_for_its_wake_key_and_the_structural_keys_only() -> None:
     assert not (start <= rec.SLOTS < end) and not (start <= rec.STATUSES < end)
     assert not (start <= rec.UPDATES < end) and not (start <= rec.WAKE < end)
     assert own <= rec.wake_key("c1") < own_end and not (own <= rec.wake_key("c10") < own_end)
+
+
+def test_an_idle_server_is_not_woken_by_arrivals_a_waiting_one_is() -> None:
+    """A fleet starting writes a registration and a membership per agent: an idle server
+    reads the whole fleet at none of them (it would at each, for every agent: quadratic).
+    A node going, a membership removed and the rollout records wake it all the same."""
+    idle = server_interest(rec.wake_key("c1"), arrivals=False)
+    assert not idle(put(rec.node_key("a1"))) and not idle(put(rec.member_key("a1")))
+    assert idle(Event(EventType.DELETE, KV(rec.node_key("a1"), b"", 9, 0)))
+    assert idle(Event(EventType.DELETE, KV(rec.member_key("a1"), b"", 9, 0)))
+    assert idle(put(rec.rollout_key("ca-2"))) and idle(put(rec.wake_key("c1")))
+    assert not idle(put(rec.status_key("ca-1", "e1")))
+    # the step says which: ServerRollout.follow on a real (unstarted) link
+    own = rec.wake_key("c1")
+    link = ClusterLink(lambda: SQLiteDatastore(":memory:"), 15, rec.node_key("c1"), lambda: None)
+    role = SimpleNamespace(node=SimpleNamespace(cfg=SimpleNamespace(node="c1")))
+    arrival = put(rec.node_key("a2"), created=20, modified=20)
+    ServerRollout.follow(role, link, Idle(), Phase.CONTROL_PLANE, 10)  # type: ignore[arg-type]
+    assert not link.interest(arrival) and link.interest(put(own))
+    waiting = Wait(R, "waiting for etcd node e1: not running", "e1", "down")
+    ServerRollout.follow(role, link, waiting, Phase.CONTROL_PLANE, 10)  # type: ignore[arg-type]
+    assert link.interest(arrival) and link.interest(put(rec.member_key("a2")))
+
+
+def test_an_idle_sqlite_server_sleeps_through_a_fleet_joining(tmp_path: Path) -> None:
+    woken = threading.Event()
+    with SQLiteDatastore(tmp_path / "db.sqlite", poll_interval=0.01) as ds:
+        own = rec.wake_key("c1")
+        link = ClusterLink(lambda: ds, 15, rec.node_key("c1"), woken.set, (), server_interest(own))
+        link.start(ds.grant_lease(15))
+        try:
+            assert woken.wait(SAFETY) and link.take_changed()  # the first read
+            link.set_interest(server_interest(own, arrivals=False), ds.snapshot("/").revision)
+            woken.clear()
+            lease = ds.grant_lease(15)
+            for i in range(20):
+                ds.create(rec.node_key(f"a{i}"), b"{}", lease)
+                ds.create(rec.member_key(f"a{i}"), b"{}")
+            assert not woken.wait(1.0) and not link.take_changed()
+            ds.revoke_lease(lease)  # the fleet's registrations go: record them down
+            assert woken.wait(SAFETY) and link.take_changed()
+        finally:
+            link.stop()
 
 
 def test_a_sqlite_server_link_is_woken_by_its_wake_key_not_by_busy_keys(tmp_path: Path) -> None:
