@@ -7,6 +7,11 @@ server's idle work grew with the square of its agents. The hub follows the prefi
 the recent changes in memory, and answers every long poll from them: a write costs the server
 one read, and a long poll costs it nothing but the wait.
 
+A change wakes only the polls it concerns: each waiting poll registers its keys, and the hub's
+thread, holding the new changes, sets the few whose keys match. (Waking every poll at every
+change, each to look and sleep again, cost a server with a few hundred agents most of its CPU
+while a fleet joined: a thread switch per poll per write.)
+
 Nothing is lost: the hub holds every change from `_from` on (trimmed only at a revision
 boundary); a poll from an older revision, or while the hub is not following (starting, after a
 datastore failure or a compaction), gets None and is served by the datastore as before.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import bisect
 import threading
 import time
+from dataclasses import dataclass, field
 
 from rke2certd.datastore.base import Datastore, Event, WatchCompacted
 from rke2certd.log import log
@@ -28,12 +34,33 @@ BACKOFF_MAX = 10.0
 NOTHING = "/rke2certd-hub-empty/"  # read for the current revision only: no key lives there
 
 
+@dataclass(eq=False)
+class _Poll:
+    """A long poll waiting: the keys it waits for, and the flag the hub sets for it."""
+
+    prefix: str
+    only: tuple[str, ...] | None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def wants(self, events: list[Event]) -> bool:
+        return bool(_matching(events, self.prefix, self.only))
+
+
+def _matching(events: list[Event], prefix: str, only: tuple[str, ...] | None) -> list[Event]:
+    return [
+        e
+        for e in events
+        if e.kv.key.startswith(prefix) and (only is None or e.kv.key.startswith(only))
+    ]
+
+
 class WatchHub:
     def __init__(self, ds: Datastore, prefix: str = rec.PREFIX, keep: int = KEEP) -> None:
         self.ds = ds
         self.prefix = prefix
         self.keep = keep
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._polls: set[_Poll] = set()  # waiting now
         self._events: list[Event] = []  # in revision order
         self._revs: list[int] = []  # their revisions, for bisect
         self._from: int | None = None  # every change from this revision on is held (None: not)
@@ -47,9 +74,9 @@ class WatchHub:
 
     def stop(self) -> None:
         self._stop.set()
-        with self._cond:
+        with self._lock:
             self._from = None
-            self._cond.notify_all()
+            self._wake_all()
         self._thread.join(timeout=1.0)  # a datastore call in flight ends with its timeout
 
     @property
@@ -65,23 +92,28 @@ class WatchHub:
         the hub cannot say (ask the datastore)."""
         deadline = time.monotonic() + timeout
         cursor = start  # every change before it was looked at already
-        with self._cond:
+        poll = _Poll(prefix, only)
+        with self._lock:
+            self._polls.add(poll)
+        try:
             while True:
-                if self._from is None or cursor < self._from:
-                    return None
-                i = bisect.bisect_left(self._revs, cursor)
-                found = [
-                    e
-                    for e in self._events[i:]
-                    if e.kv.key.startswith(prefix) and (only is None or e.kv.key.startswith(only))
-                ]
-                if found:
-                    return found, self._next
-                cursor = max(cursor, self._next)  # all before _next is held: none matched
+                with self._lock:
+                    if self._from is None or cursor < self._from:
+                        return None
+                    i = bisect.bisect_left(self._revs, cursor)
+                    found = _matching(self._events[i:], prefix, only)
+                    if found:
+                        return found, self._next
+                    cursor = max(cursor, self._next)  # all before _next is held: none matched
+                    # cleared under the lock: a change added after this look sets it again
+                    poll.ready.clear()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return [], cursor
-                self._cond.wait(remaining)
+                poll.ready.wait(remaining)
+        finally:
+            with self._lock:
+                self._polls.discard(poll)
 
     def _run(self) -> None:
         backoff = 0.5
@@ -89,7 +121,7 @@ class WatchHub:
             try:
                 if self._next == 0:
                     revision = self.ds.snapshot(NOTHING).revision + 1
-                    with self._cond:
+                    with self._lock:
                         self._events, self._revs = [], []
                         self._next = self._from = revision
                 events = self.ds.watch_prefix(self.prefix, self._next, SLICE)
@@ -107,12 +139,16 @@ class WatchHub:
                 backoff = min(BACKOFF_MAX, backoff * 2)
 
     def _reset(self) -> None:
-        with self._cond:
+        with self._lock:
             self._from, self._next = None, 0
-            self._cond.notify_all()  # waiting polls ask the datastore
+            self._wake_all()  # waiting polls ask the datastore
+
+    def _wake_all(self) -> None:
+        for poll in self._polls:
+            poll.ready.set()
 
     def _add(self, events: list[Event]) -> None:
-        with self._cond:
+        with self._lock:
             self._events.extend(events)
             self._revs.extend(e.kv.mod_revision for e in events)
             self._next = events[-1].kv.mod_revision + 1
@@ -122,4 +158,8 @@ class WatchHub:
                 cut = bisect.bisect_left(self._revs, boundary)
                 del self._events[:cut], self._revs[:cut]
                 self._from = boundary
-            self._cond.notify_all()
+                self._wake_all()  # a poll from before the boundary goes to the datastore
+                return
+            for poll in self._polls:
+                if poll.wants(events):
+                    poll.ready.set()

@@ -183,3 +183,35 @@ def test_the_route_says_up_to_where_it_looked(ds: SQLiteDatastore) -> None:
         assert answer["revision"] == last + 2
     finally:
         hub.stop()
+
+
+def test_a_change_wakes_only_the_polls_it_concerns(ds: SQLiteDatastore) -> None:
+    """Each poll waits on a flag of its own, set by the hub only for a change of its keys:
+    a fleet joining (a write per agent) must not wake every other agent's poll on the
+    server to look and sleep again."""
+    hub = _hub(ds)
+    try:
+        start = ds.snapshot(rec.PREFIX).revision + 1
+        results: dict[str, Any] = {}
+        names = [f"a{i}" for i in range(20)]
+
+        def poll(name: str) -> None:
+            results[name] = hub.wait(rec.PREFIX, start, 60, (rec.status_key("ca-1", name),))
+
+        threads = {n: threading.Thread(target=poll, args=(n,)) for n in names}
+        for t in threads.values():
+            t.start()
+        _until(lambda: len(hub._polls) == len(names))
+        ds.put(rec.update_key("a3"), b"1")  # nobody's keys: wakes nobody
+        ds.put(rec.status_key("ca-1", "a7"), b"1")
+        threads["a7"].join(30)
+        assert _keys(results["a7"]) == [rec.status_key("ca-1", "a7")]
+        with hub._lock:
+            assert len(hub._polls) == len(names) - 1
+            assert not any(p.ready.is_set() for p in hub._polls)  # none was woken for it
+        hub.stop()  # a stopping hub wakes them all: they ask the datastore (None)
+        for t in threads.values():
+            t.join(30)
+        assert all(results[n] is None for n in names if n != "a7")
+    finally:
+        hub.stop()
