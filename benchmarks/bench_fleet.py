@@ -1,9 +1,10 @@
 """A fleet of agents on 3 servers: spread, idle cost, CSR latency, the agent phase of a rollout.
 
     python benchmarks/bench_fleet.py [--sizes 100,300,1000] [--real-agents 3] [--idle 30]
-                                     [--csr-rate 5] [--csr-seconds 20]
+                                     [--csr-rate 5] [--csr-seconds 20] [--datastore etcd]
 
-Each size is a fresh simulated cluster (tests/harness/cluster.py) on one shared SQLite file:
+Each size is a fresh simulated cluster (tests/harness/cluster.py) on one shared SQLite file
+(or, with `--datastore etcd`, one real etcd member, as an RKE2 cluster keeps them in its etcd):
 three real server daemons (`rke2certd run`: e1 etcd, c1 and c2 control-plane), each with its
 endpoint on its own loopback address and one port, as servers on their own hosts; a handful of
 real agent daemons; and N simulated agents from this one process (loadgen.py). A simulated
@@ -68,7 +69,9 @@ from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
 from rke2certd.plan.rollout import NodeState, Phase, Rollout  # noqa: E402
 from rke2certd.rollout.cluster_store import ClusterStore  # noqa: E402
+from tests.datastore.tls import make_etcd_pki  # noqa: E402
 from tests.harness.cluster import NodeSpec, SimCluster  # noqa: E402
+from tests.harness.etcd import EtcdCluster  # noqa: E402
 
 TTL = 30  # registry-ttl: the product's default (a lease refresh every 10 s)
 RETRY_HOME = 10  # preferred-server-retry (30 s by default): the spread settles sooner
@@ -162,7 +165,15 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         "agent-unavailable-grace": GRACE,
         "preferred-server-retry": RETRY_HOME,
     }
-    cluster = SimCluster(root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True)
+    etcd = None
+    kw: dict[str, Any] = {}
+    if opts.datastore == "etcd":  # as on RKE2: the servers' etcd holds the coordination keys
+        pki = make_etcd_pki(root / "etcd-pki")
+        etcd = EtcdCluster(root / "etcd", 1, server_tls=pki.server).start()
+        kw = {"etcd": etcd, "etcd_client": pki.client}
+    cluster = SimCluster(
+        root, specs, registry_ttl=TTL, config=config, stand_ins=False, spread=True, **kw
+    )
     sims: list[SimAgent] = []
     # a real agent's lease has a thread of its own: here a refresh may wait on a busy server
     # for seconds (a refresh every ttl/3 per agent), so the pool grows with the fleet
@@ -337,6 +348,8 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             a.close()
         timers.close()
         cluster.stop()
+        if etcd is not None:
+            etcd.stop()
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -413,6 +426,12 @@ def main() -> int:
     parser.add_argument("--csr-rate", type=float, default=5.0, help="CSRs per second")
     parser.add_argument("--csr-seconds", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=1800.0, help="for one rollout")
+    parser.add_argument(
+        "--datastore",
+        choices=("sqlite", "etcd"),
+        default="sqlite",
+        help="the servers' coordination keys: one shared SQLite file, or a real etcd member",
+    )
     parser.add_argument("--verbose", action="store_true", help="print the spread as it settles")
     opts = parser.parse_args()
     # the simulated agents log as daemons do: keep this output to the figures
@@ -424,7 +443,10 @@ def main() -> int:
         )
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
     own_addresses()
-    print(f"bench_fleet: 3 servers, sizes {sizes} simulated agents + {opts.real_agents} real")
+    print(
+        f"bench_fleet: 3 servers on {opts.datastore}, sizes {sizes} simulated agents "
+        f"+ {opts.real_agents} real"
+    )
     print("targets: " + "; ".join(TARGETS.values()))
     results = []
     for n in sizes:
