@@ -38,7 +38,7 @@ from cryptography.x509.oid import NameOID
 from rke2certd.clock import system_clock
 from rke2certd.commands.agent import supervisor_urls
 from rke2certd.config import Config
-from rke2certd.datastore.base import DatastoreUnavailable
+from rke2certd.datastore.base import DatastoreUnavailable, LeaseNotFound
 from rke2certd.node.node import Node
 from rke2certd.pki import keys
 from rke2certd.plan.rollout import Rollout
@@ -98,8 +98,9 @@ def again(call: Callable[[], T]) -> T:
     while True:
         try:
             return call()
-        except (DatastoreUnavailable, UnreachableError):
-            time.sleep(pause * random.uniform(0.5, 1.0))  # back-pressure: retry later
+        except (DatastoreUnavailable, UnreachableError, LeaseNotFound):
+            # back-pressure: retry later (a join slower than its lease's TTL takes a new one)
+            time.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(10.0, pause * 2)
 
 
