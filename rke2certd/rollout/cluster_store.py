@@ -229,7 +229,7 @@ class ClusterStore:
         stamped = dataclasses.replace(status, attempt=rollout.attempt)
         key, value = rec.status_key(rollout.id, status.node), rec.encode_status(stamped)
         kv = seen.kvs.get(key)
-        if slot_kv is not None and self._holder(slot_kv) == slot.node:
+        if slot_kv is not None and rec.slot_holder(slot_kv) == slot.node:
             try:
                 wrote, freed = self.ds.swap_then_delete(
                     key, value, kv.mod_revision if kv else 0, slot_kv.key, slot_kv.mod_revision
@@ -295,7 +295,7 @@ class ClusterStore:
         key = rec.slot_key(slot.phase, slot.index)
         for kv in ([seen] if seen is not None else []) + [None] * CAS_ATTEMPTS:
             kv = kv or self.ds.get(key)
-            if kv is None or self._holder(kv) != slot.node:
+            if kv is None or rec.slot_holder(kv) != slot.node:
                 return False
             try:
                 if self.ds.delete(key, kv.mod_revision):
@@ -303,13 +303,6 @@ class ClusterStore:
             except OutcomeUnknown:
                 continue  # read again: gone (ours went through) or still there (retry)
         return False
-
-    @staticmethod
-    def _holder(kv: KV) -> str | None:
-        try:
-            return rec.decode_slot(kv).node
-        except (ValueError, KeyError, TypeError):
-            return None
 
 
 def collectable(

@@ -274,6 +274,14 @@ def decode_slot(kv: KV) -> Slot:
     return Slot(Phase(d["phase"]), int(d["index"]), d["node"], d["rollout"], _pt(d.get("since")))
 
 
+def slot_holder(kv: KV) -> str | None:
+    """The node a slot record names; None when the record cannot be read."""
+    try:
+        return decode_slot(kv).node
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Parsed:
     """A snapshot of the prefix as a ClusterView, plus the raw keys (for compare-and-swap)."""

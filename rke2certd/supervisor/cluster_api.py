@@ -299,16 +299,10 @@ class ClusterAPI:
         if value is None:
             if kind == "slot":
                 current = self.ds.get(key)
-                if current is not None and self._slot_holder(current.value) != node:
+                if current is not None and rec.slot_holder(current) != node:
                     raise ClusterRefused(403, f"{key} is held by another node")
             return
         self._check_value(node, key, kind, value)
-
-    def _slot_holder(self, value: bytes) -> str | None:
-        try:
-            return rec.decode_slot(KV(rec.SLOTS, value, 0, 0)).node
-        except (ValueError, KeyError, TypeError):
-            return None
 
     def _check_value(self, node: str, key: str, kind: str, value: bytes) -> None:
         kv = KV(key, value, 0, 0)
@@ -322,7 +316,7 @@ class ClusterAPI:
             elif kind == "status":
                 ok = rec.decode_status(kv).node == node
             else:
-                ok = self._slot_holder(value) == node
+                ok = rec.slot_holder(kv) == node
         except (ValueError, KeyError, TypeError):
             ok = False
         if not ok:
