@@ -147,10 +147,12 @@ class ClusterLink:
         RECHECK)."""
         with self._lock:
             self.interest = interest
+            if self._only is not None:
+                # the next poll looks again from just after the read the step was decided on:
+                # a poll that went on past it kept to the old keys. An unfiltered one (a
+                # server's) delivered every change, which `recent` judges again below.
+                self._rewind = revision + 1
             self._only = only if only is None else (*only, self._own_key)
-            # the next poll looks again from just after the read the step was decided on:
-            # a poll that went on past it kept to the old keys
-            self._rewind = revision + 1
             recent = list(self._recent)
         self._interest_set.set()
         newer = [e for e in recent if e.kv.mod_revision > revision]

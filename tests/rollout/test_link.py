@@ -260,6 +260,20 @@ def test_an_idle_server_is_not_woken_by_arrivals_a_waiting_one_is() -> None:
     assert link.interest(arrival) and link.interest(put(rec.member_key("a2")))
 
 
+def test_a_new_interest_rewinds_only_a_watch_kept_to_keys() -> None:
+    """A poll kept to the old keys may have let pass what the new step waits for: the next one
+    looks again from the step's read. An unfiltered watch (a server's, at each tick) delivered
+    every change already: it goes on where it was, with no read of the same changes again."""
+    link = ClusterLink(lambda: SQLiteDatastore(":memory:"), 15, rec.node_key("c1"), lambda: None)
+    link.set_interest(server_interest(rec.wake_key("c1"), arrivals=False), 10)
+    assert link._rewind is None
+    agent = ClusterLink(lambda: SQLiteDatastore(":memory:"), 15, rec.node_key("a1"), lambda: None)
+    agent.set_interest(lambda _e: True, 10, (rec.ROLLOUTS,))
+    assert agent._rewind is None  # its polls so far were not kept to any keys
+    agent.set_interest(lambda _e: True, 12, (rec.SLOTS,))
+    assert agent._rewind == 13
+
+
 def test_an_idle_sqlite_server_sleeps_through_a_fleet_joining(tmp_path: Path) -> None:
     woken = threading.Event()
     with SQLiteDatastore(tmp_path / "db.sqlite", poll_interval=0.01) as ds:
