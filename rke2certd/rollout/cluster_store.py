@@ -215,9 +215,15 @@ class ClusterStore:
     ) -> NodeStatus:
         """Write a node's status, stamped with the rollout's current attempt; the status
         written."""
-        stamped = dataclasses.replace(status, attempt=rollout.attempt)
-        self.put(rec.status_key(rollout.id, status.node), rec.encode_status(stamped), None, seen)
+        stamped, key, value = self._status_record(rollout, status)
+        self.put(key, value, None, seen)
         return stamped
+
+    @staticmethod
+    def _status_record(rollout: Rollout, status: NodeStatus) -> tuple[NodeStatus, str, bytes]:
+        """The status as written (stamped with the rollout's current attempt), its key, value."""
+        stamped = dataclasses.replace(status, attempt=rollout.attempt)
+        return stamped, rec.status_key(rollout.id, status.node), rec.encode_status(stamped)
 
     def report_and_release(
         self, rollout: Rollout, status: NodeStatus, seen: rec.Parsed, slot: Slot, slot_kv: KV | None
@@ -226,8 +232,7 @@ class ClusterStore:
         common case), one call; otherwise (or a lost answer) the two, as they do it. The
         status first: a slot freed before it would let the next node restart while this
         node's report might still fail."""
-        stamped = dataclasses.replace(status, attempt=rollout.attempt)
-        key, value = rec.status_key(rollout.id, status.node), rec.encode_status(stamped)
+        stamped, key, value = self._status_record(rollout, status)
         kv = seen.kvs.get(key)
         if slot_kv is not None and rec.slot_holder(slot_kv) == slot.node:
             try:
