@@ -16,9 +16,10 @@ import structlog
 from structlog.testing import capture_logs
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import ServerNode, make_agent_node, make_server_node
+from .helpers import HOST, NOW, ServerNode, make_agent_node, make_server_node
 
 
 @pytest.fixture(autouse=True)
@@ -42,6 +43,21 @@ def endpoint(server: ServerNode, tmp_path: Path) -> Iterator[SupervisorHandle]:
         handle = start(server.node, host="127.0.0.1", port=0, passwords=passwords)
         yield handle
         handle.stop()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
+    """The coordination keys of the cluster-route tests: a real SQLite store."""
+    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
+        yield ds
+
+
+@pytest.fixture
+def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
+    """The endpoint with the cluster route on `store`, its clock at NOW."""
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
+    with start(server.node, host=HOST, port=0, cluster=api) as handle:
+        yield handle
 
 
 @pytest.fixture

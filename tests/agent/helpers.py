@@ -12,7 +12,7 @@ import socket
 import ssl
 import subprocess
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from rke2certd.commands.agent import agent_renew
+from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.commands.bootstrap_write import write_tokens
 from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import Config
@@ -33,7 +34,13 @@ from rke2certd.files.lock import LOCK_NAME, node_lock
 from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.join_token import new_password
+from rke2certd.plan.rollout import Member, Phase, Registration
+from rke2certd.rollout.cluster_store import ClusterStore
+from rke2certd.supervisor.remote import RemoteDatastore
 from tests.harness.wait import SAFETY
+
+# the clock of the cluster-route tests: their servers' housekeeping and their records
+NOW = datetime(2030, 1, 2, tzinfo=UTC)
 
 HOST = "127.0.0.1"
 
@@ -87,6 +94,25 @@ def renew_agent(node: Node, **kwargs: Any) -> RenewResult:
     """As the CLI runs it: under the node lock, at the real time."""
     with node_lock(node.layout.data_dir, 30):
         return agent_renew(node, datetime.now(UTC), **kwargs)
+
+
+def agent_on(
+    port: int, server: ServerNode, agent_factory: Callable[..., Node], name: str
+) -> tuple[Node, RemoteDatastore]:
+    """An agent-only node of the endpoint at `port`, renewed through it (the server CA on disk,
+    pinned by the token), and its coordination keys through that endpoint."""
+    node = agent_factory(name, supervisor_port=port)
+    renew_agent(node)
+    return node, remote_store(node, lambda: server.agent_token)
+
+
+def register_agent(remote: RemoteDatastore, name: str, ttl: int) -> tuple[ClusterStore, int]:
+    """Its membership and registration (phase agent), on a new lease of `ttl` seconds."""
+    cs = ClusterStore(remote)
+    lease = remote.grant_lease(ttl)
+    cs.ensure_member(Member(name, ("agent",), Phase.AGENT))
+    cs.register(Registration(name, ("agent",), Phase.AGENT, "t", None), lease)
+    return cs, lease
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:

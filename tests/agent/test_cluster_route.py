@@ -7,8 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +41,11 @@ from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import HOST, ServerNode, basic, call, renew_agent
+from .helpers import HOST, NOW, ServerNode, agent_on, basic, call, register_agent, renew_agent
 
-NOW = datetime(2030, 1, 2, tzinfo=UTC)
 ROLLOUT = Rollout(
     "ca-1", RolloutKind.CA, "gen1", PHASES, None, RolloutState.ACTIVE, "test", NOW, "e1"
 )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
-    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
-        yield ds
-
-
-@pytest.fixture
-def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    handle = start(server.node, host=HOST, port=0, cluster=api)
-    yield handle
-    handle.stop()
 
 
 @pytest.fixture
@@ -68,26 +53,16 @@ def remote_for(
     cluster_endpoint: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node]
 ) -> Callable[[str], tuple[Node, RemoteDatastore]]:
     def make(name: str) -> tuple[Node, RemoteDatastore]:
-        node = agent_factory(name, supervisor_port=cluster_endpoint.port)
-        renew_agent(node)  # the server CA on disk, pinned by the token
-        return node, remote_store(node, lambda: server.agent_token)
+        return agent_on(cluster_endpoint.port, server, agent_factory, name)
 
     return make
-
-
-def _register(remote: RemoteDatastore, name: str) -> tuple[ClusterStore, int]:
-    cs = ClusterStore(remote)
-    lease = remote.grant_lease(5)
-    cs.ensure_member(Member(name, ("agent",), Phase.AGENT))
-    cs.register(Registration(name, ("agent",), Phase.AGENT, "t", None), lease)
-    return cs, lease
 
 
 def test_an_agent_takes_part_through_the_endpoint(
     remote_for: Callable[[str], tuple[Node, RemoteDatastore]], store: SQLiteDatastore
 ) -> None:
     _node, remote = remote_for("agent-1")
-    cs, lease = _register(remote, "agent-1")
+    cs, lease = register_agent(remote, "agent-1", 5)
     ClusterStore(store).create_rollout(ROLLOUT, NOW)  # a server started a rollout
     view = cs.read().view
     assert view.live["agent-1"].phase is Phase.AGENT and view.rollout("ca-1") is not None
@@ -230,7 +205,7 @@ def test_housekeeping_and_generation_are_the_servers(
     server: ServerNode,
 ) -> None:
     node, remote = remote_for("agent-1")
-    cs, _lease = _register(remote, "agent-1")
+    cs, _lease = register_agent(remote, "agent-1", 5)
     ClusterStore(store).create_rollout(ROLLOUT, NOW)
     cs.set_status(ROLLOUT, NodeStatus("agent-1", NodeState.FAILED, "health gate failed"))
     assert remote.housekeep()  # the server stops the rollout an agent cannot write
@@ -356,7 +331,7 @@ def test_refusals_change_nothing(
     server: ServerNode,
 ) -> None:
     agent_node, remote = remote_for("agent-1")
-    cs, lease = _register(remote, "agent-1")
+    cs, lease = register_agent(remote, "agent-1", 5)
     own_password = node_password(agent_node)
     other = ClusterStore(store)
     server_lease = store.grant_lease(30)

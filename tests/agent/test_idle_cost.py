@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
@@ -27,12 +26,6 @@ from .helpers import HOST, ServerNode, renew_agent
 from .test_cluster_route import _count_calls
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
-    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
-        yield ds
 
 
 @pytest.fixture

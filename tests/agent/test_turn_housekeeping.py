@@ -5,9 +5,7 @@ the agent's requests are counted as they go out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 
@@ -28,31 +26,16 @@ from rke2certd.roles.agent import AgentRollout
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
-from rke2certd.supervisor.server import SupervisorHandle, start
+from rke2certd.supervisor.server import SupervisorHandle
 from tests.harness.wait import wait_for
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import NOW, ServerNode, renew_agent
 from .test_cluster_route import _count_calls
 
-NOW = datetime(2030, 1, 2, tzinfo=UTC)
 ROLLOUT = Rollout(
     "ca-1", RolloutKind.CA, "gen1", (Phase.AGENT,), None, RolloutState.ACTIVE, "test", NOW, "e1"
 )
 SLOT0 = rec.slot_key(Phase.AGENT, 0)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
-    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
-        yield ds
-
-
-@pytest.fixture
-def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    with start(server.node, host=HOST, port=0, cluster=api) as handle:
-        yield handle
 
 
 @pytest.mark.parametrize("last", [False, True])

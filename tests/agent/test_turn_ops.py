@@ -6,24 +6,17 @@ SQLite datastore; the agent's requests are counted as they go out."""
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from rke2certd.commands.agent import node_password
-from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.base import EventType
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
 from rke2certd.plan.rollout import (
-    Member,
     NodeState,
     NodeStatus,
     Phase,
-    Registration,
     Rollout,
     RolloutKind,
     RolloutState,
@@ -35,10 +28,9 @@ from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import HOST, NOW, ServerNode, agent_on, register_agent
 from .test_cluster_route import _count_calls, _raw
 
-NOW = datetime(2030, 1, 2, tzinfo=UTC)
 ROLLOUT = Rollout(
     "ca-1", RolloutKind.CA, "gen1", (Phase.AGENT,), None, RolloutState.ACTIVE, "test", NOW, "e1"
 )
@@ -52,33 +44,16 @@ class OlderClusterAPI(ClusterAPI):
     _op_create_snapshot = None
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
-    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
-        yield ds
-
-
 def _endpoint(server: ServerNode, store: SQLiteDatastore, api: type[ClusterAPI]) -> Any:
     cluster = api(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
     return start(server.node, host=HOST, port=0, cluster=cluster)
 
 
-@pytest.fixture
-def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
-    with _endpoint(server, store, ClusterAPI) as handle:
-        yield handle
-
-
 def _agent(
     handle: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node], name: str
 ) -> tuple[Node, RemoteDatastore, ClusterStore, int]:
-    node = agent_factory(name, supervisor_port=handle.port)
-    renew_agent(node)
-    remote = remote_store(node, lambda: server.agent_token)
-    cs = ClusterStore(remote)
-    lease = remote.grant_lease(30)
-    cs.ensure_member(Member(name, ("agent",), Phase.AGENT))
-    cs.register(Registration(name, ("agent",), Phase.AGENT, "t", None), lease)
+    node, remote = agent_on(handle.port, server, agent_factory, name)
+    cs, lease = register_agent(remote, name, 30)
     return node, remote, cs, lease
 
 

@@ -5,22 +5,17 @@ real SQLite datastore; the agent's polls are counted as they go out."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
 from rke2certd.plan.rollout import (
-    Member,
     NodeState,
     NodeStatus,
     Phase,
-    Registration,
     Rollout,
     RolloutKind,
     RolloutState,
@@ -31,41 +26,21 @@ from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.link import _Feed, interest, relayed_link, server_filter
 from rke2certd.supervisor import wire
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
-from rke2certd.supervisor.server import SupervisorHandle, start
+from rke2certd.supervisor.server import SupervisorHandle
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import NOW, ServerNode, agent_on, register_agent
 
-NOW = datetime(2030, 1, 2, tzinfo=UTC)
 ROLLOUT = Rollout(
     "ca-1", RolloutKind.CA, "gen1", (Phase.AGENT,), None, RolloutState.ACTIVE, "test", NOW, "e1"
 )
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
-    with SQLiteDatastore(tmp_path / "coord.sqlite") as ds:
-        yield ds
-
-
-@pytest.fixture
-def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    with start(server.node, host=HOST, port=0, cluster=api) as handle:
-        yield handle
-
-
 def _agent(
     handle: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node], name: str
 ) -> tuple[Node, RemoteDatastore]:
-    node = agent_factory(name, supervisor_port=handle.port)
-    renew_agent(node)
-    remote = remote_store(node, lambda: server.agent_token)
-    lease = remote.grant_lease(30)
-    cs = ClusterStore(remote)
-    cs.ensure_member(Member(name, ("agent",), Phase.AGENT))
-    cs.register(Registration(name, ("agent",), Phase.AGENT, "t", None), lease)
+    node, remote = agent_on(handle.port, server, agent_factory, name)
+    register_agent(remote, name, 30)
     return node, remote
 
 
