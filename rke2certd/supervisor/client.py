@@ -45,11 +45,14 @@ from rke2certd.supervisor import (
     cert_route,
     wire,
 )
+from rke2certd.supervisor.connections import Connections
 
 DEFAULT_TIMEOUT = 10.0
 MAX_RESPONSE = 1024 * 1024  # CA bundles and leaf chains are a few KiB
 # the coordination keys of a large fleet: ~1 KiB per agent when read whole (records.py)
 MAX_JSON_RESPONSE = 64 * 1024 * 1024
+# how a kept connection fails when the server closed it at rest (nothing was answered)
+_CLOSED_AT_REST = (ConnectionError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 Urls = str | Sequence[str]
 _T = TypeVar("_T")
 
@@ -157,24 +160,50 @@ def _exchange(
     body: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     limit: int = MAX_RESPONSE,
+    pool: Connections | None = None,
 ) -> _Answer:
+    """One request and its answer. With `pool`, on a kept connection when there is one, left
+    open for the next request when the server keeps it; a kept connection the server closed
+    before answering (its idle limit, a restart) is replaced by a new one and the request sent
+    again, once: as a fail-over to another server would, it may repeat a request whose answer
+    was lost (every operation of the endpoint is conditional, or harmless twice)."""
     host, port = _endpoint(url)
-    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-    try:
-        conn.request(method, path, body=body, headers=dict(headers or {}))
-        response = conn.getresponse()
-        data = response.read(limit + 1)
-    except ssl.SSLCertVerificationError as exc:
-        raise _Skip(
-            f"its certificate does not verify against the pinned CA ({exc.reason})"
-        ) from exc
-    except (OSError, http.client.HTTPException) as exc:
-        raise _Skip(_why(exc)) from exc
-    finally:
-        conn.close()
-    if len(data) > limit:
-        raise _Skip(f"it answered more than {limit} bytes")
-    return _Answer(response.status, response.reason, data, response.getheader(wire.ERROR_HEADER))
+    sent = dict(headers or {})
+    if pool is None:
+        sent["Connection"] = "close"  # one request: the server need not keep a thread for more
+    for _attempt in range(2):
+        conn, kept = (
+            pool.take(host, port, context, timeout)
+            if pool is not None
+            else (http.client.HTTPSConnection(host, port, timeout=timeout, context=context), False)
+        )
+        keep = False
+        try:
+            try:
+                conn.request(method, path, body=body, headers=sent)
+                response = conn.getresponse()
+            except _CLOSED_AT_REST:
+                if kept:
+                    continue  # closed by the server while kept: once more, on a new connection
+                raise
+            data = response.read(limit + 1)
+            keep = pool is not None and not response.will_close and response.isclosed()
+        except ssl.SSLCertVerificationError as exc:
+            raise _Skip(
+                f"its certificate does not verify against the pinned CA ({exc.reason})"
+            ) from exc
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Skip(_why(exc)) from exc
+        finally:
+            if keep and pool is not None:
+                pool.give(conn, context)
+            else:
+                conn.close()
+        if len(data) > limit:
+            raise _Skip(f"it answered more than {limit} bytes")
+        code = response.getheader(wire.ERROR_HEADER)
+        return _Answer(response.status, response.reason, data, code)
+    raise _Skip("it closed two connections in a row before answering")
 
 
 def _why(exc: BaseException) -> str:
@@ -372,9 +401,11 @@ def post_json(
     *,
     node_password: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    pool: Connections | None = None,
 ) -> dict[str, Any]:
     """POST a JSON document over the pinned channel, as `node_name` proved by `node_password`;
-    the JSON object answered (nesting bounded: a server's answer is not trusted to be sane)."""
+    the JSON object answered (nesting bounded: a server's answer is not trusted to be sane).
+    `pool`: the caller's kept connections (connections.py), else one connection for it."""
     body = json.dumps(doc).encode()
     headers = {
         **_auth_headers(parse_token(token)),
@@ -386,7 +417,15 @@ def post_json(
 
     def attempt(url: str) -> dict[str, Any]:
         answer = _exchange(
-            url, context, "POST", path, timeout, body=body, headers=headers, limit=MAX_JSON_RESPONSE
+            url,
+            context,
+            "POST",
+            path,
+            timeout,
+            body=body,
+            headers=headers,
+            limit=MAX_JSON_RESPONSE,
+            pool=pool,
         )
         data = _expect_ok(url, answer, f"POST {path}")
         try:

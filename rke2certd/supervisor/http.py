@@ -1,4 +1,4 @@
-"""The endpoint's HTTP plumbing: the accept loop, a thread per connection, one request each.
+"""The endpoint's HTTP plumbing: the accept loop, a thread per connection.
 
 Checks run in order route (404), method (405), credentials (401/403), headers, body length
 (411/413), then the body is read; the first four also answer `Expect: 100-continue`, so a
@@ -7,8 +7,14 @@ is logged (`request_refused`) without credentials.
 
 Limits (`limits.py`, constants in `rke2certd.supervisor`): a deadline for handshake, headers and
 body together; unauthenticated connections capped in total and per source address, so that
-authenticated agents keep places of their own; JSON nesting bounded before parsing; one request
-per connection.
+authenticated agents keep places of their own; JSON nesting bounded before parsing.
+
+Kept-alive connections. A connection whose request showed a valid credential and was answered
+200 stays open for the next request (HTTP/1.1), unless its client said `Connection: close`:
+an agent's lease refreshes and long polls then cost no TLS handshake and no new thread each.
+Between requests it rests up to KEEPALIVE_IDLE seconds, and the gate may close it to make room
+(limits.py). Anything else (a refusal, an unauthenticated request such as `/cacerts`) closes
+it: a connection never goes on with a client that has not shown a credential.
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from rke2certd.supervisor.request import Caller, Refused, clip
 from rke2certd.supervisor.routes import ROUTES, Answer, Request, Route, Services
 
 IO_TIMEOUT = 15.0  # per socket operation: a stalled client must not hold a thread forever
+# a kept connection's rest between requests: longer than an agent's lease refresh period
+# (ttl/3, 10 s by default), so that its refreshes reuse it (its client keeps it 20 s)
+KEEPALIVE_IDLE = 30.0
 LINGER_SECONDS = 1.0
 FLOOD_LOG_SECONDS = 1.0
 
@@ -154,7 +163,7 @@ class EndpointServer(ThreadingHTTPServer):
         except Exception:
             self.handle_error(request, client_address)
         finally:
-            if ticket.why:
+            if ticket.why and not ticket.quiet:
                 self._flood_log("connection_cut", address, ticket.why)
             self.gate.release(ticket)  # before the fd is closed (see ConnectionGate.release)
             self._local.ticket = None
@@ -185,6 +194,20 @@ class EndpointServer(ThreadingHTTPServer):
         if ticket is not None:
             self.gate.promote(ticket)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def rest(self) -> bool:
+        """This thread's connection waits for its next request; False: close it instead."""
+        ticket = getattr(self._local, "ticket", None)
+        return ticket is not None and not self._stopping and self.gate.rest(ticket)
+
+    def wake(self) -> bool:
+        """This thread's connection's next request came; False: it was cut meanwhile."""
+        ticket = getattr(self._local, "ticket", None)
+        return ticket is not None and self.gate.wake(ticket)
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
         reason = f"{type(exc).__name__}: {exc}"
@@ -198,6 +221,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = IO_TIMEOUT
     disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     _linger = False  # set when an answer leaves the request body unread
+    _kept = False  # a request was answered and the connection kept for the next one
 
     def version_string(self) -> str:
         return self.server_version
@@ -206,6 +230,29 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
         if self._linger:
             _linger_close(self.connection)
+
+    def handle_one_request(self) -> None:
+        if self._kept and not self._next_request():
+            self.close_connection = True
+            return
+        super().handle_one_request()
+
+    def _next_request(self) -> bool:
+        """Rest until the next request's first byte: False at the client's close, an error,
+        KEEPALIVE_IDLE without one, or the gate's cut (made room, the endpoint stops)."""
+        if not self.server.rest():
+            return False
+        try:
+            self.connection.settimeout(KEEPALIVE_IDLE)
+            first = self.rfile.peek(1)  # type: ignore[attr-defined]  # a BufferedReader
+        except (OSError, ValueError):  # timed out, reset, TLS alert; ValueError: closed
+            first = b""
+        finally:
+            woken = self.server.wake()
+        if not first or not woken:
+            return False
+        self.connection.settimeout(IO_TIMEOUT)
+        return True
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -222,7 +269,9 @@ class _Handler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def _dispatch(self) -> None:
-        self.close_connection = True  # one request per connection: each gets its own deadline
+        # the client's wish (`Connection: close`, HTTP/1.0), as the request line and headers
+        # said; closed unless the request is served as an authenticated one
+        wants_close, self.close_connection = self.close_connection, True
         if self.server.was_cut():
             return  # what was read before the cut is no request: nothing to answer
         try:
@@ -231,7 +280,11 @@ class _Handler(BaseHTTPRequestHandler):
             if caller is not None:
                 self.server.promote()  # a valid credential and a whole request: no deadline
             request = Request(self._path, caller, self.headers, body, self.server.services)
-            self._send(route.handler(request))
+            answer = route.handler(request)
+            keep = caller is not None and not wants_close and not self.server.stopping
+            self._send(answer, keep)
+            self.close_connection = not keep
+            self._kept = keep
         except Refused as refusal:
             self._refuse(refusal)
 
@@ -263,13 +316,14 @@ class _Handler(BaseHTTPRequestHandler):
             raise Refused(400, "the body is shorter than its Content-Length")
         return body
 
-    def _send(self, answer: Answer) -> None:
+    def _send(self, answer: Answer, keep: bool) -> None:
         notify("request_served", http_path=self._path, http_status=200)  # the metrics
         self.send_response(200)
         self.send_header("Content-Type", answer.content_type)
         self.send_header("Content-Length", str(len(answer.body)))
         self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
+        if not keep:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(answer.body)
 

@@ -13,6 +13,11 @@ pending one (an honest client's handshake takes milliseconds, so the oldest is t
 most `per_address` are pending from one source address; more from it are refused at once. The
 total stays at `max_total` (the pending ones are cut first), so authenticated connections always
 keep `max_total - max_pending` places that unauthenticated clients cannot take.
+
+An authenticated connection is kept open between its requests (http.py): while it waits for
+the next one it *rests*. A full gate cuts the connection that has rested longest before any
+other (its client makes a new one when it needs it: a handshake, nothing lost), and such a cut
+is ordinary, not logged as a warning. Stopping the gate cuts every resting connection.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class Ticket:
     cut: bool = False
     why: str = ""  # why it was cut, for the log
     seq: int = field(default=0)
+    quiet: bool = False  # cut while resting: ordinary, no warning
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,12 @@ class ConnectionGate:
         self._cond = threading.Condition()
         self._live = 0  # tickets not cut and not released
         self._pending: OrderedDict[Ticket, None] = OrderedDict()  # oldest first
+        self._resting: OrderedDict[Ticket, None] = OrderedDict()  # longest at rest first
         self._by_address: dict[str, int] = {}
         self._heap: list[tuple[float, int, Ticket]] = []
         self._seq = itertools.count()
         self._stopping = False
+        self.accepted = 0  # connections admitted since start (tests: how many were made)
         self._thread = threading.Thread(target=self._reap, name="rke2certd-reaper", daemon=True)
         self._thread.start()
 
@@ -77,6 +85,8 @@ class ConnectionGate:
                 return Refusal(
                     f"{self.per_address} connections from this address are still unauthenticated"
                 )
+            while self._resting and self._live >= self.max_total:
+                self._cut(next(iter(self._resting)), "closed at rest to make room", quiet=True)
             while self._pending and (
                 len(self._pending) >= self.max_pending or self._live >= self.max_total
             ):
@@ -85,6 +95,7 @@ class ConnectionGate:
             if self._live >= self.max_total:
                 return Refusal(f"{self.max_total} authenticated connections are open")
             ticket = Ticket(address, sock, self._now() + self.deadline, seq=next(self._seq))
+            self.accepted += 1
             self._pending[ticket] = None
             self._by_address[address] = self._by_address.get(address, 0) + 1
             self._live += 1
@@ -108,12 +119,27 @@ class ConnectionGate:
             if ticket.pending and not ticket.cut:
                 self._leave_pending(ticket)
 
+    def rest(self, ticket: Ticket) -> bool:
+        """The connection waits for its next request; False: it is to close (cut, stopping)."""
+        with self._cond:
+            if ticket.cut or self._stopping:
+                return False
+            self._resting[ticket] = None
+            return True
+
+    def wake(self, ticket: Ticket) -> bool:
+        """The connection's next request came; False: it was cut meanwhile."""
+        with self._cond:
+            self._resting.pop(ticket, None)
+            return not ticket.cut
+
     def release(self, ticket: Ticket) -> None:
         """The connection is done. Called before its socket is closed, so that the reaper never
         shuts down an fd number that a later connection reuses."""
         with self._cond:
             if ticket.pending:
                 self._leave_pending(ticket)
+            self._resting.pop(ticket, None)
             if not ticket.cut:
                 self._live -= 1
                 ticket.cut = True
@@ -130,9 +156,16 @@ class ConnectionGate:
         with self._cond:
             return self._live, len(self._pending)
 
+    def resting(self) -> int:
+        """Connections at rest between two requests (tests)."""
+        with self._cond:
+            return len(self._resting)
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
+            for ticket in list(self._resting):
+                self._cut(ticket, "the endpoint stops", quiet=True)
             self._cond.notify()
         self._thread.join(timeout=5)
 
@@ -147,11 +180,13 @@ class ConnectionGate:
         else:
             self._by_address.pop(ticket.address, None)
 
-    def _cut(self, ticket: Ticket, why: str) -> None:
+    def _cut(self, ticket: Ticket, why: str, *, quiet: bool = False) -> None:
         if ticket.cut:
             return
-        self._leave_pending(ticket)
-        ticket.cut, ticket.why = True, why
+        if ticket.pending:
+            self._leave_pending(ticket)
+        self._resting.pop(ticket, None)
+        ticket.cut, ticket.why, ticket.quiet = True, why, quiet
         self._live -= 1
         if ticket.sock is not None:
             self._shutdown(ticket.sock)

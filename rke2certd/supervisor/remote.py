@@ -7,6 +7,9 @@ password that proves this node's name; the trusted CAs are read at each call (`t
 that an agent that has just taken a rotated CA set keeps talking to servers that already serve
 the new one, and to those that do not yet.
 
+Calls reuse kept-alive connections (connections.py): an idle agent's lease refreshes and long
+polls cost no TLS handshake each.
+
 Errors map onto the contract: no server answered -> DatastoreUnavailable (retried by the
 rollout code), a refusal coded `lease-not-found` (wire.py) -> LeaseNotFound, a compacted watch ->
 WatchCompacted, any other refusal -> DatastoreError with the server's reason.
@@ -40,6 +43,7 @@ from rke2certd.supervisor.client import (
     UnreachableError,
     post_json,
 )
+from rke2certd.supervisor.connections import Connections
 from rke2certd.supervisor.mirror import Mirror
 
 _T = TypeVar("_T")
@@ -69,6 +73,9 @@ class RemoteDatastore(Datastore):
         self._closed = threading.Event()
         self._mirror = Mirror(PREFIX)
         self._unknown_ops: dict[str, float] = {}  # refused as unknown -> until when not asked
+        # kept-alive connections: this node's threads (main loop, lease, long poll) each reuse
+        # one instead of a TLS handshake per call
+        self._connections = Connections()
 
     def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, to the servers in the choice's order; the first answer counts."""
@@ -87,6 +94,7 @@ class RemoteDatastore(Datastore):
                     self.node_name,
                     node_password=password,
                     timeout=timeout,
+                    pool=self._connections,
                 )
             except UnreachableError as exc:
                 problems.append(str(exc))
@@ -305,4 +313,5 @@ class RemoteDatastore(Datastore):
         return self._parse(parse)
 
     def close(self) -> None:
-        self._closed.set()  # a connection per call: only a busy watch's wait to end
+        self._closed.set()  # a busy watch's wait ends
+        self._connections.close()
