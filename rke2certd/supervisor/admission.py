@@ -1,7 +1,8 @@
 """Who may use a route, and with what body: the checks a request passes before it is served.
 
 Authentication is basic auth, compared in constant time with the passwords of the server's
-tokens, read at each request so that a token change takes effect at once. The agent token's
+tokens. Their files are stat'ed at each request and read again when they changed (inode, size,
+mtime, mode), so that a token change takes effect at once. The agent token's
 password (`<data>/server/agent-token`, else the configured token) grants the agent routes, as
 user `node` or `server`; the server token's password (`<data>/server/token`, else the configured
 token) with user `server` also grants RKE2's server-only routes (which answer 501: RKE2's own
@@ -15,11 +16,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import os
 import re
+import threading
 from email.message import Message
+from pathlib import Path
 
 from rke2certd.errors import Rke2certdError
-from rke2certd.files.atomic import read_optional
 from rke2certd.files.exposure import warn_if_exposed
 from rke2certd.node.bootstrap_data import configured_token
 from rke2certd.node.node import Node
@@ -39,10 +42,37 @@ CHALLENGE = {"WWW-Authenticate": 'Basic realm="rke2"'}
 _NODE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 
+# Token file -> (inode, size, mtime, mode) when read, and its bytes: two files per data dir.
+# The mode is in it so that a chmod is seen, and warned about, as before. Missed: a rewrite in
+# place to the same size within one mtime tick of the file system (a rename is a new inode).
+_SEEN_TOKENS: dict[Path, tuple[tuple[int, int, int, int], bytes]] = {}
+_SEEN_LOCK = threading.Lock()
+
+
+def _saved_token(path: Path, what: str) -> bytes | None:
+    """The bytes of token file `path` (None: no file), read again only when its stat changed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode)
+    with _SEEN_LOCK:
+        seen = _SEEN_TOKENS.get(path)
+    if seen is not None and seen[0] == stamp:
+        return seen[1]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    if data:
+        warn_if_exposed(path, what)  # itself once per file, inode and mode
+    with _SEEN_LOCK:
+        _SEEN_TOKENS[path] = (stamp, data)
+    return data
+
+
 def _token_password(node: Node, name: str) -> str | None:
-    saved = read_optional(node.layout.server / name)
-    if saved:
-        warn_if_exposed(node.layout.server / name, f"the {name} file")
+    saved = _saved_token(node.layout.server / name, f"the {name} file")
     text = saved.decode().strip() if saved else configured_token(node.cfg, node.layout)
     return parse_token(text).password if text else None
 

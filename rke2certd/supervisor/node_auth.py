@@ -7,7 +7,9 @@ first request for a name records a salted scrypt hash of that password in the da
 (`records.node_password_key`); later requests for the name must send the same password, else
 403. Every server shares the record, so an agent proves its name to all of them. A verified
 (name, password) pair is remembered in memory against the stored record's bytes, so scrypt runs
-once per node and server, not per request.
+once per node and server, not per request; and for PROOF_TTL after a full check the same pair is
+taken on trust without reading the datastore at all (a removed node's old password, or a name
+that became a server's, is noticed here at the next full check).
 
 Server names. A node whose membership or registration in the datastore says it is a server (etcd
 or control-plane phase), and this server's own name, is never an agent's to claim: its records
@@ -29,8 +31,9 @@ import ipaddress
 import json
 import secrets
 import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 
 from rke2certd.datastore.base import Datastore
 from rke2certd.plan.rollout import SERVER_PHASES
@@ -42,6 +45,16 @@ _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _KIND = "NodePassword"
 MAX_PASSWORD = 256
 KUBELET_LOOPBACK = ("127.0.0.1",)  # what an agent's kubelet certs carry besides its own IPs
+# How long a full check's proof of (name, password) stands without reading the datastore again:
+# longer than an idle agent's gap between requests (lease refresh every 10 s, a poll every 25 s),
+# so most of its requests read nothing; short enough that `rke2certd node remove`, or the name
+# turning out to be a server's, takes effect on every server within half a minute.
+PROOF_TTL = 30.0
+# Memory: when the table reaches its mark, proofs not renewed for this long (the node left, or
+# stopped asking) are dropped and the mark set to twice what is left: a table at most about
+# twice the names proven within that time, pruned at an amortised O(1) per proof.
+FORGET_AFTER = 4 * PROOF_TTL
+MIN_PRUNE_MARK = 1024
 
 
 class NodeRefused(Exception):
@@ -91,19 +104,28 @@ def _fingerprint(password: str) -> bytes:
     return hashlib.sha256(password.encode()).digest()
 
 
+@dataclass(frozen=True)
+class _Proof:
+    record: bytes  # the stored record the password was checked against
+    fingerprint: bytes  # sha256 of the password
+    checked: float  # when, on NodePasswords.clock
+
+
 @dataclass
 class NodePasswords:
     """First use wins, a different password later is refused; the records live in `ds`."""
 
     ds: Datastore
     own_name: str  # this server's node name: never an agent's
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False)  # seconds, monotonic
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         # One scrypt at a time: requests with wrong passwords (a token holder can send many)
         # cost one core at most, never all of them.
         self._hashing = threading.Lock()
-        self._verified: dict[str, tuple[bytes, bytes]] = {}  # name -> (record, fingerprint)
+        self._proofs: dict[str, _Proof] = {}  # successful full checks only, never a refusal
+        self._prune_mark = MIN_PRUNE_MARK
 
     def check(self, name: str, password: str | None) -> None:
         """Raises NodeRefused unless `password` proves `name` (recording it at first use)."""
@@ -115,6 +137,25 @@ class NodePasswords:
             )
         if len(password) > MAX_PASSWORD or not password.isprintable():
             raise NodeRefused(400, "the node password is not usable (printable, <= 256 chars)")
+        fingerprint, now = _fingerprint(password), self.clock()
+        with self._lock:
+            proof = self._proofs.get(name)
+        if (
+            proof is not None
+            and 0 <= now - proof.checked < PROOF_TTL
+            and hmac.compare_digest(proof.fingerprint, fingerprint)
+        ):
+            return
+        try:
+            self._check_fully(name, password, fingerprint, now, proof)
+        except NodeRefused:
+            if proof is not None and hmac.compare_digest(proof.fingerprint, fingerprint):
+                self._forget(name)  # its own password no longer proves it: removed, or a server
+            raise
+
+    def _check_fully(
+        self, name: str, password: str, fingerprint: bytes, now: float, known: _Proof | None
+    ) -> None:
         self.refuse_server_name(name)
         key = rec.node_password_key(name)
         kv = self.ds.get(key)
@@ -122,21 +163,23 @@ class NodePasswords:
             with self._hashing:
                 record = hash_record(password)
             if self.ds.create(key, record):
-                self._remember(name, record, password)
+                self._remember(name, _Proof(record, fingerprint, now))
                 return
             kv = self.ds.get(key)  # another server recorded it first: check against that
             if kv is None:
                 raise NodeRefused(503, f"the node password of {name} could not be recorded")
-        with self._lock:
-            known = self._verified.get(name)
-        if known is not None and known[0] == kv.value:
-            if hmac.compare_digest(known[1], _fingerprint(password)):
+        if known is not None and known.record == kv.value:
+            # the record this server verified before: only the password it verified matches
+            if hmac.compare_digest(known.fingerprint, fingerprint):
+                self._remember(name, _Proof(kv.value, fingerprint, now))
                 return
         else:
+            if known is not None:
+                self._forget(name)  # the record changed (node remove, a new registration)
             with self._hashing:
                 ok = matches(kv.value, password)
             if ok:
-                self._remember(name, kv.value, password)
+                self._remember(name, _Proof(kv.value, fingerprint, now))
                 return
         raise NodeRefused(
             403,
@@ -149,9 +192,26 @@ class NodePasswords:
         if name == self.own_name or _is_server(self.ds, name):
             raise NodeRefused(403, f"{name} is a server node: an agent may not act as it")
 
-    def _remember(self, name: str, record: bytes, password: str) -> None:
+    @property
+    def proven(self) -> int:
+        """How many names this server holds a proof for (tests, metrics)."""
         with self._lock:
-            self._verified[name] = (record, _fingerprint(password))
+            return len(self._proofs)
+
+    def _remember(self, name: str, proof: _Proof) -> None:
+        with self._lock:
+            self._proofs[name] = proof
+            if len(self._proofs) < self._prune_mark:
+                return
+            now = self.clock()
+            self._proofs = {
+                n: p for n, p in self._proofs.items() if 0 <= now - p.checked < FORGET_AFTER
+            }
+            self._prune_mark = max(MIN_PRUNE_MARK, 2 * len(self._proofs))
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            self._proofs.pop(name, None)
 
 
 def _is_server(ds: Datastore, name: str) -> bool:

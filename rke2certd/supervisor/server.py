@@ -10,6 +10,8 @@ it.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rke2certd.clock import Clock, system_clock
@@ -95,18 +97,20 @@ def start(
     cluster: ClusterAPI | None = None,
     passwords: Datastore | None = None,
     limits: Limits | None = None,
+    proof_clock: Callable[[], float] = time.monotonic,
 ) -> SupervisorHandle:
     """Serve agents on host:port (port None: `supervisor-port`; 0: any free port).
 
     Node passwords are recorded in `passwords`, else in the cluster's datastore; with neither,
-    the routes that act as a node answer 503. `limits`: the connection limits (tests); with a
+    the routes that act as a node answer 503; `proof_clock` times how long a node's proof
+    stands (node_auth.PROOF_TTL; tests). `limits`: the connection limits (tests); with a
     cluster, the total follows the cluster's limit for the fleet (`ClusterAPI.resize`).
     Needs the server's CA files (run renew first); raises Rke2certdError when they are unusable
     or the port cannot be bound.
     """
     wanted_port = node.cfg.supervisor_port if port is None else port
     store = passwords if passwords is not None else (cluster.ds if cluster else None)
-    node_passwords = NodePasswords(store, node.cfg.node) if store is not None else None
+    node_passwords = NodePasswords(store, node.cfg.node, proof_clock) if store is not None else None
     lim = limits or Limits()
     services = Services(
         node, clock, TlsSnapshot(node, clock), cluster, node_passwords, san_policy(node)
