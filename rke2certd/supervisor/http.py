@@ -7,7 +7,7 @@ is logged (`request_refused`) without credentials.
 
 Limits (`limits.py`, constants in `rke2certd.supervisor`): a deadline for handshake, headers and
 body together; unauthenticated connections capped in total and per source address, so that
-authenticated agents keep places of their own; JSON nesting bounded before parsing.
+authenticated agents keep places of their own; JSON nesting bounded (wire.loads).
 
 Kept-alive connections. A connection whose request showed a valid credential and was answered
 200 stays open for the next request (HTTP/1.1), unless its client said `Connection: close`:

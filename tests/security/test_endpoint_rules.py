@@ -49,9 +49,19 @@ def test_an_agents_own_sans_pass_and_every_problem_is_listed() -> None:
     assert len(refused_sans(["kubernetes"], ["0.0.0.0", "10.43.0.1"], POLICY)) == 3
 
 
-def test_nesting_depth_ignores_brackets_in_strings() -> None:
-    assert wire.nesting_depth(b'{"a": [1, {"b": "[[[[\\"[["}]}') == 3
-    assert wire.nesting_depth(b"[" * 30_000) == 30_000
+def test_json_nesting_is_bounded_and_brackets_in_strings_do_not_count() -> None:
+    assert wire.loads(b'{"a": [1, {"b": "[[[[\\"[["}]}', 3) == {"a": [1, {"b": '[[[["[['}]}
+    with pytest.raises(wire.WireError, match="nests deeper than 2"):
+        wire.loads(b'{"a": [1, {"b": "[[[[\\"[["}]}', 2)
+    for bomb in (
+        b"[" * 30_000,
+        b"[" * 30_000 + b"]" * 30_000,
+        b'{"a":' * 5_000 + b"1" + b"}" * 5_000,
+    ):
+        with pytest.raises(wire.WireError, match="nests deeper than 32"):
+            wire.loads(bomb, 32)  # refused, never a RecursionError
+    assert wire.container_depth([[], [[[]]], {"a": {}}], 32) == 4
+    assert wire.container_depth([[[[[]]]]], 2) == 3  # counted only until past the limit
     assert wire.loads(b'{"a": [[1]]}', 3) == {"a": [[1]]}
     with pytest.raises(wire.WireError):
         wire.loads(b'{"a": [[1]]}', 2)
