@@ -350,7 +350,10 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         cluster.stop()
         if etcd is not None:
             etcd.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        if opts.keep:
+            print(f"  N={n}: kept {root} (its daemons' logs)", flush=True)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _real_cfg(cluster: SimCluster, name: str) -> Config:
@@ -433,12 +436,25 @@ def main() -> int:
         help="the servers' coordination keys: one shared SQLite file, or a real etcd member",
     )
     parser.add_argument("--verbose", action="store_true", help="print the spread as it settles")
+    parser.add_argument("--keep", action="store_true", help="keep each size's directory")
+    parser.add_argument("--log", help="write the simulated agents' events (INFO+) to this file")
     opts = parser.parse_args()
     # the simulated agents log as daemons do: keep this output to the figures
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
     if opts.verbose:  # and the agents' moves, to say why the spread changes
         structlog.configure(
             processors=[_moves],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        )
+    if opts.log:  # to see what the simulated agents did (one JSON object a line)
+        out = open(opts.log, "a", buffering=1)  # noqa: SIM115 (open for the whole run)
+        structlog.configure(
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso"),
+                structlog.processors.add_log_level,
+                structlog.processors.JSONRenderer(),
+            ],
+            logger_factory=structlog.PrintLoggerFactory(out),
             wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         )
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]

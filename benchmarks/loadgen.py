@@ -20,6 +20,7 @@ import heapq
 import http.client
 import itertools
 import math
+import queue
 import random
 import secrets
 import threading
@@ -41,8 +42,10 @@ from rke2certd.config import Config
 from rke2certd.datastore.base import DatastoreUnavailable, LeaseNotFound
 from rke2certd.node.node import Node
 from rke2certd.pki import keys
-from rke2certd.plan.rollout import Rollout
+from rke2certd.plan.next_step import _queue  # who is next in line (which pool)
+from rke2certd.plan.rollout import Phase, Restart, Rollout, Step, TakeSlot, Wait
 from rke2certd.roles.agent import AgentRollout
+from rke2certd.rollout.link import ClusterLink
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.supervisor import NODE_NAME_HEADER, cert_route
 from rke2certd.supervisor.client import (
@@ -104,6 +107,17 @@ def again(call: Callable[[], T]) -> T:
             pause = min(10.0, pause * 2)
 
 
+# Which pool runs a tick. A real agent ticks in its own process the moment it is woken; here a
+# few pools serve a thousand, so a rollout's start (every agent woken to apply, each apply a few
+# requests) would queue the hand-off of the agent at the head of the line behind hundreds of
+# applies, and the periodic re-checks of the agents waiting in line behind everything: waits no
+# real fleet has. So the agent whose turn it is (at the head of the line, holding a slot or
+# restarting: the hand-off itself), one that has applied and waits in line, one that has not
+# applied yet, and a tick on its timer each have a pool.
+TURN, HANDOFF, APPLY, TIMER = 0, 1, 2, 3
+_WORKERS = {TURN: 4, HANDOFF: 8, APPLY: 32, TIMER: 8}
+
+
 class Timers:
     """Every simulated agent's timers on one thread: its runner's next tick (at the runner's
     deadline, or at once when woken) and its lease refresh (every ttl/3); small pools run
@@ -111,28 +125,30 @@ class Timers:
     the GIL handed between them at every wake-up) would make this process the bottleneck.
     The lease refreshes have a pool of their own, as a real agent has a thread for them: a
     rollout wakes every agent at once, and refreshes queued behind a thousand ticks (each a
-    few requests to a busy server) would let the leases expire."""
+    few requests to a busy server) would let the leases expire. Hand-offs, applies and
+    timer ticks have a pool each (HANDOFF, APPLY, TIMER). Every hand-over between threads is
+    a SimpleQueue (no Python lock for a thousand threads to queue on)."""
 
-    def __init__(self, workers: int = 32, lease_workers: int = 32) -> None:
-        self._cond = threading.Condition()
-        self._heap: list[tuple[float, int, Callable[[], None], ThreadPoolExecutor]] = []
-        self._seq = itertools.count()
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="sim-work")
+    def __init__(self, lease_workers: int = 32) -> None:
+        self._incoming: queue.SimpleQueue[tuple[float, Callable[[], None], int | None]] = (
+            queue.SimpleQueue()
+        )
+        self._pools = {p: queue.SimpleQueue[Callable[[], None] | None]() for p in _WORKERS}
         self._leases = ThreadPoolExecutor(lease_workers, thread_name_prefix="sim-lease")
         self._closed = False
         threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
+        for p, n in _WORKERS.items():
+            for i in range(n):
+                name = f"sim-work-{p}-{i}"
+                threading.Thread(target=self._work, args=(p,), name=name, daemon=True).start()
 
     def at(self, when: float, job: Callable[[], None], *, lease: bool = False) -> None:
-        with self._cond:
-            pool = self._leases if lease else self._pool
-            heapq.heappush(self._heap, (when, next(self._seq), job, pool))
-            if self._heap[0][2] is job:
-                self._cond.notify()
+        """`job` at `when`: a lease refresh (its own pool), else a tick on its timer."""
+        self._incoming.put((when, job, None if lease else TIMER))
 
-    def run(self, job: Callable[[], None]) -> None:
-        with self._cond:
-            if not self._closed:
-                self._pool.submit(self._guard, job)
+    def run(self, job: Callable[[], None], priority: int = APPLY) -> None:
+        if not self._closed:
+            self._pools[priority].put(job)
 
     @staticmethod
     def _guard(job: Callable[[], None]) -> None:
@@ -142,21 +158,44 @@ class Timers:
             traceback.print_exc()
 
     def _run(self) -> None:
-        with self._cond:
-            while not self._closed:
-                delay = self._heap[0][0] - time.monotonic() if self._heap else None
-                if delay is None or delay > 0:
-                    self._cond.wait(delay)
-                    continue
-                _, _, job, pool = heapq.heappop(self._heap)
-                pool.submit(self._guard, job)
+        heap: list[tuple[float, int, Callable[[], None], int | None]] = []
+        seq = itertools.count()
+        while not self._closed:
+            delay = max(0.0, heap[0][0] - time.monotonic()) if heap else None
+            try:
+                when, job, pool = self._incoming.get(timeout=delay)
+                heapq.heappush(heap, (when, next(seq), job, pool))
+            except queue.Empty:
+                pass
+            while heap and heap[0][0] <= time.monotonic():
+                _, _, job, pool = heapq.heappop(heap)
+                if pool is None:
+                    self._leases.submit(self._guard, job)
+                else:
+                    self.run(job, pool)
+
+    def _work(self, priority: int) -> None:
+        jobs = self._pools[priority]
+        while (job := jobs.get()) is not None:
+            self._guard(job)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self._incoming.put((0.0, lambda: None, TIMER))  # wake the timer thread
+        for p, n in _WORKERS.items():
+            for _ in range(n):
+                self._pools[p].put(None)
         self._leases.shutdown(wait=False, cancel_futures=True)
+
+
+class _SimRole(AgentRollout):
+    """The agent's role, remembering its last step (which pool its next tick goes to)."""
+
+    step: Step | None = None
+
+    def follow(self, link: ClusterLink, step: Step, phase: Phase, revision: int) -> None:
+        self.step = step
+        super().follow(link, step, phase, revision)
 
 
 @dataclass
@@ -184,13 +223,14 @@ class SimAgent:
             prefer_again=self.cfg.preferred_server_retry,
         )
         self.csr_der = _csr(self.name)
-        role = AgentRollout(self.remote, self._apply, lambda: self.gen, lease_thread=False)
+        self.role = role = _SimRole(self.remote, self._apply, lambda: self.gen, lease_thread=False)
         self.runner = RolloutRunner(
             Node.from_config(self.cfg), self.remote, role, clock=system_clock, wake=self._wake
         )
         # one tick at a time: queued (in the pool), ticking, woken while ticking (tick again)
         self._lock = threading.Lock()
         self._queued = self._ticking = self._again = False
+        self._queued_at = TIMER  # the priority it is queued with
         self._timer_at = math.inf  # the earliest tick timer pending
 
     def csr(self) -> float:
@@ -231,19 +271,42 @@ class SimAgent:
         self.gen = r.ca_generation
         return ApplyOutcome(self.gen)
 
-    def _wake(self) -> None:
+    def _wake(self, priority: int | None = None) -> None:
         """The runner's wake-up (its link's watch, its restart job): a tick, one at a time."""
+        priority = self._priority() if priority is None else priority
         with self._lock:
             if self._ticking:
                 self._again = True
                 return
-            if self._queued or self.stop.is_set():
+            # queued already: again only if this wake-up is more urgent (the tick queued
+            # first then finds nothing new: a read, no harm)
+            if self.stop.is_set() or (self._queued and self._queued_at <= priority):
                 return
-            self._queued = True
-        self.timers.run(self._tick)
+            self._queued, self._queued_at = True, priority
+        self.timers.run(self._tick, priority)
+
+    def _priority(self) -> int:
+        """TURN at the head of the line (its last step: a slot wait, taking a slot, a
+        restart), HANDOFF once this agent holds the generation of every rollout in progress,
+        else APPLY: as last read, a hint read without the runner's lock."""
+        step, view = self.role.step, self.runner.view
+        if self.runner.running is not None or isinstance(step, TakeSlot | Restart):
+            return TURN
+        if isinstance(step, Wait) and step.on == "slot":
+            return TURN
+        if view is None:
+            return APPLY
+        if isinstance(step, Wait) and step.on == "queue":  # next in line: its turn comes now
+            line = _queue(view, step.rollout, Phase.AGENT)
+            return TURN if line[:1] == [step.blocker] else HANDOFF
+        pending = [r for r in view.rollouts if r.active and r.ca_generation != self.gen]
+        return APPLY if pending else HANDOFF
 
     def _tick(self) -> None:
         with self._lock:
+            if self._ticking:  # a second queued entry (a more urgent wake-up): after this one
+                self._again = True
+                return
             self._queued, self._ticking = False, True
         try:
             if not self.stop.is_set():
@@ -266,7 +329,7 @@ class SimAgent:
         with self._lock:
             if self._timer_at <= time.monotonic():
                 self._timer_at = math.inf
-        self._wake()
+        self._wake(TIMER)
 
     def _keep_alive(self) -> None:
         link = self.runner.link
