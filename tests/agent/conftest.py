@@ -16,10 +16,12 @@ import structlog
 from structlog.testing import capture_logs
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
+from rke2certd.node.node import Node
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import HOST, NOW, ServerNode, make_agent_node, make_server_node
+from .helpers import HOST, NOW, ServerNode, agent_on, make_agent_node, make_server_node
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +73,19 @@ def agent_factory(
         return make_agent_node(tmp_path / name, token or server.agent_token, name, **config)
 
     return build
+
+
+@pytest.fixture
+def remote_for(
+    cluster_endpoint: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Any]
+) -> Callable[[str], tuple[Node, RemoteDatastore]]:
+    """`remote_for(name)` -> an agent-only node of the cluster endpoint, renewed through it,
+    and its coordination keys through that endpoint."""
+
+    def make(name: str) -> tuple[Node, RemoteDatastore]:
+        return agent_on(cluster_endpoint.port, server, agent_factory, name)
+
+    return make
 
 
 @pytest.fixture

@@ -41,21 +41,11 @@ from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import HOST, NOW, ServerNode, agent_on, basic, call, register_agent, renew_agent
+from .helpers import HOST, NOW, ServerNode, basic, call, register_agent, renew_agent
 
 ROLLOUT = Rollout(
     "ca-1", RolloutKind.CA, "gen1", PHASES, None, RolloutState.ACTIVE, "test", NOW, "e1"
 )
-
-
-@pytest.fixture
-def remote_for(
-    cluster_endpoint: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node]
-) -> Callable[[str], tuple[Node, RemoteDatastore]]:
-    def make(name: str) -> tuple[Node, RemoteDatastore]:
-        return agent_on(cluster_endpoint.port, server, agent_factory, name)
-
-    return make
 
 
 def test_an_agent_takes_part_through_the_endpoint(

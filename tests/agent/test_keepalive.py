@@ -42,16 +42,6 @@ def gate_of(handle: SupervisorHandle) -> ConnectionGate:
     return handle._server.gate
 
 
-@pytest.fixture
-def remote_for(
-    cluster_endpoint: SupervisorHandle, server: ServerNode, agent_factory: Callable[..., Node]
-) -> Callable[[str], tuple[Node, RemoteDatastore]]:
-    def make(name: str) -> tuple[Node, RemoteDatastore]:
-        return agent_on(cluster_endpoint.port, server, agent_factory, name)
-
-    return make
-
-
 def closed_by_peer(sock: socket.socket) -> bool:
     """The server closed this socket (EOF readable), without reading TLS records."""
     poller = select.poll()
