@@ -17,11 +17,16 @@ from structlog.testing import capture_logs
 
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import SupervisorHandle, start
 
-from .helpers import HOST, NOW, ServerNode, agent_on, make_agent_node, make_server_node
+from .helpers import (
+    ServerNode,
+    agent_on,
+    make_agent_node,
+    make_server_node,
+    start_cluster_endpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +62,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
 @pytest.fixture
 def cluster_endpoint(server: ServerNode, store: SQLiteDatastore) -> Iterator[SupervisorHandle]:
     """The endpoint with the cluster route on `store`, its clock at NOW."""
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    with start(server.node, host=HOST, port=0, cluster=api) as handle:
+    with start_cluster_endpoint(server, store) as handle:
         yield handle
 
 

@@ -30,13 +30,17 @@ from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.commands.bootstrap_write import write_tokens
 from rke2certd.commands.renew import RenewResult, renew
 from rke2certd.config import Config
+from rke2certd.datastore.base import Datastore
 from rke2certd.files.lock import LOCK_NAME, node_lock
 from rke2certd.node.node import Node
 from rke2certd.pki import build, certs, keys
 from rke2certd.pki.join_token import new_password
 from rke2certd.plan.rollout import Member, Phase, Registration
 from rke2certd.rollout.cluster_store import ClusterStore
+from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.fleet_limits import MIN_HOME
 from rke2certd.supervisor.remote import RemoteDatastore
+from rke2certd.supervisor.server import SupervisorHandle, start
 from tests.harness.wait import SAFETY
 
 # the clock of the cluster-route tests: their servers' housekeeping and their records
@@ -104,6 +108,15 @@ def agent_on(
     node = agent_factory(name, supervisor_port=port)
     renew_agent(node)
     return node, remote_store(node, lambda: server.agent_token)
+
+
+def start_cluster_endpoint(
+    server: ServerNode, store: Datastore, port: int | None = 0, home: int = MIN_HOME
+) -> SupervisorHandle:
+    """`server`'s endpoint on HOST with the cluster route on `store`, its clock at NOW (`port`
+    None: the node's supervisor-port; 0: any free one)."""
+    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout), home=home)
+    return start(server.node, host=HOST, port=port, cluster=api)
 
 
 def register_agent(remote: RemoteDatastore, name: str, ttl: int) -> tuple[ClusterStore, int]:

@@ -18,11 +18,9 @@ from rke2certd.roles.agent import AgentRollout
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.remote import RemoteDatastore
-from rke2certd.supervisor.server import start as start_endpoint
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import ServerNode, renew_agent, start_cluster_endpoint
 from .test_cluster_route import _count_calls
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
@@ -32,8 +30,7 @@ NOW = datetime(2030, 1, 2, tzinfo=UTC)
 def agent_remote(
     server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Node]
 ) -> Iterator[tuple[Node, RemoteDatastore]]:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    with start_endpoint(server.node, host=HOST, port=0, cluster=api) as handle:
+    with start_cluster_endpoint(server, store) as handle:
         node = agent_factory("agent-1", supervisor_port=handle.port)
         renew_agent(node)
         yield node, remote_store(node, lambda: server.agent_token)

@@ -28,14 +28,13 @@ from rke2certd.supervisor import (
 )
 from rke2certd.supervisor import connections as kept
 from rke2certd.supervisor import http as endpoint_http
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.connections import CLIENT_IDLE, MAX_IDLE, Connections
 from rke2certd.supervisor.limits import ConnectionGate
 from rke2certd.supervisor.remote import RemoteDatastore
-from rke2certd.supervisor.server import SupervisorHandle, start
+from rke2certd.supervisor.server import SupervisorHandle
 from tests.harness.wait import SAFETY, wait_for
 
-from .helpers import HOST, NOW, ServerNode, agent_on, basic, register_agent
+from .helpers import HOST, ServerNode, agent_on, basic, register_agent, start_cluster_endpoint
 
 
 def gate_of(handle: SupervisorHandle) -> ConnectionGate:
@@ -188,8 +187,7 @@ def test_stopping_the_endpoint_closes_the_connections_at_rest(
     agent_factory: Callable[..., Node],
     events: list[dict[str, Any]],
 ) -> None:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    handle = start(server.node, host=HOST, port=0, cluster=api)
+    handle = start_cluster_endpoint(server, store)
     try:
         _node, remote = agent_on(handle.port, server, agent_factory, "agent-1")
         register_agent(remote, "agent-1", 30)

@@ -21,9 +21,8 @@ from rke2certd.supervisor import wire
 from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
 from rke2certd.supervisor.mirror import Mirror
 from rke2certd.supervisor.remote import RemoteDatastore
-from rke2certd.supervisor.server import start
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import ServerNode, renew_agent, start_cluster_endpoint
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
 
@@ -59,8 +58,7 @@ def test_reads_are_the_changes_since_and_equal_the_store(
     clock: FakeClock,
     agent_factory: Callable[..., Any],
 ) -> None:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    handle = start(server.node, host=HOST, port=0, cluster=api)
+    handle = start_cluster_endpoint(server, store)
     try:
         node = agent_factory("agent-1", supervisor_port=handle.port)
         renew_agent(node)

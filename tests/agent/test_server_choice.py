@@ -31,10 +31,10 @@ from rke2certd.supervisor.cluster_api import (
 )
 from rke2certd.supervisor.fleet_limits import MIN_HOME, fleet_limits
 from rke2certd.supervisor.remote import RemoteDatastore
-from rke2certd.supervisor.server import SupervisorHandle, start
+from rke2certd.supervisor.server import start
 from tests.harness.wait import HANG, in_background, wait_for
 
-from .helpers import HOST, ServerNode, renew_agent
+from .helpers import HOST, ServerNode, renew_agent, start_cluster_endpoint
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
 URLS = [f"https://10.0.0.{i}:9346" for i in (1, 2, 3)]
@@ -185,13 +185,6 @@ def store(tmp_path: Path) -> Iterator[SQLiteDatastore]:
         yield ds
 
 
-def _endpoint(
-    server: ServerNode, store: SQLiteDatastore, port: int = 0, home: int = MIN_HOME
-) -> SupervisorHandle:
-    api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout), home=home)
-    return start(server.node, host=HOST, port=port, cluster=api)
-
-
 def _remote(server: ServerNode, node: Node, urls: list[str], **options: Any) -> RemoteDatastore:
     """An agent's store through `urls`, built as its daemon builds it: the agent token, the
     CA it pins, its node password."""
@@ -211,7 +204,7 @@ def test_an_agent_moves_keeps_its_lease_and_moves_back(
     agent_factory: Callable[..., Any],
     events: list[dict[str, Any]],
 ) -> None:
-    first, second = _endpoint(server, store), _endpoint(server, store)
+    first, second = start_cluster_endpoint(server, store), start_cluster_endpoint(server, store)
     running = [first, second]
     try:
         node: Node = agent_factory("agent-1", supervisor_port=first.port)
@@ -236,7 +229,7 @@ def test_an_agent_moves_keeps_its_lease_and_moves_back(
         assert reg is not None and reg.lease == lease
 
         # the first server returns (same port): the agent goes home at its next try there
-        first = _endpoint(server, store, port=first.port)
+        first = start_cluster_endpoint(server, store, port=first.port)
         running.append(first)
         remote.choice.prefer_again = 0
         assert remote.refresh_lease(lease) > 0  # a lease the restarted server never saw
@@ -253,7 +246,7 @@ def test_a_lease_is_still_no_other_agents(
     server: ServerNode, store: SQLiteDatastore, agent_factory: Callable[..., Any]
 ) -> None:
     """The owner in the datastore is the granting agent's alone: another agent is refused."""
-    first, second = _endpoint(server, store), _endpoint(server, store)
+    first, second = start_cluster_endpoint(server, store), start_cluster_endpoint(server, store)
     try:
         nodes = {}
         for name in ("agent-1", "agent-2"):
@@ -284,7 +277,7 @@ def test_an_agent_that_started_on_a_fallback_goes_home_by_itself(
     """The preferred server is not up yet when the agent starts (a fleet starting with its
     servers): the agent works through the next one, then moves back to its first choice once
     that answers, by itself (its `prefer_again`, passed in), keeping its lease."""
-    first, second = _endpoint(server, store), _endpoint(server, store)
+    first, second = start_cluster_endpoint(server, store), start_cluster_endpoint(server, store)
     first.stop()  # not up yet
     running = [second]
     try:
@@ -294,7 +287,8 @@ def test_an_agent_that_started_on_a_fallback_goes_home_by_itself(
         assert remote.choice.prefer_again == 0.05
         lease = remote.grant_lease(30)
         assert remote.choice.current == second.url  # started on the fallback
-        first = _endpoint(server, store, port=first.port)  # the preferred server comes up
+        # the preferred server comes up
+        first = start_cluster_endpoint(server, store, port=first.port)
         running.append(first)
 
         def home_after_its_calls() -> bool:  # what the agent does anyway: its calls
@@ -324,7 +318,7 @@ def test_a_crowded_server_sends_the_agents_beyond_its_share_to_their_next(
     """Three real endpoints, each taking 5 agents as its own; 12 agents, 8 of which prefer the
     first server: 3 of them are told it is crowded and settle on their next servers, served
     throughout; no server keeps more than its 5."""
-    ends = [_endpoint(server, store, home=5) for _ in range(3)]
+    ends = [start_cluster_endpoint(server, store, home=5) for _ in range(3)]
     try:
         urls = [e.url for e in ends]
         node: Node = agent_factory("agent-x", supervisor_port=ends[0].port)
@@ -380,7 +374,7 @@ def test_agents_that_failed_over_give_way_to_those_that_prefer_the_server(
     answer fail over to the first endpoint and fill it; the two agents that prefer it then
     take their places, and the two that failed over settle on their next server: each
     endpoint ends with 2, served throughout."""
-    ends = [_endpoint(server, store, home=2) for _ in range(2)]
+    ends = [start_cluster_endpoint(server, store, home=2) for _ in range(2)]
     try:
         a, b = (e.url for e in ends)
         node: Node = agent_factory("agent-x", supervisor_port=ends[0].port)
@@ -428,7 +422,10 @@ def test_a_long_poll_that_ends_after_the_agent_went_home_leaves_it_home(
     home at its next try there; the poll then ends with a change, on the other server: the
     agent stays home (it went back with each poll, and moved home again at each try)."""
     api = ClusterAPI(store, lambda: NOW, lambda: ServedCA.on_disk(server.node.layout))
-    first, second = _endpoint(server, store), start(server.node, host=HOST, cluster=api)
+    first, second = (
+        start_cluster_endpoint(server, store),
+        start(server.node, host=HOST, cluster=api),
+    )
     running = [first, second]
     try:
         node: Node = agent_factory("agent-1", supervisor_port=first.port)
@@ -440,7 +437,7 @@ def test_a_long_poll_that_ends_after_the_agent_went_home_leaves_it_home(
         assert remote.choice.current == second.url
         poll = in_background(lambda: remote.watch_prefix(rec.PREFIX, rev + 1, HANG))
         wait_for(lambda: api._watching > 0, "the poll held by the second server")
-        first = _endpoint(server, store, port=first.port)  # home returns
+        first = start_cluster_endpoint(server, store, port=first.port)  # home returns
         running.append(first)
         assert remote.get(rec.node_key("agent-1")) is None  # tried home first: it answers
         assert remote.choice.current == first.url
