@@ -314,18 +314,26 @@ def decode(kv: KV) -> Record | None:
 
 
 class Decoded:
-    """The records of the last snapshot, by key and value: a node reads the whole prefix at
-    every wake-up, and between two reads only a few keys change, so only those are decoded
-    again (a decoded record depends on nothing but its KV)."""
+    """The records of the last snapshot, by key: a node reads the whole prefix at every
+    wake-up, and between two reads only a few keys change, so only those are decoded again (a
+    decoded record depends on nothing but its KV). A key's KV is compared with the one decoded
+    before (the same object when a mirror kept it: no comparison at all), never hashed: with
+    a fleet's keys, hashing every KV at every read cost more than the rest of the parse."""
 
     def __init__(self) -> None:
-        self._records: dict[KV, Record | None] = {}
+        self._records: dict[str, tuple[KV, Record | None, str | None]] = {}
 
-    def records(self, kvs: list[KV]) -> list[tuple[KV, Record | None]]:
+    def records(self, kvs: list[KV]) -> list[tuple[KV, Record | None, str | None]]:
+        """Each KV with its record and, for a status, its rollout's id."""
         known = self._records
-        out = [(kv, known[kv] if kv in known else decode(kv)) for kv in kvs]
-        self._records = dict(out)  # only what the store still holds: the cache never grows
-        return out
+        fresh: dict[str, tuple[KV, Record | None, str | None]] = {}
+        for kv in kvs:
+            hit = known.get(kv.key)
+            if hit is None or (hit[0] is not kv and hit[0] != kv):
+                hit = (kv, decode(kv), status_rollout(kv.key))
+            fresh[kv.key] = hit
+        self._records = fresh  # only what the store still holds: the cache never grows
+        return list(fresh.values())
 
 
 def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
@@ -339,9 +347,10 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     slots: list[Slot] = []
     problems: list[str] = []
     kvs = {kv.key: kv for kv in snapshot.kvs}
-    pairs = (cache or Decoded()).records(snapshot.kvs)
-    for kv, record in pairs:
-        if isinstance(record, Registration):
+    for kv, record, rollout_id in (cache or Decoded()).records(snapshot.kvs):
+        if isinstance(record, NodeStatus):
+            statuses[(rollout_id or "", record.node)] = record
+        elif isinstance(record, Registration):
             (updates if kv.key.startswith(UPDATES) else live)[record.name] = record
         elif isinstance(record, Member):
             members[record.name] = record
@@ -349,8 +358,6 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
             slots.append(record)
         elif isinstance(record, Rollout):
             rollouts.append(record)
-        elif isinstance(record, NodeStatus):
-            statuses[(status_rollout(kv.key) or "", record.node)] = record
         elif isinstance(record, str):
             problems.append(record)
     for name, update in updates.items():
