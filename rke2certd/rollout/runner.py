@@ -99,7 +99,8 @@ class RolloutRunner:
         self.presence = Presence(node.cfg.node, roles, phase_of(roles), clock(), role.generation())
         self.activity = "starting"  # for STATUS=: what, and why not yet
         self.waiting: str | None = None
-        self.view: ClusterView | None = None  # the last read, for the daemon's metrics
+        # the last read (the one its last step was decided on), for the daemon's metrics
+        self.view: ClusterView | None = None
         self.next_check = 0.0
         self.follow_up = FollowUp()
 
@@ -255,6 +256,7 @@ class RolloutRunner:
             else:
                 break
             parsed = self.store.read()
+        self.view = parsed.view  # the read the step was decided on
         self._wake_others(parsed)
         self._release_stale_slots(parsed, step)
         if self.link is not None:

@@ -71,6 +71,10 @@ def test_a_finished_turn_asks_for_housekeeping_only_when_it_may_end_the_rollout(
     runner.tick()  # applies, takes the slot, starts its restart
     running = runner.running
     assert running is not None
+    # the view kept (metrics) is the read the restart was decided on, not the tick's first
+    seen = runner.view
+    assert seen is not None and [s.node for s in seen.slots] == ["agent-1"]
+    assert seen.status(ROLLOUT, "agent-1").state is NodeState.APPLIED  # type: ignore[union-attr]
     wait_for(lambda: running.job.done, "the restart job")
 
     ops = _count_calls(remote)
