@@ -33,6 +33,10 @@ Per size, in order:
   gate times; the median hand-off (one agent done to the next one's restart);
 - exponents: log-log slopes over N (1.00: linear, a constant cost per agent).
 
+So that a reader can tell the generator's own stalls from the servers', it prints its longest
+garbage-collector pause and the longest wait of a simulated agent's tick for a worker in each of
+its pools during the rollout (loadgen.py: a real agent ticks at once, on its own machine).
+
 The targets are printed beside the figures. On this machine every process shares the same few
 cores (a real fleet runs each agent on its own machine), so absolute times are pessimistic; the
 exponents say how the cost grows.
@@ -63,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
-from loadgen import SimAgent, Timers, address, again, own_addresses  # noqa: E402
+from loadgen import POOLS, GcPauses, SimAgent, Timers, address, again, own_addresses  # noqa: E402
 
 from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
@@ -178,6 +182,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
     # a real agent's lease has a thread of its own: here a refresh may wait on a busy server
     # for seconds (a refresh every ttl/3 per agent), so the pool grows with the fleet
     timers = Timers(lease_workers=max(32, n // 4))
+    pauses = GcPauses()
     try:
         cluster.start(timeout=120)
         c1 = cluster.nodes["c1"]
@@ -207,7 +212,12 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         started = time.monotonic()
         with ThreadPoolExecutor(20) as pool:
             list(pool.map(lambda a: a.join(), sims))
-        print(f"  N={n}: {n} agents joined in {time.monotonic() - started:.1f} s", flush=True)
+        print(
+            f"  N={n}: {n} agents joined in {time.monotonic() - started:.1f} s "
+            f"(longest GC pause here {pauses.longest:.2f} s)",
+            flush=True,
+        )
+        pauses.quiet()
         names = {a.name for a in sims} | {f"r{i}" for i in range(1, real + 1)}
         with cluster.open_store() as ds:
             store = ClusterStore(ds)
@@ -287,6 +297,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         )
 
         cpu0, t0 = servers_cpu(cluster), time.monotonic()
+        timers.late = dict.fromkeys(timers.late, 0.0)  # the rollout's
         cluster.stage_rotation("e1")
         with cluster.open_store() as ds:
             store = ClusterStore(ds)
@@ -322,6 +333,12 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         )
         gaps = [(b[0] - a[1]).total_seconds() for a, b in itertools.pairwise(spans)]
         skipped = sorted(n for n, st in sts.items() if st.state is NodeState.SKIPPED)
+        late = ", ".join(f"{k} {timers.late[v]:.2f} s" for k, v in POOLS.items())
+        print(
+            f"  N={n}: this process: longest GC pause since the join {pauses.longest:.3f} s; "
+            f"longest wait of a tick for a worker: {late}",
+            flush=True,
+        )
         if r.state.value != "done" or len(agent_done) != n - 1 + real:
             print(f"  N={n}: rollout {r.state.value}: {r.state_reason}", flush=True)
         return Result(
@@ -347,6 +364,7 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
         for a in sims:
             a.close()
         timers.close()
+        pauses.close()
         cluster.stop()
         if etcd is not None:
             etcd.stop()

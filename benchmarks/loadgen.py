@@ -16,6 +16,7 @@ the long polls (each blocked in a server for up to 25 s) keep a thread each.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import http.client
 import itertools
@@ -40,6 +41,7 @@ from rke2certd.clock import system_clock
 from rke2certd.commands.agent import supervisor_urls
 from rke2certd.config import Config
 from rke2certd.datastore.base import DatastoreUnavailable, LeaseNotFound
+from rke2certd.log import log
 from rke2certd.node.node import Node
 from rke2certd.pki import keys
 from rke2certd.plan.next_step import _queue  # who is next in line (which pool)
@@ -107,15 +109,53 @@ def again(call: Callable[[], T]) -> T:
             pause = min(10.0, pause * 2)
 
 
+class GcPauses:
+    """This process's garbage-collector pauses (each holds the GIL: every simulated agent
+    stops). A thousand agents' mirrors of the fleet are millions of long-lived objects; a full
+    collection walks them all for tens of seconds, longer than a lease's TTL, and every lease
+    here expires at once. A real agent holds one mirror, which its collector walks in
+    milliseconds. So `quiet()` leaves the objects alive after the join out of every
+    collection (`gc.freeze`) and stops full collections (young ones still free cycles; the
+    rest is freed by reference counting, as it is now); the longest pause is printed, so a
+    reader sees the generator did not stall."""
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._started = 0.0
+        self._threshold = gc.get_threshold()
+        gc.callbacks.append(self._note)
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.longest = max(self.longest, time.perf_counter() - self._started)
+
+    def quiet(self) -> None:
+        gc.collect()
+        gc.freeze()
+        young, middle, _full = self._threshold
+        gc.set_threshold(young, middle, 1 << 30)  # a full collection never comes due
+        self.longest = 0.0  # from now on
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._note)
+        gc.unfreeze()
+        gc.set_threshold(*self._threshold)
+
+
 # Which pool runs a tick. A real agent ticks in its own process the moment it is woken; here a
 # few pools serve a thousand, so a rollout's start (every agent woken to apply, each apply a few
 # requests) would queue the hand-off of the agent at the head of the line behind hundreds of
-# applies, and the periodic re-checks of the agents waiting in line behind everything: waits no
-# real fleet has. So the agent whose turn it is (at the head of the line, holding a slot or
-# restarting: the hand-off itself), one that has applied and waits in line, one that has not
-# applied yet, and a tick on its timer each have a pool.
-TURN, HANDOFF, APPLY, TIMER = 0, 1, 2, 3
-_WORKERS = {TURN: 4, HANDOFF: 8, APPLY: 32, TIMER: 8}
+# applies and re-reads of agents far back in it: waits no real fleet has. So agents that have
+# applied have a pool (LINE) served in their order in the line (a slot holder first), those that
+# have not yet applied another (APPLY), and ticks on a timer a third (TIMER).
+LINE, APPLY, TIMER = 0, 1, 2
+_WORKERS = {LINE: 12, APPLY: 32, TIMER: 8}
+POOLS = {"line": LINE, "apply": APPLY, "timer": TIMER}
+LATE = 5.0  # a tick this late after its wake-up is logged (sim_tick_late)
+Priority = tuple[int, int]  # (pool, place in it: lower first)
+_Item = tuple[float, int, float, Callable[[], None] | None]  # place, seq, queued at, job
 
 
 class Timers:
@@ -125,15 +165,22 @@ class Timers:
     the GIL handed between them at every wake-up) would make this process the bottleneck.
     The lease refreshes have a pool of their own, as a real agent has a thread for them: a
     rollout wakes every agent at once, and refreshes queued behind a thousand ticks (each a
-    few requests to a busy server) would let the leases expire. Hand-offs, applies and
-    timer ticks have a pool each (HANDOFF, APPLY, TIMER). Every hand-over between threads is
+    few requests to a busy server) would let the leases expire. Ticks have three pools (LINE,
+    APPLY, TIMER). Every hand-over between threads but LINE's (a heap, in the line's order) is
     a SimpleQueue (no Python lock for a thousand threads to queue on)."""
 
     def __init__(self, lease_workers: int = 32) -> None:
         self._incoming: queue.SimpleQueue[tuple[float, Callable[[], None], int | None]] = (
             queue.SimpleQueue()
         )
-        self._pools = {p: queue.SimpleQueue[Callable[[], None] | None]() for p in _WORKERS}
+        self._pools: dict[int, queue.PriorityQueue[_Item] | queue.SimpleQueue[_Item]] = {
+            LINE: queue.PriorityQueue(),
+            APPLY: queue.SimpleQueue(),
+            TIMER: queue.SimpleQueue(),
+        }
+        self._seq = itertools.count()
+        # the longest a tick waited in each pool for a worker (a real agent ticks at once)
+        self.late = dict.fromkeys(_WORKERS, 0.0)
         self._leases = ThreadPoolExecutor(lease_workers, thread_name_prefix="sim-lease")
         self._closed = False
         threading.Thread(target=self._run, name="sim-timers", daemon=True).start()
@@ -146,9 +193,10 @@ class Timers:
         """`job` at `when`: a lease refresh (its own pool), else a tick on its timer."""
         self._incoming.put((when, job, None if lease else TIMER))
 
-    def run(self, job: Callable[[], None], priority: int = APPLY) -> None:
+    def run(self, job: Callable[[], None], priority: Priority = (APPLY, 0)) -> None:
+        pool, place = priority
         if not self._closed:
-            self._pools[priority].put(job)
+            self._pools[pool].put((place, next(self._seq), time.monotonic(), job))
 
     @staticmethod
     def _guard(job: Callable[[], None]) -> None:
@@ -169,14 +217,17 @@ class Timers:
                 pass
             while heap and heap[0][0] <= time.monotonic():
                 _, _, job, pool = heapq.heappop(heap)
+                if self._closed:
+                    return
                 if pool is None:
                     self._leases.submit(self._guard, job)
                 else:
-                    self.run(job, pool)
+                    self.run(job, (pool, 0))
 
     def _work(self, priority: int) -> None:
         jobs = self._pools[priority]
-        while (job := jobs.get()) is not None:
+        while (job := (item := jobs.get())[3]) is not None:
+            self.late[priority] = max(self.late[priority], time.monotonic() - item[2])
             self._guard(job)
 
     def close(self) -> None:
@@ -184,7 +235,7 @@ class Timers:
         self._incoming.put((0.0, lambda: None, TIMER))  # wake the timer thread
         for p, n in _WORKERS.items():
             for _ in range(n):
-                self._pools[p].put(None)
+                self._pools[p].put((math.inf, next(self._seq), 0.0, None))
         self._leases.shutdown(wait=False, cancel_futures=True)
 
 
@@ -230,8 +281,9 @@ class SimAgent:
         # one tick at a time: queued (in the pool), ticking, woken while ticking (tick again)
         self._lock = threading.Lock()
         self._queued = self._ticking = self._again = False
-        self._queued_at = TIMER  # the priority it is queued with
+        self._queued_at: Priority = (TIMER, 0)  # the priority it is queued with
         self._timer_at = math.inf  # the earliest tick timer pending
+        self._woken_at = math.inf  # the earliest wake-up not ticked for yet
 
     def csr(self) -> float:
         started = time.monotonic()
@@ -271,7 +323,7 @@ class SimAgent:
         self.gen = r.ca_generation
         return ApplyOutcome(self.gen)
 
-    def _wake(self, priority: int | None = None) -> None:
+    def _wake(self, priority: Priority | None = None) -> None:
         """The runner's wake-up (its link's watch, its restart job): a tick, one at a time."""
         priority = self._priority() if priority is None else priority
         with self._lock:
@@ -283,24 +335,24 @@ class SimAgent:
             if self.stop.is_set() or (self._queued and self._queued_at <= priority):
                 return
             self._queued, self._queued_at = True, priority
+            self._woken_at = min(self._woken_at, time.monotonic())
         self.timers.run(self._tick, priority)
 
-    def _priority(self) -> int:
-        """TURN at the head of the line (its last step: a slot wait, taking a slot, a
-        restart), HANDOFF once this agent holds the generation of every rollout in progress,
-        else APPLY: as last read, a hint read without the runner's lock."""
+    def _priority(self) -> Priority:
+        """LINE once this agent holds the generation of every rollout in progress: first a slot
+        holder (it restarts, or waits for a slot), then the others in their order in the line;
+        else APPLY. As last read: a hint, read without the runner's lock."""
         step, view = self.role.step, self.runner.view
         if self.runner.running is not None or isinstance(step, TakeSlot | Restart):
-            return TURN
+            return LINE, -1
         if isinstance(step, Wait) and step.on == "slot":
-            return TURN
-        if view is None:
-            return APPLY
-        if isinstance(step, Wait) and step.on == "queue":  # next in line: its turn comes now
-            line = _queue(view, step.rollout, Phase.AGENT)
-            return TURN if line[:1] == [step.blocker] else HANDOFF
-        pending = [r for r in view.rollouts if r.active and r.ca_generation != self.gen]
-        return APPLY if pending else HANDOFF
+            return LINE, -1
+        if view is None or any(r.active and r.ca_generation != self.gen for r in view.rollouts):
+            return APPLY, 0
+        if not isinstance(step, Wait):
+            return LINE, len(view.members)
+        line = _queue(view, step.rollout, Phase.AGENT)
+        return LINE, line.index(self.name) if self.name in line else len(line)
 
     def _tick(self) -> None:
         with self._lock:
@@ -308,6 +360,11 @@ class SimAgent:
                 self._again = True
                 return
             self._queued, self._ticking = False, True
+            waited, self._woken_at = time.monotonic() - self._woken_at, math.inf
+        if waited > LATE:
+            log.warning(
+                "sim_tick_late", node=self.name, waited=round(waited, 2), pool=self._queued_at
+            )
         try:
             if not self.stop.is_set():
                 self.runner.tick()
@@ -329,7 +386,7 @@ class SimAgent:
         with self._lock:
             if self._timer_at <= time.monotonic():
                 self._timer_at = math.inf
-        self._wake(TIMER)
+        self._wake((TIMER, 0))
 
     def _keep_alive(self) -> None:
         link = self.runner.link
