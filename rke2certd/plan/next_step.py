@@ -248,7 +248,7 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
     # A queue, first applied first: only the nodes at its head try for the free slots (each
     # its own slot index: no collision), the next one waits for a slot to be freed, and every
     # other one for the node just ahead of it. A hand-off then wakes one node, not the phase.
-    queue = _queue(view, r, me.phase)
+    queue = waiting_line(view, r, me.phase)
     place = queue.index(me.name) if me.name in queue else len(queue)
     free = _free_slots(view, me.phase, allowed)
     if place < len(free):
@@ -289,7 +289,7 @@ def to_wake(view: ClusterView, me: str, max_unavailable: int) -> list[str]:
         phase = current_phase(view, r) if r.active else None
         if phase is None or phase is Phase.AGENT:
             continue
-        queue = _queue(view, r, phase)
+        queue = waiting_line(view, r, phase)
         limit = phase_limit(view, phase, max_unavailable)
         free = _free_slots(view, phase, limit - len(down_members(view, phase)))
         opened = (
@@ -311,7 +311,7 @@ def reported(view: ClusterView, r: Rollout, status: NodeStatus, freed: Slot) -> 
     return dataclasses.replace(view, statuses=statuses, slots=slots)
 
 
-def _queue(view: ClusterView, r: Rollout, phase: Phase) -> list[str]:
+def waiting_line(view: ClusterView, r: Rollout, phase: Phase) -> list[str]:
     """Live nodes of `phase` waiting for a slot in `r`, in the order they applied it."""
     holders = {s.node for s in view.slots}
     waiting = []
