@@ -24,6 +24,7 @@ from rke2certd.roles.shared import certs_usable, warm_check_cache
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.link import ClusterLink, interest, relayed_link, server_filter
+from rke2certd.rollout.look import Look
 from rke2certd.rollout.role import ApplyOutcome
 from rke2certd.supervisor.remote import RemoteDatastore
 
@@ -202,13 +203,11 @@ class AgentRollout:
         """Keep the long poll to what `step` waits for (here, and on the server's side)."""
         link.set_interest(interest(step, phase), revision, server_filter(step, phase))
 
-    def unchanged(self, store: ClusterStore, seen: frozenset[tuple[str, int]] | None) -> bool:
-        """The rollout records alone (a few keys, whatever the fleet's size) against those its
-        last full read saw; the full read only if they moved. The idle cost of an agent on its
-        server stays the same however many agents there are."""
-        if seen is None:
-            return False
-        return rec.rollout_marks(store.ds.snapshot(rec.ROLLOUTS).kvs) == seen
+    def unchanged(self, store: ClusterStore, look: Look) -> bool:
+        """The few keys of the look (whatever the fleet's size) against those its last full
+        read saw; the full read only if they moved. The cost of an idle or waiting agent on
+        its server stays the same however many agents there are."""
+        return look.read(store.ds) == look.marks
 
     def housekeep(self, store: ClusterStore, parsed: rec.Parsed) -> bool:
         return False  # it may not write other nodes' records

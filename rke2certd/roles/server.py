@@ -37,6 +37,7 @@ from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import after_renew, ca_rollout, start
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.rollout.link import ClusterLink, direct_link, server_interest
+from rke2certd.rollout.look import Look
 from rke2certd.rollout.role import ApplyOutcome
 
 FIRST_START = "waiting for RKE2's first start"
@@ -281,7 +282,7 @@ class ServerRollout:
         wake_key = rec.wake_key(self.node.cfg.node)
         link.set_interest(server_interest(wake_key, not isinstance(step, Idle)), revision)
 
-    def unchanged(self, store: ClusterStore, seen: frozenset[tuple[str, int]] | None) -> bool:
+    def unchanged(self, store: ClusterStore, look: Look) -> bool:
         return False  # its periodic read is its housekeeping's too
 
     def housekeep(self, store: ClusterStore, parsed: rec.Parsed) -> bool:

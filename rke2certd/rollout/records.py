@@ -33,7 +33,6 @@ the servers only, and they are no part of the rollout snapshot.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -366,8 +365,3 @@ def parse(snapshot: Snapshot, cache: Decoded | None = None) -> Parsed:
     rollouts.sort(key=lambda r: r.revision)
     view = ClusterView(members, live, tuple(rollouts), statuses, tuple(slots))
     return Parsed(view, kvs, snapshot.revision, problems)
-
-
-def rollout_marks(kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
-    """The rollout records (key, revision) among `kvs`: what an idle node compares."""
-    return frozenset((kv.key, kv.mod_revision) for kv in kvs if kv.key.startswith(ROLLOUTS))

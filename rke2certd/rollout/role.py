@@ -18,6 +18,7 @@ from rke2certd.plan.rollout import ClusterView, Phase, Rollout, Step
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.link import ClusterLink
+from rke2certd.rollout.look import Look
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class RolloutRole(Protocol):
         """After a tick: narrow the link's watch to what `step` waits for (or keep it fixed)."""
         ...
 
-    def unchanged(self, store: ClusterStore, seen: frozenset[tuple[str, int]] | None) -> bool:
-        """An idle node's cheap look: True when the rollout records are still `seen` (the full
-        read may be skipped); False always means read everything."""
+    def unchanged(self, store: ClusterStore, look: Look) -> bool:
+        """The periodic look (rollout/look.py): True when the keys it covers are as its marks
+        say (the full read may be skipped); False always means read everything."""
         ...
 
     def housekeep(self, store: ClusterStore, parsed: rec.Parsed) -> bool:

@@ -49,6 +49,7 @@ from rke2certd.plan.rollout import (
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.link import ClusterLink
+from rke2certd.rollout.look import Look, look_for
 from rke2certd.rollout.presence import Presence
 from rke2certd.rollout.restart import PRIVATE_ENV, Running, durations, new_job
 from rke2certd.rollout.role import ApplyOutcome, RolloutRole
@@ -69,8 +70,9 @@ class FollowUp:
     freed: bool = False  # it freed a slot or reported: the next read says whom to wake
     woken: set[str] = field(default_factory=set)  # whom it woke already, before that read
     reported: bool = False  # it wrote a final status: the housekeeping may end the rollout
-    # idle: the rollout records (key, revision) its last full read saw
-    idle_seen: frozenset[tuple[str, int]] | None = None
+    # what the periodic look reads instead of everything (None: a full read), look.py
+    look: Look | None = None
+    grace: bool = False  # a member down in its turn is within its grace: full reads
 
 
 class RolloutRunner:
@@ -208,7 +210,7 @@ class RolloutRunner:
         try:
             if self.running is not None:
                 self._finish_job()
-            elif not due and self.role.unchanged(self.store, self.follow_up.idle_seen):
+            elif not due and self._unchanged():
                 return
             self._tick()
         except (DatastoreError, LockTimeout) as exc:
@@ -271,9 +273,25 @@ class RolloutRunner:
             self.presence.summary = "idle"
         if self.follow_up.reported:  # reported in this tick: the rollout may be over
             self._after_report(parsed)
-        idle = isinstance(step, Idle) and not any(r.active for r in parsed.view.rollouts)
-        self.follow_up.idle_seen = rec.rollout_marks(parsed.kvs.values()) if idle else None
+        active = any(r.active for r in parsed.view.rollouts)
+        look = look_for(step, self.phase, active, parsed.kvs.values())
+        self.follow_up.look = None if self.follow_up.grace else look
         self.presence.write(self.store, self.clock())
+
+    def _unchanged(self) -> bool:
+        """The periodic look instead of a full read: True when what the last step depends on
+        is as the last full read saw it. A waiting node looks only while its link is healthy
+        (a failing watch may have lost what only a full read sees), and reads everything
+        every LOOKS_PER_READ looks; an idle one looks at the rollout records alone anyway."""
+        look = self.follow_up.look
+        if look is None:
+            return False
+        if look.left is not None and self.link is not None and self.link.error is not None:
+            return False
+        if not self.role.unchanged(self.store, look):
+            return False
+        self.follow_up.look = look.next()
+        return True
 
     def _housekeeping(self, parsed: rec.Parsed) -> rec.Parsed:
         mine, wrote = parsed.view.members.get(self.me), False
@@ -301,6 +319,7 @@ class RolloutRunner:
         tick again at that time (an agent asks a server's housekeeping then)."""
         now = self.clock()
         due = next_blocking(parsed.view, now, self.node.cfg.availability)
+        self.follow_up.grace = due is not None
         if due is not None:
             at = time.monotonic() + (due - now).total_seconds() + 0.5
             self.next_check = min(self.next_check, at)

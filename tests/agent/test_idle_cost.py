@@ -13,10 +13,11 @@ import pytest
 from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
-from rke2certd.plan.rollout import PHASES, Member, Phase, Registration
+from rke2certd.plan.rollout import PHASES, Member, NodeState, NodeStatus, Phase, Registration, Slot
 from rke2certd.roles.agent import AgentRollout
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
+from rke2certd.rollout.look import LOOKS_PER_READ
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.supervisor.remote import RemoteDatastore
 
@@ -72,3 +73,70 @@ def test_an_idle_agent_reads_only_the_rollout_records(
     assert ops == ["snapshot", "snapshot"]  # the records moved: the full read; no housekeeping
     assert runner.activity.startswith("rollout ca-g2: waiting for etcd node e1")
     assert [r.phases for r in runner.store.read().view.rollouts] == [PHASES]
+
+
+def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
+    agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
+) -> None:
+    """In line for its restart, its periodic look reads the rollout records, the slots of its
+    phase and the status of the node ahead: three small reads, whatever the fleet's size. The
+    node ahead moving brings the full read back, and so does the count of looks (the words of
+    its wait, and what only a full read sees, are refreshed)."""
+    servers = ClusterStore(store)
+    lease = store.grant_lease(600)
+    names = ["e1", "holder", "ahead"] + [f"other-{i}" for i in range(50)]
+    for name in names:
+        phase = Phase.ETCD if name == "e1" else Phase.AGENT
+        roles = ("etcd",) if name == "e1" else ("agent",)
+        servers.ensure_member(Member(name, roles, phase))
+        servers.register(Registration(name, roles, phase), lease)
+    r, _ = start(store, ca_rollout("g2", None, "e1", "test", NOW), NOW)
+    servers.set_status(r, NodeStatus("e1", NodeState.DONE, "", "g2", NOW))
+    servers.set_status(r, NodeStatus("ahead", NodeState.APPLIED, "", "g2", NOW))
+    holder = Slot(Phase.AGENT, 0, "holder", r.id, NOW)
+    assert servers.take_slot(holder, lease)
+
+    node, remote = agent_remote
+    role = AgentRollout(
+        remote, apply=lambda r: ApplyOutcome(r.ca_generation), generation=lambda: "g2"
+    )
+    runner = RolloutRunner(node, remote, role, clock=lambda: NOW, wake=lambda: None)
+    runner._register(remote.grant_lease(30))
+    runner.tick()  # applies, then waits in line behind `ahead`
+    assert "ahead last before this one" in runner.activity
+
+    ops = _count_calls(remote)
+    for _ in range(LOOKS_PER_READ - 1):
+        runner.next_check = 0.0
+        runner.tick()
+    assert ops == ["snapshot", "snapshot", "get"] * (LOOKS_PER_READ - 1)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()  # the last look of its count
+    runner.next_check = 0.0
+    runner.tick()  # then everything
+    assert ops[:3] == ["snapshot", "snapshot", "get"]
+    assert ops[3:] == ["snapshot"]  # the full read (unchanged: no write, no housekeeping)
+
+    # the holder is done and `ahead` takes the slot: the look sees the slots move and reads
+    # everything; first in line now, it waits for that slot
+    servers.set_status(r, NodeStatus("holder", NodeState.DONE, "", "g2", NOW))
+    servers.release_slot(holder)
+    assert servers.take_slot(Slot(Phase.AGENT, 0, "ahead", r.id, NOW), lease)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops[:4] == ["snapshot", "snapshot", "get", "snapshot"]  # looked, then read it all
+    assert "1 of 1 restarting: ahead" in runner.activity
+
+    # its link failing (the watch may have lost a wake-up only a full read would show): no
+    # look, everything at each recheck. A real link, not started, with a failure recorded.
+    link = role.link(node, lambda: None)
+    link.take_changed()
+    link._errors["watch"] = "the server went away"
+    runner.link = link
+    for _ in range(2):
+        ops.clear()
+        runner.next_check = 0.0
+        runner.tick()
+        assert ops == ["snapshot"]  # the full read alone, each time

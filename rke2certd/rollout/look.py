@@ -1,0 +1,101 @@
+"""A node's periodic look: the few keys its current step depends on, instead of everything.
+
+Between wake-ups a node reads the coordination keys again every RECHECK seconds, in case a
+wake-up was lost. Through a server that read is the whole fleet (every node's registration,
+membership and status); a thousand agents waiting in line for their restart, each reading the
+whole fleet every 30 s, cost the servers and the agents work in N per look and N squared per
+rollout, although each of them waits for one thing only. So a node that is idle, or waits with
+its link to the cluster healthy, looks at the keys its step waits on (`look_for`) and compares
+them with what its last full read saw of them (`Look.marks`); it reads everything only when
+they moved. What such a look does not cover (nodes joining or leaving, membership: the whole
+fleet's keys) still wakes it through its watch, and a waiting node reads everything every
+LOOKS_PER_READ looks anyway, which also refreshes the words of its wait (its place in line).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from rke2certd.datastore.base import KV, Datastore
+from rke2certd.plan.rollout import Idle, Phase, Step, Wait
+from rke2certd.rollout import records as rec
+
+LOOKS_PER_READ = 10  # a waiting node's looks between two full reads (an idle one: no limit)
+MAX_KEYS = 8  # a wait on more keys than this (a barrier on many nodes) reads everything
+
+
+@dataclass(frozen=True)
+class Look:
+    prefixes: tuple[str, ...]  # every key under these (a few: rollout records, slots)
+    keys: tuple[str, ...]  # and these, one by one
+    marks: frozenset[tuple[str, int]]  # (key, revision) of those the last full read saw
+    left: int | None  # looks before a full read anyway (None: no limit)
+
+    def seen(self, kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
+        """The marks of those among `kvs` this look covers."""
+        keys = set(self.keys)
+        return frozenset(
+            (kv.key, kv.mod_revision)
+            for kv in kvs
+            if kv.key in keys or kv.key.startswith(self.prefixes)
+        )
+
+    def read(self, ds: Datastore) -> frozenset[tuple[str, int]]:
+        """The marks as they are now: a small read per prefix and per key."""
+        kvs: list[KV] = []
+        for prefix in self.prefixes:
+            kvs.extend(ds.snapshot(prefix).kvs)
+        for key in self.keys:
+            kv = ds.get(key)
+            if kv is not None:
+                kvs.append(kv)
+        return self.seen(kvs)
+
+    def next(self) -> Look | None:
+        """This look once taken: None when the next one must be a full read."""
+        if self.left is None:
+            return self
+        return Look(self.prefixes, self.keys, self.marks, self.left - 1) if self.left > 1 else None
+
+
+def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look | None:
+    """PURE: the look that may stand in for a full read after `step` (decided on a full read
+    of `kvs`; `active`: a rollout is in progress), or None (read everything).
+
+    Idle with no rollout in progress: the rollout records (a new one is what it waits for).
+    Waiting: the rollout records, and what ends its wait: the status of each node of a barrier
+    or of the node ahead in line (it reports, or is skipped); the slots of its phase for a queue
+    or a slot wait (one freed, the node ahead taking one); the registration of a node down (it
+    comes back). Anything else (about to apply, restart, or take a slot): everything."""
+    if isinstance(step, Idle):
+        return None if active else _look((rec.ROLLOUTS,), (), kvs, None)
+    if not isinstance(step, Wait):
+        return None
+    slots = f"{rec.SLOTS}{phase.value}/"
+    r = step.rollout.id
+    if step.on == "slot":
+        return _look((rec.ROLLOUTS, slots), (), kvs)
+    if step.blocker is None:
+        return None
+    if step.on == "barrier":
+        names = step.pending or (step.blocker,)
+        if len(names) > MAX_KEYS:
+            return None
+        return _look((rec.ROLLOUTS,), tuple(rec.status_key(r, n) for n in names), kvs)
+    if step.on == "queue":
+        return _look((rec.ROLLOUTS, slots), (rec.status_key(r, step.blocker),), kvs)
+    if step.on == "down":
+        keys = (rec.status_key(r, step.blocker), rec.node_key(step.blocker))
+        return _look((rec.ROLLOUTS,), keys, kvs)
+    return None
+
+
+def _look(
+    prefixes: tuple[str, ...],
+    keys: tuple[str, ...],
+    kvs: Iterable[KV],
+    left: int | None = LOOKS_PER_READ,
+) -> Look:
+    blank = Look(prefixes, keys, frozenset(), left)
+    return Look(prefixes, keys, blank.seen(kvs), left)
