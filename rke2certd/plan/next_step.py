@@ -133,6 +133,11 @@ class Wait:
     on: str = "barrier"
     pending: tuple[str, ...] = ()  # a barrier's nodes not done yet, the blocker among them
 
+    @property
+    def barrier_nodes(self) -> tuple[str, ...]:
+        """The nodes whose statuses a barrier waits on: `pending`, or the blocker alone."""
+        return self.pending or ((self.blocker,) if self.blocker else ())
+
 
 @dataclass(frozen=True)
 class TakeSlot:

@@ -351,8 +351,7 @@ def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
     if not isinstance(step, Wait):
         return None
     if step.on == "barrier" and step.blocker:
-        names = step.pending or (step.blocker,)
-        return structure + tuple(rec.status_key(step.rollout.id, n) for n in names)
+        return structure + tuple(rec.status_key(step.rollout.id, n) for n in step.barrier_nodes)
     if step.on in ("queue", "down") and step.blocker:
         return (*structure, rec.status_key(step.rollout.id, step.blocker))
     if step.on == "slot":
@@ -402,8 +401,7 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     slots: str | None = None  # the slot prefix of this node's phase, when it waits on slots
     ahead: str | None = None  # a queue moves when the node ahead takes a slot (or reports)
     if isinstance(step, Wait) and step.on == "barrier" and step.blocker:
-        names = step.pending or (step.blocker,)
-        statuses = frozenset(rec.status_key(step.rollout.id, n) for n in names)
+        statuses = frozenset(rec.status_key(step.rollout.id, n) for n in step.barrier_nodes)
         barrier = set(statuses)
     elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
         statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})

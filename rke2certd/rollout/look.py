@@ -34,12 +34,7 @@ class Look:
 
     def seen(self, kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
         """The marks of those among `kvs` this look covers."""
-        keys = set(self.keys)
-        return frozenset(
-            (kv.key, kv.mod_revision)
-            for kv in kvs
-            if kv.key in keys or kv.key.startswith(self.prefixes)
-        )
+        return _marks(self.prefixes, self.keys, kvs)
 
     def read(self, ds: Datastore) -> frozenset[tuple[str, int]]:
         """The marks as they are now: a small read per prefix and per key."""
@@ -79,7 +74,7 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
     if step.blocker is None:
         return None
     if step.on == "barrier":
-        names = step.pending or (step.blocker,)
+        names = step.barrier_nodes
         if len(names) > MAX_KEYS:
             return None
         return _look((rec.ROLLOUTS,), tuple(rec.status_key(r, n) for n in names), kvs)
@@ -97,5 +92,15 @@ def _look(
     kvs: Iterable[KV],
     left: int | None = LOOKS_PER_READ,
 ) -> Look:
-    blank = Look(prefixes, keys, frozenset(), left)
-    return Look(prefixes, keys, blank.seen(kvs), left)
+    return Look(prefixes, keys, _marks(prefixes, keys, kvs), left)
+
+
+def _marks(
+    prefixes: tuple[str, ...], keys: tuple[str, ...], kvs: Iterable[KV]
+) -> frozenset[tuple[str, int]]:
+    """(key, revision) of those among `kvs` under one of `prefixes` or one of `keys` exactly
+    (node c1's status key is a prefix of c10's)."""
+    exact = set(keys)
+    return frozenset(
+        (kv.key, kv.mod_revision) for kv in kvs if kv.key in exact or kv.key.startswith(prefixes)
+    )
