@@ -86,6 +86,14 @@ def prefix_end(prefix: bytes) -> bytes:
     return b"\0"
 
 
+def common_prefix(start: str, end: str) -> str:
+    """The longest prefix every key in [start, end) shares with both ends."""
+    n = 0
+    while n < min(len(start), len(end)) and start[n] == end[n]:
+        n += 1
+    return start[:n]
+
+
 def key_bytes(key: str) -> bytes:
     # surrogateescape: keys written by other etcd clients need not be UTF-8, and must round-trip.
     return key.encode("utf-8", "surrogateescape")
@@ -117,11 +125,7 @@ class Datastore(ABC):
         """Every key in [start, end), sorted, with the revision of the read (one consistent
         read). This default reads the prefix the two share and drops the rest; a store that
         can range-read overrides it."""
-        n = 0
-        while n < min(len(start), len(end)) and start[n] == end[n]:
-            n += 1
-        common = start[:n]
-        snap = self.snapshot(common)
+        snap = self.snapshot(common_prefix(start, end))
         return Snapshot([kv for kv in snap.kvs if start <= kv.key < end], snap.revision)
 
     def get_prefix(self, prefix: str) -> list[KV]:

@@ -40,7 +40,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rke2certd.datastore.base import KV, Datastore, Event, LeaseNotFound, WatchCompacted
+from rke2certd.datastore.base import (
+    KV,
+    Datastore,
+    Event,
+    LeaseNotFound,
+    WatchCompacted,
+    common_prefix,
+)
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.log import log
 from rke2certd.node.ca_material import disk_generation
@@ -189,26 +196,37 @@ class ClusterAPI:
         return {"kv": wire.kv_out(kv) if kv else None}
 
     def _op_snapshot(self, _node: str, doc: dict[str, Any]) -> dict[str, Any]:
+        """The keys under `prefix`, or with `end` those in [prefix, end) (an agent's planning
+        read leaves the registrations' updates out: a third of the keys and of the changes);
+        with `since`, the changes after that revision when the store can say."""
         prefix = self._readable(wire.key_in(doc.get("prefix"), "prefix"))
+        end = None
+        if doc.get("end") is not None:
+            end = self._readable(wire.key_in(doc.get("end"), "end"))
+            if end <= prefix:
+                raise ClusterRefused(400, "end must sort after prefix")
         since = wire.integer(doc.get("since"), "since", optional=True)
         if since is not None and isinstance(self.ds, SQLiteDatastore):
-            delta = self._changes(prefix, since)
+            delta = self._changes(prefix, end, since)
             if delta is not None:
                 return {"delta": wire.events_out(delta[0]), "revision": delta[1]}
-        return {"snapshot": wire.snapshot_out(self.ds.snapshot(prefix))}
+        snap = self.ds.snapshot(prefix) if end is None else self.ds.snapshot_range(prefix, end)
+        return {"snapshot": wire.snapshot_out(snap)}
 
-    def _changes(self, prefix: str, since: int) -> tuple[list[Event], int] | None:
-        """The changes under `prefix` after revision `since`, and the revision the keys are
-        then at (mirror.py); None when a whole read is due (history gone, or it is smaller).
-        SQLite only: its history read is one query, complete up to the moment it runs (an
-        etcd watch sends the history in batches of its own choosing)."""
+    def _changes(self, prefix: str, end: str | None, since: int) -> tuple[list[Event], int] | None:
+        """The changes under `prefix` (before `end`) after revision `since`, and the revision
+        the keys are then at (mirror.py); None when a whole read is due (history gone, or it
+        is smaller). SQLite only: its history read is one query, complete up to the moment it
+        runs (an etcd watch sends the history in batches of its own choosing)."""
         now = self.ds.snapshot(_NOTHING).revision  # first: the changes read next reach it
         if since > now:
             return None  # a revision this store never had: the whole keys
         try:
-            events = self.ds.watch_prefix(prefix, since + 1, 0)
+            events = self.ds.watch_prefix(common_prefix(prefix, end or prefix), since + 1, 0)
         except WatchCompacted:
             return None
+        if end is not None:
+            events = [e for e in events if prefix <= e.kv.key < end]
         if len(events) > MAX_DELTA:
             return None
         return events, max([now, *(e.kv.mod_revision for e in events)])

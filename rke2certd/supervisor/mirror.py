@@ -7,6 +7,11 @@ another) grew with N squared. The agent keeps its last whole read here and asks 
 the changes since its revision (`since`); the server answers them (cluster_api.py), or the whole
 prefix when it cannot say (its datastore's history is gone, or an older server): either way the
 result is the keys as they are at one revision, a consistent snapshot as a whole read would be.
+
+The mirror holds a range, [prefix, end): what the agent plans with (rec.PLANNING leaves the
+registrations' updates out, written by every node as it goes and read by none of them). An
+older server that does not know `end` answers the whole prefix: what lies past the end is
+dropped here.
 """
 
 from __future__ import annotations
@@ -19,17 +24,23 @@ from rke2certd.supervisor import wire
 
 
 class Mirror:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, end: str | None = None) -> None:
         self.prefix = prefix
+        self.end = end  # None: every key under prefix
         self.revision: int | None = None  # of the read held (None: none yet)
         self._kvs: dict[str, KV] = {}
         self.lock = threading.Lock()  # a request and the answer it gets go together
 
     def request(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"op": "snapshot", "prefix": wire.key_out(self.prefix)}
+        if self.end is not None:
+            doc["end"] = wire.key_out(self.end)
         if self.revision is not None:
             doc["since"] = self.revision
         return doc
+
+    def _held(self, key: str) -> bool:
+        return self.end is None or key < self.end
 
     def take(self, answer: dict[str, Any]) -> Snapshot:
         """The keys at the answer's revision (raises wire.WireError, KeyError, TypeError on a
@@ -44,11 +55,11 @@ class Mirror:
                         raise wire.WireError(f"a change of {event.kv.key!r} outside the prefix")
                     if event.type is EventType.DELETE:
                         self._kvs.pop(event.kv.key, None)
-                    else:
+                    elif self._held(event.kv.key):
                         self._kvs[event.kv.key] = event.kv
             else:
                 snap = wire.snapshot_in(answer["snapshot"])
-                self._kvs = {kv.key: kv for kv in snap.kvs}
+                self._kvs = {kv.key: kv for kv in snap.kvs if self._held(kv.key)}
                 revision = snap.revision
         except Exception:
             self.revision, self._kvs = None, {}

@@ -34,7 +34,7 @@ from rke2certd.datastore.base import (
 )
 from rke2certd.errors import DatastoreError, TokenError
 from rke2certd.log import log
-from rke2certd.rollout.records import PREFIX
+from rke2certd.rollout.records import PLANNING
 from rke2certd.supervisor import CLUSTER_PATH, wire
 from rke2certd.supervisor.choice import PREFER_AGAIN, ServerChoice
 from rke2certd.supervisor.client import (
@@ -71,7 +71,7 @@ class RemoteDatastore(Datastore):
         self.timeout = timeout
         self.location = f"the coordination keys of {', '.join(self.urls)}"
         self._closed = threading.Event()
-        self._mirror = Mirror(PREFIX)
+        self._mirror = Mirror(*PLANNING)  # what the rules read, kept up to date by changes
         self._unknown_ops: dict[str, float] = {}  # refused as unknown -> until when not asked
         # kept-alive connections: this node's threads (main loop, lease, long poll) each reuse
         # one instead of a TLS handshake per call
@@ -148,12 +148,15 @@ class RemoteDatastore(Datastore):
         return self._parse(lambda: wire.kv_in(answer["kv"]) if answer["kv"] else None)
 
     def snapshot(self, prefix: str) -> Snapshot:
-        if prefix == self._mirror.prefix:  # the whole keys: the changes since the last read
+        answer = self._call({"op": "snapshot", "prefix": wire.key_out(prefix)})
+        return self._parse(lambda: wire.snapshot_in(answer["snapshot"]))
+
+    def snapshot_range(self, start: str, end: str) -> Snapshot:
+        if (start, end) == (self._mirror.prefix, self._mirror.end):  # the changes since
             with self._mirror.lock:
                 answer = self._call(self._mirror.request())
                 return self._parse(lambda: self._mirror.take(answer))
-        answer = self._call({"op": "snapshot", "prefix": wire.key_out(prefix)})
-        return self._parse(lambda: wire.snapshot_in(answer["snapshot"]))
+        return super().snapshot_range(start, end)
 
     def _ok(self, doc: dict[str, Any]) -> bool:
         answer = self._call(doc)

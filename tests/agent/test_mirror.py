@@ -18,7 +18,7 @@ from rke2certd.datastore.base import Snapshot
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.rollout import records as rec
 from rke2certd.supervisor import wire
-from rke2certd.supervisor.cluster_api import ClusterAPI, ServedCA
+from rke2certd.supervisor.cluster_api import ClusterAPI, ClusterRefused, ServedCA
 from rke2certd.supervisor.mirror import Mirror
 from rke2certd.supervisor.remote import RemoteDatastore
 
@@ -78,34 +78,43 @@ def test_reads_are_the_changes_since_and_equal_the_store(
             return answer
 
         remote._call = spy  # type: ignore[method-assign]
+        planning = rec.PLANNING
         for i in range(50):  # a fleet's records, some on a lease
             store.put(rec.PREFIX + f"nodes/n{i}", b"x" * 100)
+            store.put(rec.update_key(f"n{i}"), b"u" * 100)
         lease = store.grant_lease(10)
         store.put(rec.PREFIX + "nodes/leased", b"on a lease", lease)
-        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
-        assert "snapshot" in answers[-1]  # the first read is whole
+        _same(remote.snapshot_range(*planning), store.snapshot_range(*planning))
+        assert "snapshot" in answers[-1]  # the first read is whole, without the updates
+        assert len(answers[-1]["snapshot"]["kvs"]) == 51
 
         store.put(rec.PREFIX + "nodes/n3", b"changed")
         store.delete(rec.PREFIX + "nodes/n4")
         store.put(rec.PREFIX + "rollouts/r1", b"new")
+        store.put(rec.update_key("n5"), b"not planned with: not sent")
+        store.put(rec.wake_key("n6"), b"past the end: not sent")
         store.put("/elsewhere/k", b"not under the prefix")
-        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
+        _same(remote.snapshot_range(*planning), store.snapshot_range(*planning))
         assert [e["kv"]["key"] for e in answers[-1]["delta"]] == [
             wire.key_out(rec.PREFIX + k) for k in ("nodes/n3", "nodes/n4", "rollouts/r1")
         ]
         revision = answers[-1]["revision"]
 
-        snap = remote.snapshot(rec.PREFIX)  # nothing changed: nothing sent
+        snap = remote.snapshot_range(*planning)  # nothing changed: nothing sent
         assert answers[-1]["delta"] == [] and snap.revision >= revision
 
         clock.t += 11  # the lease expires: its key goes at the server's next read
-        _same(remote.snapshot(rec.PREFIX), store.snapshot(rec.PREFIX))
-        assert rec.PREFIX + "nodes/leased" not in {kv.key for kv in remote.snapshot(rec.PREFIX).kvs}
+        _same(remote.snapshot_range(*planning), store.snapshot_range(*planning))
+        keys = {kv.key for kv in remote.snapshot_range(*planning).kvs}
+        assert rec.PREFIX + "nodes/leased" not in keys
 
         other = remote.snapshot(rec.ROLLOUTS)  # another prefix: a whole read, as ever
         assert "snapshot" in answers[-1] and [kv.key for kv in other.kvs] == [
             rec.PREFIX + "rollouts/r1"
         ]
+        everything = remote.snapshot(rec.PREFIX)  # `rke2certd status`: all of it, whole
+        assert "snapshot" in answers[-1]
+        _same(everything, store.snapshot(rec.PREFIX))
     finally:
         handle.stop()
 
@@ -132,3 +141,58 @@ def test_a_malformed_delta_forgets_what_was_held() -> None:
     with pytest.raises(wire.WireError, match="outside the prefix"):
         mirror.take(bad | {"revision": 6})
     assert mirror.revision is None and "since" not in mirror.request()
+
+
+def test_an_older_server_that_ignores_end_is_cut_to_the_range() -> None:
+    """A server from before `end` answers the whole prefix: the mirror keeps its range."""
+    mirror = Mirror(*rec.PLANNING)
+    assert mirror.request()["end"] == wire.key_out(rec.UPDATES)
+
+    def kv(key: str, rev: int) -> dict[str, Any]:
+        return {"key": wire.key_out(key), "value": "", "mod_revision": rev, "create_revision": rev}
+
+    whole = [kv(rec.node_key("a"), 2), kv(rec.update_key("a"), 3), kv(rec.wake_key("a"), 4)]
+    snap = mirror.take({"snapshot": {"kvs": whole, "revision": 4}})
+    assert [k.key for k in snap.kvs] == [rec.node_key("a")]
+    delta = [{"type": "PUT", "kv": kv(rec.update_key("b"), 5)}]
+    delta += [{"type": "PUT", "kv": kv(rec.node_key("b"), 6)}]
+    snap = mirror.take({"delta": delta, "revision": 6})
+    assert [k.key for k in snap.kvs] == [rec.node_key("a"), rec.node_key("b")]
+    assert snap.revision == 6
+
+
+@pytest.mark.parametrize(
+    ("end", "reason"),
+    [
+        (rec.PREFIX, "end must sort after prefix"),
+        ("/rke2certd", "only keys under /rke2certd/ can be read here"),
+        ("/rke2certd-node-passwords/", "only keys under /rke2certd/ can be read here"),
+        (5, "end"),
+    ],
+)
+def test_a_bad_end_is_refused(tmp_path: Path, clock: FakeClock, end: object, reason: str) -> None:
+    with SQLiteDatastore(tmp_path / "c.sqlite", clock=clock) as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
+        end_out = wire.key_out(end) if isinstance(end, str) else end
+        with pytest.raises(ClusterRefused, match=reason) as err:
+            api.handle("n", {"op": "snapshot", "prefix": wire.key_out(rec.PREFIX), "end": end_out})
+        assert err.value.status in (400, 403)
+
+
+def test_a_range_read_with_since_skips_changes_past_the_end(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """The server's delta for a range: only the changes inside it, whatever else moved."""
+    with SQLiteDatastore(tmp_path / "c.sqlite", clock=clock) as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
+        mirror = Mirror(*rec.PLANNING)
+        ds.put(rec.node_key("a"), b"1")
+        mirror.take(api.handle("n", mirror.request()))
+        for i in range(30):  # a busy fleet's updates: none of them planned with
+            ds.put(rec.update_key(f"n{i}"), b"u")
+        ds.put(rec.status_key("r1", "a"), b"s")
+        answer = api.handle("n", mirror.request())
+        assert [e["kv"]["key"] for e in answer["delta"]] == [
+            wire.key_out(rec.status_key("r1", "a"))
+        ]
+        _same(mirror.take(answer), ds.snapshot_range(*rec.PLANNING))
