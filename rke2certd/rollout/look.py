@@ -15,7 +15,7 @@ LOOKS_PER_READ looks anyway, which also refreshes the words of its wait (its pla
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rke2certd.datastore.base import KV, Datastore
 from rke2certd.plan.rollout import Idle, Phase, Step, Wait
@@ -31,10 +31,13 @@ class Look:
     keys: tuple[str, ...]  # and these, one by one
     marks: frozenset[tuple[str, int]]  # (key, revision) of those the last full read saw
     left: int | None  # looks before a full read anyway (None: no limit)
+    # under the slots prefix, only the slots this node holds count (None: every slot): a
+    # queue moves when the node ahead takes one, not at each hand-off further up the line
+    holder: str | None = None
 
     def seen(self, kvs: Iterable[KV]) -> frozenset[tuple[str, int]]:
         """The marks of those among `kvs` this look covers."""
-        return _marks(self.prefixes, self.keys, kvs)
+        return _marks(self.prefixes, self.keys, kvs, self.holder)
 
     def read(self, ds: Datastore) -> frozenset[tuple[str, int]]:
         """The marks as they are now: a small read per prefix and per key."""
@@ -51,7 +54,7 @@ class Look:
         """This look once taken: None when the next one must be a full read."""
         if self.left is None:
             return self
-        return Look(self.prefixes, self.keys, self.marks, self.left - 1) if self.left > 1 else None
+        return replace(self, left=self.left - 1) if self.left > 1 else None
 
 
 def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look | None:
@@ -60,9 +63,11 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
 
     Idle with no rollout in progress: the rollout records (a new one is what it waits for).
     Waiting: the rollout records, and what ends its wait: the status of each node of a barrier
-    or of the node ahead in line (it reports, or is skipped); the slots of its phase for a queue
-    or a slot wait (one freed, the node ahead taking one); the registration of a node down (it
-    comes back). Anything else (about to apply, restart, or take a slot): everything."""
+    or of the node ahead in line (it reports, or is skipped); for a queue, the slots the node
+    ahead holds (it takes one: the next may take another); for a slot wait, the slots of its
+    phase (one freed); the registration of a node down (it comes back). Anything else (about
+    to apply, restart, or take a slot): everything. A queue that looked at every slot of its
+    phase would read everything at each hand-off up the line: in a long line, every look."""
     if isinstance(step, Idle):
         return None if active else _look((rec.ROLLOUTS,), (), kvs, None)
     if not isinstance(step, Wait):
@@ -79,7 +84,8 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
             return None
         return _look((rec.ROLLOUTS,), tuple(rec.status_key(r, n) for n in names), kvs)
     if step.on == "queue":
-        return _look((rec.ROLLOUTS, slots), (rec.status_key(r, step.blocker),), kvs)
+        ahead = (rec.status_key(r, step.blocker),)
+        return _look((rec.ROLLOUTS, slots), ahead, kvs, holder=step.blocker)
     if step.on == "down":
         keys = (rec.status_key(r, step.blocker), rec.node_key(step.blocker))
         return _look((rec.ROLLOUTS,), keys, kvs)
@@ -91,16 +97,26 @@ def _look(
     keys: tuple[str, ...],
     kvs: Iterable[KV],
     left: int | None = LOOKS_PER_READ,
+    holder: str | None = None,
 ) -> Look:
-    return Look(prefixes, keys, _marks(prefixes, keys, kvs), left)
+    return Look(prefixes, keys, _marks(prefixes, keys, kvs, holder), left, holder)
 
 
 def _marks(
-    prefixes: tuple[str, ...], keys: tuple[str, ...], kvs: Iterable[KV]
+    prefixes: tuple[str, ...], keys: tuple[str, ...], kvs: Iterable[KV], holder: str | None
 ) -> frozenset[tuple[str, int]]:
     """(key, revision) of those among `kvs` under one of `prefixes` or one of `keys` exactly
-    (node c1's status key is a prefix of c10's)."""
+    (node c1's status key is a prefix of c10's); with a `holder`, of the slots only those it
+    holds (an unreadable slot counts: the full read then says what it is)."""
     exact = set(keys)
-    return frozenset(
-        (kv.key, kv.mod_revision) for kv in kvs if kv.key in exact or kv.key.startswith(prefixes)
-    )
+
+    def covered(kv: KV) -> bool:
+        if kv.key in exact:
+            return True
+        if not kv.key.startswith(prefixes):
+            return False
+        if holder is None or not kv.key.startswith(rec.SLOTS):
+            return True
+        return rec.slot_holder(kv) in (holder, None)
+
+    return frozenset((kv.key, kv.mod_revision) for kv in kvs if covered(kv))

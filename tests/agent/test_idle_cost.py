@@ -79,9 +79,10 @@ def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
     agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
 ) -> None:
     """In line for its restart, its periodic look reads the rollout records, the slots of its
-    phase and the status of the node ahead: three small reads, whatever the fleet's size. The
-    node ahead moving brings the full read back, and so does the count of looks (the words of
-    its wait, and what only a full read sees, are refreshed)."""
+    phase and the status of the node ahead: three small reads, whatever the fleet's size. A
+    hand-off up the line (another node's slot) does not bring the full read back; the node
+    ahead moving does, and so does the count of looks (the words of its wait, and what only a
+    full read sees, are refreshed)."""
     servers = ClusterStore(store)
     lease = store.grant_lease(600)
     names = ["e1", "holder", "ahead"] + [f"other-{i}" for i in range(50)]
@@ -118,10 +119,16 @@ def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
     assert ops[:3] == ["snapshot", "snapshot", "get"]
     assert ops[3:] == ["snapshot"]  # the full read (unchanged: no write, no housekeeping)
 
-    # the holder is done and `ahead` takes the slot: the look sees the slots move and reads
-    # everything; first in line now, it waits for that slot
+    # the holder is done and frees its slot: a hand-off further up the line, nothing this
+    # node waits on (the node ahead takes that slot next): the look alone
     servers.set_status(r, NodeStatus("holder", NodeState.DONE, "", "g2", NOW))
     servers.release_slot(holder)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops == ["snapshot", "snapshot", "get"]
+    # `ahead` takes the slot: the look sees it and reads everything; first in line now, it
+    # waits for that slot
     assert servers.take_slot(Slot(Phase.AGENT, 0, "ahead", r.id, NOW), lease)
     ops.clear()
     runner.next_check = 0.0

@@ -27,8 +27,13 @@ R = Rollout("ca-g2", RolloutKind.CA, "g2", PHASES, None, RolloutState.ACTIVE, "t
 SLOTS = f"{rec.SLOTS}agent/"
 
 
-def _kv(key: str, revision: int) -> KV:
-    return KV(key, b"{}", revision, revision)
+def _kv(key: str, revision: int, value: bytes = b"{}") -> KV:
+    return KV(key, value, revision, revision)
+
+
+def _slot(index: int, node: str, revision: int, phase: Phase = Phase.AGENT) -> KV:
+    value = rec.encode_slot(Slot(phase, index, node, "ca-g2", NOW))
+    return _kv(rec.slot_key(phase, index), revision, value)
 
 
 FLEET = [
@@ -37,8 +42,9 @@ FLEET = [
     _kv(rec.status_key("ca-g2", "c10"), 12),  # c1's key is a prefix of c10's
     _kv(rec.node_key("c1"), 13),
     _kv(rec.member_key("c1"), 14),
-    _kv(rec.slot_key(Phase.AGENT, 0), 15),
-    _kv(rec.slot_key(Phase.CONTROL_PLANE, 0), 16),
+    _slot(0, "c1", 15),
+    _slot(0, "s0", 16, Phase.CONTROL_PLANE),
+    _slot(1, "x9", 17),  # another node's slot, further up the line
 ]
 
 
@@ -55,18 +61,34 @@ def test_idle_in_a_rollout_in_progress_reads_everything() -> None:
     assert look_for(Idle(), Phase.AGENT, True, FLEET) is None
 
 
-def test_a_queue_waiter_looks_at_the_node_ahead_and_the_slots_of_its_phase() -> None:
+def test_a_queue_waiter_looks_at_the_node_ahead_and_the_slots_it_holds() -> None:
     wait = Wait(R, "in line", "c1", "queue")
     look = look_for(wait, Phase.AGENT, True, FLEET)
     assert look is not None
-    assert look.prefixes == (rec.ROLLOUTS, SLOTS)
+    assert (look.prefixes, look.holder) == ((rec.ROLLOUTS, SLOTS), "c1")
     assert look.keys == (rec.status_key("ca-g2", "c1"),)
     assert look.marks == {
         (rec.rollout_key("ca-g2"), 10),
         (rec.status_key("ca-g2", "c1"), 11),  # not c10's, whose key it is a prefix of
-        (rec.slot_key(Phase.AGENT, 0), 15),  # not the control-plane slot
+        (rec.slot_key(Phase.AGENT, 0), 15),  # c1's; not the control-plane slot, not x9's
     }
     assert look.left == LOOKS_PER_READ
+
+
+def test_a_queue_waiter_does_not_move_for_hand_offs_up_the_line() -> None:
+    """Slots taken and freed by others leave its marks alone (in a line of a thousand, a
+    hand-off every fraction of a second would make every look a full read); the node ahead
+    taking or freeing one, or a slot it cannot read, moves them."""
+    look = look_for(Wait(R, "in line", "c1", "queue"), Phase.AGENT, True, FLEET)
+    assert look is not None
+    others = [kv for kv in FLEET if kv.key != rec.slot_key(Phase.AGENT, 1)]
+    assert look.seen(others) == look.marks  # x9 freed its slot
+    assert look.seen([*others, _slot(1, "x10", 30)]) == look.marks  # x10 took it
+    assert look.seen([*others, _slot(1, "c1", 30)]) != look.marks  # c1 took a second one
+    freed = [kv for kv in FLEET if kv.key != rec.slot_key(Phase.AGENT, 0)]
+    assert look.seen(freed) != look.marks  # c1 freed its slot
+    unreadable = [*others, _kv(rec.slot_key(Phase.AGENT, 1), 31, b"not json")]
+    assert look.seen(unreadable) != look.marks
 
 
 def test_a_wait_for_a_node_down_looks_at_its_status_and_registration() -> None:
@@ -89,7 +111,9 @@ def test_a_barrier_looks_at_each_pending_node_up_to_a_limit() -> None:
 def test_a_slot_waiter_looks_at_the_slots() -> None:
     look = look_for(Wait(R, "slot", "c1", "slot"), Phase.AGENT, True, FLEET)
     assert look is not None
-    assert (look.prefixes, look.keys) == ((rec.ROLLOUTS, SLOTS), ())
+    assert (look.prefixes, look.keys, look.holder) == ((rec.ROLLOUTS, SLOTS), (), None)
+    freed = [kv for kv in FLEET if kv.key != rec.slot_key(Phase.AGENT, 1)]
+    assert look.seen(freed) != look.marks  # any slot freed: it may take it
     # with nobody holding one (blocker None) too: a slot freed is what it waits for
     assert look_for(Wait(R, "slot", None, "slot"), Phase.AGENT, True, FLEET) is not None
 
@@ -117,9 +141,9 @@ def test_the_marks_change_with_any_covered_key() -> None:
     others = [kv for kv in FLEET if kv.key != rec.node_key("c1")] + [_kv(rec.node_key("c1"), 99)]
     assert look.seen(others) == look.marks  # not a key it covers
     for key in (rec.status_key("ca-g2", "c1"), rec.slot_key(Phase.AGENT, 0)):
-        moved = [kv if kv.key != key else _kv(key, 99) for kv in FLEET]
+        moved = [kv if kv.key != key else KV(key, kv.value, 99, 99) for kv in FLEET]
         assert look.seen(moved) != look.marks, key
         gone = [kv for kv in FLEET if kv.key != key]
         assert look.seen(gone) != look.marks, key
-    new_slot = [*FLEET, _kv(rec.slot_key(Phase.AGENT, 1), 20)]
+    new_slot = [*FLEET, _slot(2, "c1", 20)]
     assert look.seen(new_slot) != look.marks
