@@ -132,11 +132,20 @@ class Wait:
     # status), slot (a slot of my phase freed), down (the blocker returning or removed)
     on: str = "barrier"
     pending: tuple[str, ...] = ()  # a barrier's nodes not done yet, the blocker among them
+    # A queue: the node whose report lets the blocker go (the one ahead of it, or a slot's
+    # holder). Its report wakes this node too, to read while the blocker takes its turn, so
+    # that this node's own turn starts from a fresh read (a small change), not a long catch-up.
+    then: str | None = None
 
     @property
     def barrier_nodes(self) -> tuple[str, ...]:
         """The nodes whose statuses a barrier waits on: `pending`, or the blocker alone."""
         return self.pending or ((self.blocker,) if self.blocker else ())
+
+    @property
+    def queue_nodes(self) -> tuple[str, ...]:
+        """The nodes whose statuses a queue waits on: the blocker, and `then`."""
+        return tuple(n for n in (self.blocker, self.then) if n)
 
 
 @dataclass(frozen=True)
@@ -268,7 +277,12 @@ def _slot(view: ClusterView, r: Rollout, me: Member, max_unavailable: int) -> St
         return Wait(r, waiting, held[0].node if held else None, "slot")
     ahead = queue[place - 1]
     reason = f"{waiting}; {place} node(s) ahead in line, {ahead} last before this one"
-    return Wait(r, reason, ahead, "queue")
+    # the node ahead waits for a slot (a holder's report frees one), else for the node before it
+    if place - 1 == len(free) and held:
+        then: str | None = held[0].node
+    else:
+        then = queue[place - 2] if place >= 2 else None
+    return Wait(r, reason, ahead, "queue", then=then)
 
 
 def _free_slots(view: ClusterView, phase: Phase, allowed: int) -> list[int]:

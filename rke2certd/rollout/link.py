@@ -343,8 +343,9 @@ def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
     """The keys (prefixes) a server may keep an agent's long poll to after `step` (None:
     everything), so that a change wakes the few agents it concerns, not every agent's poll.
     A superset of what `interest` lets through, with one exception: a queue waiter is not sent
-    the slot the node ahead takes (only that node's status): it moves on when that node
-    reports, which is enough (the slot taken only changed the words of its wait)."""
+    the slot the node ahead takes (only that node's status, and that of `Wait.then`): it moves
+    on when that node reports, which is enough (the slot taken only changed the words of its
+    wait)."""
     structure = (rec.NODES, rec.MEMBERS, rec.ROLLOUTS)
     if isinstance(step, Idle):
         return (rec.ROLLOUTS,)
@@ -352,7 +353,9 @@ def server_filter(step: Step, phase: Phase) -> tuple[str, ...] | None:
         return None
     if step.on == "barrier" and step.blocker:
         return structure + tuple(rec.status_key(step.rollout.id, n) for n in step.barrier_nodes)
-    if step.on in ("queue", "down") and step.blocker:
+    if step.on == "queue" and step.blocker:
+        return structure + tuple(rec.status_key(step.rollout.id, n) for n in step.queue_nodes)
+    if step.on == "down" and step.blocker:
         return (*structure, rec.status_key(step.rollout.id, step.blocker))
     if step.on == "slot":
         return (*structure, f"{rec.SLOTS}{phase.value}/")
@@ -393,7 +396,8 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
     """The changes that may let this node go on after `step`: a node coming or going (not its
     updates), membership, rollout records, and what it waits for: a barrier opens when the last
     node it waits for is done (or failed), not at each of them; a queue moves when the node
-    ahead takes a slot or reports; a slot wait ends when a slot of its phase changes.
+    ahead takes a slot or reports (and reads again when the node that lets that one go reports,
+    `Wait.then`); a slot wait ends when a slot of its phase changes.
     Everything else is somebody else's business; RECHECK covers a miss (and refreshes the
     wait's words meanwhile). Status keys match exactly: node c1's key is a prefix of c10's."""
     statuses: frozenset[str] = frozenset()  # the status keys waited on
@@ -404,7 +408,7 @@ def interest(step: Step, phase: Phase) -> Callable[[Event], bool]:
         statuses = frozenset(rec.status_key(step.rollout.id, n) for n in step.barrier_nodes)
         barrier = set(statuses)
     elif isinstance(step, Wait) and step.on == "queue" and step.blocker:
-        statuses = frozenset({rec.status_key(step.rollout.id, step.blocker)})
+        statuses = frozenset(rec.status_key(step.rollout.id, n) for n in step.queue_nodes)
         slots, ahead = f"{rec.SLOTS}{phase.value}/", step.blocker
     elif isinstance(step, Wait) and step.on == "slot":
         slots = f"{rec.SLOTS}{phase.value}/"

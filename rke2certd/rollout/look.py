@@ -84,7 +84,7 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
             return None
         return _look((rec.ROLLOUTS,), tuple(rec.status_key(r, n) for n in names), kvs)
     if step.on == "queue":
-        ahead = (rec.status_key(r, step.blocker),)
+        ahead = tuple(rec.status_key(r, n) for n in step.queue_nodes)
         return _look((rec.ROLLOUTS, slots), ahead, kvs, holder=step.blocker)
     if step.on == "down":
         keys = (rec.status_key(r, step.blocker), rec.node_key(step.blocker))

@@ -120,6 +120,19 @@ def test_a_queue_waiter_wakes_when_the_node_ahead_moves() -> None:
     assert not wake(put(rec.slot_key(Phase.ETCD, 0), taken))
 
 
+def test_a_queue_waiter_also_wakes_when_the_node_before_its_blocker_reports() -> None:
+    """`Wait.then`: its report lets the blocker go; this node reads meanwhile, so that its own
+    turn starts from a small change, not a catch-up on the whole line."""
+    step = Wait(R, "waiting", "c3", "queue", then="c2")
+    wake = interest(step, Phase.CONTROL_PLANE)
+    assert wake(status("c2", NodeState.DONE)) and wake(status("c3", NodeState.DONE))
+    assert not wake(status("c1", NodeState.DONE))
+    assert not wake(status("c20", NodeState.DONE))  # c2's key is a prefix of c20's
+    only = server_filter(step, Phase.CONTROL_PLANE)
+    assert only is not None
+    assert rec.status_key(R.id, "c2") in only and rec.status_key(R.id, "c3") in only
+
+
 def test_the_next_in_line_wakes_for_slots_of_its_phase() -> None:
     wake = interest(Wait(R, "waiting", "c1", "slot"), Phase.CONTROL_PLANE)
     assert wake(Event(EventType.DELETE, KV(rec.slot_key(Phase.CONTROL_PLANE, 0), b"", 9, 0)))
@@ -392,6 +405,7 @@ def test_the_server_filter_holds_what_an_agent_waits_for() -> None:
         Idle(),
         Wait(R, "waiting", "c1", "barrier", pending=("c1", "c3")),
         Wait(R, "waiting", "c3", "queue"),
+        Wait(R, "waiting", "c3", "queue", then="c1"),
         Wait(R, "waiting", "c1", "slot"),
         Wait(R, "waiting", "c3", "down"),
     ]

@@ -75,6 +75,13 @@ def test_a_queue_waiter_looks_at_the_node_ahead_and_the_slots_it_holds() -> None
     assert look.left == LOOKS_PER_READ
 
 
+def test_a_queue_waiter_looks_at_the_node_before_its_blocker_too() -> None:
+    look = look_for(Wait(R, "in line", "c1", "queue", then="c10"), Phase.AGENT, True, FLEET)
+    assert look is not None and look.holder == "c1"
+    assert look.keys == (rec.status_key("ca-g2", "c1"), rec.status_key("ca-g2", "c10"))
+    assert (rec.status_key("ca-g2", "c10"), 12) in look.marks
+
+
 def test_a_queue_waiter_does_not_move_for_hand_offs_up_the_line() -> None:
     """Slots taken and freed by others leave its marks alone (in a line of a thousand, a
     hand-off every fraction of a second would make every look a full read); the node ahead

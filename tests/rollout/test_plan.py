@@ -186,6 +186,8 @@ def test_first_applied_etcd_node_takes_the_slot_the_next_waits_for_it() -> None:
     step = next_step(c.view, "e3", 1)
     assert isinstance(step, Wait) and (step.on, step.blocker) == ("queue", "e2")
     assert step.reason.endswith("2 node(s) ahead in line, e2 last before this one")
+    # e2 goes when e1 is done with the slot it is about to take: e3 reads again then
+    assert step.then == "e1" and step.queue_nodes == ("e2", "e1")
 
 
 def test_the_queue_moves_when_the_head_takes_its_slot() -> None:
@@ -194,10 +196,27 @@ def test_the_queue_moves_when_the_head_takes_its_slot() -> None:
     assert isinstance(step, Wait) and step.on == "slot" and step.blocker == "e1"
     assert step.reason == "waiting for an etcd restart slot: 1 of 1 restarting: e1 (ca-1)"
     step = next_step(c.view, "e3", 1)
-    assert isinstance(step, Wait) and (step.on, step.blocker) == ("queue", "e2")
+    assert isinstance(step, Wait) and (step.on, step.blocker, step.then) == ("queue", "e2", "e1")
     c.slots.clear()
     c.status("ca-1", "e1", NodeState.DONE)
     assert next_step(c.view, "e2", 1) == TakeSlot(c.rollouts[0], E, 0)
+
+
+def test_each_in_line_also_hears_the_node_that_lets_its_blocker_go() -> None:
+    """`then`: the report that lets the node ahead go wakes this one to read too, so that its
+    own turn starts from a fresh read."""
+    c = Cluster().add("e1", E)
+    for i in range(1, 6):
+        c.add(f"a{i}", A)
+    c = all_applied(c.rollout(ca())).status("ca-1", "e1", NodeState.DONE)
+    assert isinstance(next_step(c.view, "a1", 1), TakeSlot)
+    steps = {n: next_step(c.view, n, 1) for n in ("a2", "a3", "a4", "a5")}
+    assert isinstance(steps["a2"], Wait) and steps["a2"].on == "slot"
+    waits = [(s.on, s.blocker, s.then) for s in steps.values() if isinstance(s, Wait)]
+    assert waits[1:] == [("queue", "a2", "a1"), ("queue", "a3", "a2"), ("queue", "a4", "a3")]
+    c.slot(A, 0, "a1")  # a1 restarting: a2 waits for its slot, a3 hears a1's report too
+    step = next_step(c.view, "a3", 1)
+    assert isinstance(step, Wait) and (step.blocker, step.then) == ("a2", "a1")
 
 
 def test_a_down_node_leaves_the_queue() -> None:
