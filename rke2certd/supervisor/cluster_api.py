@@ -45,6 +45,7 @@ from rke2certd.datastore.base import (
     Datastore,
     Event,
     LeaseNotFound,
+    Snapshot,
     WatchCompacted,
     common_prefix,
 )
@@ -211,6 +212,16 @@ class ClusterAPI:
             if delta is not None:
                 return {"delta": wire.events_out(delta[0]), "revision": delta[1]}
         snap = self.ds.snapshot(prefix) if end is None else self.ds.snapshot_range(prefix, end)
+        if since is not None and since <= snap.revision:
+            # no history to say it (etcd, or SQLite's moved on): the keys that changed, and
+            # the names of all (what the agent holds and is not named was deleted), unless
+            # most changed: then the whole keys are about as small
+            changed = [kv for kv in snap.kvs if kv.mod_revision > since]
+            if len(changed) <= len(snap.kvs) // 2:
+                return {
+                    "changed": wire.snapshot_out(Snapshot(changed, snap.revision)),
+                    "keys": [wire.key_out(kv.key) for kv in snap.kvs],
+                }
         return {"snapshot": wire.snapshot_out(snap)}
 
     def _changes(self, prefix: str, end: str | None, since: int) -> tuple[list[Event], int] | None:

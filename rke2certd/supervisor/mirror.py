@@ -4,8 +4,10 @@ An agent decides each step on a read of the whole prefix (rollout/runner.py), th
 in a fleet of N agents that is N registrations and memberships, so every read cost the server
 and the agent work in N, and a rollout's agent phase (a few reads per agent, one agent after
 another) grew with N squared. The agent keeps its last whole read here and asks the server for
-the changes since its revision (`since`); the server answers them (cluster_api.py), or the whole
-prefix when it cannot say (its datastore's history is gone, or an older server): either way the
+the changes since its revision (`since`). The server answers them (cluster_api.py) from its
+datastore's history when it can; else (etcd, or SQLite's history moved on) with the keys whose
+revision is newer and the names of all of them (a key held and not named was deleted), unless
+most of them changed; else, and from an older server, with the whole prefix. Either way the
 result is the keys as they are at one revision, a consistent snapshot as a whole read would be.
 
 The mirror holds a range, [prefix, end): what the agent plans with (rec.PLANNING leaves the
@@ -42,6 +44,25 @@ class Mirror:
     def _held(self, key: str) -> bool:
         return self.end is None or key < self.end
 
+    def _named(self, keys: list[str], changed: Snapshot) -> dict[str, KV]:
+        """The keys now: each named one as changed, else as held (newer than what is held)."""
+        assert self.revision is not None
+        if changed.revision < self.revision:
+            raise wire.WireError("changes older than the keys held")
+        fresh = {kv.key: kv for kv in changed.kvs}
+        if not fresh.keys() <= set(keys):
+            raise wire.WireError("a changed key that is not named")
+        kvs: dict[str, KV] = {}
+        for key in keys:
+            if not key.startswith(self.prefix):
+                raise wire.WireError(f"{key!r} outside the prefix")
+            kv = fresh.get(key) or self._kvs.get(key)
+            if kv is None:  # neither changed nor held: what is held is not what the server had
+                raise wire.WireError(f"{key!r} is neither changed nor held")
+            if self._held(key):
+                kvs[key] = kv
+        return kvs
+
     def take(self, answer: dict[str, Any]) -> Snapshot:
         """The keys at the answer's revision (raises wire.WireError, KeyError, TypeError on a
         malformed answer, and then forgets what it held: the next read is a whole one)."""
@@ -57,6 +78,10 @@ class Mirror:
                         self._kvs.pop(event.kv.key, None)
                     elif self._held(event.kv.key):
                         self._kvs[event.kv.key] = event.kv
+            elif "changed" in answer and self.revision is not None:
+                snap = wire.snapshot_in(answer["changed"])
+                self._kvs = self._named(wire.keys_in(answer["keys"]), snap)
+                revision = snap.revision
             else:
                 snap = wire.snapshot_in(answer["snapshot"])
                 self._kvs = {kv.key: kv for kv in snap.kvs if self._held(kv.key)}

@@ -123,6 +123,12 @@ def snapshot_in(doc: object) -> Snapshot:
     return Snapshot([kv_in(kv) for kv in doc["kvs"]], integer(doc.get("revision"), "revision") or 0)
 
 
+def keys_in(doc: object) -> list[str]:
+    if not isinstance(doc, list):
+        raise WireError("keys must be a list")
+    return [key_in(k) for k in doc]
+
+
 def events_out(events: list[Event]) -> list[dict[str, Any]]:
     return [{"type": e.type.value, "kv": kv_out(e.kv)} for e in events]
 

@@ -133,6 +133,61 @@ def test_history_gone_means_a_whole_read(tmp_path: Path, clock: FakeClock) -> No
         _same(mirror.take(answer), ds.snapshot(rec.PREFIX))
 
 
+def test_history_gone_with_few_changes_means_the_changed_keys(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """Past its history, a store answers the keys newer than the agent's read and the names of
+    all: a key held and not named was deleted. Most keys changed: the whole keys."""
+    with SQLiteDatastore(tmp_path / "c.sqlite", clock=clock, history=20) as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
+        mirror = Mirror(*rec.PLANNING)
+        for i in range(40):
+            ds.put(rec.node_key(f"n{i}"), b"x")
+        mirror.take(api.handle("n", mirror.request()))
+        for i in range(30):  # past the history, on keys that are not planned with
+            ds.put(rec.update_key(f"n{i % 3}"), str(i).encode())
+        ds.put(rec.node_key("n1"), b"changed")
+        ds.delete(rec.node_key("n2"))
+        answer = api.handle("n", mirror.request())
+        assert "delta" not in answer and "snapshot" not in answer
+        assert [e["key"] for e in answer["changed"]["kvs"]] == [wire.key_out(rec.node_key("n1"))]
+        assert len(answer["keys"]) == 39
+        _same(mirror.take(answer), ds.snapshot_range(*rec.PLANNING))
+
+        for i in range(30):  # most keys changed: the whole keys are about as small
+            ds.put(rec.node_key(f"n{i + 3}"), b"again")
+        answer = api.handle("n", mirror.request())
+        assert "snapshot" in answer
+        _same(mirror.take(answer), ds.snapshot_range(*rec.PLANNING))
+
+
+def test_changed_keys_that_do_not_fit_what_is_held_are_refused() -> None:
+    """A name neither changed nor held, or a changed key not named: the answer does not fit
+    this agent's read; it forgets what it held (the next read is whole)."""
+
+    def kv(key: str, rev: int) -> dict[str, Any]:
+        return {"key": wire.key_out(key), "value": "", "mod_revision": rev, "create_revision": rev}
+
+    held = {"snapshot": {"kvs": [kv(rec.node_key("a"), 2)], "revision": 5}}
+    unknown = {"changed": {"kvs": [], "revision": 6}, "keys": [wire.key_out(rec.node_key("b"))]}
+    unnamed = {"changed": {"kvs": [kv(rec.node_key("c"), 6)], "revision": 6}, "keys": []}
+    older = {"changed": {"kvs": [], "revision": 4}, "keys": [wire.key_out(rec.node_key("a"))]}
+    for bad, reason in (
+        (unknown, "neither changed nor held"),
+        (unnamed, "a changed key that is not named"),
+        (older, "older than the keys held"),
+    ):
+        mirror = Mirror(*rec.PLANNING)
+        mirror.take(held)
+        with pytest.raises(wire.WireError, match=reason):
+            mirror.take(bad)
+        assert mirror.revision is None and "since" not in mirror.request()
+    mirror = Mirror(*rec.PLANNING)
+    mirror.take(held)
+    good = {"changed": {"kvs": [], "revision": 7}, "keys": [wire.key_out(rec.node_key("a"))]}
+    assert [k.key for k in mirror.take(good).kvs] == [rec.node_key("a")]
+
+
 def test_a_malformed_delta_forgets_what_was_held() -> None:
     mirror = Mirror(rec.PREFIX)
     mirror.take({"snapshot": {"kvs": [], "revision": 5}})
