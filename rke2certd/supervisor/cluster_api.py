@@ -215,9 +215,10 @@ class ClusterAPI:
         if since is not None and since <= snap.revision:
             # no history to say it (etcd, or SQLite's moved on): the keys that changed, and
             # the names of all (what the agent holds and is not named was deleted), unless
-            # most changed: then the whole keys are about as small
+            # nearly all changed: a name is a tenth of a key's size, so the whole keys are
+            # then about as small (an agent that joined early holds few of the fleet's keys)
             changed = [kv for kv in snap.kvs if kv.mod_revision > since]
-            if len(changed) <= len(snap.kvs) // 2:
+            if len(changed) * 4 <= len(snap.kvs) * 3:
                 return {
                     "changed": wire.snapshot_out(Snapshot(changed, snap.revision)),
                     "keys": [wire.key_out(kv.key) for kv in snap.kvs],

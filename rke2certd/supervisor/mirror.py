@@ -7,7 +7,7 @@ another) grew with N squared. The agent keeps its last whole read here and asks 
 the changes since its revision (`since`). The server answers them (cluster_api.py) from its
 datastore's history when it can; else (etcd, or SQLite's history moved on) with the keys whose
 revision is newer and the names of all of them (a key held and not named was deleted), unless
-most of them changed; else, and from an older server, with the whole prefix. Either way the
+nearly all changed; else, and from an older server, with the whole prefix. Either way the
 result is the keys as they are at one revision, a consistent snapshot as a whole read would be.
 
 The mirror holds a range, [prefix, end): what the agent plans with (rec.PLANNING leaves the

@@ -137,7 +137,7 @@ def test_history_gone_with_few_changes_means_the_changed_keys(
     tmp_path: Path, clock: FakeClock
 ) -> None:
     """Past its history, a store answers the keys newer than the agent's read and the names of
-    all: a key held and not named was deleted. Most keys changed: the whole keys."""
+    all: a key held and not named was deleted. Nearly all keys changed: the whole keys."""
     with SQLiteDatastore(tmp_path / "c.sqlite", clock=clock, history=20) as ds:
         api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}))
         mirror = Mirror(*rec.PLANNING)
@@ -154,7 +154,7 @@ def test_history_gone_with_few_changes_means_the_changed_keys(
         assert len(answer["keys"]) == 39
         _same(mirror.take(answer), ds.snapshot_range(*rec.PLANNING))
 
-        for i in range(30):  # most keys changed: the whole keys are about as small
+        for i in range(30):  # nearly all keys changed: the whole keys are about as small
             ds.put(rec.node_key(f"n{i + 3}"), b"again")
         answer = api.handle("n", mirror.request())
         assert "snapshot" in answer
