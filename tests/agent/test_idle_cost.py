@@ -79,10 +79,10 @@ def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
     agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
 ) -> None:
     """In line for its restart, its periodic look reads the rollout records, the slots of its
-    phase and the status of the node ahead: three small reads, whatever the fleet's size. A
-    hand-off up the line (another node's slot) does not bring the full read back; the node
-    ahead moving does, and so does the count of looks (the words of its wait, and what only a
-    full read sees, are refreshed)."""
+    phase and the statuses of the node ahead and of the one that lets it go: four small reads,
+    whatever the fleet's size. A hand-off up the line (another node's slot) does not bring the
+    full read back; those two nodes moving do, and so does the count of looks (the words of
+    its wait, and what only a full read sees, are refreshed)."""
     servers = ClusterStore(store)
     lease = store.grant_lease(600)
     names = ["e1", "holder", "ahead"] + [f"other-{i}" for i in range(50)]
@@ -107,33 +107,46 @@ def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
     assert "ahead last before this one" in runner.activity
 
     ops = _count_calls(remote)
+    # the rollout records, the slots, the status of `ahead` and of the holder, whose report
+    # lets `ahead` go (Wait.then)
+    look = ["snapshot", "snapshot", "get", "get"]
     for _ in range(LOOKS_PER_READ - 1):
         runner.next_check = 0.0
         runner.tick()
-    assert ops == ["snapshot", "snapshot", "get"] * (LOOKS_PER_READ - 1)
+    assert ops == look * (LOOKS_PER_READ - 1)
     ops.clear()
     runner.next_check = 0.0
     runner.tick()  # the last look of its count
     runner.next_check = 0.0
     runner.tick()  # then everything
-    assert ops[:3] == ["snapshot", "snapshot", "get"]
-    assert ops[3:] == ["snapshot"]  # the full read (unchanged: no write, no housekeeping)
+    assert ops[:4] == look
+    assert ops[4:] == ["snapshot"]  # the full read (unchanged: no write, no housekeeping)
 
-    # the holder is done and frees its slot: a hand-off further up the line, nothing this
-    # node waits on (the node ahead takes that slot next): the look alone
+    # another node's slot comes and goes: a hand-off up the line, nothing this node waits on
+    other = Slot(Phase.AGENT, 1, "other-0", r.id, NOW)
+    assert servers.take_slot(other, lease)
+    servers.release_slot(other)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops == look
+
+    # the holder is done and frees its slot: `ahead` goes now, and this node reads everything
+    # meanwhile (its own turn then starts from a small change); next for a slot, it waits
     servers.set_status(r, NodeStatus("holder", NodeState.DONE, "", "g2", NOW))
     servers.release_slot(holder)
     ops.clear()
     runner.next_check = 0.0
     runner.tick()
-    assert ops == ["snapshot", "snapshot", "get"]
-    # `ahead` takes the slot: the look sees it and reads everything; first in line now, it
-    # waits for that slot
+    assert ops[:5] == [*look, "snapshot"]  # looked, then read it all
+    assert "restart slot" in runner.activity
+
+    # `ahead` takes the slot: the slot waiter's look sees the slots move and reads everything
     assert servers.take_slot(Slot(Phase.AGENT, 0, "ahead", r.id, NOW), lease)
     ops.clear()
     runner.next_check = 0.0
     runner.tick()
-    assert ops[:4] == ["snapshot", "snapshot", "get", "snapshot"]  # looked, then read it all
+    assert ops[:3] == ["snapshot", "snapshot", "snapshot"]  # looked, then read it all
     assert "1 of 1 restarting: ahead" in runner.activity
 
     # its link failing (the watch may have lost a wake-up only a full read would show): no
