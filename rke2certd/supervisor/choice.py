@@ -83,6 +83,11 @@ class ServerChoice:
         with self._lock:
             self._avoid[url] = now + self.prefer_again
 
+    def avoids(self, url: str, now: float) -> bool:
+        """Whether `url` said lately that it is crowded (tried last until `prefer_again`)."""
+        with self._lock:
+            return self._avoid.get(url, 0.0) > now
+
     def answered(self, url: str, moves: int | None = None) -> str | None:
         """`url` answered a request sent after `moves` moves; the server moved to, if this is a
         move (None: no change). An answer to a request sent before the agent last moved does

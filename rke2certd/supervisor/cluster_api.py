@@ -15,14 +15,13 @@ by its node password before this module sees it, and never a server's: `node_aut
   watch is answered at once with the changes so far and a time to ask again, so that many
   agents on one server never take the connections that short requests need;
 - be told the server is crowded: an answer carries `"crowded": true` when the server already
-  has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them; the
-  agent then uses its next server (choice.py). It is served all the same: never refused.
-  Each request says where this server is in the agent's rank (`rank`, 0: its preferred one);
-  a full server takes an agent that ranks it higher than one of its own does in that one's
-  place (the one that ranks it lowest, seen least lately), which is told at its next request.
-  So the agents that prefer a server are never kept out by others that merely failed over to
-  it (while it was busy, say): those go back home or on to their next, and the fleet settles
-  on what the hash gives, each server capped at its share;
+  has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them (as
+  the request arrived: where the agent chose to send it); the agent then uses its next server
+  (choice.py). It is served all the same: never refused. Each request says where this server
+  is in the agent's rank (`rank`, 0: its preferred one), so that the agents that prefer a
+  server are never kept out by others that merely failed over to it (home.py);
+- say that it left (`leave`, sent by an agent that moved back to its preferred server): its
+  place here goes to the next agent at once;
 - ask the server to do the cluster's housekeeping (a failed agent stops a rollout that way);
 - learn which CA generation the server holds, and the digests of the bundles it serves.
 
@@ -59,6 +58,7 @@ from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.housekeeping import housekeep
 from rke2certd.supervisor import MAX_CONNECTIONS, agent_leases, wire
 from rke2certd.supervisor.fleet_limits import MIN_HOME
+from rke2certd.supervisor.home import Home
 from rke2certd.supervisor.watch_hub import NOTHING as _NOTHING
 from rke2certd.supervisor.watch_hub import WatchHub
 
@@ -69,9 +69,6 @@ MAX_LEASES_PER_NODE = 8  # a few in flight across a restart; more is a client go
 MAX_WATCHES = MAX_CONNECTIONS * 3 // 4
 MAX_ONLY = 256  # keys in a watch's filter (a barrier names each node it waits for)
 BUSY_WATCH_SECONDS = 0.2  # a busy server's watch: the changes etcd sends at once, no wait
-# An agent counts as one of this server's while it asked something within this (its long poll
-# asks at least every MAX_WATCH_SECONDS, its lease refresh every ttl/3).
-HOME_SEEN_SECONDS = 2 * wire.MAX_WATCH_SECONDS + 10
 MAX_DELTA = 2048  # changes answered for a `since` read; beyond, the whole keys are smaller
 
 
@@ -113,8 +110,7 @@ class ClusterAPI:
     _leases: dict[int, str] = field(default_factory=dict)  # granted here -> node name
     _watching: int = 0  # long polls in progress
     _full: bool = False  # busy answered and logged; cleared once the load has halved
-    # this server's agents -> (last seen, where this server is in the agent's rank)
-    _own: dict[str, tuple[float, int]] = field(default_factory=dict)
+    _home: Home = field(init=False)  # the agents this server counts as its own
     _resize_hooks: list[Callable[[int], None]] = field(default_factory=list)  # endpoint's gate
     # for the housekeeping agents ask for at each of their ticks: one store, so that its reads
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
@@ -122,12 +118,13 @@ class ClusterAPI:
 
     def __post_init__(self) -> None:
         self._store = ClusterStore(self.ds)
+        self._home = Home(self.home)
 
     def resize(self, connections: int, watches: int, home: int | None = None) -> None:
         """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
         with self._lock:
             self.max_connections, self.max_watches = connections, watches
-            self.home = self.home if home is None else home
+            self.home = self._home.size = self.home if home is None else home
             for hook in self._resize_hooks:
                 hook(connections)
 
@@ -143,23 +140,8 @@ class ClusterAPI:
                 self._resize_hooks.remove(hook)
 
     def crowded(self, node: str, now: float, rank: int = 0) -> bool:
-        """Whether to tell `node` to use its next server: this one has its share of agents
-        (seen lately), `node` is not one of them, and none of them ranks this server lower
-        than `node` does (`rank`: 0 for its preferred server). Otherwise `node` is (still)
-        one of them, in the place of the one that ranks it lowest if it had to be."""
-        with self._lock:
-            own = self._own
-            if node not in own and len(own) >= self.home:
-                gone = [n for n, (seen, _) in own.items() if now - seen > HOME_SEEN_SECONDS]
-                for n in gone:
-                    del own[n]
-                if len(own) >= self.home:
-                    last = max(own, key=lambda n: (own[n][1], -own[n][0]))
-                    if own[last][1] <= rank:
-                        return True
-                    del own[last]  # told it is crowded at its next request
-            own[node] = (now, rank)
-            return False
+        """Whether to tell `node` to use its next server (home.py)."""
+        return self._home.crowded(node, now, rank)
 
     def handle(self, node: str, doc: object) -> dict[str, Any]:
         """One operation for `node`; the JSON answer. Raises ClusterRefused."""
@@ -173,6 +155,9 @@ class ClusterAPI:
             rank = wire.integer(doc.get("rank"), "rank", optional=True) or 0
         except wire.WireError as exc:
             raise ClusterRefused(400, str(exc)) from None
+        # counted as the request arrives: an answer that comes later (a long poll's, up to
+        # MAX_WATCH_SECONDS) must not bring back an agent that has left meanwhile
+        crowded = op != "leave" and self.crowded(node, time.monotonic(), rank)
         try:
             result: dict[str, Any] = handler(node, doc)
         except wire.WireError as exc:
@@ -181,7 +166,7 @@ class ClusterAPI:
             raise ClusterRefused(404, f"lease not found: {exc}", wire.LEASE_NOT_FOUND) from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
-        if self.crowded(node, time.monotonic(), rank):
+        if crowded:
             result["crowded"] = True
         return result
 
@@ -474,6 +459,9 @@ class ClusterAPI:
     def _op_housekeep(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
         policy = self.availability
         return {"wrote": housekeep(self._store, self._store.read(), self.clock(), policy)}
+
+    def _op_leave(self, node: str, _doc: dict[str, Any]) -> dict[str, Any]:
+        return {"had": self._home.left(node)}  # (not counted by handle: it is leaving)
 
     def _op_generation(self, _node: str, _doc: dict[str, Any]) -> dict[str, Any]:
         served = self.served()

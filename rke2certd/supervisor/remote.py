@@ -32,7 +32,7 @@ from rke2certd.datastore.base import (
     Snapshot,
     WatchCompacted,
 )
-from rke2certd.errors import DatastoreError, TokenError
+from rke2certd.errors import DatastoreError, Rke2certdError, TokenError
 from rke2certd.log import log
 from rke2certd.rollout.records import PLANNING
 from rke2certd.supervisor import CLUSTER_PATH, wire
@@ -80,6 +80,7 @@ class RemoteDatastore(Datastore):
     def _post(self, doc: dict[str, Any], timeout: float) -> dict[str, Any]:
         """One request, to the servers in the choice's order; the first answer counts."""
         problems: list[str] = []
+        failed: set[str] = set()  # the servers that did not answer this request
         mismatch: TokenError | None = None
         token, trust, password = self._token(), self._trust(), self._node_password()
         moves = self.choice.moves  # a move while this request is out makes its answer late
@@ -98,15 +99,20 @@ class RemoteDatastore(Datastore):
                 )
             except UnreachableError as exc:
                 problems.append(str(exc))
+                failed.add(url)
                 continue
             except TokenError as exc:  # this server serves a CA we do not trust (yet)
                 mismatch = mismatch or exc
+                failed.add(url)
                 continue
             crowded = answer.get("crowded") is True  # served; the next request goes elsewhere
             if crowded:
                 self.choice.crowded(url, time.monotonic())
+            before = self.choice.current  # (a move since `moves` makes answered() None)
             if not crowded and self.choice.answered(url, moves) is not None:
                 home = url == self.choice.preferred
+                if home and before not in failed:  # it kept a place for us there
+                    self._leave(before)
                 log.info(
                     "server_chosen",
                     node=self.node_name,
@@ -120,6 +126,30 @@ class RemoteDatastore(Datastore):
         if mismatch is not None:
             raise mismatch
         raise UnreachableError("; ".join(problems))
+
+    def _leave(self, url: str) -> None:
+        """Tell `url` this agent went home, in the background: the place it kept for us goes to
+        the next agent at once (cluster_api.py), not when it stops expecting us. Best effort: a
+        server that does not answer, or does not know the operation, frees it in time anyway."""
+
+        def leave() -> None:
+            try:
+                post_json(
+                    [url],
+                    self._token(),
+                    self._trust(),
+                    CLUSTER_PATH,
+                    {"op": "leave"},
+                    self.node_name,
+                    node_password=self._node_password(),
+                    timeout=self.timeout,
+                    pool=self._connections,
+                )
+            except Rke2certdError as exc:
+                log.debug("server_leave_failed", server_url=url, reason=str(exc))
+
+        if not self._closed.is_set():
+            threading.Thread(target=leave, name="rke2certd-leave", daemon=True).start()
 
     def _call(self, doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         try:

@@ -21,15 +21,11 @@ from rke2certd.node.node import Node
 from rke2certd.plan.rollout import Member, Phase, Registration, Slot
 from rke2certd.rollout import records as rec
 from rke2certd.rollout.cluster_store import ClusterStore
-from rke2certd.supervisor import MAX_CONNECTIONS
+from rke2certd.supervisor import MAX_CONNECTIONS, wire
 from rke2certd.supervisor.choice import ServerChoice, preferred_order
-from rke2certd.supervisor.cluster_api import (
-    HOME_SEEN_SECONDS,
-    ClusterAPI,
-    ClusterRefused,
-    ServedCA,
-)
+from rke2certd.supervisor.cluster_api import ClusterAPI, ClusterRefused, ServedCA
 from rke2certd.supervisor.fleet_limits import MIN_HOME, fleet_limits
+from rke2certd.supervisor.home import SEEN_SECONDS as HOME_SEEN_SECONDS
 from rke2certd.supervisor.remote import RemoteDatastore
 from rke2certd.supervisor.server import start
 from tests.harness.wait import HANG, in_background, wait_for
@@ -104,6 +100,7 @@ def test_a_crowded_server_is_avoided_for_a_while() -> None:
     choice = ServerChoice(URLS, prefer_again=30)
     assert choice.order(0) == URLS
     choice.crowded(URLS[0], 0)  # home has its share: the next in rank, not home
+    assert choice.avoids(URLS[0], 0) and not choice.avoids(URLS[1], 0)
     assert choice.order(1)[0] == URLS[1]
     assert choice.answered(URLS[1]) == URLS[1]
     choice.crowded(URLS[1], 2)  # that one too: the third, then the crowded ones
@@ -116,10 +113,11 @@ def test_a_crowded_server_is_avoided_for_a_while() -> None:
     assert choice.order(41)[0] == URLS[0]  # home tried again once it is not avoided
 
 
-def test_a_server_takes_a_tenth_over_its_share_as_its_own() -> None:
+def test_a_server_takes_a_twentieth_over_its_share_as_its_own() -> None:
     assert fleet_limits(10, 3, 1024).home == MIN_HOME  # a small fleet: the hash alone
-    assert fleet_limits(103, 3, 1024).home == 37  # 34.3 each; at most 37, so at least 29
-    assert fleet_limits(1003, 3, 1 << 20).home == 367
+    assert fleet_limits(103, 3, 1024).home == 36  # 34.3 each; at most 36, so at least 31
+    assert fleet_limits(303, 3, 1024).home == 106  # 101 each; at least 91
+    assert fleet_limits(1003, 3, 1 << 20).home == 351  # 334.3 each; at least 301
 
 
 def test_the_endpoint_counts_its_own_agents(tmp_path: Path) -> None:
@@ -154,6 +152,39 @@ def test_a_full_server_keeps_the_agents_that_rank_it_highest(tmp_path: Path) -> 
 FAILED_OVER = [("f1", 1), ("f2", 2), ("f3", 2)]
 
 
+def test_an_agent_that_left_frees_its_place_at_once(tmp_path: Path) -> None:
+    """`leave` (an agent gone home) frees its place for the next agent now, not when it stops
+    being expected; leaving is not a request that takes a place, and only frees the caller's."""
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=1)
+        assert "crowded" not in api.handle("a1", {"op": "generation", "rank": 1})
+        assert api.handle("a2", {"op": "generation", "rank": 1})["crowded"] is True
+        assert api.handle("a2", {"op": "leave", "rank": 1}) == {"had": False}  # not a place
+        assert api.handle("a2", {"op": "generation", "rank": 1})["crowded"] is True
+        assert api.handle("a1", {"op": "leave"}) == {"had": True}
+        assert "crowded" not in api.handle("a2", {"op": "generation", "rank": 1})
+        assert "crowded" not in api.handle("a1", {"op": "generation", "rank": 0})  # ranks higher
+        assert api.handle("a2", {"op": "generation", "rank": 1})["crowded"] is True  # replaced
+
+
+def test_a_long_poll_that_ends_after_the_agent_left_gives_it_no_place(
+    tmp_path: Path,
+) -> None:
+    """An agent is counted as its request arrives: the answer to a long poll that ends after
+    the agent went home and left does not bring it back as one of this server's own."""
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=1)
+        rev = ds.snapshot(rec.PREFIX).revision
+        watch = {"op": "watch", "prefix": wire.key_out(rec.PREFIX), "start_revision": rev + 1}
+        watch["rank"] = 1
+        poll = in_background(lambda: api.handle("a1", watch))
+        wait_for(lambda: api._watching > 0, "the poll held")
+        assert api.handle("a1", {"op": "leave"}) == {"had": True}  # gone home meanwhile
+        ds.put(rec.member_key("other"), b"{}")  # the poll ends
+        assert "crowded" not in poll.result()
+        assert "crowded" not in api.handle("a2", {"op": "generation", "rank": 1})  # a1's place
+
+
 def test_a_rank_that_is_not_a_place_is_refused(tmp_path: Path) -> None:
     with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
         api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=2)
@@ -161,7 +192,7 @@ def test_a_rank_that_is_not_a_place_is_refused(tmp_path: Path) -> None:
             with pytest.raises(ClusterRefused) as caught:
                 api.handle("a1", {"op": "generation", "rank": bad})
             assert caught.value.status == 400 and "rank" in caught.value.reason
-        assert not api._own  # nothing changed
+        assert len(api._home) == 0  # nothing changed
         assert api.handle("a1", {"op": "generation", "rank": 1})["generation"] is None
         assert api.handle("a1", {"op": "generation"})["generation"] is None  # older agents
 
@@ -363,6 +394,78 @@ def test_a_crowded_server_sends_the_agents_beyond_its_share_to_their_next(
     finally:
         for end in ends:
             end.stop()
+
+
+class _OlderAPI(ClusterAPI):
+    """A server from before `leave`: it answers it as an unknown operation (400)."""
+
+    _op_leave = None
+
+
+@pytest.mark.parametrize("older", [False, True], ids=["leave", "older-server"])
+def test_an_agent_gone_home_frees_its_place_on_the_other_server(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+    events: list[dict[str, Any]],
+    older: bool,
+) -> None:
+    """Two real endpoints taking one agent each. x prefers the first, which is down when it
+    starts: the second takes it as its own. The first returns; x goes home and tells the
+    second it left, so y (which also prefers the first, told it is crowded there) finds x's
+    place free on the second at once, not after HOME_SEEN_SECONDS: before, agents that had
+    failed over and gone home kept places on every server, and those that had to move were
+    told everywhere that it was crowded, and stayed, past their server's share. A server that
+    does not know `leave` costs the agent nothing: x is home all the same."""
+    served = lambda: ServedCA.on_disk(server.node.layout)  # noqa: E731
+    api = ClusterAPI(store, lambda: NOW, served, home=1)
+    other = (_OlderAPI if older else ClusterAPI)(store, lambda: NOW, served, home=1)
+    first = start(server.node, host=HOST, port=0, cluster=api)
+    running = [first]
+    try:
+        second = start(server.node, host=HOST, port=0, cluster=other)
+        running.append(second)
+        node: Node = agent_factory("agent-x", supervisor_port=first.port)
+        renew_agent(node)
+
+        def agent(name: str, prefer_again: float) -> RemoteDatastore:
+            return RemoteDatastore(
+                [first.url, second.url],
+                lambda: server.agent_token,
+                lambda: trusted_bundle(node),
+                name,
+                node_password=lambda: "0" * 32,
+                prefer_again=prefer_again,
+            )
+
+        running.remove(first)
+        first.stop()
+        x = agent("x", prefer_again=0)
+        assert x.get(rec.node_key("x")) is None
+        assert x.choice.current == second.url and len(other._home) == 1
+        first = start(server.node, host=HOST, port=first.port, cluster=api)  # it returns
+        running.append(first)
+        assert x.get(rec.node_key("x")) is None
+        assert x.choice.current == first.url  # home
+        if older:  # refused as unknown, in the background: the place stays until not seen
+            wait_for(
+                lambda: any(e["event"] == "server_leave_failed" for e in events),
+                "the leave refused by the older server",
+            )
+            assert len(other._home) == 1 and x.choice.current == first.url
+            return
+        wait_for(lambda: len(other._home) == 0, "x's place on the second server freed")
+        y = agent("y", prefer_again=3600)
+        assert y.get(rec.node_key("y")) is None  # served, and told the first is crowded
+        assert y.choice.current == first.url
+        assert y.get(rec.node_key("y")) is None  # the second: x's place
+        assert y.choice.current == second.url and len(other._home) == 1
+        assert y.get(rec.node_key("y")) is None
+        assert y.choice.current == second.url  # settled: not told it is crowded there
+        assert not [e for e in events if e["event"] == "server_leave_failed"]
+    finally:
+        for handle in running:
+            handle.stop()
 
 
 def test_agents_that_failed_over_give_way_to_those_that_prefer_the_server(
