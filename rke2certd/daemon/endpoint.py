@@ -4,6 +4,7 @@ fleet's size, stopped before a reload or the stop."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -74,11 +75,18 @@ class Endpoint:
             self.error = str(exc)
             log.error("supervisor_failed", port=cfg.supervisor_port, reason=str(exc))
 
+    def deadline(self) -> float:
+        """When the limits follow the fleet again (monotonic; inf: no cluster route). The main
+        loop wakes for it: a fleet that joins changes nothing a server's rollout waits on."""
+        return self._next_limits if self._api is not None else math.inf
+
     def follow_fleet(self, ds: Datastore | None) -> None:
         """When due: the limits for the fleet's size now."""
-        if self._api is None or ds is None or time.monotonic() < self._next_limits:
+        if self._api is None or time.monotonic() < self._next_limits:
             return
-        self._next_limits = time.monotonic() + self.limits_every
+        self._next_limits = time.monotonic() + self.limits_every  # (the loop's deadline)
+        if ds is None:
+            return
         limits = self._fleet_limits(ds)
         self._api.resize(limits.connections, limits.watches, limits.home)
 
@@ -100,11 +108,16 @@ class Endpoint:
         open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         limits = fleet_limits(agents, servers, open_files if open_files > 0 else 1024)
         old = self._limits
-        if old is None or (old.connections, old.watches) != (limits.connections, limits.watches):
+        if old is None or (old.connections, old.watches, old.home) != (
+            limits.connections,
+            limits.watches,
+            limits.home,
+        ):
             log.info(
                 "supervisor_limits",
                 connections=limits.connections,
                 watches=limits.watches,
+                home=limits.home,
                 reason=limits.reason,
             )
         self._limits = limits

@@ -16,7 +16,10 @@ import pytest
 
 from rke2certd.pki import certs
 from rke2certd.pki.join_token import ca_hash, parse_token
+from rke2certd.plan.rollout import Member, Phase
+from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.supervisor.choice import preferred_order
+from rke2certd.supervisor.fleet_limits import fleet_limits
 from tests.harness.cluster import NodeSpec, SimCluster
 
 from .checks import assert_order, statuses, view, wait_rollout
@@ -174,6 +177,33 @@ def test_agents_move_when_the_server_most_use_dies_mid_rollout(
     cluster.wait_for(
         lambda: all((busiest, True) in moves(a) for a in movers), 60, "the agents moved back"
     )
+
+
+def test_a_servers_limits_follow_a_fleet_that_joins_while_nothing_else_happens(
+    sim_sqlite: ClusterFactory,
+) -> None:
+    """A fleet joining wakes nothing a server's rollout waits on, and this server's rollout
+    reads are an hour apart (RKE2CERTD_RECHECK_SECONDS in the harness): its limits still follow
+    the fleet on their own schedule (every RKE2CERTD_LIMITS_SECONDS, here 1 s), `home` (the
+    agents it takes as its own, fleet_limits.py) among them, logged."""
+    every = {"RKE2CERTD_LIMITS_SECONDS": "1"}
+    specs = [NodeSpec("e1", ("etcd",)), NodeSpec("c1", ("control-plane",), env=every)]
+    cluster = sim_sqlite(specs)
+    fleet = [f"x{i}" for i in range(60)]
+    with cluster.open_store() as ds:  # members that never run: only the fleet's size counts
+        store = ClusterStore(ds)
+        for name in fleet:
+            store.ensure_member(Member(name, ("agent",), Phase.AGENT))
+
+    def followed() -> list[dict[str, object]]:
+        return [
+            e
+            for e in cluster.nodes["c1"].log_events("supervisor_limits")
+            if str(e["reason"]).startswith("60 agent(s) over 2 server(s)")
+        ]
+
+    event = cluster.wait_for(followed, 60, "c1's limits for 60 agents")[0]
+    assert event["home"] == fleet_limits(60, 2, 1 << 16).home == 31  # a twentieth over 30
 
 
 def _agent_port(cluster: SimCluster) -> int:
