@@ -20,10 +20,10 @@ limit is what they need; all the room there is when the host caps it).
 Spread. Each agent's preferred server is a hash of its name (choice.py), even only on average
 (a hundred agents over three servers: about 33 +- 5 each; sim-0000..sim-0099 land 22/36/42).
 So a server takes as its own
-at most `home` agents, a tenth over its fair share (never fewer than MIN_HOME: a small fleet
+at most `home` agents, a twentieth over its fair share (never fewer than MIN_HOME: a small fleet
 goes by the hash alone), those that prefer it first; it serves the others too, and tells them
 it is crowded, so that they use their next server (cluster_api.py). With every server up,
-no server then holds more than a tenth over its share, so none less than a fifth under it
+no server then holds more than a twentieth over its share, so none less than a tenth under it
 (with three).
 
 Beyond the limits the server pushes back, and agents retry, never fail: a long poll beyond its
@@ -63,5 +63,5 @@ def fleet_limits(agents: int, servers: int, open_files: int) -> Limits:
         f"{agents} agent(s) over {servers} server(s): up to {share} here with one server down; "
         f"the host allows {capacity} connections"
     )
-    home = max(MIN_HOME, agents * 11 // (10 * max(1, servers)))
+    home = max(MIN_HOME, agents * 21 // (20 * max(1, servers)))
     return Limits(connections, connections * 3 // 4, reason, home)
