@@ -224,7 +224,18 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             cluster.wait_for(
                 lambda: names <= set(store.read().view.live), 300, "every agent registered"
             )
-        time.sleep(2 * float(SERVER_ENV["RKE2CERTD_LIMITS_SECONDS"]))  # limits follow the fleet
+        fleet = f"{len(names)} agent(s) over {len(SERVERS)} server(s)"
+
+        def followed() -> bool:  # each server's limits (its share of agents) for the fleet
+            return all(
+                any(
+                    str(e.get("reason", "")).startswith(fleet)
+                    for e in cluster.nodes[s].log_events("supervisor_limits")
+                )
+                for s in SERVERS
+            )
+
+        cluster.wait_for(followed, 120, "the servers' limits for the fleet")
 
         server_of = {u: s for s, a in cluster.addresses.items() for u in [f"https://{a}:{port}"]}
 
@@ -253,6 +264,12 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
             flush=True,
         )
         per_server = Counter(server_of[a.remote.choice.current] for a in sims)
+        if opts.verbose:  # each server's simulated agents by where it is in their rank
+            for url, s in sorted(server_of.items(), key=lambda x: x[1]):
+                on = [a.remote.choice for a in sims if a.remote.choice.current == url]
+                ranks = Counter(c.rank(url) for c in on)
+                avoided = sum(c.avoids(url, time.monotonic()) for c in on)
+                print(f"    {s}: by rank {dict(sorted(ranks.items()))}, avoiding it {avoided}")
         home = Counter(server_of[a.remote.choice.preferred] for a in sims)
         print(f"  N={n}: preferred servers (the hash alone): {dict(home)}", flush=True)
         for i in range(1, real + 1):  # a real agent: where its last move took it, else home
