@@ -337,7 +337,7 @@ class Daemon:
             deadlines.append(self.runner.deadline())
         if self.waiting.reason is None:  # (a waiting loop does not tick the rollouts)
             deadlines.append(self.endpoint.deadline())
-        if self.waiting.reason is not None:
+        else:
             deadlines.append(self.waiting.next_retry)
         return max(0.0, min(deadlines) - now)
 
