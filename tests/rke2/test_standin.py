@@ -219,3 +219,50 @@ def test_rotate_ca_checks_and_writes_the_bootstrap_key(cluster: Cluster, tmp_pat
     assert s1.stored_bootstrap()["ClientCA"] == before["ClientCA"]
     assert (s1.tls / "server-ca.crt").read_bytes() == disk
     assert validate(bs.read_from_disk(s1.server_dir), {}) == []
+
+
+def test_the_standins_etcd_client_waits_out_a_leader_election(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A member that answers 503 (no leader yet: a member of a two-server cluster just
+    restarted) is asked again, as etcd's own client retries `Unavailable`; any other error
+    answer fails at once, and a 503 that lasts fails after UNAVAILABLE_SECONDS. A real HTTP
+    server plays the member: no etcd can be made to hold an election on cue."""
+    import http.server
+    import json
+    import threading
+
+    from tests.harness.rke2 import etcd as standin_etcd
+
+    answers: list[int] = []
+
+    class Member(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            code = answers.pop(0) if answers else 200
+            body = json.dumps({"kvs": []} if code == 200 else {"error": "no leader"}).encode()
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Member)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = standin_etcd.EtcdClient([f"http://127.0.0.1:{server.server_port}"], None)
+        answers[:] = [503, 503]
+        assert client.get("/bootstrap/x") is None and answers == []  # the third answered
+        answers[:] = [400, 503]
+        with pytest.raises(ConnectionError, match="400"):
+            client.get("/bootstrap/x")
+        assert answers == [503]  # not asked again
+        monkeypatch.setattr(standin_etcd, "UNAVAILABLE_SECONDS", 0.0)
+        answers[:] = [503] * 3
+        with pytest.raises(ConnectionError, match="503"):
+            client.get("/bootstrap/x")
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -23,6 +23,8 @@ from typing import Any
 
 from tests.harness.etcd import ELECTION_MS, HEARTBEAT_MS, etcd_bin_dir, free_ports
 
+UNAVAILABLE_SECONDS = 30.0  # how long a 503 (no leader) is retried
+
 
 def _b64(s: str | bytes) -> str:
     return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
@@ -49,22 +51,34 @@ class EtcdClient:
         self.tls = tls
 
     def _post(self, path: str, body: dict[str, Any], timeout: float = 5) -> dict[str, Any]:
-        last: Exception | None = None
+        """Each endpoint in turn. While some member answers 503 (no leader: a member of a small
+        cluster just restarted, an election in progress), the round is tried again for up to
+        UNAVAILABLE_SECONDS, as etcd's own client retries `Unavailable`; a member that does not
+        answer at all is an error at once."""
         ctx = self.tls.context() if self.tls else None
-        for ep in self.endpoints:
-            req = urllib.request.Request(
-                ep + path,
-                data=json.dumps(body).encode(),
-                method="POST",
-                headers={"Content-Type": "application/json"},
-            )
-            try:
-                with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
-                    result: dict[str, Any] = json.load(resp)
-                    return result
-            except (OSError, urllib.error.URLError) as exc:
-                last = exc
-        raise ConnectionError(f"no etcd endpoint answered {path}: {last}")
+        deadline, pause = time.monotonic() + UNAVAILABLE_SECONDS, 0.05
+        while True:
+            last: Exception | None = None
+            unavailable = False
+            for ep in self.endpoints:
+                req = urllib.request.Request(
+                    ep + path,
+                    data=json.dumps(body).encode(),
+                    method="POST",
+                    headers={"Content-Type": "application/json"},
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
+                        result: dict[str, Any] = json.load(resp)
+                        return result
+                except urllib.error.HTTPError as exc:
+                    last, unavailable = exc, unavailable or exc.code == 503
+                except (OSError, urllib.error.URLError) as exc:
+                    last = exc
+            if not unavailable or time.monotonic() > deadline:
+                raise ConnectionError(f"no etcd endpoint answered {path}: {last}")
+            time.sleep(pause)  # a backoff while etcd elects a leader, not a synchronisation
+            pause = min(1.0, pause * 2)
 
     def get(self, key: str, serializable: bool = False) -> bytes | None:
         body: dict[str, Any] = {"key": _b64(key)}
