@@ -35,7 +35,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -103,7 +103,7 @@ class ClusterAPI:
     served: Callable[[], ServedCA]
     max_watches: int = MAX_WATCHES
     max_connections: int = MAX_CONNECTIONS  # the endpoint's (limits.py: from the fleet)
-    home: int = MIN_HOME  # agents taken as this server's own (fleet_limits.py)
+    home: InitVar[int] = MIN_HOME  # agents taken as this server's own (fleet_limits.py)
     availability: Availability = field(default_factory=Availability)  # the config's policy
     hub: WatchHub | None = None  # the server's one watch for all long polls (started by owner)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -116,15 +116,16 @@ class ClusterAPI:
     # decode only the records that changed (records.Decoded depends on nothing but each KV)
     _store: ClusterStore = field(init=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, home: int) -> None:
         self._store = ClusterStore(self.ds)
-        self._home = Home(self.home)
+        self._home = Home(home)
 
     def resize(self, connections: int, watches: int, home: int | None = None) -> None:
         """New limits (limits.py, as the fleet grows or shrinks); polls in progress go on."""
         with self._lock:
             self.max_connections, self.max_watches = connections, watches
-            self.home = self._home.size = self.home if home is None else home
+            if home is not None:
+                self._home.size = home
             for hook in self._resize_hooks:
                 hook(connections)
 
