@@ -64,7 +64,7 @@ class ServerChoice:
 
     def order(self, now: float) -> list[str]:
         with self._lock:
-            free = [u for u in self.ranked if self._avoid.get(u, 0.0) <= now]
+            free = [u for u in self.ranked if not self._avoided(u, now)]
             first = self.current
             if first not in free and free:
                 first = free[0]  # crowded: the next server in rank that is not
@@ -86,7 +86,10 @@ class ServerChoice:
     def avoids(self, url: str, now: float) -> bool:
         """Whether `url` said lately that it is crowded (tried last until `prefer_again`)."""
         with self._lock:
-            return self._avoid.get(url, 0.0) > now
+            return self._avoided(url, now)
+
+    def _avoided(self, url: str, now: float) -> bool:  # (under the lock)
+        return self._avoid.get(url, 0.0) > now
 
     def answered(self, url: str, moves: int | None = None) -> str | None:
         """`url` answered a request sent after `moves` moves; the server moved to, if this is a
