@@ -62,6 +62,12 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
     of `kvs`; `active`: a rollout is in progress), or None (read everything).
 
     Idle with no rollout in progress: the rollout records (a new one is what it waits for).
+    Idle in a rollout in progress (done with it, or not in it): a server reads everything (its
+    status line says the rollout's phase, and it keeps house for the cluster); an agent looks
+    at the rollout records (agents restart last: once done, its line says the agents' phase
+    until the record moves) and reads everything every LOOKS_PER_READ looks, as a waiter does.
+    A thousand done agents each reading the whole fleet every RECHECK, while the rest of the
+    line restarted, cost the servers (and at 1000 agents, each hand-off) work in N per look.
     Waiting: the rollout records, and what ends its wait: the status of each node of a barrier
     or of the node ahead in line (it reports, or is skipped); for a queue, the slots the node
     ahead holds (it takes one: the next may take another); for a slot wait, the slots of its
@@ -69,7 +75,9 @@ def look_for(step: Step, phase: Phase, active: bool, kvs: Iterable[KV]) -> Look 
     to apply, restart, or take a slot): everything. A queue that looked at every slot of its
     phase would read everything at each hand-off up the line: in a long line, every look."""
     if isinstance(step, Idle):
-        return None if active else _look((rec.ROLLOUTS,), (), kvs, None)
+        if not active:
+            return _look((rec.ROLLOUTS,), (), kvs, None)
+        return _look((rec.ROLLOUTS,), (), kvs) if phase is Phase.AGENT else None
     if not isinstance(step, Wait):
         return None
     slots = f"{rec.SLOTS}{phase.value}/"

@@ -7,13 +7,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from rke2certd.commands.agent_rollout import remote_store
 from rke2certd.datastore.sqlite import SQLiteDatastore
 from rke2certd.node.node import Node
-from rke2certd.plan.rollout import PHASES, Member, NodeState, NodeStatus, Phase, Registration, Slot
+from rke2certd.plan.rollout import (
+    PHASES,
+    Member,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Registration,
+    RolloutState,
+    Slot,
+)
 from rke2certd.roles.agent import AgentRollout
 from rke2certd.rollout.cluster_store import ClusterStore
 from rke2certd.rollout.create import ca_rollout, start
@@ -25,6 +35,23 @@ from .helpers import ServerNode, renew_agent, start_cluster_endpoint
 from .test_cluster_route import _count_calls
 
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
+
+
+def _reads(remote: RemoteDatastore) -> list[str]:
+    """`remote`'s requests from now on, a planning read ("everything": the range the rules
+    read) told from a look at one prefix ("look"); the real requests still go out."""
+    ops: list[str] = []
+    send = remote._call
+
+    def counted(doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        if doc["op"] == "snapshot":
+            ops.append("everything" if "end" in doc else "look")
+        else:
+            ops.append(doc["op"])
+        return send(doc, timeout)
+
+    remote._call = counted  # type: ignore[method-assign]
+    return ops
 
 
 @pytest.fixture
@@ -160,3 +187,58 @@ def test_an_agent_waiting_in_line_looks_at_its_wait_alone(
         runner.next_check = 0.0
         runner.tick()
         assert ops == ["snapshot"]  # the full read alone, each time
+
+
+def test_an_agent_done_in_a_rollout_in_progress_looks_at_the_rollout_records(
+    agent_remote: tuple[Node, RemoteDatastore], store: SQLiteDatastore
+) -> None:
+    """Done with its restart while the rest of the line goes on: its periodic look reads the
+    rollout records alone, and everything only every LOOKS_PER_READ looks or when the records
+    move (the rollout ends). Its status line says the agents' phase all along."""
+    servers = ClusterStore(store)
+    lease = store.grant_lease(600)
+    names = ["e1", "agent-1"] + [f"other-{i}" for i in range(50)]
+    for name in names:
+        phase = Phase.ETCD if name == "e1" else Phase.AGENT
+        roles = ("etcd",) if name == "e1" else ("agent",)
+        servers.ensure_member(Member(name, roles, phase))
+        if name != "agent-1":
+            servers.register(Registration(name, roles, phase), lease)
+    r, _ = start(store, ca_rollout("g2", None, "e1", "test", NOW), NOW)
+    servers.set_status(r, NodeStatus("e1", NodeState.DONE, "", "g2", NOW))
+    servers.set_status(r, NodeStatus("agent-1", NodeState.DONE, "", "g2", NOW))
+    for i in range(50):  # still in line
+        servers.set_status(r, NodeStatus(f"other-{i}", NodeState.APPLIED, "", "g2", NOW))
+
+    node, remote = agent_remote
+    role = AgentRollout(
+        remote, apply=lambda r: ApplyOutcome(r.ca_generation), generation=lambda: "g2"
+    )
+    runner = RolloutRunner(node, remote, role, clock=lambda: NOW, wake=lambda: None)
+    runner._register(remote.grant_lease(30))
+    runner.tick()
+    assert runner.waiting is None  # done: nothing to wait for
+    assert runner.activity == "rollout ca-g2 in phase agent; this node is done with it"
+
+    ops = _reads(remote)
+    for _ in range(LOOKS_PER_READ - 1):
+        runner.next_check = 0.0
+        runner.tick()
+    assert ops == ["look"] * (LOOKS_PER_READ - 1)  # the rollout records alone
+    # another agent's turn: its status moves, and this one does not read the fleet for it
+    servers.set_status(r, NodeStatus("other-0", NodeState.DONE, "", "g2", NOW))
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()  # the last look of its count
+    runner.next_check = 0.0
+    runner.tick()  # then everything
+    assert ops == ["look", "everything"]
+    assert runner.activity == "rollout ca-g2 in phase agent; this node is done with it"
+
+    # the rollout ends (its record moves): the next look reads everything
+    assert servers.finish(r.id, RolloutState.DONE, "all done", NOW)
+    ops.clear()
+    runner.next_check = 0.0
+    runner.tick()
+    assert ops == ["look", "everything"]  # looked, then read it all
+    assert runner.activity == "no rollout in progress"

@@ -56,9 +56,22 @@ def test_an_idle_node_looks_at_the_rollout_records_without_limit() -> None:
     assert look.next() is look  # never a full read for its own sake
 
 
-def test_idle_in_a_rollout_in_progress_reads_everything() -> None:
-    # done with it, but the rollout's progress is what its status line says
-    assert look_for(Idle(), Phase.AGENT, True, FLEET) is None
+def test_a_server_idle_in_a_rollout_in_progress_reads_everything() -> None:
+    # done with it, but the rollout's progress is what its status line says, and it keeps house
+    for phase in (Phase.ETCD, Phase.CONTROL_PLANE):
+        assert look_for(Idle(), phase, True, FLEET) is None
+
+
+def test_an_agent_idle_in_a_rollout_in_progress_looks_at_the_rollout_records() -> None:
+    # a fleet's done agents do not read the whole fleet at each recheck while the line goes on
+    # (their status line says the agents' phase until the rollout record moves); a full read
+    # every LOOKS_PER_READ looks, as a waiter's, covers what only a full read sees
+    look = look_for(Idle(), Phase.AGENT, True, FLEET)
+    assert look is not None
+    assert (look.prefixes, look.keys, look.left) == ((rec.ROLLOUTS,), (), LOOKS_PER_READ)
+    assert look.marks == {(rec.rollout_key("ca-g2"), 10)}
+    moved = [kv if kv.key != rec.rollout_key("ca-g2") else _kv(kv.key, 99) for kv in FLEET]
+    assert look.seen(moved) != look.marks  # the rollout finished or stopped: a full read
 
 
 def test_a_queue_waiter_looks_at_the_node_ahead_and_the_slots_it_holds() -> None:
