@@ -12,7 +12,7 @@ agent speaks the agent protocol as a real one does, with the same code: the remo
 over the endpoint (its own server choice, lease refreshes, long-poll watch) and the rollout
 runner (registration, statuses, slots, its restart as an instant command); only its apply step
 is lighter (adopt the rotated CA by the chain it holds, one CSR) and it holds no files; their
-timers share one thread. Restarts and health gates are instant (`true`): what is measured is
+timers share one thread, and they share the decoding of the records they read. Restarts and health gates are instant (`true`): what is measured is
 rke2certd's own work. This process's own CPU per agent is printed beside the servers', so that
 a reader sees the generator is not the bottleneck.
 
@@ -67,7 +67,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import structlog  # noqa: E402
-from loadgen import POOLS, GcPauses, SimAgent, Timers, address, again, own_addresses  # noqa: E402
+from loadgen import (  # noqa: E402
+    POOLS,
+    GcPauses,
+    SimAgent,
+    Timers,
+    address,
+    again,
+    own_addresses,
+    share_decoding,
+)
 
 from rke2certd.commands.agent import supervisor_urls  # noqa: E402
 from rke2certd.config import Config  # noqa: E402
@@ -496,6 +505,7 @@ def main() -> int:
         )
     sizes = [int(s) for s in opts.sizes.split(",") if s.strip()]
     own_addresses()
+    share_decoding()
     print(
         f"bench_fleet: 3 servers on {opts.datastore}, sizes {sizes} simulated agents "
         f"+ {opts.real_agents} real"

@@ -11,7 +11,8 @@ holds, one CSR), and it holds no files.
 What makes a thousand of them fit on a small machine: a real agent has a thread for its main
 loop, one for its lease and one for its long poll; here the main loops' ticks and the lease
 refreshes of every agent run from one heap of deadlines (`Timers`) and a small pool, and only
-the long polls (each blocked in a server for up to 25 s) keep a thread each.
+the long polls (each blocked in a server for up to 25 s) keep a thread each. And they share
+the decoding of the records they read (`share_decoding`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ from cryptography.x509.oid import NameOID
 from rke2certd.clock import system_clock
 from rke2certd.commands.agent import supervisor_urls
 from rke2certd.config import Config
-from rke2certd.datastore.base import DatastoreUnavailable, LeaseNotFound
+from rke2certd.datastore.base import KV, DatastoreUnavailable, LeaseNotFound
 from rke2certd.log import log
 from rke2certd.node.node import Node
 from rke2certd.pki import keys
 from rke2certd.plan.next_step import waiting_line  # who is next in line (which pool)
 from rke2certd.plan.rollout import Phase, Restart, Rollout, Step, TakeSlot, Wait
 from rke2certd.roles.agent import AgentRollout
+from rke2certd.rollout import records
 from rke2certd.rollout.link import ClusterLink
 from rke2certd.rollout.runner import ApplyOutcome, RolloutRunner
 from rke2certd.supervisor import NODE_NAME_HEADER, cert_route
@@ -107,6 +109,34 @@ def again(call: Callable[[], T]) -> T:
             # back-pressure: retry later (a join slower than its lease's TTL takes a new one)
             time.sleep(pause * random.uniform(0.5, 1.0))
             pause = min(10.0, pause * 2)
+
+
+# A record's decoding depends on its key-value alone, so simulated agents reading the same
+# key-value share one decoding. Measured at 1000 agents: every agent catches up on the whole
+# fleet's keys once or twice in a rollout (the members and statuses written since its last
+# full read), 2.4 million key-values decoded at about 20 us each, all in this one process,
+# where a real fleet decodes them on a thousand machines. Bounded: cleared when full.
+_DECODED: dict[tuple[str, bytes, int, int], records.Record | None] = {}
+_DECODED_MAX = 100_000
+
+
+def _shared_decode(kv: KV) -> records.Record | None:
+    key = (kv.key, kv.value, kv.mod_revision, kv.create_revision)
+    record = _DECODED.get(key, _MISSING)
+    if record is _MISSING:
+        if len(_DECODED) >= _DECODED_MAX:
+            _DECODED.clear()
+        record = _DECODED[key] = _decode(kv)
+    return record  # type: ignore[return-value]  # not _MISSING here
+
+
+_MISSING = object()
+_decode = records.decode
+
+
+def share_decoding() -> None:
+    """From now on, every simulated agent's reads decode each key-value once (`_DECODED`)."""
+    records.decode = _shared_decode
 
 
 class GcPauses:
