@@ -12,9 +12,10 @@ agent speaks the agent protocol as a real one does, with the same code: the remo
 over the endpoint (its own server choice, lease refreshes, long-poll watch) and the rollout
 runner (registration, statuses, slots, its restart as an instant command); only its apply step
 is lighter (adopt the rotated CA by the chain it holds, one CSR) and it holds no files; their
-timers share one thread, and they share the decoding of the records they read. Restarts and health gates are instant (`true`): what is measured is
-rke2certd's own work. This process's own CPU per agent is printed beside the servers', so that
-a reader sees the generator is not the bottleneck.
+timers share one thread, and they share the decoding of the records they read. Restarts and
+health gates are instant (`true`): what is measured is rke2certd's own work. This process's
+own CPU per agent is printed beside the servers', so that a reader sees the generator is not
+the bottleneck.
 
 Per size, in order:
 - join: the N agents start (20 at a time) with one CSR each; their latency is reported apart
