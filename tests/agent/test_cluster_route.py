@@ -93,13 +93,16 @@ def test_an_agent_takes_part_through_the_endpoint(
         remote.refresh_lease(lease)
 
 
-def _count_calls(remote: RemoteDatastore) -> list[str]:
-    """The operations `remote` sends from now on (the real requests still go out)."""
+def _count_calls(
+    remote: RemoteDatastore, label: Callable[[dict[str, Any]], str] = lambda doc: doc["op"]
+) -> list[str]:
+    """The operations `remote` sends from now on, each as `label` names it (its op unless
+    told); the real requests still go out."""
     ops: list[str] = []
     send = remote._call
 
     def counted(doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        ops.append(doc["op"])
+        ops.append(label(doc))
         return send(doc, timeout)
 
     remote._call = counted  # type: ignore[method-assign]

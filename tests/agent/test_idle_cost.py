@@ -37,21 +37,12 @@ from .test_cluster_route import _count_calls
 NOW = datetime(2030, 1, 2, tzinfo=UTC)
 
 
-def _reads(remote: RemoteDatastore) -> list[str]:
-    """`remote`'s requests from now on, a planning read ("everything": the range the rules
-    read) told from a look at one prefix ("look"); the real requests still go out."""
-    ops: list[str] = []
-    send = remote._call
-
-    def counted(doc: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        if doc["op"] == "snapshot":
-            ops.append("everything" if "end" in doc else "look")
-        else:
-            ops.append(doc["op"])
-        return send(doc, timeout)
-
-    remote._call = counted  # type: ignore[method-assign]
-    return ops
+def _read_kind(doc: dict[str, Any]) -> str:
+    """A planning read ("everything": the range the rules read) told from a look at one
+    prefix ("look"); any other request by its op."""
+    if doc["op"] == "snapshot":
+        return "everything" if "end" in doc else "look"
+    return str(doc["op"])
 
 
 @pytest.fixture
@@ -220,7 +211,7 @@ def test_an_agent_done_in_a_rollout_in_progress_looks_at_the_rollout_records(
     assert runner.waiting is None  # done: nothing to wait for
     assert runner.activity == "rollout ca-g2 in phase agent; this node is done with it"
 
-    ops = _reads(remote)
+    ops = _count_calls(remote, _read_kind)
     for _ in range(LOOKS_PER_READ - 1):
         runner.next_check = 0.0
         runner.tick()
