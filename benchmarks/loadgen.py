@@ -118,6 +118,8 @@ def again(call: Callable[[], T]) -> T:
 # where a real fleet decodes them on a thousand machines. Bounded: cleared when full.
 _DECODED: dict[tuple[str, bytes, int, int], records.Record | None] = {}
 _DECODED_MAX = 100_000
+_MISSING = object()
+_decode = records.decode  # the product's
 
 
 def _shared_decode(kv: KV) -> records.Record | None:
@@ -128,10 +130,6 @@ def _shared_decode(kv: KV) -> records.Record | None:
             _DECODED.clear()
         record = _DECODED[key] = _decode(kv)
     return record  # type: ignore[return-value]  # not _MISSING here
-
-
-_MISSING = object()
-_decode = records.decode
 
 
 def share_decoding() -> None:

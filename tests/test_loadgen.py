@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 from rke2certd.datastore.base import KV
-from rke2certd.plan.cluster_view import Member, NodeState, NodeStatus, Phase, Slot
+from rke2certd.plan.cluster_view import (
+    PHASES,
+    Member,
+    NodeState,
+    NodeStatus,
+    Phase,
+    Registration,
+    Rollout,
+    RolloutKind,
+    RolloutState,
+    Slot,
+)
 from rke2certd.rollout import records as rec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -32,6 +43,22 @@ def _kvs() -> list[KV]:
             9,
             9,
         ),
+        KV(
+            rec.node_key("a1"),
+            rec.encode_registration(Registration("a1", ("agent",), Phase.AGENT, registered=NOW)),
+            6,
+            6,
+        ),
+        KV(
+            rec.rollout_key("r1"),
+            rec.encode_rollout(
+                Rollout(
+                    "r1", RolloutKind.CA, "gen-1", PHASES, None, RolloutState.ACTIVE, "t", NOW, "e1"
+                )
+            ),
+            8,
+            8,
+        ),
         KV(rec.member_key("bad"), b"{not json", 3, 3),  # unreadable: its problem text
         KV(rec.PREFIX + "future/x", b"{}", 4, 4),  # a key this version does not know: None
     ]
@@ -43,8 +70,12 @@ def _empty() -> None:
 
 
 def test_shared_decoding_gives_what_the_product_decodes() -> None:
+    kinds = set()
     for kv in _kvs():
-        assert loadgen._shared_decode(kv) == rec.decode(kv)
+        record = loadgen._shared_decode(kv)
+        assert record == rec.decode(kv)
+        kinds.add(type(record))
+    assert kinds == {Member, NodeStatus, Slot, Registration, Rollout, str, type(None)}
 
 
 def test_an_equal_key_value_read_again_shares_the_first_decoding() -> None:
