@@ -22,8 +22,9 @@ Per size, in order:
   (a fleet starting at once is a burst, not the steady state); a server that pushes back is
   asked again after a pause, as a daemon does;
 - spread: agents per server once it has settled (no agent moved for two preferred-server-retry
-  periods, at most 3 minutes): from each agent's current server (real agents: their last
-  move, else their preferred); the hash's own spread is printed beside it;
+  periods, and none is on a server that told it lately that it is crowded: it is about to
+  move; at most 3 minutes): from each agent's current server (real agents: their last move,
+  else their preferred); the hash's own spread is printed beside it;
 - idle: the servers' CPU over `--idle` seconds with nothing to do, per agent (CPU seconds per
   agent per minute) after the endpoints' limits followed the fleet;
 - CSR: `--csr-rate` CSRs per second from random agents for `--csr-seconds`: p50/p99 latency;
@@ -253,12 +254,19 @@ def run_size(n: int, real: int, opts: argparse.Namespace) -> Result:
 
         # settled: agents that failed over while the servers were busy with the join are back
         # home (a try every preferred-server-retry), those beyond a crowded server's share on
-        # their next one: the counts stay the same for two retry periods
+        # their next one: the counts stay the same for two retry periods, and no agent is on
+        # a server that told it it is crowded (it moves at its next request)
         def counts() -> Counter[str]:
             return Counter(server_of[a.remote.choice.current] for a in sims)
 
+        def told_to_move() -> int:
+            at = time.monotonic()
+            return sum(a.remote.choice.avoids(a.remote.choice.current, at) for a in sims)
+
         settle, last, since = time.monotonic(), counts(), time.monotonic()
-        while time.monotonic() - since < 2 * RETRY_HOME and time.monotonic() - settle < 180:
+        while (
+            time.monotonic() - since < 2 * RETRY_HOME or told_to_move()
+        ) and time.monotonic() - settle < 180:
             time.sleep(1.0)  # the agents' own calls move them: only looking here
             now = counts()
             if now != last:

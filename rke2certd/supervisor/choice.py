@@ -78,10 +78,15 @@ class ServerChoice:
             rest = [u for u in self.ranked if u != first]
             return [first] + [u for u in rest if u in free] + [u for u in rest if u not in free]
 
-    def crowded(self, url: str, now: float) -> None:
-        """`url` answered that it has its share of agents: avoid it for a while."""
+    def crowded(self, url: str, now: float, moves: int | None = None) -> None:
+        """`url` answered a request sent after `moves` moves that it has its share of agents:
+        avoid it for a while. Not if the agent moved since: the server said so as the request
+        arrived, and a long poll's answer comes up to 25 s later, when the server may have
+        taken the agent as its own (it went home meanwhile). Heeded, the stale word sent the
+        agent away from its preferred server and back at the next try, every other try."""
         with self._lock:
-            self._avoid[url] = now + self.prefer_again
+            if moves is None or moves == self.moves:
+                self._avoid[url] = now + self.prefer_again
 
     def avoids(self, url: str, now: float) -> bool:
         """Whether `url` said lately that it is crowded (tried last until `prefer_again`)."""

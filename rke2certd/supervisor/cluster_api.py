@@ -16,7 +16,8 @@ by its node password before this module sees it, and never a server's: `node_aut
   agents on one server never take the connections that short requests need;
 - be told the server is crowded: an answer carries `"crowded": true` when the server already
   has its share of the fleet (`home`, fleet_limits.py) and this agent is not one of them (as
-  the request arrived: where the agent chose to send it); the agent then uses its next server
+  the request arrived: where the agent chose to send it; a long poll's answer leaves it out if
+  a later request of the agent took a place meanwhile); the agent then uses its next server
   (choice.py). It is served all the same: never refused. Each request says where this server
   is in the agent's rank (`rank`, 0: its preferred one), so that the agents that prefer a
   server are never kept out by others that merely failed over to it (home.py);
@@ -167,7 +168,9 @@ class ClusterAPI:
             raise ClusterRefused(404, f"lease not found: {exc}", wire.LEASE_NOT_FOUND) from None
         except WatchCompacted as exc:
             return {"compacted": exc.compact_revision}
-        if crowded:
+        # judged as the request arrived; a long poll ends up to MAX_WATCH_SECONDS later, and
+        # if a later request of the same agent took a place meanwhile, that word is stale
+        if crowded and not self._home.holds(node):
             result["crowded"] = True
         return result
 

@@ -56,6 +56,11 @@ class Home:
             own[node] = (now, rank)
             return False
 
+    def holds(self, node: str) -> bool:
+        """Whether `node` is one of this server's own now."""
+        with self._lock:
+            return node in self._own
+
     def left(self, node: str) -> bool:
         """`node` moved to another server: its place is free now. Whether it had one."""
         with self._lock:

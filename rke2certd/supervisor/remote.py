@@ -107,7 +107,7 @@ class RemoteDatastore(Datastore):
                 continue
             crowded = answer.get("crowded") is True  # served; the next request goes elsewhere
             if crowded:
-                self.choice.crowded(url, time.monotonic())
+                self.choice.crowded(url, time.monotonic(), moves)
             before = self.choice.current  # (a move since `moves` makes answered() None)
             if not crowded and self.choice.answered(url, moves) is not None:
                 home = url == self.choice.preferred

@@ -6,6 +6,7 @@ granted there."""
 from __future__ import annotations
 
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -113,6 +114,24 @@ def test_a_crowded_server_is_avoided_for_a_while() -> None:
     assert choice.order(41)[0] == URLS[0]  # home tried again once it is not avoided
 
 
+def test_a_late_crowded_answer_does_not_send_the_agent_away() -> None:
+    """A server says it is crowded as the request arrives; a long poll's answer comes up to
+    25 s later. If the agent moved since (home took it), that word is stale: heeded, it sent
+    the agent away from home and back at its next try, every other try."""
+    choice = ServerChoice(URLS, prefer_again=30)
+    sent = choice.moves  # a long poll to home, which is crowded as it arrives
+    choice.crowded(URLS[0], 0, choice.moves)  # a short request is told at once: away
+    assert choice.answered(URLS[1], choice.moves) == URLS[1]
+    assert choice.order(30)[0] == URLS[0]  # home tried again: it has room now
+    assert choice.answered(URLS[0], choice.moves) == URLS[0]
+    choice.crowded(URLS[0], 31, sent)  # the poll ends, with the word as it arrived
+    assert not choice.avoids(URLS[0], 31) and choice.order(32)[0] == URLS[0]
+    choice.crowded(URLS[0], 33, choice.moves)  # a word that is not late is heeded
+    assert choice.avoids(URLS[0], 33) and choice.order(34)[0] == URLS[1]
+    choice.crowded(URLS[1], 35)  # (moves not given: heeded)
+    assert choice.avoids(URLS[1], 35)
+
+
 def test_a_server_takes_a_twentieth_over_its_share_as_its_own() -> None:
     assert fleet_limits(10, 3, 1024).home == MIN_HOME  # a small fleet: the hash alone
     assert fleet_limits(103, 3, 1024).home == 36  # 34.3 each; at most 36, so at least 31
@@ -183,6 +202,33 @@ def test_a_long_poll_that_ends_after_the_agent_left_gives_it_no_place(
         ds.put(rec.member_key("other"), b"{}")  # the poll ends
         assert "crowded" not in poll.result()
         assert "crowded" not in api.handle("a2", {"op": "generation", "rank": 1})  # a1's place
+
+
+def test_a_long_poll_crowded_as_it_arrived_is_not_once_the_agent_has_a_place(
+    tmp_path: Path,
+) -> None:
+    """Crowded is judged as a request arrives. If a later request of the same agent took a
+    place before its long poll ends (the agent holding it left), the poll's answer does not
+    say crowded: the agent would leave the place it has. One that has no place is told."""
+    with SQLiteDatastore(tmp_path / "c.sqlite") as ds:
+        api = ClusterAPI(ds, lambda: NOW, lambda: ServedCA(None, {}), home=1)
+        assert "crowded" not in api.handle("p", {"op": "generation"})  # the one place
+
+        def poll(node: str) -> Any:
+            rev = ds.snapshot(rec.PREFIX).revision
+            watch = {"op": "watch", "prefix": wire.key_out(rec.PREFIX), "start_revision": rev + 1}
+            held = in_background(lambda: api.handle(node, watch))
+            wait_for(lambda: api._watching > 0, f"{node}'s poll held")
+            return held
+
+        x = poll("x")  # crowded as it arrives: p has the place
+        assert api.handle("p", {"op": "leave"}) == {"had": True}
+        assert "crowded" not in api.handle("x", {"op": "generation"})  # p's place, now x's
+        ds.put(rec.member_key("other"), b"{}")  # the poll ends
+        assert "crowded" not in x.result()
+        y = poll("y")
+        ds.put(rec.member_key("another"), b"{}")
+        assert y.result()["crowded"] is True  # no place when its poll ends: told
 
 
 def test_a_rank_that_is_not_a_place_is_refused(tmp_path: Path) -> None:
@@ -547,6 +593,43 @@ def test_a_long_poll_that_ends_after_the_agent_went_home_leaves_it_home(
         store.put(rec.member_key("other"), b"{}")  # the poll ends, on the second server
         assert [e.kv.key for e in poll.result()] == [rec.member_key("other")]
         assert remote.choice.current == first.url
+    finally:
+        for handle in running:
+            handle.stop()
+
+
+def test_an_agent_taken_in_while_its_poll_is_held_stays(
+    server: ServerNode,
+    store: SQLiteDatastore,
+    agent_factory: Callable[..., Any],
+) -> None:
+    """A real endpoint that takes one agent as its own, held by p, and a second endpoint. The
+    agent's long poll arrives at the first (its preferred): crowded. p leaves; the agent's
+    next request takes the place. The poll then ends: the agent stays, and does not avoid
+    its server (before, the poll's late word sent it to the second, and home again at its
+    next try there: back and forth, and counted on the wrong server half the time)."""
+    served = lambda: ServedCA.on_disk(server.node.layout)  # noqa: E731
+    api = ClusterAPI(store, lambda: NOW, served, home=1)
+    first = start(server.node, host=HOST, port=0, cluster=api)
+    running = [first]
+    try:
+        second = start_cluster_endpoint(server, store)
+        running.append(second)
+        node: Node = agent_factory("agent-1", supervisor_port=first.port)
+        renew_agent(node)
+        assert "crowded" not in api.handle("p", {"op": "generation"})  # the one place
+        remote = _remote(server, node, [first.url, second.url], prefer_again=3600)
+        rev = store.snapshot(rec.PREFIX).revision
+        poll = in_background(lambda: remote.watch_prefix(rec.PREFIX, rev + 1, HANG))
+        wait_for(lambda: api._watching > 0, "the poll held by the first server")
+        assert api.handle("p", {"op": "leave"}) == {"had": True}
+        assert remote.get(rec.node_key("agent-1")) is None  # served, and taken in
+        assert api._home.holds("agent-1")
+        store.put(rec.member_key("other"), b"{}")  # the poll ends
+        assert [e.kv.key for e in poll.result()] == [rec.member_key("other")]
+        assert not remote.choice.avoids(first.url, time.monotonic())
+        assert remote.get(rec.node_key("agent-1")) is None
+        assert remote.choice.current == first.url and api._home.holds("agent-1")
     finally:
         for handle in running:
             handle.stop()
